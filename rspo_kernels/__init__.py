@@ -1,0 +1,26 @@
+"""rspo_kernels: exact risk-seeking policy-gradient weights and fused policy losses.
+
+Public API
+----------
+pass_at_k_weights, max_at_k_weights
+    Per-response weights whose expectation is the gradient of Pass@k / Max@k (RSPO and the
+    estimators users compare against).
+pass_at_k, max_at_k
+    The matching unbiased evaluation metrics, one value per group.
+backend_info
+    Which backend (C++, Triton, torch) serves each operation.
+"""
+
+from rspo_kernels._dispatch import backend_info
+from rspo_kernels.api import ESTIMATORS, max_at_k, max_at_k_weights, pass_at_k, pass_at_k_weights
+
+__version__ = "0.1.0"
+__all__ = [
+    "ESTIMATORS",
+    "backend_info",
+    "max_at_k",
+    "max_at_k_weights",
+    "pass_at_k",
+    "pass_at_k_weights",
+    "__version__",
+]

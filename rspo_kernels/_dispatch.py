@@ -1,0 +1,105 @@
+"""The single place that decides which backend runs an operation.
+
+One table maps (operation, backend) to an implementation, and one preference list per device type
+says which backend to try first. Implementations are imported lazily, so a missing optional
+dependency (Triton, the compiled extension) costs nothing until it is needed, and a backend that
+fails to load is reported with a one-time warning instead of being swallowed.
+
+Set ``RSPO_KERNELS_BACKEND`` to ``reference``, ``torch``, ``cpp`` or ``triton`` to force one
+backend for every operation that has it (``reference`` is the plain-torch specification; use it to
+debug a suspected kernel bug).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Callable
+
+__all__ = ["implementation", "backend_info", "BACKEND_ENV"]
+
+BACKEND_ENV = "RSPO_KERNELS_BACKEND"
+
+# (operation, backend) -> "module:function". Every fast backend is tested against "reference".
+_IMPLEMENTATIONS: dict[tuple[str, str], str] = {
+    ("weights", "reference"): "rspo_kernels.estimators:grouped_weights",
+    ("pass_at_k", "reference"): "rspo_kernels.estimators:grouped_pass_at_k",
+    ("max_at_k", "reference"): "rspo_kernels.estimators:grouped_max_at_k",
+}
+
+# Backends tried in order for tensors on each device type.
+_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpp", "torch", "reference"),
+    "cuda": ("triton", "torch", "reference"),
+}
+_DEFAULT_PREFERENCE = ("torch", "reference")
+
+_cache: dict[tuple[str, str], Callable] = {}
+_failures: dict[tuple[str, str], str] = {}
+
+
+def _load(op: str, backend: str) -> Callable | None:
+    key = (op, backend)
+    if key in _cache:
+        return _cache[key]
+    if key in _failures or key not in _IMPLEMENTATIONS:
+        return None
+    module_name, func_name = _IMPLEMENTATIONS[key].split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except Exception as exc:  # an optional backend may fail in many ways (ImportError, OSError, ...)
+        _failures[key] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"rspo_kernels: the {backend!r} backend for {op!r} failed to load ({_failures[key]}); "
+            f"falling back to the next backend. Set {BACKEND_ENV}=reference to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    _cache[key] = func
+    return func
+
+
+def _candidates(device_type: str) -> tuple[str, ...]:
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced:
+        known = {b for _, b in _IMPLEMENTATIONS}
+        if forced not in known:
+            raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; choose one of {sorted(known)}")
+        return (forced, "reference")
+    return _PREFERENCE.get(device_type, _DEFAULT_PREFERENCE)
+
+
+def implementation(op: str, device_type: str) -> tuple[str, Callable]:
+    """Return ``(backend_name, function)`` serving ``op`` for tensors on ``device_type``."""
+    for backend in _candidates(device_type):
+        func = _load(op, backend)
+        if func is not None:
+            return backend, func
+    raise RuntimeError(f"no backend implements {op!r} on {device_type!r}")  # pragma: no cover
+
+
+def backend_info() -> dict[str, dict[str, str]]:
+    """Which backend serves each operation on each device type, and why others do not.
+
+    Returns
+    -------
+    dict
+        ``{device_type: {op: backend}}`` plus a ``"failures"`` entry mapping
+        ``"op/backend"`` to the load error of every backend that could not be imported.
+
+    Examples
+    --------
+    >>> import rspo_kernels as rk
+    >>> rk.backend_info()["cpu"]["weights"] in {"cpp", "torch", "reference"}
+    True
+    """
+    ops = sorted({op for op, _ in _IMPLEMENTATIONS})
+    info: dict[str, dict[str, str]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for device_type in ("cpu", "cuda"):
+            info[device_type] = {op: implementation(op, device_type)[0] for op in ops}
+    info["failures"] = {f"{op}/{backend}": why for (op, backend), why in sorted(_failures.items())}
+    return info

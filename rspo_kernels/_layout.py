@@ -1,0 +1,204 @@
+"""The one canonical layout every backend sees: rewards ordered by group, plus group offsets.
+
+Users hand us rewards as a 2-D ``(B, n)`` array, as a flat ``(N,)`` array with ``group_size``, or
+as a flat array with arbitrary (possibly non-contiguous, ragged) ``group_ids``. :func:`to_groups`
+turns every one of those into a :class:`Groups` (values stored group after group, each group in
+its original order) and a :class:`Restore` that maps per-sample results back to the caller's
+shape, order and container. Backends take only :class:`Groups`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["Groups", "Restore", "to_groups", "group_labels_to_codes"]
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Rewards of G groups stored contiguously.
+
+    Attributes
+    ----------
+    values : torch.Tensor
+        ``(N,)`` float32 or float64, contiguous. Group ``g`` occupies
+        ``values[offsets[g]:offsets[g + 1]]`` in the order the caller gave its members.
+    offsets : torch.Tensor
+        ``(G + 1,)`` int64 on the same device, ``offsets[0] == 0`` and ``offsets[-1] == N``.
+    group_size : int or None
+        The common size when every group has the same size (the dense fast path), else None.
+    sizes : numpy.ndarray
+        ``(G,)`` int64 group sizes on the host (used for validation and error messages).
+    """
+
+    values: torch.Tensor
+    offsets: torch.Tensor
+    group_size: int | None
+    sizes: np.ndarray
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.sizes.shape[0])
+
+    def segment_ids(self) -> torch.Tensor:
+        """``(N,)`` int64 index of the group each value belongs to."""
+        sizes = torch.as_tensor(self.sizes, device=self.values.device)
+        return torch.repeat_interleave(torch.arange(self.num_groups, device=self.values.device), sizes)
+
+    def with_values(self, values: torch.Tensor) -> "Groups":
+        return Groups(values.contiguous(), self.offsets, self.group_size, self.sizes)
+
+
+@dataclass(frozen=True)
+class Restore:
+    """How to hand per-sample and per-group results back to the caller.
+
+    Attributes
+    ----------
+    perm : torch.Tensor or None
+        ``(N,)`` int64; grouped position ``p`` came from flat input position ``perm[p]``.
+        None when the grouped order already is the input order.
+    shape : tuple of int
+        Shape of the caller's rewards.
+    container : {"numpy", "torch"}
+        Container of the caller's rewards.
+    labels : list or None
+        The ``group_ids`` label of each group in order of first appearance (error messages).
+    """
+
+    perm: torch.Tensor | None
+    shape: tuple[int, ...]
+    container: str
+    labels: list | None
+
+    def per_sample(self, grouped: torch.Tensor) -> Any:
+        """Undo the grouping of a ``(N,)`` result and convert to the caller's container."""
+        if self.perm is None:
+            out = grouped
+        else:
+            out = torch.empty_like(grouped)
+            out[self.perm] = grouped
+        return self._to_container(out.reshape(self.shape))
+
+    def per_group(self, result: torch.Tensor) -> Any:
+        """Convert a ``(G,)`` per-group result to the caller's container."""
+        return self._to_container(result)
+
+    def _to_container(self, t: torch.Tensor) -> Any:
+        return t.numpy() if self.container == "numpy" else t
+
+    def describe_group(self, g: int) -> str:
+        """Name group ``g`` the way the caller knows it."""
+        if self.labels is not None:
+            return f"group {g} (group_id {self.labels[g]!r})"
+        return f"group {g}"
+
+
+def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
+    """Map arbitrary hashable labels to int64 codes numbered by first appearance.
+
+    Parameters
+    ----------
+    group_ids : array-like of length ``n``
+        Integers, strings (e.g. verl's uid array) or any hashable labels.
+    n : int
+        Expected length.
+
+    Returns
+    -------
+    codes : torch.Tensor
+        ``(n,)`` int64 on the CPU; the first label seen gets 0, the next new one 1, ...
+    labels : list
+        The distinct labels in order of first appearance.
+    """
+    if isinstance(group_ids, torch.Tensor):
+        if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex:
+            raise TypeError(f"group_ids must hold integers or hashable labels, got a {group_ids.dtype} tensor")
+        arr = group_ids.detach().cpu().numpy()
+    else:
+        arr = np.asarray(group_ids) if not isinstance(group_ids, np.ndarray) else group_ids
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(
+            f"group_ids has shape {tuple(arr.shape)} but rewards have {n} samples; "
+            f"pass one group id per reward (a 1-D sequence of length {n})"
+        )
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64), []
+    if arr.dtype.kind in "iub" or arr.dtype.kind in "UST":
+        uniq, first, inverse = np.unique(arr, return_index=True, return_inverse=True)
+        # np.unique numbers labels by sort order; renumber them by first appearance.
+        order = np.argsort(first, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.shape[0])
+        codes = rank[inverse.reshape(-1)]
+        labels = [x.item() if hasattr(x, "item") else x for x in uniq[order]]
+    else:
+        if arr.dtype.kind == "f":
+            raise TypeError(f"group_ids must hold integers or hashable labels, got {arr.dtype} values")
+        # Mixed or arbitrary Python objects: one dict pass (labels are on the host anyway).
+        index: dict[Hashable, int] = {}
+        try:
+            codes = np.fromiter((index.setdefault(x, len(index)) for x in arr.tolist()), np.int64, n)
+        except TypeError as exc:
+            raise TypeError(f"group_ids must be hashable labels: {exc}") from None
+        labels = list(index)
+    return torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64)), labels
+
+
+def _offsets_from_sizes(sizes: np.ndarray, device: torch.device) -> torch.Tensor:
+    offsets = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return torch.from_numpy(offsets).to(device)
+
+
+def to_groups(
+    values: torch.Tensor,
+    *,
+    shape: Sequence[int],
+    container: str,
+    group_size: int | None,
+    group_ids: Any,
+) -> tuple[Groups, Restore]:
+    """Normalise a validated reward tensor and its layout arguments into :class:`Groups`.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        ``(B, n)`` or ``(N,)`` rewards already converted to the compute dtype.
+    shape, container
+        The caller's shape and container, kept for :class:`Restore`.
+    group_size, group_ids
+        The caller's layout arguments for 1-D input, checked by the public API.
+
+    Returns
+    -------
+    groups : Groups
+    restore : Restore
+    """
+    shape = tuple(int(s) for s in shape)
+    device = values.device
+    if values.dim() == 2:
+        b, n = values.shape
+        sizes = np.full(b, n, dtype=np.int64)
+        groups = Groups(values.reshape(-1).contiguous(), _offsets_from_sizes(sizes, device), n, sizes)
+        return groups, Restore(None, shape, container, None)
+    flat = values.reshape(-1)
+    n_total = flat.shape[0]
+    if group_size is not None:
+        sizes = np.full(n_total // group_size, group_size, dtype=np.int64)
+        groups = Groups(flat.contiguous(), _offsets_from_sizes(sizes, device), group_size, sizes)
+        return groups, Restore(None, shape, container, None)
+    codes, labels = group_labels_to_codes(group_ids, n_total)
+    sizes = np.bincount(codes.numpy(), minlength=len(labels)).astype(np.int64)
+    # One stable sort by group code keeps each group's members in their original order.
+    perm = torch.sort(codes, stable=True).indices
+    identity = bool(torch.equal(perm, torch.arange(n_total)))
+    perm_dev = None if identity else perm.to(device)
+    grouped = flat if identity else flat[perm_dev]
+    uniform = int(sizes[0]) if sizes.size and bool((sizes == sizes[0]).all()) else None
+    groups = Groups(grouped.contiguous(), _offsets_from_sizes(sizes, device), uniform, sizes)
+    return groups, Restore(perm_dev, shape, container, labels)

@@ -1,0 +1,165 @@
+"""Input checking at the public boundary: containers, dtypes, layouts and reward values.
+
+Everything a backend may assume is established here, once. Messages name the offending group,
+the value, and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from rspo_kernels._layout import Groups, Restore
+
+__all__ = [
+    "as_reward_tensor",
+    "check_k",
+    "check_layout_args",
+    "check_group_sizes",
+    "check_values",
+]
+
+_TORCH_OK = {
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+}
+_NUMPY_KINDS_OK = "biuf"  # bool, signed, unsigned, float (float16/32/64)
+
+
+def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
+    """Convert numpy/torch rewards to a detached torch tensor in the compute dtype.
+
+    Returns
+    -------
+    values : torch.Tensor
+        float64 for float64 input, float32 for every other supported dtype; same device.
+    container : {"numpy", "torch"}
+    """
+    if isinstance(rewards, torch.Tensor):
+        if rewards.dtype not in _TORCH_OK:
+            raise TypeError(
+                f"rewards have unsupported dtype {rewards.dtype}; use bool, an integer type, "
+                "float16, bfloat16, float32 or float64"
+            )
+        t, container = rewards.detach(), "torch"
+    elif isinstance(rewards, np.ndarray):
+        if rewards.dtype.kind not in _NUMPY_KINDS_OK or rewards.dtype.itemsize > 8:
+            raise TypeError(
+                f"rewards have unsupported dtype {rewards.dtype}; use bool, an integer type, "
+                "float16, float32 or float64"
+            )
+        t, container = torch.from_numpy(np.ascontiguousarray(rewards)), "numpy"
+    else:
+        raise TypeError(
+            f"rewards must be a numpy.ndarray or a torch.Tensor, got {type(rewards).__name__}; "
+            "wrap Python sequences with numpy.asarray(...)"
+        )
+    if t.dim() not in (1, 2):
+        raise ValueError(
+            f"rewards must be 2-D (groups, samples) or 1-D with group_size/group_ids, got shape {tuple(t.shape)}"
+        )
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.to(dtype), container
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__} ({k!r})")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got k={k}; k is the number of samples the metric draws")
+    return int(k)
+
+
+def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any) -> None:
+    """Check that the layout arguments fit the rewards' shape (no data access, no sync)."""
+    if values.dim() == 2:
+        if group_size is not None or group_ids is not None:
+            raise ValueError(
+                "2-D rewards already give one group per row; drop group_size/group_ids "
+                "or pass the rewards flattened to 1-D"
+            )
+        return
+    if (group_size is None) == (group_ids is None):
+        raise ValueError(
+            "1-D rewards need exactly one of group_size (contiguous groups of equal size) or "
+            "group_ids (one label per reward); got " + ("both" if group_size is not None else "neither")
+        )
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__} ({group_size!r})")
+        n_total = values.shape[0]
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if n_total % group_size:
+            raise ValueError(
+                f"group_size={group_size} does not divide the {n_total} rewards "
+                f"({n_total} = {n_total // group_size} * {group_size} + {n_total % group_size}); "
+                "pass group_ids for groups of different sizes"
+            )
+
+
+def check_group_sizes(groups: Groups, restore: Restore, k: int, objective: str, estimator: str) -> None:
+    """Check k against every group's size (host-side sizes: no sync)."""
+    sizes = groups.sizes
+    if sizes.size == 0:
+        return
+    name = "Pass@k" if objective == "pass@k" else "Max@k"
+    small = np.flatnonzero(sizes < k)
+    if small.size:
+        g = int(small[0])
+        raise ValueError(
+            f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; {name} needs n >= k "
+            "(no unbiased estimator exists for n < k): sample more responses or lower k"
+        )
+    if estimator == "pkpo_loo":
+        small = np.flatnonzero(sizes <= k)
+        if small.size:
+            g = int(small[0])
+            raise ValueError(
+                f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; the 'pkpo_loo' "
+                "estimator needs n > k (its baseline uses k of the other n-1 samples): lower k or use 'rspo'"
+            )
+    if estimator == "hitchhiking":
+        bad = np.flatnonzero(sizes % k)
+        if bad.size:
+            g = int(bad[0])
+            raise ValueError(
+                f"{restore.describe_group(g)} has {sizes[g]} samples, not a multiple of k={k}; the "
+                "'hitchhiking' estimator splits each group into blocks of k: use a multiple of k samples"
+            )
+
+
+def _locate(groups: Groups, restore: Restore, p: int) -> tuple[int, int, str]:
+    """Group, position within the group, and input index of grouped position ``p``."""
+    g = int(np.searchsorted(np.cumsum(groups.sizes), p, side="right"))
+    pos = p - int(groups.sizes[:g].sum())
+    flat = int(restore.perm[p]) if restore.perm is not None else p
+    if len(restore.shape) == 1:
+        return g, pos, f"input index {flat}"
+    return g, pos, f"input index {tuple(int(i) for i in np.unravel_index(flat, restore.shape))}"
+
+
+def check_values(groups: Groups, restore: Restore, objective: str | None) -> None:
+    """Finite rewards everywhere; binary rewards for Pass@k. Needs one host sync."""
+    v = groups.values
+    if v.numel() == 0:
+        return
+    bad_finite = ~torch.isfinite(v)
+    bad_binary = ((v != 0) & (v != 1)) if objective == "pass@k" else torch.zeros_like(bad_finite)
+    flags = torch.stack([bad_finite.any(), bad_binary.any()]).tolist()
+    if flags[0]:
+        p = int(torch.nonzero(bad_finite)[0, 0])
+        g, pos, where = _locate(groups, restore, p)
+        raise ValueError(
+            f"{restore.describe_group(g)} has a non-finite reward ({float(v[p])}) at position {pos} "
+            f"({where}); rewards must be finite: replace it (e.g. with the lowest reward) or drop the group"
+        )
+    if flags[1]:
+        p = int(torch.nonzero(bad_binary)[0, 0])
+        g, pos, where = _locate(groups, restore, p)
+        raise ValueError(
+            f"{restore.describe_group(g)} has reward {float(v[p])!r} at position {pos} ({where}); "
+            "Pass@k needs rewards in {0, 1}: threshold them, or use max_at_k_weights / max_at_k for graded rewards"
+        )

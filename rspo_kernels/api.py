@@ -1,0 +1,255 @@
+"""Public Pass@k / Max@k weights and metrics.
+
+Each function validates its input once, normalises the layout into
+:class:`~rspo_kernels._layout.Groups`, asks :mod:`rspo_kernels._dispatch` for a backend, and
+hands the result back in the caller's shape, order and container.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Sequence, Union
+
+import numpy as np
+import torch
+
+from rspo_kernels import _validation as check
+from rspo_kernels._dispatch import implementation
+from rspo_kernels._layout import Groups, Restore, to_groups
+from rspo_kernels.estimators import ESTIMATORS
+
+__all__ = ["pass_at_k_weights", "max_at_k_weights", "pass_at_k", "max_at_k", "ESTIMATORS"]
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+GroupIds = Union[np.ndarray, torch.Tensor, Sequence[Hashable]]
+
+
+def _prepare(
+    rewards: ArrayLike,
+    k: int,
+    group_size: int | None,
+    group_ids: GroupIds | None,
+    objective: str,
+    estimator: str | None,
+    validate: bool,
+) -> tuple[Groups, Restore, int]:
+    if estimator is not None and estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(map(repr, ESTIMATORS))}")
+    k = check.check_k(k)
+    values, container = check.as_reward_tensor(rewards)
+    check.check_layout_args(values, group_size, group_ids)
+    groups, restore = to_groups(
+        values, shape=values.shape, container=container, group_size=group_size, group_ids=group_ids
+    )
+    if values.numel():
+        check.check_group_sizes(groups, restore, k, objective, estimator or "rspo")
+        if validate:
+            check.check_values(groups, restore, objective)
+    return groups, restore, k
+
+
+def _weights(rewards, k, group_size, group_ids, objective, estimator, validate):
+    groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, estimator, validate)
+    _, fn = implementation("weights", groups.values.device.type)
+    return restore.per_sample(fn(groups, k, objective, estimator))
+
+
+def _metric(op, rewards, k, group_size, group_ids, validate):
+    objective = "pass@k" if op == "pass_at_k" else "max@k"
+    groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, None, validate)
+    if groups.values.numel() == 0:
+        return restore.per_group(groups.values.new_zeros(groups.num_groups))
+    _, fn = implementation(op, groups.values.device.type)
+    return restore.per_group(fn(groups, k))
+
+
+def pass_at_k_weights(
+    rewards: ArrayLike,
+    k: int,
+    *,
+    group_size: int | None = None,
+    group_ids: GroupIds | None = None,
+    estimator: str = "rspo",
+    validate: bool = True,
+) -> ArrayLike:
+    r"""Per-response policy-gradient weights whose expectation is the gradient of Pass@k.
+
+    Parameters
+    ----------
+    rewards : numpy.ndarray or torch.Tensor
+        Binary rewards (0 = wrong, 1 = correct), bool, integer or float. Either ``(B, n)``, one
+        group (prompt) per row, or ``(N,)`` together with ``group_size`` or ``group_ids``.
+    k : int
+        Number of samples Pass@k draws, ``1 <= k <= n`` for every group.
+    group_size : int, optional
+        For 1-D rewards: consecutive groups of this size (must divide N).
+    group_ids : array-like of length N, optional
+        For 1-D rewards: a label per response (ints, strings such as verl's uids, any hashable).
+        Groups may be non-contiguous and of different sizes.
+    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"}, default "rspo"
+        ``"rspo"`` is unbiased (Theorem 4.3); ``"plugin"`` is the biased eq. 7;
+        ``"hitchhiking"`` is the Section 3 baseline (group sizes must be multiples of k);
+        ``"pkpo"`` and ``"pkpo_loo"`` are PKPO's estimators (``"pkpo_loo"`` needs n > k).
+    validate : bool, default True
+        Check that rewards are finite and binary. These checks need one device-to-host sync; pass
+        False inside a training step on validated rewards. Shape and size checks always run.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        Weights with the shape, order and container of ``rewards`` (same device). float64 for
+        float64 rewards, float32 otherwise.
+
+    Raises
+    ------
+    ValueError
+        Non-finite or non-binary rewards, k < 1, a group with fewer than k samples, bad layout
+        arguments; each message names the offending group and the fix.
+    TypeError
+        Unsupported container or dtype, or a non-integer k / group_size.
+
+    Notes
+    -----
+    With ``c`` correct responses out of ``n`` (RSPO, Theorem 4.3 of arXiv 2508.01174, in its
+    leave-one-out form)
+
+    .. math:: w_i = k \, \frac{\binom{n-c}{k-1}}{\binom{n-1}{k-1}} \, R_i ,
+
+    scaled so that :math:`E[\frac1n \sum_i w_i \nabla \log\pi(y_i)] = \nabla \mathrm{Pass@}k`;
+    ``k = 1`` gives ``w = R``. Correct responses get 0 when ``n - c < k - 1`` (the group almost
+    surely passes already). Computed in float64 from log-factorials, never forming C(n, k).
+
+    Examples
+    --------
+    >>> import numpy as np, rspo_kernels as rk
+    >>> rk.pass_at_k_weights(np.array([[1, 0, 0, 1, 0, 0, 0, 0]]), k=4)  # 16/7 for correct ones
+    array([[2.2857144, 0.       , 0.       , 2.2857144, 0.       , 0.       ,
+            0.       , 0.       ]], dtype=float32)
+    """
+    return _weights(rewards, k, group_size, group_ids, "pass@k", estimator, validate)
+
+
+def max_at_k_weights(
+    rewards: ArrayLike,
+    k: int,
+    *,
+    group_size: int | None = None,
+    group_ids: GroupIds | None = None,
+    estimator: str = "rspo",
+    validate: bool = True,
+) -> ArrayLike:
+    r"""Per-response policy-gradient weights whose expectation is the gradient of Max@k.
+
+    Parameters
+    ----------
+    rewards : numpy.ndarray or torch.Tensor
+        Real rewards (bool, integer or float; ties allowed). ``(B, n)`` one group per row, or
+        ``(N,)`` with ``group_size`` or ``group_ids``.
+    k : int
+        Number of samples Max@k draws, ``1 <= k <= n`` for every group.
+    group_size, group_ids, validate
+        As in :func:`pass_at_k_weights` (``validate`` checks finiteness only).
+    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"}, default "rspo"
+        ``"rspo"`` is unbiased and tie-aware (Theorem C.4); ``"plugin"`` is the biased eq. 11.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        Weights with the shape, order and container of ``rewards``; float64 for float64 input,
+        float32 otherwise.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As in :func:`pass_at_k_weights` (no binary requirement).
+
+    Notes
+    -----
+    Sort the group ascending and let :math:`c_<[i]` count rewards strictly below :math:`R_i`
+    (Theorem C.4 of arXiv 2508.01174):
+
+    .. math:: w_i = \frac{k}{\binom{n-1}{k-1}} \Big[ R_i \binom{c_<[i]}{k-1}
+              - \sum_{j=1}^{c_<[i]} R_{(j)} \binom{j-1}{k-2} \Big]
+              = k \, E_S\big[\max(R_i - \max S, 0)\big],
+
+    with S uniform over the (k-1)-subsets of the other responses. Weights are non-negative,
+    shift-invariant, equal for tied rewards, and zero for the lowest k-1; ``k = n`` gives only the
+    top response ``n (R_max - R_second)``; ``k = 1`` gives ``w = R``. Binary rewards give exactly
+    the Pass@k weights.
+
+    Examples
+    --------
+    >>> import numpy as np, rspo_kernels as rk
+    >>> rk.max_at_k_weights(np.array([0.1, 0.5, 0.5, 0.9]), k=2, group_size=4)  # [0, 4/15, 4/15, 16/15]
+    array([0.        , 0.26666667, 0.26666667, 1.06666667])
+    """
+    return _weights(rewards, k, group_size, group_ids, "max@k", estimator, validate)
+
+
+def pass_at_k(
+    rewards: ArrayLike,
+    k: int,
+    *,
+    group_size: int | None = None,
+    group_ids: GroupIds | None = None,
+    validate: bool = True,
+) -> ArrayLike:
+    r"""Unbiased pass@k of each group (the evaluation metric).
+
+    Parameters
+    ----------
+    rewards, k, group_size, group_ids, validate
+        As in :func:`pass_at_k_weights`.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        ``(G,)`` one value per group: in row order for 2-D input, in order of first appearance of
+        each id for ``group_ids``. float64 for float64 input, float32 otherwise.
+
+    Notes
+    -----
+    :math:`1 - \binom{n-c}{k} / \binom{n}{k}` (Chen et al. 2021), 1 when ``n - c < k``; computed
+    as ``-expm1`` of a float64 log-factorial difference. Unlike bootstrapping with replacement
+    (what some trainers log as best@k), it is unbiased.
+
+    Examples
+    --------
+    >>> import numpy as np, rspo_kernels as rk
+    >>> rk.pass_at_k(np.array([[1, 0, 0, 0], [1, 1, 0, 0]]), k=2)  # 1/2 and 5/6
+    array([0.5      , 0.8333333], dtype=float32)
+    """
+    return _metric("pass_at_k", rewards, k, group_size, group_ids, validate)
+
+
+def max_at_k(
+    rewards: ArrayLike,
+    k: int,
+    *,
+    group_size: int | None = None,
+    group_ids: GroupIds | None = None,
+    validate: bool = True,
+) -> ArrayLike:
+    r"""Unbiased max@k (expected best reward of k samples) of each group.
+
+    Parameters
+    ----------
+    rewards, k, group_size, group_ids, validate
+        As in :func:`max_at_k_weights`.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        ``(G,)`` one value per group, ordered as in :func:`pass_at_k`.
+
+    Notes
+    -----
+    :math:`\sum_i R_{(i)} \binom{i-1}{k-1} / \binom{n}{k}` over the ascending sort: the mean of
+    ``max`` over all k-subsets. Ties need no special care.
+
+    Examples
+    --------
+    >>> import numpy as np, rspo_kernels as rk
+    >>> rk.max_at_k(np.array([3.0, 1.0, 2.0, 5.0]), k=2, group_size=4)  # (2 + 3*2 + 5*3) / 6
+    array([3.83333333])
+    """
+    return _metric("max_at_k", rewards, k, group_size, group_ids, validate)

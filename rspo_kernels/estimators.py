@@ -1,0 +1,314 @@
+"""Pass@k / Max@k weights and metrics in plain torch: the readable specification.
+
+Every function here takes the canonical layout :class:`~rspo_kernels._layout.Groups` (values
+stored group after group) and trusts that the public API validated it. All arithmetic is float64
+whatever the input dtype; results come back in ``groups.values.dtype``. Every fast backend (C++,
+Triton) is tested against this module, and this module is tested against brute force (subset
+enumeration, the paper's Algorithm 2, exact expectations over small categorical policies).
+
+Notation (MATH.md): a group has ``n`` rewards, sorted ascending ``v[0] <= ... <= v[n-1]``
+(0-based). For a sample size ``k`` the binomial ratio
+
+    q(j) = C(j, k-1) / C(n-1, k-1),        j = 0 .. n-1,
+
+is the probability that a uniformly random (k-1)-subset of the n-1 other samples lies entirely
+among ``j`` given ones. All estimators are on the library's scale: for every group
+``E[(1/n) sum_i w_i grad log pi(y_i)]`` equals the gradient of Pass@k (Max@k).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rspo_kernels._layout import Groups
+
+__all__ = [
+    "ESTIMATORS",
+    "OBJECTIVES",
+    "grouped_weights",
+    "grouped_pass_at_k",
+    "grouped_max_at_k",
+]
+
+OBJECTIVES = ("pass@k", "max@k")
+ESTIMATORS = ("rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo")
+
+_F64 = torch.float64
+
+
+# --------------------------------------------------------------------------- segment helpers
+def _log_binom(top: torch.Tensor, r: torch.Tensor | int) -> torch.Tensor:
+    """``log C(top, r)`` in float64; ``-inf`` where ``r < 0`` or ``r > top`` (C is 0 there)."""
+    top = top.to(_F64)
+    r = torch.as_tensor(r, dtype=_F64, device=top.device)
+    valid = (r >= 0) & (r <= top)
+    safe_r = torch.where(valid, r, torch.zeros_like(r))
+    safe_top = torch.where(valid, top, torch.zeros_like(top))
+    out = torch.lgamma(safe_top + 1) - torch.lgamma(safe_r + 1) - torch.lgamma(safe_top - safe_r + 1)
+    return torch.where(valid, out, torch.full_like(out, -torch.inf))
+
+
+def _binom_ratio(top: torch.Tensor, r_top: int, bottom: torch.Tensor, r_bottom: int) -> torch.Tensor:
+    """``C(top, r_top) / C(bottom, r_bottom)`` without forming either coefficient (MATH.md § Numerics)."""
+    return torch.exp(_log_binom(top, r_top) - _log_binom(bottom, r_bottom))
+
+
+def _segment_cumsum(x: torch.Tensor, groups: Groups, seg: torch.Tensor) -> torch.Tensor:
+    """Inclusive cumulative sum restarted at every group boundary, ``(N,)``."""
+    if groups.group_size is not None:
+        return x.view(-1, groups.group_size).cumsum(dim=1).view(-1)
+    total = x.cumsum(dim=0)
+    starts = groups.offsets[:-1]
+    # Subtract everything accumulated before the group began.
+    before = (total[starts] - x[starts]) if x.numel() else total[:0]
+    return total - before[seg]
+
+
+def _segment_sum(x: torch.Tensor, groups: Groups, seg: torch.Tensor) -> torch.Tensor:
+    """Sum of each group, ``(G,)``."""
+    if groups.group_size is not None:
+        return x.view(-1, groups.group_size).sum(dim=1)
+    return torch.zeros(groups.num_groups, dtype=x.dtype, device=x.device).index_add_(0, seg, x)
+
+
+class _SortedGroups:
+    """Each group's rewards sorted ascending (stable), with the bookkeeping every estimator needs.
+
+    Attributes (all ``(N,)``, indexed by sorted slot)
+    ----------
+    v : float64 sorted rewards.
+    order : int64, the grouped index each sorted slot came from.
+    seg : int64 group index.  n : float64 group size.  pos : int64 position within the group.
+    below : int64 ``c_<``, the number of group members strictly below this reward (the position of
+        the first member of its tie run).
+    at_or_below : int64, the number of group members ``<=`` this reward.
+    """
+
+    def __init__(self, groups: Groups):
+        values = groups.values.to(_F64)
+        device = values.device
+        n_total = values.numel()
+        self.groups = groups
+        self.seg = groups.segment_ids()
+        if groups.group_size is not None:
+            v, idx = torch.sort(values.view(-1, groups.group_size), dim=1, stable=True)
+            base = torch.arange(0, n_total, groups.group_size, device=device).unsqueeze(1)
+            self.v, self.order = v.reshape(-1), (idx + base).reshape(-1)
+        else:
+            # One segmented sort: by value, then stably by group, so each group ends up sorted.
+            by_value = torch.sort(values, stable=True).indices
+            by_group = torch.sort(self.seg[by_value], stable=True).indices
+            self.order = by_value[by_group]
+            self.v = values[self.order]
+        start = groups.offsets[:-1][self.seg]
+        sizes = groups.offsets[1:][self.seg] - start
+        self.n = sizes.to(_F64)
+        index = torch.arange(n_total, device=device)
+        self.pos = index - start
+        first_of_run = (self.pos == 0) | torch.cat([index[:1] == 0, self.v[1:] != self.v[:-1]])
+        last_of_run = (self.pos == sizes - 1) | torch.cat([self.v[:-1] != self.v[1:], index[:1] == 0])
+        run_start = torch.cummax(torch.where(first_of_run, index, torch.zeros_like(index)), dim=0).values
+        run_end_rev = torch.where(last_of_run, index, torch.full_like(index, n_total)).flip(0)
+        run_end = torch.cummin(run_end_rev, dim=0).values.flip(0)
+        self.below = run_start - start
+        self.at_or_below = run_end - start + 1
+        self._run_start_global = run_start
+
+    def q(self, j: torch.Tensor, k: int) -> torch.Tensor:
+        """``q(j) = C(j, k-1) / C(n-1, k-1)`` for each slot's own group size."""
+        return _binom_ratio(j, k - 1, self.n - 1, k - 1)
+
+    def cumsum(self, x: torch.Tensor) -> torch.Tensor:
+        return _segment_cumsum(x, self.groups, self.seg)
+
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-slot total of ``x`` over the slot's group."""
+        return _segment_sum(x, self.groups, self.seg)[self.seg]
+
+    def at_run_start(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` read at the first slot of each slot's tie run."""
+        return x[self._run_start_global]
+
+    def unsort(self, w_sorted: torch.Tensor) -> torch.Tensor:
+        """Back to the grouped (caller's within-group) order."""
+        out = torch.empty_like(w_sorted)
+        out[self.order] = w_sorted
+        return out
+
+
+def _leave_one_out_max_at(s: _SortedGroups, m: int) -> torch.Tensor:
+    """Unbiased max@m of the ``n-1`` rewards other than each slot's, ``(N,)`` (sorted slots).
+
+    With the others sorted ``o_1 <= ... <= o_{n-1}``, max@m is ``sum_j o_j C(j-1, m-1) / C(n-1, m)``.
+    Removing sorted slot ``p`` shifts the rewards above it down by one place, so the sum splits into
+    a prefix over ``v[u], u < p`` with coefficient ``a(u+1)`` and a suffix over ``v[u], u > p`` with
+    coefficient ``a(u)``.
+    """
+    pos = s.pos.to(_F64)
+    prefix_terms = s.v * _binom_ratio(pos, m - 1, s.n - 1, m)      # slot u < p is o_(u+1)
+    suffix_terms = s.v * _binom_ratio(pos - 1, m - 1, s.n - 1, m)  # slot u > p is o_(u)
+    prefix = s.cumsum(prefix_terms) - prefix_terms           # exclusive: u < p
+    suffix = s.total(suffix_terms) - s.cumsum(suffix_terms)  # exclusive: u > p
+    return prefix + suffix
+
+
+# --------------------------------------------------------------------------- Max@k estimators
+def _max_rspo(s: _SortedGroups, k: int) -> torch.Tensor:
+    """RSPO, Theorem C.4 (tie-aware), summed by parts.
+
+    ``w_i = k/C(n-1,k-1) [R_i C(c_<, k-1) - sum_{j<=c_<} R_(j) C(j-1, k-2)]``. Pascal's rule
+    ``C(j-1,k-2) = C(j,k-1) - C(j-1,k-1)`` and summation by parts turn it into
+    ``w_i = k [q(0) R_(1) + sum_{j=1..c_<} q(j) (R_(j+1) - R_(j))]``: a prefix sum of
+    non-negative terms read at the start of the tie run, so it is shift-invariant and
+    non-negative by construction, and tied rewards share one weight (Theorem 4.4 == C.4).
+    ``q(0)`` is 1 only for k = 1, where the weight is the reward itself.
+    """
+    gaps = torch.zeros_like(s.v)
+    not_first = s.pos > 0
+    gaps[not_first] = (s.v[1:] - s.v[:-1])[not_first[1:]]
+    terms = s.q(s.pos, k) * gaps                  # q(j) (R_(j+1) - R_(j)) in 0-based slots j
+    lowest = s.v[s.groups.offsets[:-1]][s.seg]
+    q0 = 1.0 if k == 1 else 0.0
+    return k * (q0 * lowest + s.at_run_start(s.cumsum(terms)))
+
+
+def _max_plugin(s: _SortedGroups, k: int) -> torch.Tensor:
+    """Plug-in estimator, paper eq. 11 (biased).
+
+    ``w_i = k [R_i P(y_i)^(k-1) - (k-1) g(y_i)]`` with the empirical ``P(y) = #{R_j <= R(y)}/n``
+    and ``g(y) = (1/n) sum_{R_j < R(y)} R_j P(y_j)^(k-2)``.
+    """
+    p = s.at_or_below.to(_F64) / s.n
+    w = s.v * p.pow(k - 1)
+    if k > 1:
+        terms = s.v * p.pow(k - 2) / s.n
+        below_sum = s.at_run_start(s.cumsum(terms) - terms)   # sum over slots strictly below the run
+        w = w - (k - 1) * below_sum
+    return k * w
+
+
+def _max_pkpo(s: _SortedGroups, k: int) -> torch.Tensor:
+    """PKPO's unbaselined estimator times n: ``w_i = k E_S[max(R_i, max S)]`` (arXiv 2505.15201).
+
+    ``max(R_i, max S) = max S + max(R_i - max S, 0)``, so this is RSPO plus ``k`` times the
+    leave-one-out max@(k-1) of the other rewards (zero for k = 1, where S is empty).
+    """
+    w = _max_rspo(s, k)
+    if k > 1:
+        w = w + k * _leave_one_out_max_at(s, k - 1)
+    return w
+
+
+def _max_pkpo_loo(s: _SortedGroups, k: int) -> torch.Tensor:
+    """PKPO's ``s^(loo)`` (Eq. 29) times n: pkpo minus ``n/(n-1) k M_i``.
+
+    ``M_i`` is the unbiased max@k of the other ``n-1`` rewards; it does not depend on ``y_i``, so
+    the estimator stays unbiased. Needs ``k < n``.
+    """
+    return _max_pkpo(s, k) - s.n / (s.n - 1) * k * _leave_one_out_max_at(s, k)
+
+
+def _hitchhiking(groups: Groups, k: int) -> torch.Tensor:
+    """The paper's Section 3 baseline: blocks of k in the given order, each gets ``k * max(block)``.
+
+    Every group size is a multiple of k (validated), so block boundaries never cross groups and
+    the flat grouped buffer splits into blocks directly.
+    """
+    values = groups.values.to(_F64)
+    return k * values.view(-1, k).amax(dim=1).repeat_interleave(k)
+
+
+# --------------------------------------------------------------------------- Pass@k estimators
+def _correct_counts(groups: Groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (rewards, n, c) in float64 for binary rewards; no sort needed."""
+    values = groups.values.to(_F64)
+    seg = groups.segment_ids()
+    c = _segment_sum(values, groups, seg)[seg]
+    n = (groups.offsets[1:] - groups.offsets[:-1]).to(_F64)[seg]
+    return values, n, c
+
+
+def _pass_rspo(groups: Groups, k: int) -> torch.Tensor:
+    """RSPO, Theorem 4.3: ``w_i = k C(n-c, k-1) / C(n-1, k-1) R_i``, O(n) per group."""
+    r, n, c = _correct_counts(groups)
+    return k * _binom_ratio(n - c, k - 1, n - 1, k - 1) * r
+
+
+def _pass_plugin(groups: Groups, k: int) -> torch.Tensor:
+    """Plug-in estimator, paper eq. 7 (biased): ``w_i = k (1 - c/n)^(k-1) R_i``."""
+    r, n, c = _correct_counts(groups)
+    return k * (1 - c / n).pow(k - 1) * r
+
+
+def _sorted(fn: Callable[[_SortedGroups, int], torch.Tensor]) -> Callable[[Groups, int], torch.Tensor]:
+    def run(groups: Groups, k: int) -> torch.Tensor:
+        s = _SortedGroups(groups)
+        return s.unsort(fn(s, k))
+
+    run.__doc__ = fn.__doc__
+    return run
+
+
+# One table per objective: name -> implementation on Groups. Binary rewards make the Max@k
+# formulas of hitchhiking, pkpo and pkpo_loo the Pass@k ones; plugin and rspo have their own.
+_MAX_AT_K: dict[str, Callable[[Groups, int], torch.Tensor]] = {
+    "rspo": _sorted(_max_rspo),
+    "plugin": _sorted(_max_plugin),
+    "hitchhiking": _hitchhiking,
+    "pkpo": _sorted(_max_pkpo),
+    "pkpo_loo": _sorted(_max_pkpo_loo),
+}
+_PASS_AT_K: dict[str, Callable[[Groups, int], torch.Tensor]] = {
+    **_MAX_AT_K,
+    "rspo": _pass_rspo,
+    "plugin": _pass_plugin,
+}
+_TABLES = {"pass@k": _PASS_AT_K, "max@k": _MAX_AT_K}
+
+
+def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> torch.Tensor:
+    """Per-sample weights for validated, grouped rewards.
+
+    Parameters
+    ----------
+    groups : Groups
+        Canonical layout; ``values`` is ``(N,)`` float32 or float64.
+    k : int
+        Sample size of the objective, ``1 <= k <= n`` for every group.
+    objective : {"pass@k", "max@k"}
+    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"}
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N,)`` weights in the grouped order, dtype of ``groups.values``.
+    """
+    if groups.values.numel() == 0:
+        return groups.values.clone()
+    w = _TABLES[objective][estimator](groups, k)
+    return w.to(groups.values.dtype)
+
+
+def grouped_pass_at_k(groups: Groups, k: int) -> torch.Tensor:
+    """Unbiased pass@k per group: ``1 - C(n-c, k) / C(n, k)`` (1 when ``n - c < k``), ``(G,)``."""
+    values = groups.values.to(_F64)
+    seg = groups.segment_ids()
+    c = _segment_sum(values, groups, seg)
+    n = (groups.offsets[1:] - groups.offsets[:-1]).to(_F64)
+    # expm1 keeps full relative precision when the failure probability is close to 1.
+    fail = _log_binom(n - c, k) - _log_binom(n, k)
+    return (-torch.expm1(fail)).to(groups.values.dtype)
+
+
+def grouped_max_at_k(groups: Groups, k: int) -> torch.Tensor:
+    """Unbiased max@k per group: ``sum_i R_(i) C(i-1, k-1) / C(n, k)`` over the ascending sort, ``(G,)``.
+
+    ``C(i-1, k-1)/C(n, k) = (k/n) q(i-1)``; ties need no care because tied values are equal.
+    """
+    if groups.values.numel() == 0:
+        return torch.zeros(groups.num_groups, dtype=groups.values.dtype, device=groups.values.device)
+    s = _SortedGroups(groups)
+    terms = s.v * (k / s.n) * s.q(s.pos, k)
+    return _segment_sum(terms, groups, s.seg).to(groups.values.dtype)
