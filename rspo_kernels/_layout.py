@@ -119,8 +119,19 @@ def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
         if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex:
             raise TypeError(f"group_ids must hold integers or hashable labels, got a {group_ids.dtype} tensor")
         arr = group_ids.detach().cpu().numpy()
+    elif isinstance(group_ids, np.ndarray):
+        arr = group_ids
     else:
-        arr = np.asarray(group_ids) if not isinstance(group_ids, np.ndarray) else group_ids
+        # Python sequences: numpy would turn [2, "2"] into two equal strings, and tuples into
+        # rows, so only all-integer sequences take the vectorised path.
+        items = list(group_ids)
+        try:
+            arr = np.asarray(items)
+        except ValueError:
+            arr = None
+        if arr is None or arr.dtype.kind not in "iub" or arr.ndim != 1:
+            arr = np.empty(len(items), dtype=object)
+            arr[:] = items
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(
             f"group_ids has shape {tuple(arr.shape)} but rewards have {n} samples; "

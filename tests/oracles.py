@@ -1,0 +1,178 @@
+"""Brute-force oracles, written independently of the library's formulas.
+
+Each one follows a definition (subset enumeration, the paper's Algorithm 2, exact expectation
+over a categorical policy) rather than a closed form, so agreement with the specification is
+evidence, not tautology. Everything here is plain Python/numpy on one group.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from fractions import Fraction
+
+import numpy as np
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def subset_rspo(r: list[float], k: int) -> list[float]:
+    """MATH.md fact 2: ``w_i = k E_S[max(R_i - max S, 0)]``, S a (k-1)-subset of the others."""
+    n = len(r)
+    out = []
+    for i in range(n):
+        others = [r[j] for j in range(n) if j != i]
+        if k == 1:
+            out.append(float(r[i]))
+            continue
+        out.append(k * _mean(max(r[i] - max(s), 0.0) for s in itertools.combinations(others, k - 1)))
+    return out
+
+
+def subset_pkpo(r: list[float], k: int) -> list[float]:
+    """``w_i = k E_S[max(R_i, max S)]`` (PKPO's unbaselined s_i times n)."""
+    n = len(r)
+    out = []
+    for i in range(n):
+        others = [r[j] for j in range(n) if j != i]
+        out.append(k * _mean(max([r[i], *s]) for s in itertools.combinations(others, k - 1)))
+    return out
+
+
+def subset_max_at_k(r: list[float], k: int) -> float:
+    """Mean of ``max`` over all k-subsets: the unbiased max@k."""
+    return _mean(max(s) for s in itertools.combinations(r, k))
+
+
+def subset_pass_at_k(r: list[float], k: int) -> float:
+    return _mean(float(any(x == 1 for x in s)) for s in itertools.combinations(r, k))
+
+
+def subset_pkpo_loo(r: list[float], k: int) -> list[float]:
+    """pkpo minus ``n/(n-1) k M_i`` with ``M_i`` the max@k of the n-1 other rewards."""
+    n = len(r)
+    base = subset_pkpo(r, k)
+    return [
+        base[i] - n / (n - 1) * k * subset_max_at_k([r[j] for j in range(n) if j != i], k) for i in range(n)
+    ]
+
+
+def hitchhiking(r: list[float], k: int) -> list[float]:
+    return [k * max(r[(i // k) * k:(i // k) * k + k]) for i in range(len(r))]
+
+
+def plugin_max(r: list[float], k: int) -> list[float]:
+    """Paper eq. 11 written from its definitions (O(n^2))."""
+    n = len(r)
+    p = [sum(1 for x in r if x <= y) / n for y in r]
+    out = []
+    for i in range(n):
+        g = sum(r[j] * p[j] ** (k - 2) for j in range(n) if r[j] < r[i]) / n if k > 1 else 0.0
+        out.append(k * (r[i] * p[i] ** (k - 1) - (k - 1) * g))
+    return out
+
+
+def plugin_pass(r: list[float], k: int) -> list[float]:
+    n, c = len(r), sum(r)
+    return [k * (1 - c / n) ** (k - 1) * x for x in r]
+
+
+def theorem_4_4(r: list[float], k: int) -> list[float]:
+    """Section 4.3 / Theorem 4.4: sorted index ``i-1`` in place of ``c_<[i]``, exact fractions."""
+    n = len(r)
+    order = sorted(range(n), key=lambda i: r[i])
+    rs = [Fraction(r[i]) for i in order]
+    out = [0.0] * n
+    for pos, i in enumerate(order, start=1):
+        second = sum(rs[j - 1] * math.comb(j - 1, k - 2) for j in range(1, pos)) if k >= 2 else 0
+        w = Fraction(k, math.comb(n - 1, k - 1)) * (rs[pos - 1] * math.comb(pos - 1, k - 1) - second)
+        out[i] = float(w)
+    return out
+
+
+def theorem_c4(r: list[float], k: int) -> list[float]:
+    """Theorem C.4 verbatim with ``c_<[i]``, exact fractions."""
+    n = len(r)
+    rs = sorted(Fraction(x) for x in r)
+    out = []
+    for x in r:
+        c = sum(1 for y in r if y < x)
+        second = sum(rs[j - 1] * math.comb(j - 1, k - 2) for j in range(1, c + 1)) if k >= 2 else 0
+        out.append(float(Fraction(k, math.comb(n - 1, k - 1)) * (Fraction(x) * math.comb(c, k - 1) - second)))
+    return out
+
+
+def _e_hat(c_less: int, c_eq: int, a: int, b: int, n0: int) -> Fraction:
+    """Unbiased estimate of ``P_<^a P_<=^b`` from ``n0`` samples (Lemma C.1 with its C(a+b, a))."""
+    if a + b == 0:
+        return Fraction(1)
+    num = math.comb(c_less, a) * math.comb(c_less + c_eq - a, b) if c_less + c_eq - a >= 0 else 0
+    return Fraction(num, math.comb(n0, a + b) * math.comb(a + b, a))
+
+
+def algorithm_2(r: list[float], k: int) -> list[float]:
+    """The paper's Algorithm 2 (Appendix C), per-response weights on the library's scale.
+
+    The printed algorithm is garbled in extraction; this is its sample form: lines 17/19 apply to
+    ``r' = r`` (second term, factor t) and ``r' < r`` (third term, factor k), and the sample mean
+    over ``j != i`` with ``1/(n-1)`` replaces the ``pi(y'|x)`` weighting of the derivation.
+    """
+    n = len(r)
+    out = []
+    for i in range(n):
+        ri = Fraction(r[i])
+        others = [Fraction(r[j]) for j in range(n) if j != i]
+        c_less = sum(1 for y in others if y < ri)
+        c_eq = sum(1 for y in others if y == ri)
+        w = sum(ri * _e_hat(c_less, c_eq, t - 1, k - t, n - 1) for t in range(1, k + 1))
+        for j in range(n):
+            if j == i or r[j] > r[i]:
+                continue
+            rj = Fraction(r[j])
+            rest = [Fraction(r[m]) for m in range(n) if m not in (i, j)]
+            cl = sum(1 for y in rest if y < rj)
+            ce = sum(1 for y in rest if y == rj)
+            factor = (lambda t: t) if r[j] == r[i] else (lambda t: k)
+            for t in range(1, k):
+                w -= rj * Fraction(factor(t), n - 1) * _e_hat(cl, ce, t - 1, k - t - 1, n - 2)
+        out.append(float(w))
+    return out
+
+
+ORACLES = {
+    ("max@k", "rspo"): subset_rspo,
+    ("max@k", "plugin"): plugin_max,
+    ("max@k", "hitchhiking"): hitchhiking,
+    ("max@k", "pkpo"): subset_pkpo,
+    ("max@k", "pkpo_loo"): subset_pkpo_loo,
+    ("pass@k", "rspo"): subset_rspo,
+    ("pass@k", "plugin"): plugin_pass,
+    ("pass@k", "hitchhiking"): hitchhiking,
+    ("pass@k", "pkpo"): subset_pkpo,
+    ("pass@k", "pkpo_loo"): subset_pkpo_loo,
+}
+
+
+# ----------------------------------------------------------------- exact expectations over a policy
+def all_samples(m: int, n: int) -> np.ndarray:
+    """Every ordered sample of n draws from m responses, ``(m**n, n)`` int64."""
+    return np.array(list(itertools.product(range(m), repeat=n)), dtype=np.int64).reshape(-1, n)
+
+
+def expected_gradient(probs: np.ndarray, rewards: np.ndarray, n: int, weight_fn) -> np.ndarray:
+    """``E[(1/n) sum_i w_i grad_logits log pi(y_i)]`` by exhaustive enumeration, float64 ``(m,)``.
+
+    ``weight_fn`` maps a ``(S, n)`` float64 reward matrix (one sample set per row) to weights of
+    the same shape; ``grad_logits log pi(y) = onehot(y) - pi`` for a softmax policy.
+    """
+    m = probs.shape[0]
+    samples = all_samples(m, n)
+    p_sample = np.prod(probs[samples], axis=1)                       # (S,)
+    w = np.asarray(weight_fn(rewards[samples].astype(np.float64)))   # (S, n)
+    onehot = np.eye(m)[samples]                                      # (S, n, m)
+    score = onehot - probs                                           # grad log pi, (S, n, m)
+    per_sample = (w[:, :, None] * score).mean(axis=1)                # (S, m)
+    return (p_sample[:, None] * per_sample).sum(axis=0)

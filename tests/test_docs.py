@@ -1,0 +1,14 @@
+"""The docstring examples are real: run them."""
+
+import doctest
+
+import pytest
+
+import rspo_kernels._dispatch
+import rspo_kernels.api
+
+
+@pytest.mark.parametrize("module", [rspo_kernels.api, rspo_kernels._dispatch])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

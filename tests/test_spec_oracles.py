@@ -1,0 +1,96 @@
+"""The torch specification against brute force on single groups (hypothesis, ties on purpose)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import oracles
+import rspo_kernels as rk
+from conftest import reward_groups
+from rspo_kernels._dispatch import BACKEND_ENV
+
+ESTIMATORS = ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"]
+WEIGHTS = {"pass@k": rk.pass_at_k_weights, "max@k": rk.max_at_k_weights}
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    # This module checks the specification itself, whatever backend the machine prefers.
+    monkeypatch.setenv(BACKEND_ENV, "reference")
+
+
+def _valid(estimator: str, n: int, k: int) -> bool:
+    if estimator == "hitchhiking":
+        return n % k == 0
+    if estimator == "pkpo_loo":
+        return k < n
+    return True
+
+
+def _spec(objective: str, r: list[float], k: int, estimator: str) -> np.ndarray:
+    return WEIGHTS[objective](np.array([r], dtype=np.float64), k, estimator=estimator)[0]
+
+
+def _tol(r: list[float], k: int) -> float:
+    # Weights are sums of O(n) terms of size up to k * max|R|; float64 rounding of log-factorial
+    # ratios is ~1e-13 relative at these n.
+    return 1e-11 * k * max(1.0, max(abs(x) for x in r)) * len(r)
+
+
+@pytest.mark.parametrize("objective", ["pass@k", "max@k"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@given(data=st.data())
+def test_weights_match_oracle(objective, estimator, data):
+    r = data.draw(reward_groups(1, 8, binary=objective == "pass@k"))
+    k = data.draw(st.integers(1, len(r)))
+    assume(_valid(estimator, len(r), k))
+    expected = oracles.ORACLES[(objective, estimator)](r, k)
+    np.testing.assert_allclose(_spec(objective, r, k, estimator), expected, rtol=1e-11, atol=_tol(r, k))
+
+
+@given(r=reward_groups(1, 7), data=st.data())
+def test_rspo_max_matches_algorithm_2(r, data):
+    k = data.draw(st.integers(1, len(r)))
+    np.testing.assert_allclose(_spec("max@k", r, k, "rspo"), oracles.algorithm_2(r, k), rtol=1e-11, atol=_tol(r, k))
+
+
+@given(r=reward_groups(1, 9), data=st.data())
+def test_rspo_max_matches_theorem_c4_and_4_4(r, data):
+    """MATH.md fact 1: the 'approximate' Theorem 4.4 formula equals the tie-aware C.4, ties included."""
+    k = data.draw(st.integers(1, len(r)))
+    c4 = oracles.theorem_c4(r, k)
+    np.testing.assert_allclose(oracles.theorem_4_4(r, k), c4, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(_spec("max@k", r, k, "rspo"), c4, rtol=1e-11, atol=_tol(r, k))
+
+
+@given(r=reward_groups(1, 9), data=st.data())
+def test_max_at_k_metric_matches_subsets(r, data):
+    k = data.draw(st.integers(1, len(r)))
+    got = rk.max_at_k(np.array([r], dtype=np.float64), k)[0]
+    assert got == pytest.approx(oracles.subset_max_at_k(r, k), rel=1e-12, abs=1e-12 * max(1, max(map(abs, r))))
+
+
+@given(r=reward_groups(1, 10, binary=True), data=st.data())
+def test_pass_at_k_metric_matches_subsets(r, data):
+    k = data.draw(st.integers(1, len(r)))
+    got = rk.pass_at_k(np.array([r], dtype=np.float64), k)[0]
+    assert got == pytest.approx(oracles.subset_pass_at_k(r, k), rel=1e-12, abs=1e-14)
+
+
+def test_worked_values_from_math_md():
+    w = rk.pass_at_k_weights(np.array([[1, 0, 0, 1, 0, 0, 0, 0]], dtype=np.float64), 4)[0]
+    np.testing.assert_allclose(w, [16 / 7, 0, 0, 16 / 7, 0, 0, 0, 0], rtol=1e-14)
+    w = rk.max_at_k_weights(np.array([[0.1, 0.5, 0.5, 0.9]]), 2)[0]
+    np.testing.assert_allclose(w, [0, 4 / 15, 4 / 15, 16 / 15], rtol=1e-14, atol=1e-16)
+    w = rk.max_at_k_weights(np.array([[3.0, 1.0, 2.0, 5.0]]), 4)[0]
+    np.testing.assert_allclose(w, [0, 0, 0, 8], rtol=1e-14, atol=1e-15)
+
+
+def test_plugin_pass_is_not_plugin_max_on_binary():
+    """Eq. 7 uses P_< (others all wrong); eq. 11 approximates P_< by P_<=, so they differ."""
+    r = np.array([[1.0, 0.0, 0.0, 1.0]])
+    assert not np.allclose(rk.pass_at_k_weights(r, 2, estimator="plugin"), rk.max_at_k_weights(r, 2, estimator="plugin"))
