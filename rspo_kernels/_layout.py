@@ -15,7 +15,7 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Groups", "Restore", "to_groups", "group_labels_to_codes"]
+__all__ = ["Groups", "Restore", "to_groups", "group_labels_to_codes", "sort_within_groups"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,12 @@ class Groups:
 
     def segment_ids(self) -> torch.Tensor:
         """``(N,)`` int64 index of the group each value belongs to."""
-        sizes = torch.as_tensor(self.sizes, device=self.values.device)
-        return torch.repeat_interleave(torch.arange(self.num_groups, device=self.values.device), sizes)
+        device = self.values.device
+        sizes = torch.as_tensor(self.sizes, device=device)
+        # output_size avoids a device-to-host sync on CUDA
+        return torch.repeat_interleave(
+            torch.arange(self.num_groups, device=device), sizes, output_size=self.values.numel()
+        )
 
     def with_values(self, values: torch.Tensor) -> "Groups":
         return Groups(values.contiguous(), self.offsets, self.group_size, self.sizes)
@@ -213,3 +217,32 @@ def to_groups(
     uniform = int(sizes[0]) if sizes.size and bool((sizes == sizes[0]).all()) else None
     groups = Groups(grouped.contiguous(), _offsets_from_sizes(sizes, device), uniform, sizes)
     return groups, Restore(perm_dev, shape, container, labels)
+
+
+def sort_within_groups(groups: Groups, values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each group ascending (stable), keeping groups in place.
+
+    Parameters
+    ----------
+    groups : Groups
+    values : torch.Tensor, optional
+        ``(N,)`` values to sort instead of ``groups.values`` (e.g. a float64 copy).
+
+    Returns
+    -------
+    sorted_values : torch.Tensor
+        ``(N,)``; slots ``offsets[g]:offsets[g+1]`` hold group g ascending.
+    order : torch.Tensor
+        ``(N,)`` int64; sorted slot ``s`` holds the grouped value ``order[s]``.
+    """
+    values = groups.values if values is None else values
+    n_total = values.numel()
+    if groups.group_size is not None and n_total:
+        v, idx = torch.sort(values.view(-1, groups.group_size), dim=1, stable=True)
+        base = torch.arange(0, n_total, groups.group_size, device=values.device).unsqueeze(1)
+        return v.reshape(-1), (idx + base).reshape(-1)
+    # One segmented sort: by value, then stably by group, so each group ends up sorted in place.
+    by_value = torch.sort(values, stable=True).indices
+    by_group = torch.sort(groups.segment_ids()[by_value], stable=True).indices
+    order = by_value[by_group]
+    return values[order], order

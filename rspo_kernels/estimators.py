@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from rspo_kernels._layout import Groups
+from rspo_kernels._layout import Groups, sort_within_groups
 
 __all__ = [
     "ESTIMATORS",
@@ -92,16 +92,7 @@ class _SortedGroups:
         n_total = values.numel()
         self.groups = groups
         self.seg = groups.segment_ids()
-        if groups.group_size is not None:
-            v, idx = torch.sort(values.view(-1, groups.group_size), dim=1, stable=True)
-            base = torch.arange(0, n_total, groups.group_size, device=device).unsqueeze(1)
-            self.v, self.order = v.reshape(-1), (idx + base).reshape(-1)
-        else:
-            # One segmented sort: by value, then stably by group, so each group ends up sorted.
-            by_value = torch.sort(values, stable=True).indices
-            by_group = torch.sort(self.seg[by_value], stable=True).indices
-            self.order = by_value[by_group]
-            self.v = values[self.order]
+        self.v, self.order = sort_within_groups(groups, values)
         start = groups.offsets[:-1][self.seg]
         sizes = groups.offsets[1:][self.seg] - start
         self.n = sizes.to(_F64)
@@ -161,8 +152,9 @@ def _max_rspo(s: _SortedGroups, k: int) -> torch.Tensor:
     ``w_i = k/C(n-1,k-1) [R_i C(c_<, k-1) - sum_{j<=c_<} R_(j) C(j-1, k-2)]``. Pascal's rule
     ``C(j-1,k-2) = C(j,k-1) - C(j-1,k-1)`` and summation by parts turn it into
     ``w_i = k [q(0) R_(1) + sum_{j=1..c_<} q(j) (R_(j+1) - R_(j))]``: a prefix sum of
-    non-negative terms read at the start of the tie run, so it is shift-invariant and
-    non-negative by construction, and tied rewards share one weight (Theorem 4.4 == C.4).
+    non-negative terms, so it is shift-invariant and non-negative by construction. The gaps
+    vanish inside a tie run, so summing to the slot's own sorted index instead of ``c_<`` gives
+    the same number: tied rewards share one weight (Theorem 4.4 == C.4, MATH.md fact 1).
     ``q(0)`` is 1 only for k = 1, where the weight is the reward itself.
     """
     gaps = torch.zeros_like(s.v)
@@ -171,7 +163,7 @@ def _max_rspo(s: _SortedGroups, k: int) -> torch.Tensor:
     terms = s.q(s.pos, k) * gaps                  # q(j) (R_(j+1) - R_(j)) in 0-based slots j
     lowest = s.v[s.groups.offsets[:-1]][s.seg]
     q0 = 1.0 if k == 1 else 0.0
-    return k * (q0 * lowest + s.at_run_start(s.cumsum(terms)))
+    return k * (q0 * lowest + s.cumsum(terms))
 
 
 def _max_plugin(s: _SortedGroups, k: int) -> torch.Tensor:
