@@ -10,6 +10,13 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(__file__))  # lets test modules import `oracles`
 
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter. Triton reads this
+# when a kernel is decorated, so it must be set before any rspo_kernels.ops module is imported.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "ci",
     derandomize=True,

@@ -1,0 +1,159 @@
+"""Triton kernels for the RSPO weights (Pass@k and Max@k) on the canonical grouped layout.
+
+One pair of kernels serves the dense ``(B, n)`` layout and ragged groups alike: the groups are
+described by ``offsets`` and cut into chunks of ``BLOCK`` slots (``prepare_chunks``), and a 1-D
+grid runs over chunks, so one huge group and many small ones both fill the device.
+
+* pass 1 (``_rspo_chunk_sums_kernel``): each chunk reduces its terms to one float64 sum;
+* glue (torch, O(#chunks)): per-group totals and exclusive per-group carries of those sums;
+* pass 2 (``_rspo_weights_kernel``): each chunk rebuilds its terms and writes the weights.
+
+Max@k uses Theorem C.4 summed by parts (see :mod:`rspo_kernels.estimators`): on the ascending
+sort ``w = k * cumsum_j q(j) (v[j] - v[j-1])`` with ``q(j) = C(j, k-1) / C(n-1, k-1)``; gaps
+vanish inside tie runs, so ties need no extra pass. Pass@k (Theorem 4.3) needs no sort:
+``w = k q(n - c) R`` with ``c`` the group's total. ``q`` comes from a host-computed float64
+log-factorial table (no libdevice, so the kernels also run under ``TRITON_INTERPRET=1``).
+The other estimators are not kernel-worthy hot paths; this backend hands them to the
+specification on the same device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from rspo_kernels import estimators
+from rspo_kernels._layout import Groups, sort_within_groups
+
+__all__ = ["grouped_weights", "prepare_chunks"]
+
+
+@triton.jit
+def _q_ratio(j, n, k, p_lf, m_valid):
+    """``q(j) = C(j, k-1) / C(n-1, k-1)`` in float64 from the log-factorial table; 0 where j < k-1."""
+    ok = m_valid & (j >= k - 1)
+    jj = tl.where(ok, j, k - 1)
+    log_num = tl.load(p_lf + jj, mask=ok, other=0.0) - tl.load(p_lf + jj - k + 1, mask=ok, other=0.0)
+    log_den = tl.load(p_lf + n - 1) - tl.load(p_lf + n - k)
+    return tl.where(ok, tl.exp(log_num - log_den), 0.0)
+
+
+@triton.jit
+def _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS: tl.constexpr):
+    """The summands of one chunk, float64 ``[BLOCK]``: rewards (Pass@k) or ``q(j) * gap_j`` (Max@k)."""
+    b_v = tl.load(p_v + start + o_slot, mask=m_slot, other=0.0).to(tl.float64)
+    if IS_PASS:
+        return b_v
+    b_prev = tl.load(p_v + start + o_slot - 1, mask=m_slot & (o_slot > 0), other=0.0).to(tl.float64)
+    b_gap = tl.where(o_slot > 0, b_v - b_prev, 0.0)
+    return _q_ratio(o_slot, n, k, p_lf, m_slot) * b_gap
+
+
+@triton.jit
+def _rspo_chunk_sums_kernel(p_v, p_offsets, p_chunks, p_sums, p_lf, k, IS_PASS: tl.constexpr, BLOCK: tl.constexpr):
+    i_c = tl.program_id(0)
+    i_g = tl.load(p_chunks + 2 * i_c)
+    i_b = tl.load(p_chunks + 2 * i_c + 1)
+    start = tl.load(p_offsets + i_g)
+    n = tl.load(p_offsets + i_g + 1) - start
+    o_slot = i_b * BLOCK + tl.arange(0, BLOCK)                                   # [BLOCK]
+    m_slot = o_slot < n
+    b_t = _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS)         # [BLOCK]
+    tl.store(p_sums + i_c, tl.sum(tl.where(m_slot, b_t, 0.0), axis=0))
+
+
+@triton.jit
+def _rspo_weights_kernel(
+    p_v, p_order, p_out, p_offsets, p_chunks, p_carry, p_total, p_lf, k,
+    IS_PASS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    i_c = tl.program_id(0)
+    i_g = tl.load(p_chunks + 2 * i_c)
+    i_b = tl.load(p_chunks + 2 * i_c + 1)
+    start = tl.load(p_offsets + i_g)
+    n = tl.load(p_offsets + i_g + 1) - start
+    o_slot = i_b * BLOCK + tl.arange(0, BLOCK)                                   # [BLOCK]
+    m_slot = o_slot < n
+    b_t = _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS)         # [BLOCK]
+    if IS_PASS:
+        # c is the group's number of correct answers; q(n - c) is one scalar per group.
+        n_wrong = n - tl.load(p_total + i_g).to(tl.int64)
+        b_q = _q_ratio(n_wrong + 0 * o_slot, n, k, p_lf, m_slot)
+        b_w = k * b_q * b_t
+        tl.store(p_out + start + o_slot, b_w.to(p_out.dtype.element_ty), mask=m_slot)
+    else:
+        b_w = k * (tl.cumsum(b_t, axis=0) + tl.load(p_carry + i_c))
+        o_dst = tl.load(p_order + start + o_slot, mask=m_slot, other=0)
+        tl.store(p_out + o_dst, b_w.to(p_out.dtype.element_ty), mask=m_slot)
+
+
+def prepare_chunks(sizes: np.ndarray, block: int, device: torch.device) -> torch.Tensor:
+    """``(C, 2)`` int64 ``[group, chunk-in-group]`` for every ``block``-slot chunk of every group."""
+    per_group = -(-sizes // block)
+    groups = np.repeat(np.arange(sizes.shape[0], dtype=np.int64), per_group)
+    first = np.repeat(np.cumsum(per_group) - per_group, per_group)
+    chunks = np.stack([groups, np.arange(groups.shape[0], dtype=np.int64) - first], axis=1)
+    return torch.from_numpy(np.ascontiguousarray(chunks)).to(device, non_blocking=True)
+
+
+def _block_size(n_max: int) -> int:
+    # The interpreter runs blocks as numpy arrays: keep them small there.
+    cap = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
+    return max(16, min(cap, triton.next_power_of_2(max(int(n_max), 1))))
+
+
+def _rspo_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
+    values = groups.values
+    device = values.device
+    sizes = groups.sizes
+    if k == 1:  # plain policy gradient: w = R
+        return values.clone()
+    block = _block_size(int(sizes.max()))
+    chunks = prepare_chunks(sizes, block, device)
+    n_chunks = chunks.shape[0]
+    is_pass = objective == "pass@k"
+    if is_pass:
+        v, order = values, values.new_empty(0, dtype=torch.int64)  # no sort: order unused
+    else:
+        v, order = sort_within_groups(groups)
+    v = v.contiguous()
+    log_factorial = torch.lgamma(torch.arange(int(sizes.max()) + 2, dtype=torch.float64, device=device) + 1)
+    sums = torch.empty(n_chunks, dtype=torch.float64, device=device)
+    _rspo_chunk_sums_kernel[(n_chunks,)](v, groups.offsets, chunks, sums, log_factorial, k, IS_PASS=is_pass, BLOCK=block)
+    # Chunks are stored group after group, so per-group scans of `sums` are segment scans.
+    chunk_group = chunks[:, 0]
+    total = torch.zeros(groups.num_groups, dtype=torch.float64, device=device).index_add_(0, chunk_group, sums)
+    inclusive = torch.cumsum(sums, dim=0)
+    group_end = torch.cumsum(total, dim=0)
+    carry = inclusive - sums - (group_end - total)[chunk_group]
+    out = torch.empty_like(values)
+    _rspo_weights_kernel[(n_chunks,)](
+        v, order, out, groups.offsets, chunks, carry, total, log_factorial, k, IS_PASS=is_pass, BLOCK=block
+    )
+    return out
+
+
+def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> torch.Tensor:
+    """Backend entry point with the specification's signature (see ``estimators.grouped_weights``).
+
+    Parameters
+    ----------
+    groups : Groups
+        Canonical layout on a CUDA device (or CPU under ``TRITON_INTERPRET=1``).
+    k : int
+    objective : {"pass@k", "max@k"}
+    estimator : str
+        ``"rspo"`` runs the kernels; other estimators run the specification on the same device.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N,)`` weights in the grouped order, dtype of ``groups.values``.
+    """
+    if estimator != "rspo" or groups.values.numel() == 0:
+        return estimators.grouped_weights(groups, k, objective, estimator)
+    return _rspo_weights(groups, k, objective)

@@ -1,0 +1,80 @@
+"""Triton weight kernels against the torch specification (interpreter on CPU, compiled on GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from rspo_kernels import estimators  # noqa: E402
+from rspo_kernels._layout import to_groups  # noqa: E402
+from rspo_kernels.ops import weights as triton_weights  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=2e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def _groups(values: torch.Tensor, group_ids=None, group_size=None):
+    return to_groups(values, shape=values.shape, container="torch", group_size=group_size, group_ids=group_ids)[0]
+
+
+def _compare(groups, k, objective):
+    got = triton_weights.grouped_weights(groups, k, objective, "rspo")
+    want = estimators.grouped_weights(groups, k, objective, "rspo")
+    assert got.dtype == want.dtype and got.device == want.device
+    scale = max(1.0, float(groups.values.abs().max())) * k
+    tol = TOL[groups.values.dtype]
+    torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.mark.parametrize("objective", ["pass@k", "max@k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(data=st.data())
+def test_dense_groups(objective, dtype, data):
+    b = data.draw(st.integers(1, 5))
+    n = data.draw(st.integers(1, 40))
+    k = data.draw(st.integers(1, n))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    if objective == "pass@k":
+        r = rng.integers(0, 2, size=(b, n))
+    else:
+        r = np.round(rng.normal(size=(b, n)), 1)  # rounding creates ties
+    _compare(_groups(torch.tensor(r, dtype=dtype, device=DEVICE)), k, objective)
+
+
+@pytest.mark.parametrize("objective", ["pass@k", "max@k"])
+@given(data=st.data())
+def test_ragged_groups_span_several_chunks(objective, data):
+    """Groups longer than one block (256 slots under the interpreter) exercise the carries."""
+    sizes = data.draw(st.lists(st.sampled_from([3, 17, 300, 600]), min_size=1, max_size=4))
+    k = data.draw(st.integers(1, 3))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    ids = np.repeat(np.arange(len(sizes)), sizes)
+    ids = ids[rng.permutation(ids.shape[0])]
+    if objective == "pass@k":
+        r = rng.integers(0, 2, size=ids.shape[0])
+    else:
+        r = rng.integers(-3, 4, size=ids.shape[0]) * 0.5
+    _compare(_groups(torch.tensor(r, dtype=torch.float64, device=DEVICE), group_ids=ids), k, objective)
+
+
+def test_other_estimators_fall_back_to_the_specification():
+    g = _groups(torch.tensor([[0.1, 0.5, 0.5, 0.9]], device=DEVICE))
+    for estimator in ("plugin", "pkpo"):
+        torch.testing.assert_close(
+            triton_weights.grouped_weights(g, 2, "max@k", estimator),
+            estimators.grouped_weights(g, 2, "max@k", estimator),
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_shapes_on_gpu():
+    for b, n, k in [(4096, 16, 4), (1024, 64, 8), (1, 2**20, 64)]:
+        r = torch.randn(b, n, device="cuda")
+        _compare(_groups(r), k, "max@k")
+        _compare(_groups((r > 1).float()), k, "pass@k")
