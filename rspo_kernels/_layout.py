@@ -47,6 +47,8 @@ class Groups:
     def segment_ids(self) -> torch.Tensor:
         """``(N,)`` int64 index of the group each value belongs to."""
         device = self.values.device
+        if self.group_size is not None:
+            return torch.arange(self.values.numel(), device=device) // self.group_size
         sizes = torch.as_tensor(self.sizes, device=device)
         # output_size avoids a device-to-host sync on CUDA
         return torch.repeat_interleave(
@@ -164,6 +166,11 @@ def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
     return torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64)), labels
 
 
+def _uniform_offsets(num_groups: int, size: int, device: torch.device) -> torch.Tensor:
+    # Built on the device: no host-to-device copy inside a training step.
+    return torch.arange(0, (num_groups + 1) * size, size, dtype=torch.int64, device=device)
+
+
 def _offsets_from_sizes(sizes: np.ndarray, device: torch.device) -> torch.Tensor:
     offsets = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
@@ -199,13 +206,13 @@ def to_groups(
     if values.dim() == 2:
         b, n = values.shape
         sizes = np.full(b, n, dtype=np.int64)
-        groups = Groups(values.reshape(-1).contiguous(), _offsets_from_sizes(sizes, device), n, sizes)
+        groups = Groups(values.reshape(-1).contiguous(), _uniform_offsets(b, n, device), n, sizes)
         return groups, Restore(None, shape, container, None)
     flat = values.reshape(-1)
     n_total = flat.shape[0]
     if group_size is not None:
         sizes = np.full(n_total // group_size, group_size, dtype=np.int64)
-        groups = Groups(flat.contiguous(), _offsets_from_sizes(sizes, device), group_size, sizes)
+        groups = Groups(flat.contiguous(), _uniform_offsets(sizes.shape[0], group_size, device), group_size, sizes)
         return groups, Restore(None, shape, container, None)
     codes, labels = group_labels_to_codes(group_ids, n_total)
     sizes = np.bincount(codes.numpy(), minlength=len(labels)).astype(np.int64)

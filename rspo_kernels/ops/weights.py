@@ -91,8 +91,16 @@ def _rspo_weights_kernel(
         tl.store(p_out + o_dst, b_w.to(p_out.dtype.element_ty), mask=m_slot)
 
 
-def prepare_chunks(sizes: np.ndarray, block: int, device: torch.device) -> torch.Tensor:
-    """``(C, 2)`` int64 ``[group, chunk-in-group]`` for every ``block``-slot chunk of every group."""
+def prepare_chunks(sizes: np.ndarray, block: int, device: torch.device, uniform: int | None = None) -> torch.Tensor:
+    """``(C, 2)`` int64 ``[group, chunk-in-group]`` for every ``block``-slot chunk of every group.
+
+    Equal-size groups get their chunks built on the device (no host-to-device copy in a training
+    step); ragged groups, whose sizes live on the host anyway, build them with numpy.
+    """
+    if uniform is not None:
+        per = -(-uniform // block)
+        index = torch.arange(sizes.shape[0] * per, dtype=torch.int64, device=device)
+        return torch.stack([index // per, index % per], dim=1)
     per_group = -(-sizes // block)
     groups = np.repeat(np.arange(sizes.shape[0], dtype=np.int64), per_group)
     first = np.repeat(np.cumsum(per_group) - per_group, per_group)
@@ -113,7 +121,7 @@ def _rspo_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
     if k == 1:  # plain policy gradient: w = R
         return values.clone()
     block = _block_size(int(sizes.max()))
-    chunks = prepare_chunks(sizes, block, device)
+    chunks = prepare_chunks(sizes, block, device, groups.group_size)
     n_chunks = chunks.shape[0]
     is_pass = objective == "pass@k"
     if is_pass:
