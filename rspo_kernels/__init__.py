@@ -7,20 +7,28 @@ pass_at_k_weights, max_at_k_weights
     estimators users compare against).
 pass_at_k, max_at_k
     The matching unbiased evaluation metrics, one value per group.
+token_logprobs, rspo_loss, RSPOLoss
+    Fused token log-probabilities and the clipped RSPO policy loss whose logits gradient is
+    computed without materialising the (tokens x vocab) softmax.
 backend_info
     Which backend (C++, Triton, torch) serves each operation.
 """
 
 from rspo_kernels._dispatch import backend_info
 from rspo_kernels.api import ESTIMATORS, max_at_k, max_at_k_weights, pass_at_k, pass_at_k_weights
+from rspo_kernels.loss import LOSS_AGG_MODES, RSPOLoss, rspo_loss, token_logprobs
 
 __version__ = "0.1.0"
 __all__ = [
     "ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "RSPOLoss",
     "backend_info",
     "max_at_k",
     "max_at_k_weights",
     "pass_at_k",
     "pass_at_k_weights",
+    "rspo_loss",
+    "token_logprobs",
     "__version__",
 ]

@@ -26,6 +26,13 @@ _IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("weights", "reference"): "rspo_kernels.estimators:grouped_weights",
     ("pass_at_k", "reference"): "rspo_kernels.estimators:grouped_pass_at_k",
     ("max_at_k", "reference"): "rspo_kernels.estimators:grouped_max_at_k",
+    ("weights", "triton"): "rspo_kernels.ops.weights:grouped_weights",
+    ("token_logprobs", "triton"): "rspo_kernels.ops.token_logprobs:token_logprobs_triton",
+    ("token_logprobs", "torch"): "rspo_kernels._chunked_loss:token_logprobs_torch",
+    ("token_logprobs", "reference"): "rspo_kernels.loss_reference:token_logprobs_reference",
+    ("rspo_loss", "triton"): "rspo_kernels.ops.rspo_loss:rspo_loss_triton",
+    ("rspo_loss", "torch"): "rspo_kernels._chunked_loss:rspo_loss_torch",
+    ("rspo_loss", "reference"): "rspo_kernels.loss_reference:rspo_loss_reference",
 }
 
 # Backends tried in order for tensors on each device type.

@@ -1,0 +1,430 @@
+"""GPU validation and benchmark of the fused RSPO loss, in one call on a lent GPU.
+
+What it does, in order, at the real shape (bf16 logits, V = 151936, 8192 tokens by default):
+
+1. **Correctness**: ``token_logprobs`` and ``rspo_loss`` (loss, statistics and logits gradient) against
+   the unfused float32 reference on the same bf16 values.
+2. **Copy bandwidth**: the device-to-device copy rate of a logits-sized buffer (bytes read +
+   written per second), the roof the kernels are judged against.
+3. **token_logprobs**: median time, achieved bandwidth (logits bytes read once / time) and its
+   fraction of the copy rate, side by side with eager torch (and Liger's
+   ``fused_selective_log_softmax`` when importable).
+4. **rspo_loss forward + backward**: median time and peak extra memory (peak allocated minus the
+   inputs minus the logits' gradient) for torch eager (the reference), ``torch.compile`` of the
+   reference, rspo_kernels (with and without ``inplace_backward``) and Liger-Kernel's
+   ``triton_grpo_loss`` when importable. All variants run in the same process on the same inputs,
+   so the ratios are measured side by side.
+
+Targets (H100, 8192 x 151936 bf16): token_logprobs >= 80% of the copy rate; rspo_loss fwd+bwd
+>= 5x eager and >= 1x Liger; extra memory O(tokens). The script prints a table and writes
+``benchmarks/results/<device>-<date>-gpu.json`` (or ``--out``).
+
+``--smoke`` runs everything end to end on the CPU at tiny shapes (Triton kernels under
+``TRITON_INTERPRET=1`` when Triton is installed, else the chunked torch path) and writes its JSON
+to ``--out`` or a temporary file: a check that the script works, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; checks the script runs")
+    p.add_argument("--tokens", type=int, default=None, help="B * T (default 8192; smoke 32)")
+    p.add_argument("--batch", type=int, default=None, help="B (default 16; smoke 2)")
+    p.add_argument("--vocab", type=int, default=None, help="V (default 151936; smoke 512)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; smoke 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs (default 3; smoke 1)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument(
+        "--sweep",
+        default=None,
+        help="also time rspo_kernels at launch configs BLOCKxWARPS, e.g. '2048x4,4096x8,8192x8,8192x16,16384x16'",
+    )
+    p.add_argument("--out", default=None, help="JSON path")
+    a = p.parse_args(argv)
+    a.tokens = a.tokens or (32 if a.smoke else 8192)
+    a.batch = a.batch or (2 if a.smoke else 16)
+    a.vocab = a.vocab or (512 if a.smoke else 151936)
+    a.repeats = a.repeats or (2 if a.smoke else 10)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
+    if a.tokens % a.batch:
+        p.error("--tokens must be a multiple of --batch")
+    return a
+
+
+ARGS = _parse(sys.argv[1:] if __name__ == "__main__" else [])
+if ARGS.smoke and __name__ == "__main__":
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        # Exercise the Triton kernels on the CPU: the interpreter must be on before triton is
+        # imported, and CPU tensors dispatch to the chunked path unless the backend is forced.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("RSPO_KERNELS_BACKEND", "triton")
+
+import torch  # noqa: E402
+
+import rspo_kernels.loss as rk  # noqa: E402
+from rspo_kernels._dispatch import implementation  # noqa: E402
+from rspo_kernels.loss_reference import rspo_loss_reference, token_logprobs_reference  # noqa: E402
+
+EPS_LOW, EPS_HIGH = 0.2, 0.28
+
+
+# --------------------------------------------------------------------------- helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, setup, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Times of ``fn(*setup())`` in ms; ``setup`` (fresh inputs) is outside the timed region."""
+    out = []
+    for i in range(warmup + repeats):
+        args = setup()
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            out.append(ms)
+        del args
+    return out
+
+
+def _peak_extra_mib(fn, setup, device: torch.device, grad_bytes: int) -> float | None:
+    """Peak allocated during ``fn`` beyond what existed before it and the logits' gradient."""
+    if device.type != "cuda":
+        return None
+    args = setup()
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn(*args)
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del args
+    return (peak - before - grad_bytes) / 2**20
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = "cpu-smoke"
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except Exception:  # not installed, or an incompatible version
+        return None, None
+    try:
+        from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
+    except Exception:
+        fused_selective_log_softmax = None
+    return triton_grpo_loss, fused_selective_log_softmax
+
+
+def _versions() -> dict:
+    v = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for mod in ("triton", "liger_kernel"):
+        try:
+            v[mod] = getattr(__import__(mod), "__version__", "unknown")
+        except Exception:
+            v[mod] = None
+    return v
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> dict:
+    """Max error against ``rtol`` times the reference's largest entry (errors of sums scale so)."""
+    # float32 is exact enough for a bf16 / float32 comparison and halves the memory of float64.
+    a, b = a.detach().float(), b.detach().float()
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    err = float((a - b).abs().max()) if b.numel() else 0.0
+    return {"max_abs_err": err, "ref_scale": scale, "rtol": rtol, "ok": err <= rtol * max(scale, 1e-30)}
+
+
+# --------------------------------------------------------------------------- the benchmark
+def main() -> int:
+    a = ARGS
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    if device.type != "cuda" and not a.smoke:
+        print("no CUDA device: run on a GPU, or pass --smoke for a CPU check of the script", file=sys.stderr)
+        return 2
+    B, T, V = a.batch, a.tokens // a.batch, a.vocab
+    N = B * T
+    dtype = torch.bfloat16
+    elt = torch.finfo(dtype).bits // 8
+    g = torch.Generator(device=device).manual_seed(0)
+    # Logits for T + 1 positions, as a model returns them; the loss reads the strided [:, :-1].
+    logits_full = torch.empty(B, T + 1, V, device=device, dtype=dtype)
+    logits_full.copy_(torch.randn(B, T + 1, V, device=device, generator=g, dtype=torch.float32).mul_(2.0))
+    ids = torch.randint(0, V, (B, T), device=device, generator=g)
+    weights = torch.randn(B, device=device, generator=g)
+    mask = torch.rand(B, T, device=device, generator=g) > 0.1
+    mask[0] = False  # one fully masked response
+    with torch.no_grad():
+        true_logp = token_logprobs_reference(logits_full[:, :-1], ids)
+    old = true_logp + 0.3 * torch.randn(B, T, device=device, generator=g)
+    ref = true_logp + 0.3 * torch.randn(B, T, device=device, generator=g)
+    backend = implementation("rspo_loss", device.type)[0]
+    report: dict = {
+        "benchmark": "fused RSPO loss (benchmarks/gpu.py)",
+        "smoke": a.smoke,
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "machine": {"host": platform.node(), "platform": platform.platform()},
+        "versions": _versions(),
+        "shape": {"B": B, "T": T, "V": V, "tokens": N, "dtype": str(dtype)},
+        "backend": backend,
+        "repeats": a.repeats,
+        "warmup": a.warmup,
+    }
+    kw = dict(
+        old_logprobs=old, ref_logprobs=ref, beta=0.04, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, return_stats=True
+    )
+
+    # 1. correctness -------------------------------------------------------------------------
+    correct: dict = {}
+    with torch.no_grad():
+        lp = rk.token_logprobs(logits_full[:, :-1], ids)
+    correct["token_logprobs"] = _close(lp, true_logp, 1e-5)
+    x = logits_full.clone().requires_grad_()
+    loss, stats = rk.rspo_loss(x[:, :-1], ids, weights, mask, **kw)
+    loss.backward()
+    grad_fast = x.grad
+    del x
+    y = logits_full.float().requires_grad_()
+    loss_r, stats_r = rspo_loss_reference(y[:, :-1], ids, weights, mask, **kw)
+    loss_r.backward()
+    correct["rspo_loss"] = _close(loss, loss_r, 1e-5)
+    # bf16 unit roundoff; the CPU interpreter truncates instead of rounding: one ulp.
+    correct["rspo_loss_grad_bf16"] = _close(grad_fast, y.grad, 2.0**-8 if device.type == "cuda" else 2.0**-7)
+    correct["stats"] = {k: _close(stats[k], stats_r[k], 1e-5) for k in stats_r}
+    del y, grad_fast, loss_r, loss
+    correct["ok"] = all(v["ok"] for k, v in correct.items() if k != "stats") and all(
+        v["ok"] for v in correct["stats"].values()
+    )
+    report["correctness"] = correct
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # 2. copy bandwidth ----------------------------------------------------------------------
+    src = logits_full.reshape(-1)
+    copy_ms = statistics.median(
+        _time_ms(lambda s, d: d.copy_(s), lambda: (src, torch.empty_like(src)), device, a.repeats, a.warmup)
+    )
+    copy_bytes = 2 * src.numel() * elt  # read + write
+    copy_gbs = copy_bytes / copy_ms / 1e6
+    report["copy"] = {"median_ms": copy_ms, "bytes": copy_bytes, "GB_per_s": copy_gbs}
+
+    # 3. token_logprobs ----------------------------------------------------------------------
+    liger_loss, liger_logp = _liger()
+    view = logits_full[:, :-1]
+    logp_variants = {
+        "rspo_kernels": lambda: rk.token_logprobs(view, ids),
+        "torch_eager": lambda: token_logprobs_reference(view, ids),
+    }
+    if liger_logp is not None:
+        logp_variants["liger"] = lambda: liger_logp(logits_full, ids, temperature=1.0)
+    read_bytes = N * V * elt
+    tl_rows = {}
+    for name, fn in logp_variants.items():
+        try:
+            with torch.no_grad():
+                times = _time_ms(fn, lambda: (), device, a.repeats, a.warmup)
+                extra = _peak_extra_mib(fn, lambda: (), device, 0)
+            med = statistics.median(times)
+            tl_rows[name] = {
+                "median_ms": med,
+                "times_ms": times,
+                "GB_per_s": read_bytes / med / 1e6,
+                "fraction_of_copy": read_bytes / med / 1e6 / copy_gbs,
+                "peak_extra_mib": extra,
+            }
+        except Exception as exc:  # a baseline may not run here; record why
+            tl_rows[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
+    report["token_logprobs"] = tl_rows
+
+    # 4. rspo_loss forward + backward ----------------------------------------------------------
+    kw_loss = dict(kw, return_stats=False)
+    grad_bytes = B * (T + 1) * V * elt
+
+    def fresh():
+        return (logits_full.clone().requires_grad_(),)
+
+    def ours(x, inplace=False):
+        rk.rspo_loss(x[:, :-1], ids, weights, mask, inplace_backward=inplace, **kw_loss).backward()
+
+    def eager(x):
+        rspo_loss_reference(x[:, :-1], ids, weights, mask, **kw_loss).backward()
+
+    variants = {"rspo_kernels": ours, "rspo_kernels_inplace": lambda x: ours(x, True), "torch_eager": eager}
+    if not a.no_compile:
+        compiled = torch.compile(lambda z: rspo_loss_reference(z[:, :-1], ids, weights, mask, **kw_loss))
+        variants["torch_compile"] = lambda x: compiled(x).backward()
+    if liger_loss is not None:
+        maskf = mask.to(torch.float32)
+
+        def liger(x):
+            out = liger_loss(
+                x,
+                old,
+                ref,
+                ids,
+                weights,
+                mask.to(torch.int32),
+                temperature=1.0,
+                beta=0.04,
+                eps_low=EPS_LOW,
+                eps_high=EPS_HIGH,
+                inplace=True,
+            )
+            per_tok = out[0] if isinstance(out, (tuple, list)) else out
+            ((per_tok * maskf).sum() / maskf.sum().clamp(min=1)).backward()
+
+        variants["liger_triton_grpo_loss"] = liger
+    rows = {}
+    for name, fn in variants.items():
+        try:
+            times = _time_ms(fn, fresh, device, a.repeats, a.warmup)
+            g_bytes = 0 if name in ("rspo_kernels_inplace", "liger_triton_grpo_loss") else grad_bytes
+            extra = _peak_extra_mib(fn, fresh, device, g_bytes)
+            med = statistics.median(times)
+            rows[name] = {
+                "median_ms": med,
+                "times_ms": times,
+                "peak_extra_mib": extra,
+                "GB_per_s_3_passes": 3 * N * V * elt / med / 1e6,
+            }
+        except Exception as exc:
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ours_ms = rows.get("rspo_kernels", {}).get("median_ms")
+    for r in rows.values():
+        if ours_ms and "median_ms" in r:
+            r["time_vs_rspo_kernels"] = r["median_ms"] / ours_ms  # > 1: rspo_kernels is faster
+    report["rspo_loss_fwd_bwd"] = rows
+
+    # 5. optional launch-config sweep (sets the kernels' override variable, then restores it) ------
+    if a.sweep:
+        from rspo_kernels.ops.token_logprobs import LAUNCH_ENV
+
+        saved = os.environ.get(LAUNCH_ENV)
+        sweep = {}
+        try:
+            for cfg in a.sweep.split(","):
+                os.environ[LAUNCH_ENV] = cfg.strip()
+                with torch.no_grad():
+                    t_lp = statistics.median(
+                        _time_ms(logp_variants["rspo_kernels"], lambda: (), device, a.repeats, a.warmup)
+                    )
+                t_loss = statistics.median(_time_ms(ours, fresh, device, a.repeats, a.warmup))
+                sweep[cfg.strip()] = {
+                    "token_logprobs_ms": t_lp,
+                    "token_logprobs_fraction_of_copy": read_bytes / t_lp / 1e6 / copy_gbs,
+                    "rspo_loss_fwd_bwd_ms": t_loss,
+                }
+        finally:
+            if saved is None:
+                os.environ.pop(LAUNCH_ENV, None)
+            else:
+                os.environ[LAUNCH_ENV] = saved
+        report["launch_sweep"] = sweep
+
+    # targets ------------------------------------------------------------------------------------
+    def ratio(name):
+        r = rows.get(name, {})
+        return r.get("time_vs_rspo_kernels")
+
+    tl_frac = tl_rows.get("rspo_kernels", {}).get("fraction_of_copy")
+    targets = {
+        "token_logprobs_fraction_of_copy>=0.8": None if tl_frac is None else tl_frac >= 0.8,
+        "rspo_loss_speedup_vs_eager>=5": None if ratio("torch_eager") is None else ratio("torch_eager") >= 5,
+        "rspo_loss_speedup_vs_liger>=1": None
+        if ratio("liger_triton_grpo_loss") is None
+        else ratio("liger_triton_grpo_loss") >= 1,
+        "rspo_loss_extra_mib_per_1k_tokens": None
+        if rows.get("rspo_kernels", {}).get("peak_extra_mib") is None
+        else rows["rspo_kernels"]["peak_extra_mib"] / (N / 1024),
+    }
+    report["targets"] = targets
+
+    # print and write ------------------------------------------------------------------------------
+    print(f"device {report['device']}  backend {backend}  shape B={B} T={T} V={V} {dtype}  (smoke={a.smoke})")
+    print(
+        f"correctness: {'OK' if correct['ok'] else 'FAILED'}  "
+        + "  ".join(
+            f"{k}: err {v['max_abs_err']:.2e}/scale {v['ref_scale']:.2e}"
+            for k, v in correct.items()
+            if isinstance(v, dict) and "max_abs_err" in v
+        )
+    )
+    print(f"device copy: {copy_gbs:8.1f} GB/s")
+    print(f"\n{'token_logprobs':<26}{'median ms':>11}{'GB/s':>9}{'of copy':>9}{'extra MiB':>11}")
+    for name, r in tl_rows.items():
+        if "error" in r:
+            print(f"{name:<26} error: {r['error'][:70]}")
+            continue
+        ex = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
+        print(f"{name:<26}{r['median_ms']:>11.3f}{r['GB_per_s']:>9.1f}{r['fraction_of_copy']:>9.2f}{ex:>11}")
+    print(f"\n{'rspo_loss fwd+bwd':<26}{'median ms':>11}{'x ours':>9}{'extra MiB':>11}")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:<26} error: {r['error'][:70]}")
+            continue
+        ex = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
+        rel = r.get("time_vs_rspo_kernels", math.nan)
+        print(f"{name:<26}{r['median_ms']:>11.3f}{rel:>9.2f}{ex:>11}")
+    if "launch_sweep" in report:
+        print(f"\n{'launch BLOCKxWARPS':<26}{'logprobs ms':>12}{'of copy':>9}{'loss ms':>10}")
+        for cfg, r in report["launch_sweep"].items():
+            print(
+                f"{cfg:<26}{r['token_logprobs_ms']:>12.3f}{r['token_logprobs_fraction_of_copy']:>9.2f}"
+                f"{r['rspo_loss_fwd_bwd_ms']:>10.3f}"
+            )
+    print("\ntargets: " + ", ".join(f"{k}={v}" for k, v in targets.items()))
+
+    if a.out:
+        out = a.out
+    elif a.smoke:
+        out = os.path.join(tempfile.gettempdir(), f"{_device_name(device)}-{_dt.date.today():%Y-%m-%d}-gpu.json")
+    else:
+        out = os.path.join(
+            os.path.dirname(os.path.abspath(__file__)),
+            "results",
+            f"{_device_name(device)}-{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d}-gpu.json",
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    print(f"wrote {out}")
+    return 0 if correct["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

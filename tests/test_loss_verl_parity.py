@@ -1,0 +1,116 @@
+"""Parity with verl's ``compute_policy_loss_vanilla`` + ``agg_loss`` (runs only where verl is installed).
+
+verl's vanilla loss adds dual-clip for negative advantages (``clip_ratio_c = 3``); the inputs keep
+every ratio below 2, where dual-clip is inactive, so the two objectives coincide.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from test_loss_reference import assert_matches, make_case
+
+import rspo_kernels.loss as L
+from rspo_kernels.loss_reference import LOSS_AGG_MODES, agg_loss_reference, token_logprobs_reference
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+omegaconf = pytest.importorskip("omegaconf")
+
+EPS_LOW, EPS_HIGH = 0.2, 0.28
+
+
+def _verl_agg(loss_mat, mask, mode):
+    try:
+        return core_algos.agg_loss(loss_mat=loss_mat, loss_mask=mask, loss_agg_mode=mode)
+    except (ValueError, NotImplementedError):
+        pytest.skip(f"this verl version has no loss_agg_mode {mode!r}")
+
+
+def _verl_policy_loss(old, logp, adv, mask, mode):
+    fn = core_algos.compute_policy_loss_vanilla
+    params = inspect.signature(fn).parameters
+    if "config" in params:
+        config = omegaconf.OmegaConf.create(
+            {
+                "clip_ratio": EPS_LOW,
+                "clip_ratio_low": EPS_LOW,
+                "clip_ratio_high": EPS_HIGH,
+                "clip_ratio_c": 3.0,
+                "global_batch_info": {},  # dp_size = 1: local denominators
+            }
+        )
+        out = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=mode, config=config)
+    else:
+        out = fn(
+            old_log_prob=old,
+            log_prob=logp,
+            advantages=adv,
+            response_mask=mask,
+            cliprange=EPS_LOW,
+            cliprange_low=EPS_LOW,
+            cliprange_high=EPS_HIGH,
+            clip_ratio_c=3.0,
+            loss_agg_mode=mode,
+        )
+    if isinstance(out[1], dict):  # newer verl: (loss, metrics)
+        metrics = out[1]
+        return out[0], metrics.get("actor/pg_clipfrac"), metrics.get("actor/ppo_kl")
+    return out[0], out[1], out[2]
+
+
+def _skip_if_old_norm(mask):
+    # verl before its Dr. GRPO fix divided the *sum* over sequences by the horizon.
+    ones = torch.ones_like(mask)
+    old_definition = mask.sum() / mask.shape[-1]
+    if torch.isclose(_verl_agg(ones, mask, "seq-mean-token-sum-norm"), old_definition):
+        pytest.skip("this verl version's seq-mean-token-sum-norm predates its seq-mean (Dr. GRPO) fix")
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_agg_loss_parity(mode):
+    case = make_case(B=5, T=6, V=3)
+    loss_mat = torch.randn(5, 6, dtype=torch.float64)
+    mask = case["mask"].double()
+    expected = _verl_agg(loss_mat, mask, mode)
+    if mode == "seq-mean-token-sum-norm":
+        _skip_if_old_norm(mask)
+    # verl divides by (count + 1e-8) in seq-mean-token-mean: a relative change of up to 1e-8 / 1,
+    # so float32 accuracy (not float64) is the right yardstick.
+    assert_matches(agg_loss_reference(loss_mat, mask, mode), expected, torch.float32)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_policy_loss_and_gradient_parity(mode):
+    case = make_case(B=4, T=6, V=23, with_ref=False, seed=5)
+    T_ = case["temperature"]
+    mask = case["mask"].float()
+    x = case["logits"].clone().requires_grad_()
+    logp = token_logprobs_reference(x, case["target_ids"].clamp(min=0), temperature=T_)
+    adv = case["weights"][:, None].expand(4, 6)
+    loss_v, clipfrac_v, kl_v = _verl_policy_loss(case["old_logprobs"], logp, adv, mask, mode)
+    if mode == "seq-mean-token-sum-norm":
+        _skip_if_old_norm(mask)
+    (g_v,) = torch.autograd.grad(loss_v, x)
+
+    y = case["logits"].clone().requires_grad_()
+    loss, stats = L.rspo_loss(
+        y,
+        case["target_ids"],
+        case["weights"],
+        case["mask"],
+        old_logprobs=case["old_logprobs"],
+        temperature=T_,
+        epsilon_low=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        loss_agg_mode=mode,
+        return_stats=True,
+    )
+    (g,) = torch.autograd.grad(loss, y)
+    assert_matches(loss, loss_v, torch.float32)
+    assert_matches(g, g_v, torch.float32)
+    if clipfrac_v is not None:
+        assert_matches(stats["clip_fraction"], torch.as_tensor(clipfrac_v, dtype=torch.float32), torch.float32)
+    if kl_v is not None:
+        assert_matches(stats["approx_kl"], torch.as_tensor(kl_v, dtype=torch.float32), torch.float32)
