@@ -1,0 +1,325 @@
+"""End-to-end tests of the ``rspo-kernels`` command: demo, weights, bench."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rspo_kernels as rk
+from rspo_kernels import demo
+from rspo_kernels.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+METHODS = [
+    "initial (uniform)",
+    "PG (k=1)",
+    "hitchhiking k=2",
+    "hitchhiking k=4",
+    "hitchhiking k=8",
+    "RSPO k=2",
+    "RSPO k=4",
+    "RSPO k=8",
+]
+
+
+def _run_module(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rspo_kernels", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        input=stdin,
+        timeout=120,
+    )
+
+
+# --------------------------------------------------------------------------- demo
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("demo")
+    return _run_module("demo", "--quick", "--no-progress", "--out", str(out)), out
+
+
+def test_demo_quick_runs_end_to_end(quick_demo):
+    proc, out = quick_demo
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no progress bar without a terminal, and no warnings
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "results.json").read_text())
+    assert set(record) == {"config", "versions", "tables", "claims"}
+    assert record["config"] == json.loads(json.dumps(dataclasses.asdict(demo.QUICK)))
+    assert set(record["versions"]) >= {"rspo_kernels", "torch", "numpy", "python"}
+
+
+def test_demo_json_holds_exactly_the_printed_table(quick_demo):
+    proc, out = quick_demo
+    record = json.loads((out / "results.json").read_text())
+    printed = proc.stdout.splitlines()
+    assert list(record["tables"]) == ["pass@k", "max@k"]
+    for objective, table in record["tables"].items():
+        name = objective.split("@")[0]
+        assert table["columns"] == [f"{name}@{j}" for j in (1, 2, 4, 8, 16)] + ["entropy"]
+        assert [row["method"] for row in table["rows"]] == METHODS
+        header = next(line for line in printed if line.startswith("method") and f"{name}@1" in line)
+        assert header.split() == ["method", *table["columns"]]
+        for row in table["rows"]:
+            assert set(row) == {"method", *table["columns"]}
+            cells = "".join(f"{row[c]['mean']:.3f} ± {row[c]['std']:.3f}".rjust(14) for c in table["columns"])
+            assert any(line.startswith(row["method"]) and line.endswith(cells) for line in printed), row[
+                "method"
+            ]
+    for claim in record["claims"]:
+        assert (
+            f"[{claim['objective']}] {claim['claim']}: {claim['holds']} ({claim['passed']}/{claim['checked']})"
+            in proc.stdout
+        )
+
+
+def test_demo_numbers_are_sane(quick_demo):
+    _, out = quick_demo
+    tables = json.loads((out / "results.json").read_text())["tables"]
+    for objective, table in tables.items():
+        rows = {row["method"]: row for row in table["rows"]}
+        name = objective.split("@")[0]
+        assert rows["initial (uniform)"]["entropy"]["mean"] == round(math.log(32), 3)
+        for method in METHODS[1:]:
+            means = [rows[method][f"{name}@{j}"]["mean"] for j in (1, 2, 4, 8, 16)]
+            assert all(0 <= m <= 1 for m in means)
+            assert means == sorted(means)  # metric@k never decreases in k
+            assert rows[method]["entropy"]["mean"] < rows["initial (uniform)"]["entropy"]["mean"]
+        # Training helps the objective it was run for: PG raises metric@1 well above the uniform start.
+        assert rows["PG (k=1)"][f"{name}@1"]["mean"] > rows["initial (uniform)"][f"{name}@1"]["mean"] + 0.2
+
+
+TINY = dataclasses.replace(demo.QUICK, steps=6, seeds=(3, 4), eval_prompts=32, entropy_every=3)
+
+
+def test_demo_is_deterministic_and_depends_on_the_seed():
+    first = demo.json_record(demo.run_demo(TINY))
+    assert first == demo.json_record(demo.run_demo(TINY))
+    other = demo.json_record(demo.run_demo(dataclasses.replace(TINY, seeds=(5, 6))))
+    assert other["tables"] != first["tables"]
+
+
+def test_demo_config_rejects_too_few_samples():
+    with pytest.raises(ValueError, match="samples_per_prompt=8 must be >= 2 \\* max\\(train_ks\\)"):
+        dataclasses.replace(demo.QUICK, samples_per_prompt=8)
+
+
+def test_claim_checks_detect_failures():
+    """Hand-built tables where every claim fails must be reported as failing."""
+    config = demo.DemoConfig()
+    rows = [
+        {"method": m}
+        | {
+            c: {"mean": 0.5, "std": 0.0}
+            for c in ("pass@1", "pass@2", "pass@4", "pass@8", "pass@16", "entropy")
+        }
+        for m in METHODS
+    ]
+    by_name = {row["method"]: row for row in rows}
+    for k, value in ((2, 0.3), (4, 0.4), (8, 0.5)):  # hitchhiking improves with k
+        by_name[f"hitchhiking k={k}"]["pass@1"]["mean"] = value
+    for k, entropy in ((2, 2.0), (4, 1.5), (8, 1.0)):  # RSPO entropy falls with k
+        by_name[f"RSPO k={k}"]["entropy"]["mean"] = entropy
+    by_name["PG (k=1)"]["entropy"]["mean"] = 3.0
+    for j in (1, 2, 4, 8):
+        by_name["PG (k=1)"][f"pass@{j}"]["mean"] = 0.9  # PG best everywhere
+    claims = {c["claim"]: c for c in demo.check_claims({"pass@k": {"columns": [], "rows": rows}}, config)}
+    assert claims["hitchhiking degrades as k grows"]["holds"] == "no"
+    assert claims["RSPO keeps more entropy as k grows"]["holds"] == "no"
+    best = claims["RSPO trained with k is best at the same k"]
+    assert (best["holds"], best["passed"], best["checked"]) == ("partly", 1, 4)
+
+
+# --------------------------------------------------------------------------- weights
+def _read_csv_output(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_weights_csv_equals_library(capsys, k):
+    path = FIXTURES / "graded_rewards.csv"
+    code = main(
+        [
+            "weights",
+            str(path),
+            "-k",
+            str(k),
+            "--objective",
+            "max@k",
+            "--group-col",
+            "prompt_id",
+            "--reward-col",
+            "score",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = _read_csv_output(out)
+    source = _read_csv_output(path.read_text())
+    assert [{key: row[key] for key in source[0]} for row in rows] == source  # input rows kept, in order
+    groups = [row["prompt_id"] for row in source]
+    expected = rk.max_at_k_weights(np.array([float(row["score"]) for row in source]), k, group_ids=groups)
+    np.testing.assert_array_equal(np.array([float(row["weight"]) for row in rows]), expected)
+
+
+def test_weights_csv_worked_values(capsys):
+    """MATH.md: [0.1, 0.5, 0.5, 0.9] with k=2 gives [0, 4/15, 4/15, 16/15]; [3, 1, 2, 5] with k=4 gives [0, 0, 0, 8]."""
+    main(
+        [
+            "weights",
+            str(FIXTURES / "graded_rewards.csv"),
+            "-k",
+            "2",
+            "--objective",
+            "max@k",
+            "--group-col",
+            "prompt_id",
+            "--reward-col",
+            "score",
+        ]
+    )
+    p1 = [
+        float(row["weight"]) for row in _read_csv_output(capsys.readouterr().out) if row["prompt_id"] == "p1"
+    ]
+    np.testing.assert_allclose(p1, [0, 4 / 15, 4 / 15, 16 / 15], rtol=1e-12)
+    main(
+        [
+            "weights",
+            str(FIXTURES / "graded_rewards.csv"),
+            "-k",
+            "4",
+            "--objective",
+            "max@k",
+            "--group-col",
+            "prompt_id",
+            "--reward-col",
+            "score",
+        ]
+    )
+    p2 = [
+        float(row["weight"]) for row in _read_csv_output(capsys.readouterr().out) if row["prompt_id"] == "p2"
+    ]
+    np.testing.assert_allclose(p2, [0, 0, 0, 8], rtol=1e-12)
+
+
+def test_weights_jsonl_pass_at_k(capsys, tmp_path):
+    out_file = tmp_path / "weights.jsonl"
+    code = main(["weights", str(FIXTURES / "binary_rewards.jsonl"), "-k", "4", "-o", str(out_file)])
+    assert code == 0 and capsys.readouterr().out == ""
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert len(rows) == 12 and all(set(row) == {"group", "reward", "text", "weight"} for row in rows)
+    q7 = [row["weight"] for row in rows if row["group"] == "q7"]
+    # 2 of 8 correct, k=4: k C(6,3)/C(7,3) = 16/7 for the correct ones (MATH.md worked value).
+    np.testing.assert_allclose(q7, [16 / 7, 0, 0, 16 / 7, 0, 0, 0, 0], rtol=1e-12)
+    # Group 12 has n - c = 2 < k - 1 = 3: it passes almost surely, so every weight is 0.
+    assert [row["weight"] for row in rows if row["group"] == 12] == [0.0] * 4
+
+
+def test_weights_from_stdin_sniffs_the_format(capsys, monkeypatch):
+    monkeypatch.setattr(
+        sys, "stdin", io.StringIO('{"group": 1, "reward": 3.0}\n{"group": 1, "reward": 1.0}\n')
+    )
+    assert main(["weights", "-", "-k", "2", "--objective", "max@k"]) == 0
+    assert [json.loads(line)["weight"] for line in capsys.readouterr().out.splitlines()] == [4.0, 0.0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("group,reward\ng,1\ng,0\n"))
+    assert main(["weights", "-k", "1", "--estimator", "hitchhiking"]) == 0
+    assert capsys.readouterr().out == "group,reward,weight\ng,1,1.0\ng,0,0.0\n"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "message"),
+    [
+        ("bad_reward_not_number.csv", r"line 4: 'reward' is not a number: 'zero'"),
+        ("bad_reward_nan.csv", r"line 5: 'reward' must be finite, got 'nan'"),
+        ("bad_missing_field.csv", r"line 3: missing value for column 'reward'"),
+        ("bad_invalid_json.jsonl", r"line 3: invalid JSON"),
+        ("bad_missing_key.jsonl", r"line 2: missing field 'reward'"),
+        (
+            "bad_not_binary.csv",
+            r"group 0 \(group_id 'a'\) has reward 0.5 .*line 3.*Pass@k needs rewards in \{0, 1\}",
+        ),
+    ],
+)
+def test_weights_bad_rows_name_their_line(capsys, fixture, message):
+    assert main(["weights", str(FIXTURES / fixture), "-k", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("rspo-kernels weights: error: ")
+    assert len(captured.err.splitlines()) == 1
+    assert re.search(message, captured.err), captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-k", "5"], "group 0 (group_id 'p1') has 4 samples but k=5"),
+        (["-k", "2", "--reward-col", "missing"], "line 1: the header has no column 'missing'"),
+        (["-k", "4", "--estimator", "pkpo_loo"], "the 'pkpo_loo' estimator needs n > k"),
+    ],
+)
+def test_weights_library_and_header_errors(capsys, args, message):
+    argv = [
+        "weights",
+        str(FIXTURES / "graded_rewards.csv"),
+        "--objective",
+        "max@k",
+        "--group-col",
+        "prompt_id",
+        "--reward-col",
+        "score",
+    ]
+    assert main(argv + args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_weights_refuses_unknown_extension_and_existing_weight_column(capsys, tmp_path):
+    unknown = tmp_path / "rewards.txt"
+    unknown.write_text("group,reward\na,1\n")
+    assert main(["weights", str(unknown), "-k", "1"]) == 2
+    assert "pass --format csv or --format jsonl" in capsys.readouterr().err
+    assert main(["weights", str(unknown), "-k", "1", "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "group,reward,weight\na,1,1.0\n"
+    clash = tmp_path / "rewards.csv"
+    clash.write_text("group,reward,weight\na,1,3\n")
+    assert main(["weights", str(clash), "-k", "1"]) == 2
+    assert "already has a 'weight' column" in capsys.readouterr().err
+
+
+def test_weights_error_exits_2_without_traceback_in_a_real_process(tmp_path):
+    proc = _run_module("weights", str(FIXTURES / "bad_reward_not_number.csv"), "-k", "2")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "line 4" in proc.stderr
+    missing = _run_module("weights", str(tmp_path / "nope.csv"), "-k", "2")
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+# --------------------------------------------------------------------------- bench
+def test_bench_passes_arguments_to_the_runner(monkeypatch):
+    seen = []
+    runner = types.ModuleType("benchmarks.runner")
+    runner.main = lambda argv=None: seen.append(argv) or 7
+    package = types.ModuleType("benchmarks")
+    package.__path__ = []
+    monkeypatch.setitem(sys.modules, "benchmarks", package)
+    monkeypatch.setitem(sys.modules, "benchmarks.runner", runner)
+    assert main(["bench", "--quick", "--help"]) == 7
+    assert seen == [["--quick", "--help"]]
+
+
+def test_bench_without_a_source_checkout_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "benchmarks.runner", None)  # makes the import fail
+    assert main(["bench"]) == 2
+    assert "source checkout" in capsys.readouterr().err
