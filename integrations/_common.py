@@ -1,0 +1,129 @@
+"""Settings and weight computation shared by the framework adapters.
+
+Each adapter reads the same three settings (objective, k, estimator) from its framework's own
+configuration, under its own key names. :class:`RSPOSettings` checks them once, and its error
+messages name the key the user has to change, in the framework's spelling.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+import rspo_kernels as rk
+
+__all__ = ["DEFAULT_K", "OBJECTIVES", "RSPOSettings"]
+
+DEFAULT_K = 4
+OBJECTIVES = ("pass@k", "max@k")
+
+
+@dataclass(frozen=True)
+class RSPOSettings:
+    """Validated RSPO settings, with the user-facing names of the keys they came from.
+
+    Attributes
+    ----------
+    objective : {"pass@k", "max@k"}
+        Pass@k for binary rewards, Max@k for graded ones.
+    k : int
+        Sample size of the objective; every prompt group needs at least ``k`` responses.
+    estimator : str
+        One of :data:`rspo_kernels.ESTIMATORS`.
+    keys : Mapping[str, str]
+        How the framework spells each setting (``"k"``, ``"objective"``, ``"estimator"``) and the
+        number of responses per prompt (``"n"``), e.g. ``{"k": "+algorithm.rspo_k", ...}``.
+    """
+
+    objective: str
+    k: int
+    estimator: str
+    keys: Mapping[str, str]
+
+    @classmethod
+    def create(cls, objective: Any, k: Any, estimator: Any, keys: Mapping[str, str]) -> "RSPOSettings":
+        """Check raw configuration values and build the settings.
+
+        Parameters
+        ----------
+        objective, k, estimator
+            Raw values from the framework's configuration (strings from a command line are fine
+            for ``k``).
+        keys : Mapping[str, str]
+            Key names for the error messages, see the class docstring.
+
+        Raises
+        ------
+        ValueError
+            Unknown objective or estimator, or k that is not a positive integer; the message names
+            the key to change.
+        """
+        obj = str(objective).strip().lower().replace("_at_", "@")
+        if obj not in OBJECTIVES:
+            raise ValueError(
+                f"{keys['objective']}={objective!r} is not an RSPO objective; use 'pass@k' (binary rewards) "
+                "or 'max@k' (graded rewards)"
+            )
+        est = str(estimator).strip().lower()
+        if est not in rk.ESTIMATORS:
+            raise ValueError(
+                f"{keys['estimator']}={estimator!r} is not an estimator; choose one of {', '.join(rk.ESTIMATORS)}"
+            )
+        # Command lines and environment variables hand k over as a string.
+        if isinstance(k, str):
+            k_int = int(k) if k.strip().isdigit() else 0
+        else:
+            k_int = int(k) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else 0
+        if k_int < 1:
+            raise ValueError(f"{keys['k']}={k!r} must be a positive integer (the k of {obj})")
+        return cls(obj, k_int, est, dict(keys))
+
+    def check_group_size(self, n: int) -> None:
+        """Fail early when a fixed group size ``n`` cannot serve k (before any rollout)."""
+        if n < self.k:
+            raise ValueError(
+                f"{self.keys['k']}={self.k} is larger than {self.keys['n']}={n}: {self.objective} needs at least "
+                f"k responses per prompt; lower {self.keys['k']} or raise {self.keys['n']}"
+            )
+
+    def weights(self, rewards: torch.Tensor, **layout: Any) -> torch.Tensor:
+        """RSPO weights of ``rewards`` grouped as in :func:`rspo_kernels.pass_at_k_weights`.
+
+        Parameters
+        ----------
+        rewards : torch.Tensor
+            ``(B, n)`` or ``(N,)`` rewards.
+        **layout
+            ``group_size=`` or ``group_ids=`` for 1-D rewards.
+
+        Raises
+        ------
+        ValueError
+            From the library (k larger than a group, non-binary rewards for Pass@k, ...), with the
+            adapter's key names appended.
+        """
+        fn = rk.pass_at_k_weights if self.objective == "pass@k" else rk.max_at_k_weights
+        try:
+            return fn(rewards, self.k, estimator=self.estimator, **layout)
+        except ValueError as exc:
+            raise ValueError(f"{exc} [RSPO settings: {self.describe()}]") from exc
+
+    def metric(self, rewards: torch.Tensor, **layout: Any) -> torch.Tensor:
+        """Unbiased pass@k / max@k of each group (for logging)."""
+        fn = rk.pass_at_k if self.objective == "pass@k" else rk.max_at_k
+        return fn(rewards, self.k, validate=False, **layout)
+
+    @property
+    def metric_name(self) -> str:
+        """``"pass@4"``-style name of the objective for this k."""
+        return self.objective.replace("@k", f"@{self.k}")
+
+    def describe(self) -> str:
+        """The settings in the framework's own key names."""
+        return (
+            f"{self.keys['objective']}={self.objective}, {self.keys['k']}={self.k}, "
+            f"{self.keys['estimator']}={self.estimator}; the group size is set by {self.keys['n']}"
+        )

@@ -1,0 +1,215 @@
+"""RSPO for OpenRLHF 0.11: RSPO weights as the advantages of ``RemoteExperienceMaker``.
+
+OpenRLHF has no estimator registry, so :func:`install` replaces
+``RemoteExperienceMaker.compute_advantages_and_returns`` with :func:`compute_advantages_and_returns`,
+which keeps every step of the original (length penalties, grouping through ``experience.index``,
+the KL reward, cumulative returns, the logged ``reward``/``return``/``group_reward_std``) and
+replaces only the group baseline with RSPO weights (and drops the whitening).
+
+The experience maker lives in a Ray actor, so the patch has to run in the Ray workers. Ray runs
+:func:`install` in every worker when it is the job's ``worker_process_setup_hook``::
+
+    ray job submit --address=http://127.0.0.1:8265 \\
+        --runtime-env-json='{"worker_process_setup_hook": "rspo_kernels.integrations.openrlhf.install",
+                             "env_vars": {"RSPO_K": "4", "RSPO_OBJECTIVE": "pass@k"}}' \\
+        -- python3 -m openrlhf.cli.train_ppo_ray --algo.advantage.estimator reinforce \\
+           --rollout.n_samples_per_prompt 8 ...
+
+or, for a driver started directly, through Ray's runtime-env hook::
+
+    RSPO_K=4 RAY_RUNTIME_ENV_HOOK=rspo_kernels.integrations.openrlhf.runtime_env_hook \\
+        python3 -m openrlhf.cli.train_ppo_ray --algo.advantage.estimator reinforce ...
+
+Settings come from the environment of the worker: ``RSPO_K`` (default 4), ``RSPO_OBJECTIVE``
+(``pass@k`` or ``max@k``, default ``pass@k``) and ``RSPO_ESTIMATOR`` (default ``rspo``).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+from typing import Any, Mapping
+
+import torch
+
+from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings
+
+__all__ = [
+    "SETUP_HOOK",
+    "compute_advantages_and_returns",
+    "install",
+    "runtime_env_hook",
+    "settings_from_env",
+    "uninstall",
+]
+
+SETUP_HOOK = f"{__name__}.install"
+ENV_VARS = ("RSPO_K", "RSPO_OBJECTIVE", "RSPO_ESTIMATOR")
+_KEYS = {
+    "objective": "RSPO_OBJECTIVE",
+    "k": "RSPO_K",
+    "estimator": "RSPO_ESTIMATOR",
+    "n": "--rollout.n_samples_per_prompt",
+}
+_ORIGINAL = "_rspo_original"
+logger = logging.getLogger(__name__)
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> RSPOSettings:
+    """Read ``RSPO_K``, ``RSPO_OBJECTIVE`` and ``RSPO_ESTIMATOR``.
+
+    Parameters
+    ----------
+    environ : Mapping[str, str], optional
+        Defaults to :data:`os.environ`.
+
+    Raises
+    ------
+    ValueError
+        An invalid value; the message names the variable.
+    """
+    env = os.environ if environ is None else environ
+    return RSPOSettings.create(
+        objective=env.get("RSPO_OBJECTIVE", "pass@k"),
+        k=env.get("RSPO_K", str(DEFAULT_K)),
+        estimator=env.get("RSPO_ESTIMATOR", "rspo"),
+        keys=_KEYS,
+    )
+
+
+@torch.no_grad()
+def compute_advantages_and_returns(self: Any, experiences: list) -> list:
+    """``RemoteExperienceMaker.compute_advantages_and_returns`` with RSPO weights as advantages.
+
+    Parameters
+    ----------
+    self : openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker
+    experiences : list of openrlhf.trainer.ppo_utils.Experience
+        With ``rewards`` ``(B,)``, ``index`` (position of each sample in the rollout, prompt after
+        prompt, ``n_samples_per_prompt`` samples each), ``action_mask`` and ``kl`` ``(B, A)``.
+
+    Returns
+    -------
+    list of Experience
+        The same objects. ``advantages`` and ``returns`` ``(B, A)``: the response's RSPO weight on
+        every action token, plus the usual KL reward-to-go, 0 on padding. ``info`` gains
+        ``rspo_weight`` ``(B,)``, which OpenRLHF logs with the other ``info`` entries.
+
+    Raises
+    ------
+    ValueError
+        ``RSPO_K`` larger than ``--rollout.n_samples_per_prompt``, non-binary rewards under
+        Pass@k, or the ``gae`` estimator (which would train a critic that RSPO does not use).
+
+    Notes
+    -----
+    ``--reward.clip_range`` clips the rewards before RSPO, not the weights (a Pass@k weight can
+    reach k). Returns use gamma = 1: discounting would bias the trajectory-level weights.
+    """
+    from openrlhf.models.utils import compute_reward
+    from openrlhf.trainer.ppo_utils.length_penalty import apply_length_penalties
+
+    args = self.strategy.args
+    if self.advantage_estimator == "gae":
+        raise ValueError(
+            "RSPO replaces the advantage estimator: launch with --algo.advantage.estimator reinforce "
+            "('gae' would train a critic that RSPO does not use)"
+        )
+    settings = settings_from_env()
+    n = args.rollout.n_samples_per_prompt
+    settings.check_group_size(n)
+    if args.algo.advantage.gamma != 1.0:
+        logger.warning("RSPO uses gamma = 1.0 (got --algo.advantage.gamma %s)", args.algo.advantage.gamma)
+
+    for experience in experiences:
+        experience.rewards = experience.rewards.to(torch.promote_types(experience.rewards.dtype, torch.float32))
+    apply_length_penalties(experiences, args)
+
+    # Back to rollout order (prompt after prompt), one group per row, as the original does.
+    exp_len = [len(experience.index) for experience in experiences]
+    indices = torch.tensor(list(itertools.chain.from_iterable(experience.index for experience in experiences)))
+    raw_rewards = torch.cat([experience.rewards for experience in experiences], dim=0)
+    rewards = torch.empty_like(raw_rewards)
+    rewards[indices] = raw_rewards
+    rewards = rewards.reshape(-1, n)
+    if n > 1:
+        stds = rewards.std(-1, keepdim=True).repeat(1, n).reshape(-1)[indices].split(exp_len)
+        for experience, std in zip(experiences, stds):
+            experience.info["group_reward_std"] = std
+    if args.reward.clip_range:
+        rewards = rewards.clamp(min=args.reward.clip_range[0], max=args.reward.clip_range[1])
+    weights = settings.weights(rewards).reshape(-1)[indices].split(exp_len)
+
+    for experience, weight in zip(experiences, weights):
+        reward = compute_reward(weight, self.kl_ctl.value, experience.kl, action_mask=experience.action_mask)
+        experience.returns = self.get_cumulative_returns(reward, experience.action_mask, 1.0)
+        experience.advantages = experience.returns.clone()
+        experience.info["return"] = reward.sum(dim=-1)
+        experience.info["rspo_weight"] = weight
+        experience.kl = None
+    return experiences
+
+
+def install() -> None:
+    """Patch ``RemoteExperienceMaker`` in this process; idempotent.
+
+    Use it as Ray's ``worker_process_setup_hook`` (the string ``SETUP_HOOK``) so that it runs
+    in every worker, or call it yourself in a custom trainer process. Settings are read from the
+    environment at each call, so a bad ``RSPO_*`` value fails at the first advantage computation.
+    """
+    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+
+    current = RemoteExperienceMaker.compute_advantages_and_returns
+    if getattr(current, _ORIGINAL, None) is not None:
+        return
+
+    def patched(self, experiences):
+        return compute_advantages_and_returns(self, experiences)
+
+    functools.update_wrapper(patched, compute_advantages_and_returns)
+    setattr(patched, _ORIGINAL, current)
+    RemoteExperienceMaker.compute_advantages_and_returns = patched
+
+
+def uninstall() -> None:
+    """Restore OpenRLHF's own ``compute_advantages_and_returns`` in this process."""
+    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+
+    original = getattr(RemoteExperienceMaker.compute_advantages_and_returns, _ORIGINAL, None)
+    if original is not None:
+        RemoteExperienceMaker.compute_advantages_and_returns = original
+
+
+def runtime_env_hook(runtime_env: dict | None) -> dict:
+    """Ray runtime-env hook (``RAY_RUNTIME_ENV_HOOK``) that adds :func:`install` to a job.
+
+    Ray calls it inside ``ray.init`` of the driver. It sets ``worker_process_setup_hook`` to
+    :data:`SETUP_HOOK` and forwards the driver's ``RSPO_*`` variables to the workers.
+
+    Parameters
+    ----------
+    runtime_env : dict or None
+        The runtime environment passed to ``ray.init``.
+
+    Returns
+    -------
+    dict
+        A new runtime environment.
+
+    Raises
+    ------
+    ValueError
+        When the job already has a different setup hook (call :func:`install` from it instead).
+    """
+    env = dict(runtime_env or {})
+    hook = env.get("worker_process_setup_hook")
+    if hook is not None and hook != SETUP_HOOK:
+        raise ValueError(
+            f"the Ray job already has worker_process_setup_hook={hook!r}; call {SETUP_HOOK}() from that hook"
+        )
+    env["worker_process_setup_hook"] = SETUP_HOOK
+    forwarded = {key: os.environ[key] for key in ENV_VARS if key in os.environ}
+    env["env_vars"] = {**forwarded, **(env.get("env_vars") or {})}
+    return env

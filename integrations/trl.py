@@ -1,0 +1,165 @@
+"""RSPO for TRL: :class:`RSPOTrainer` is ``GRPOTrainer`` with RSPO weights as the advantages.
+
+::
+
+    from rspo_kernels.integrations.trl import RSPOConfig, RSPOTrainer
+
+    args = RSPOConfig(output_dir="out", num_generations=8, rspo_k=4, rspo_objective="pass@k")
+    trainer = RSPOTrainer(model=..., reward_funcs=..., args=args, train_dataset=...)
+
+Everything else (generation, the clipped loss, KL, logging, multi-GPU) is GRPO's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings
+
+__all__ = ["RSPOConfig", "RSPOTrainer", "rspo_advantages"]
+
+_KEYS = {"objective": "rspo_objective", "k": "rspo_k", "estimator": "rspo_estimator", "n": "num_generations"}
+_EVAL_KEYS = {**_KEYS, "n": "num_generations_eval"}
+
+
+@dataclass
+class RSPOConfig(GRPOConfig):
+    """:class:`trl.GRPOConfig` plus the RSPO settings.
+
+    Parameters
+    ----------
+    rspo_k : int, default 4
+        k of Pass@k / Max@k; at most ``num_generations`` (and ``num_generations_eval``).
+    rspo_objective : {"pass@k", "max@k"}, default "pass@k"
+        Pass@k needs binary total rewards; Max@k takes graded ones.
+    rspo_estimator : str, default "rspo"
+        One of :data:`rspo_kernels.ESTIMATORS`.
+
+    Notes
+    -----
+    The RSPO weights replace GRPO's normalisation, so ``scale_rewards`` and
+    ``multi_objective_aggregation`` have no effect: the reward of a completion is the weighted sum
+    of the reward functions (``reward_weights``), as TRL logs it under ``reward``.
+    """
+
+    rspo_k: int = field(default=DEFAULT_K, metadata={"help": "k of Pass@k / Max@k (at most num_generations)."})
+    rspo_objective: str = field(default="pass@k", metadata={"help": "'pass@k' (binary rewards) or 'max@k'."})
+    rspo_estimator: str = field(
+        default="rspo", metadata={"help": "'rspo' (unbiased), 'plugin', 'hitchhiking', 'pkpo' or 'pkpo_loo'."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.rspo_settings().check_group_size(self.num_generations)
+        if self.num_generations_eval is not None:
+            self._settings(_EVAL_KEYS).check_group_size(self.num_generations_eval)
+
+    def rspo_settings(self) -> RSPOSettings:
+        """The validated RSPO settings (raises ``ValueError`` naming the bad field)."""
+        return self._settings(_KEYS)
+
+    def _settings(self, keys: dict[str, str]) -> RSPOSettings:
+        return RSPOSettings.create(self.rspo_objective, self.rspo_k, self.rspo_estimator, keys)
+
+
+def rspo_advantages(
+    rewards: torch.Tensor, group_size: int, settings: RSPOSettings
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """RSPO weights of consecutive groups, leaving out unscorable (NaN) completions.
+
+    Parameters
+    ----------
+    rewards : torch.Tensor
+        ``(N,)`` total reward of every completion of every process, in TRL's gathered order
+        (``group_size`` consecutive completions per prompt). NaN marks a completion for which
+        every reward function returned None.
+    group_size : int
+        Completions per prompt (``num_generations``, or ``num_generations_eval`` in evaluation).
+    settings : RSPOSettings
+
+    Returns
+    -------
+    weights : torch.Tensor
+        ``(N,)`` float32 weights. Unscorable completions get 0 and are left out of their group,
+        as GRPO leaves them out of its baseline; a group left with fewer than k scorable
+        completions gets 0 throughout.
+    metrics : dict of str to float
+        ``"rspo/pass@4"`` (or ``max@4``, ...): mean unbiased metric over groups with at least k
+        scorable completions; ``"rspo/frac_groups_skipped"``: fraction of groups with fewer.
+    """
+    scorable = ~torch.isnan(rewards)
+    group = torch.arange(rewards.numel(), device=rewards.device) // group_size
+    counts = torch.zeros(rewards.numel() // group_size, dtype=torch.long, device=rewards.device)
+    counts.index_add_(0, group, scorable.long())
+    keep = scorable & (counts >= settings.k)[group]
+    weights = torch.zeros_like(rewards, dtype=torch.float32)
+    metrics = {"rspo/frac_groups_skipped": (counts < settings.k).float().mean().item()}
+    if bool(keep.any()):
+        ids = group[keep]
+        weights[keep] = settings.weights(rewards[keep], group_ids=ids).float()
+        metrics[f"rspo/{settings.metric_name}"] = settings.metric(rewards[keep], group_ids=ids).float().mean().item()
+    return weights, metrics
+
+
+class RSPOTrainer(GRPOTrainer):
+    """:class:`trl.GRPOTrainer` whose advantages are RSPO weights.
+
+    The weights are computed on the rewards of all processes (a prompt's completions can be spread
+    over several processes), then each process keeps its own slice, exactly where GRPO slices its
+    advantages. The completions table (``log_completions``) shows the RSPO weights in its
+    ``advantage`` column, and the metrics gain ``rspo/pass@k`` (the batch's unbiased pass@k,
+    with k's value in the name) and ``rspo/frac_groups_skipped``.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        As for :class:`trl.GRPOTrainer`; ``args`` must be an :class:`RSPOConfig`.
+
+    Raises
+    ------
+    TypeError
+        When ``args`` is not an :class:`RSPOConfig`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if not isinstance(config, RSPOConfig):
+            raise TypeError(f"RSPOTrainer needs args=RSPOConfig(...), got {type(config).__name__}")
+        self._rspo = config.rspo_settings()
+        self._rspo_rewards: torch.Tensor | None = None
+        super().__init__(*args, **kwargs)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """GRPO's gathered rewards per function; also keeps their weighted sum for RSPO."""
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # Already gathered over processes. A completion is unscorable when every function returned None.
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        self._rspo_rewards = rewards.masked_fill(unscorable, float("nan"))
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        """GRPO's generation batch, with RSPO weights as its ``advantages``."""
+        output = super()._generate_and_score_completions(inputs)
+        rewards, self._rspo_rewards = self._rspo_rewards, None
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        weights, metrics = rspo_advantages(rewards, group_size, self._rspo)
+
+        local = output["advantages"].shape[0]
+        start = self.accelerator.process_index * local
+        output["advantages"] = weights[start : start + local].to(output["advantages"].dtype)
+
+        # GRPO appended its gathered advantages last; put the RSPO weights in their place.
+        logged = self._logs["advantages"]
+        for _ in range(min(weights.numel(), len(logged))):
+            logged.pop()
+        logged.extend(weights.tolist())
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        return output

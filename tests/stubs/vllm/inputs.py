@@ -1,0 +1,2 @@
+class TokensPrompt(dict):
+    """Stand-in for ``vllm.inputs.TokensPrompt`` (a TypedDict in vLLM)."""
