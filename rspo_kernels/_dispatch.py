@@ -33,6 +33,9 @@ _IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("rspo_loss", "triton"): "rspo_kernels.ops.rspo_loss:rspo_loss_triton",
     ("rspo_loss", "torch"): "rspo_kernels._chunked_loss:rspo_loss_torch",
     ("rspo_loss", "reference"): "rspo_kernels.loss_reference:rspo_loss_reference",
+    ("weights", "cpp"): "rspo_kernels._cpu_backend:grouped_weights",
+    ("pass_at_k", "cpp"): "rspo_kernels._cpu_backend:grouped_pass_at_k",
+    ("max_at_k", "cpp"): "rspo_kernels._cpu_backend:grouped_max_at_k",
 }
 
 # Backends tried in order for tensors on each device type.

@@ -1,0 +1,1 @@
+"""Benchmarks of rspo_kernels: throughput (``runner``, ``bench_throughput``) and estimator variance."""

@@ -1,0 +1,287 @@
+"""Estimator quality: variance (and bias) of the policy-gradient estimate, in the style of PKPO's Figure 4.
+
+A categorical policy ``pi = softmax(theta)`` over ``m`` actions with fixed rewards ``r[a]``. One group
+of ``n`` i.i.d. responses gives the gradient estimate (library scale, MATH.md)
+
+    g_hat = (1/n) sum_i w_i grad_theta log pi(y_i),     grad_theta log pi(a) = e_a - pi,
+
+whose expectation is ``grad Max@k`` (``grad Pass@k`` for binary rewards) for the unbiased estimators.
+For each estimator we report ``tr Cov[g_hat]`` and the bias ``||E g_hat - grad||``:
+
+- exactly, by enumerating all ``m^n`` ordered groups (small n; hitchhiking depends on the order);
+- by Monte Carlo for larger n, with a 95% confidence interval from the CLT on the per-sample
+  squared deviations. All estimators see the same samples (common random numbers).
+
+Run ``python -m benchmarks.variance`` (or ``rspo-kernels bench --variance``): it prints a table and
+writes ``benchmarks/results/variance-<date>.json``, ``.md`` and, if matplotlib is installed, ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Policy", "POLICIES", "true_gradient", "exact_moments", "monte_carlo_moments", "main"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ESTIMATORS = ("rspo", "pkpo", "pkpo_loo", "hitchhiking", "plugin")
+EXACT_MAX_GROUPS = 1 << 17  # enumerate m^n ordered groups up to this many
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    objective: str  # "pass@k" or "max@k"
+    probs: tuple[float, ...]
+    rewards: tuple[float, ...]
+
+
+POLICIES = (
+    # One correct answer of four, found 10% of the time: the regime Pass@k training targets.
+    Policy("pass@k, p(correct)=0.1", "pass@k", (0.4, 0.3, 0.2, 0.1), (0.0, 0.0, 0.0, 1.0)),
+    # Graded rewards; the best response is the rarest.
+    Policy("max@k, graded rewards", "max@k", (0.4, 0.3, 0.2, 0.1), (0.0, 0.3, 0.6, 1.0)),
+)
+
+
+def true_gradient(policy: Policy, k: int) -> np.ndarray:
+    """``grad_theta`` of ``sum_a r_a [F<=(a)^k - F<(a)^k]`` at ``theta = log probs`` (autograd, float64)."""
+    theta = torch.tensor(np.log(policy.probs), dtype=torch.float64, requires_grad=True)
+    pi = torch.softmax(theta, 0)
+    r = torch.tensor(policy.rewards, dtype=torch.float64)
+    below_eq = torch.stack([pi[r <= x].sum() for x in r])
+    below = torch.stack([pi[r < x].sum() for x in r])
+    objective = (r * (below_eq.pow(k) - below.pow(k))).sum()
+    (grad,) = torch.autograd.grad(objective, theta)
+    return grad.numpy()
+
+
+def _weights(policy: Policy, rewards: np.ndarray, k: int, estimator: str) -> np.ndarray:
+    from rspo_kernels import api
+
+    fn = api.pass_at_k_weights if policy.objective == "pass@k" else api.max_at_k_weights
+    return np.asarray(fn(rewards, k, estimator=estimator, validate=False))
+
+
+def _estimates(policy: Policy, actions: np.ndarray, k: int, estimator: str) -> np.ndarray:
+    """``(T, m)`` gradient estimates of the groups ``actions`` (``(T, n)`` action indices)."""
+    m = len(policy.probs)
+    n = actions.shape[1]
+    rewards = np.asarray(policy.rewards)[actions]
+    w = _weights(policy, rewards, k, estimator)  # (T, n)
+    g = np.zeros((actions.shape[0], m))
+    for a in range(m):  # sum_i w_i e_{y_i}, one action at a time (m is small)
+        g[:, a] = (w * (actions == a)).sum(1)
+    g -= w.sum(1, keepdims=True) * np.asarray(policy.probs)[None, :]
+    return g / n
+
+
+def valid(estimator: str, n: int, k: int) -> bool:
+    if estimator == "hitchhiking":
+        return n % k == 0
+    if estimator == "pkpo_loo":
+        return k < n
+    return True
+
+
+def exact_moments(policy: Policy, n: int, k: int, estimator: str) -> dict:
+    """Exact ``tr Cov`` and bias by enumerating all ``m^n`` ordered groups."""
+    m = len(policy.probs)
+    actions = np.array(list(itertools.product(range(m), repeat=n)), dtype=np.int64)
+    prob = np.prod(np.asarray(policy.probs)[actions], axis=1)
+    g = _estimates(policy, actions, k, estimator)
+    mean = prob @ g
+    trace = float(prob @ ((g - mean) ** 2).sum(1))
+    bias = float(np.linalg.norm(mean - true_gradient(policy, k)))
+    return {"method": "exact", "trace_cov": trace, "ci95": 0.0, "bias": bias, "samples": int(actions.shape[0])}
+
+
+def monte_carlo_moments(policy: Policy, n: int, k: int, estimator: str, actions: np.ndarray) -> dict:
+    """Monte Carlo ``tr Cov`` (95% CI half-width from the CLT) and bias from sampled groups."""
+    g = _estimates(policy, actions, k, estimator)
+    t = g.shape[0]
+    mean = g.mean(0)
+    sq = ((g - mean) ** 2).sum(1) * t / (t - 1)
+    trace = float(sq.mean())
+    ci = float(1.96 * sq.std(ddof=1) / math.sqrt(t))
+    bias = float(np.linalg.norm(mean - true_gradient(policy, k)))
+    # The bias estimate includes sampling noise of size about sqrt(trace / T).
+    return {"method": "monte-carlo", "trace_cov": trace, "ci95": ci, "bias": bias,
+            "bias_noise": math.sqrt(trace / t), "samples": int(t)}
+
+
+def k_values(n: int) -> list[int]:
+    if n <= 8:
+        return list(range(1, n + 1))
+    ks = {1, 2, 4, n // 4, n // 2, 3 * n // 4, n - 1, n}
+    ks |= {2**j for j in range(int(math.log2(n)) + 1)}
+    return sorted(k for k in ks if 1 <= k <= n)
+
+
+def run(ns_exact, ns_mc, samples: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for policy in POLICIES:
+        m = len(policy.probs)
+        for n in list(ns_exact) + list(ns_mc):
+            exact = n in ns_exact
+            if exact and m**n > EXACT_MAX_GROUPS:
+                raise ValueError(f"{m}^{n} groups are too many to enumerate; use Monte Carlo for n={n}")
+            actions = None
+            if not exact:
+                rng = np.random.default_rng([seed, n])
+                actions = rng.choice(m, size=(samples, n), p=policy.probs)
+            for k in k_values(n):
+                for estimator in ESTIMATORS:
+                    if not valid(estimator, n, k):
+                        continue
+                    res = (exact_moments(policy, n, k, estimator) if exact
+                           else monte_carlo_moments(policy, n, k, estimator, actions))
+                    rows.append({"policy": policy.name, "objective": policy.objective, "n": n, "k": k,
+                                 "estimator": estimator, **res})
+    # Variance relative to RSPO at the same (policy, n, k).
+    ref = {(r["policy"], r["n"], r["k"]): r["trace_cov"] for r in rows if r["estimator"] == "rspo"}
+    for r in rows:
+        base = ref[(r["policy"], r["n"], r["k"])]
+        r["ratio_to_rspo"] = r["trace_cov"] / base if base > 0 else float("nan")
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| policy | n | k | method | " + " | ".join(f"{e} tr Cov (x rspo)" for e in ESTIMATORS)
+             + " | plugin bias |",
+             "|---|---|---|---|" + "---|" * len(ESTIMATORS) + "---|"]
+    keys = sorted({(r["policy"], r["n"], r["k"]) for r in rows}, key=lambda t: (t[0], t[1], t[2]))
+    by = {(r["policy"], r["n"], r["k"], r["estimator"]): r for r in rows}
+    for p, n, k in keys:
+        cells = []
+        method = by[(p, n, k, "rspo")]["method"]
+        for e in ESTIMATORS:
+            r = by.get((p, n, k, e))
+            if r is None:
+                cells.append("-")
+            elif e == "rspo":
+                ci = f" ± {r['ci95']:.2g}" if r["ci95"] else ""
+                cells.append(f"{r['trace_cov']:.4g}{ci}")
+            else:
+                cells.append(f"{r['trace_cov']:.4g} ({r['ratio_to_rspo']:.2f}x)")
+        bias = by[(p, n, k, "plugin")]["bias"]
+        lines.append(f"| {p} | {n} | {k} | {method} | " + " | ".join(cells) + f" | {bias:.3g} |")
+    return "\n".join(lines)
+
+
+def headline(rows: list[dict]) -> str:
+    """Variance ratios to RSPO at the largest exact n (k = n/2) and the largest Monte Carlo n (k = n/4)."""
+    sentences = []
+    for method, frac in (("exact", 2), ("monte-carlo", 4)):
+        sel = [r for r in rows if r["method"] == method]
+        if not sel:
+            continue
+        n = max(r["n"] for r in sel)
+        k = max(1, n // frac)
+        parts = []
+        for p in POLICIES:
+            by = {r["estimator"]: r for r in sel if r["policy"] == p.name and r["n"] == n and r["k"] == k}
+            grad = float(np.linalg.norm(true_gradient(p, k)))
+            ratios = ", ".join(f"{e} {by[e]['ratio_to_rspo']:.2f}x" for e in ("pkpo", "pkpo_loo", "hitchhiking")
+                               if e in by)
+            plugin = by["plugin"]
+            parts.append(f"{p.objective}: {ratios}; plugin {plugin['ratio_to_rspo']:.2f}x with bias "
+                         f"{100 * plugin['bias'] / grad:.0f}% of |grad|")
+        sentences.append(f"n={n}, k={k} ({method}), tr Cov relative to RSPO -- " + " | ".join(parts) + ".")
+    return " ".join(sentences)
+
+
+def _policy(name: str) -> Policy:
+    return next(p for p in POLICIES if p.name == name)
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping the plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    policies = [p.name for p in POLICIES]
+    ns = sorted({r["n"] for r in rows})
+    fig, axes = plt.subplots(len(policies), len(ns), figsize=(3.2 * len(ns), 3.0 * len(policies)), squeeze=False)
+    styles = {"rspo": ("C0", "o"), "pkpo": ("C1", "s"), "pkpo_loo": ("C2", "^"), "hitchhiking": ("C3", "D"),
+              "plugin": ("C4", "v")}
+    for i, p in enumerate(policies):
+        for j, n in enumerate(ns):
+            ax = axes[i][j]
+            for e in ESTIMATORS:
+                sel = sorted((r for r in rows if r["policy"] == p and r["n"] == n and r["estimator"] == e),
+                             key=lambda r: r["k"])
+                sel = [r for r in sel if r["trace_cov"] > 0]
+                if not sel:
+                    continue
+                color, marker = styles[e]
+                ks = [r["k"] for r in sel]
+                ax.errorbar(ks, [r["trace_cov"] for r in sel], yerr=[r["ci95"] for r in sel], color=color,
+                            marker=marker, ms=4, lw=1.2, capsize=2, label=e if e != "plugin" else "plugin (var)")
+                if e == "plugin":
+                    ax.plot(ks, [r["trace_cov"] + r["bias"] ** 2 for r in sel], color=color, ls="--", lw=1,
+                            label="plugin (MSE)")
+            method = next(r["method"] for r in rows if r["n"] == n)
+            ax.set_yscale("log")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{p}\nn={n} ({method})", fontsize=8)
+            ax.set_xlabel("k", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("tr Cov[g_hat]", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.variance", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--samples", type=int, default=None, help="Monte Carlo groups per n (default 40000)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        ns_exact, ns_mc, samples = (2, 4), (8,), args.samples or 2000
+    else:
+        ns_exact, ns_mc, samples = (4, 8), (16, 64), args.samples or 40000
+    rows = run(ns_exact, ns_mc, samples)
+    table = markdown_table(rows)
+    head = headline(rows)
+    print(table)
+    print()
+    print(head)
+    date = _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+    stem = f"variance-{date}{'-quick' if args.quick else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    import rspo_kernels
+
+    report = {"kind": "variance", "date": date, "policies": [p.__dict__ for p in POLICIES],
+              "monte_carlo_samples": samples, "versions": {"rspo_kernels": rspo_kernels.__version__,
+                                                          "torch": torch.__version__, "numpy": np.__version__},
+              "headline": head, "rows": rows}
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(f"# Estimator variance ({date})\n\n{head}\n\n{table}\n")
+    wrote = [f"{stem}.json", f"{stem}.md"]
+    if plot(rows, args.out / f"{stem}.png"):
+        wrote.append(f"{stem}.png")
+    print("wrote " + ", ".join(str(args.out / w) for w in wrote))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The C++ CPU backend: :class:`~rspo_kernels._layout.Groups` in, tensors out, via ``rspo_kernels._cpu``.
+
+The kernels (``csrc/``) read the grouped rewards and write the result through zero-copy numpy views
+of torch tensors, in float32 or float64 like the input, with all arithmetic in float64. Inputs are
+assumed validated by the public API; the kernels still reject impossible shapes with ValueError.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rspo_kernels import _cpu
+from rspo_kernels._layout import Groups
+
+__all__ = ["grouped_weights", "grouped_pass_at_k", "grouped_max_at_k"]
+
+
+def _arrays(groups: Groups):
+    # Groups guarantees contiguous CPU tensors; the extension re-checks and raises ValueError if not.
+    values = groups.values
+    if values.requires_grad:
+        values = values.detach()
+    if values.device.type != "cpu":
+        raise ValueError(f"the C++ backend needs CPU tensors, got {values.device}")
+    return values, values.numpy(), groups.offsets.numpy()
+
+
+def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> torch.Tensor:
+    """``(N,)`` weights of ``estimator`` for ``objective`` in the grouped order, dtype of the values."""
+    values, v, offsets = _arrays(groups)
+    out = torch.empty_like(values)
+    _cpu.weights(v, offsets, int(k), objective, estimator, out.numpy())
+    return out
+
+
+def grouped_pass_at_k(groups: Groups, k: int) -> torch.Tensor:
+    """``(G,)`` unbiased pass@k of each group of binary rewards."""
+    values, v, offsets = _arrays(groups)
+    out = torch.empty(groups.num_groups, dtype=values.dtype)
+    _cpu.pass_at_k(v, offsets, int(k), out.numpy())
+    return out
+
+
+def grouped_max_at_k(groups: Groups, k: int) -> torch.Tensor:
+    """``(G,)`` unbiased max@k of each group."""
+    values, v, offsets = _arrays(groups)
+    out = torch.empty(groups.num_groups, dtype=values.dtype)
+    _cpu.max_at_k(v, offsets, int(k), out.numpy())
+    return out

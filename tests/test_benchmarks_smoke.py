@@ -1,0 +1,95 @@
+"""Smoke tests of the benchmark suite: the runner and the variance benchmark at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import oracles
+import pytest
+
+# benchmarks/ is not an installed package; make the checkout importable under plain `pytest` too.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from benchmarks import baselines, runner, variance  # noqa: E402
+
+
+def test_algorithm_2_equals_theorem_c4_and_the_numpy_loop():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n = int(rng.integers(1, 8))
+        k = int(rng.integers(1, n + 1))
+        palette = rng.normal(size=3).round(2)
+        r = rng.choice(palette, size=n) if trial % 2 else rng.normal(size=n)  # with and without ties
+        want = np.array(oracles.theorem_c4(list(r), k))
+        np.testing.assert_allclose(baselines.algorithm_2(r, k), want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(baselines.numpy_loop_max_at_k(r[None, :], k)[0], want, rtol=1e-12, atol=1e-12)
+        b = (r > np.median(r)).astype(float)
+        np.testing.assert_allclose(baselines.numpy_loop_pass_at_k([b], k)[0], oracles.subset_rspo(list(b), k),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_runner_quick_writes_json(tmp_path, capsys):
+    assert runner.main(["--quick", "--budget", "0.01", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    report = json.loads(path.read_text())
+    assert report["kind"] == "throughput" and report["quick"] is True
+    assert {"cpu", "logical_cpus", "cpp_openmp"} <= set(report["machine"])
+    assert {"torch", "numpy", "rspo_kernels"} <= set(report["versions"])
+    assert len(report["results"]) == 2 * len(runner.QUICK_CASES)
+    for res in report["results"]:
+        assert {"floor", "cpp", "api", "spec", "numpy-loop"} <= set(res["rows"])
+        assert all(row["median_s"] > 0 for row in res["rows"].values())
+    assert report["targets"] and all(math.isfinite(t["ratio"]) for t in report["targets"])
+    out = capsys.readouterr().out
+    assert "cpp/floor" in out and "wrote" in out
+
+
+def test_runner_rows_compute_the_same_weights():
+    """Every timed row that returns weights returns the same ones (the comparison is fair)."""
+    case = runner.QUICK_CASES[0]
+    for objective in runner.OBJECTIVES:
+        rows = runner.build_rows(case, objective)
+        cpp = rows["cpp"]().numpy().reshape(case.batch, case.n)
+        np.testing.assert_allclose(rows["api"]().numpy(), cpp, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(rows["spec"]().numpy().reshape(case.batch, case.n), cpp, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(rows["numpy-loop"](), cpp, rtol=1e-5, atol=1e-5)
+
+
+def test_variance_exact_moments_are_unbiased_and_ordered(tmp_path):
+    rows = variance.run(ns_exact=(4,), ns_mc=(), samples=0)
+    by = {(r["policy"], r["k"], r["estimator"]): r for r in rows}
+    for r in rows:
+        if r["estimator"] != "plugin":  # every other estimator is exactly unbiased
+            assert r["bias"] < 1e-12, r
+        if r["k"] == 1 and r["estimator"] in ("pkpo", "hitchhiking", "plugin"):
+            assert r["trace_cov"] == pytest.approx(by[(r["policy"], 1, "rspo")]["trace_cov"], rel=1e-12)
+    for p in variance.POLICIES:
+        for k in (2, 4):  # hitchhiking and pkpo add variance over RSPO
+            assert by[(p.name, k, "hitchhiking")]["ratio_to_rspo"] > 1
+            assert by[(p.name, k, "pkpo")]["ratio_to_rspo"] > 1
+        assert by[(p.name, 2, "plugin")]["bias"] > 1e-3  # plugin is biased
+
+
+def test_variance_quick_writes_outputs(tmp_path, capsys):
+    assert variance.main(["--quick", "--samples", "500", "--out", str(tmp_path)]) == 0
+    names = {p.suffix for p in tmp_path.iterdir()}
+    assert {".json", ".md"} <= names
+    if _has_matplotlib():
+        assert ".png" in names
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert report["headline"] and report["rows"]
+    assert "tr Cov relative to RSPO" in capsys.readouterr().out
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
