@@ -12,7 +12,7 @@ import torch
 from rspo_kernels import _cpu
 from rspo_kernels._layout import Groups
 
-__all__ = ["grouped_weights", "grouped_pass_at_k", "grouped_max_at_k"]
+__all__ = ["grouped_weights", "grouped_pass_at_k", "grouped_max_at_k", "first_invalid"]
 
 
 def _arrays(groups: Groups):
@@ -47,3 +47,8 @@ def grouped_max_at_k(groups: Groups, k: int) -> torch.Tensor:
     out = torch.empty(groups.num_groups, dtype=values.dtype)
     _cpu.max_at_k(v, offsets, int(k), out.numpy())
     return out
+
+
+def first_invalid(values: torch.Tensor, binary: bool) -> int:
+    """Index of the first non-finite (or, with ``binary``, non-0/1) value, or -1; one pass."""
+    return int(_cpu.first_invalid(values.detach().numpy(), bool(binary)))

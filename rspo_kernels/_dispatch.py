@@ -26,6 +26,8 @@ _IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("weights", "reference"): "rspo_kernels.estimators:grouped_weights",
     ("pass_at_k", "reference"): "rspo_kernels.estimators:grouped_pass_at_k",
     ("max_at_k", "reference"): "rspo_kernels.estimators:grouped_max_at_k",
+    ("first_invalid", "reference"): "rspo_kernels._validation:first_invalid",
+    ("first_invalid", "cpp"): "rspo_kernels._cpu_backend:first_invalid",
     ("weights", "triton"): "rspo_kernels.ops.weights:grouped_weights",
     ("token_logprobs", "triton"): "rspo_kernels.ops.token_logprobs:token_logprobs_triton",
     ("token_logprobs", "torch"): "rspo_kernels._chunked_loss:token_logprobs_torch",

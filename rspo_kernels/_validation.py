@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rspo_kernels._dispatch import implementation
 from rspo_kernels._layout import Groups, Restore
 
 __all__ = [
@@ -141,25 +142,35 @@ def _locate(groups: Groups, restore: Restore, p: int) -> tuple[int, int, str]:
     return g, pos, f"input index {tuple(int(i) for i in np.unravel_index(flat, restore.shape))}"
 
 
+def first_invalid(values: torch.Tensor, binary: bool) -> int:
+    """Index of the first non-finite (or, with ``binary``, non-0/1) value, or -1. One host sync.
+
+    The plain-torch implementation; the dispatcher may serve a faster one (C++ on CPU).
+    """
+    valid = (values == 0) | (values == 1) if binary else torch.isfinite(values)
+    if bool(valid.all()):
+        return -1
+    return int(torch.nonzero(~valid)[0, 0])
+
+
 def check_values(groups: Groups, restore: Restore, objective: str | None) -> None:
     """Finite rewards everywhere; binary rewards for Pass@k. Needs one host sync."""
     v = groups.values
     if v.numel() == 0:
         return
-    bad_finite = ~torch.isfinite(v)
-    bad_binary = ((v != 0) & (v != 1)) if objective == "pass@k" else torch.zeros_like(bad_finite)
-    flags = torch.stack([bad_finite.any(), bad_binary.any()]).tolist()
-    if flags[0]:
-        p = int(torch.nonzero(bad_finite)[0, 0])
-        g, pos, where = _locate(groups, restore, p)
+    # Binary rewards are finite, so Pass@k needs a single test.
+    _, find = implementation("first_invalid", v.device.type)
+    p = find(v, objective == "pass@k")
+    if p < 0:
+        return
+    g, pos, where = _locate(groups, restore, p)
+    value = float(v[p])
+    if not np.isfinite(value):
         raise ValueError(
-            f"{restore.describe_group(g)} has a non-finite reward ({float(v[p])}) at position {pos} "
+            f"{restore.describe_group(g)} has a non-finite reward ({value}) at position {pos} "
             f"({where}); rewards must be finite: replace it (e.g. with the lowest reward) or drop the group"
         )
-    if flags[1]:
-        p = int(torch.nonzero(bad_binary)[0, 0])
-        g, pos, where = _locate(groups, restore, p)
-        raise ValueError(
-            f"{restore.describe_group(g)} has reward {float(v[p])!r} at position {pos} ({where}); "
-            "Pass@k needs rewards in {0, 1}: threshold them, or use max_at_k_weights / max_at_k for graded rewards"
-        )
+    raise ValueError(
+        f"{restore.describe_group(g)} has reward {value!r} at position {pos} ({where}); "
+        "Pass@k needs rewards in {0, 1}: threshold them, or use max_at_k_weights / max_at_k for graded rewards"
+    )

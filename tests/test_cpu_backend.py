@@ -313,3 +313,19 @@ def test_first_invalid_matches_numpy(dtype, n, bad, binary_input):
         ok = np.isin(x, [0, 1]) if binary else np.isfinite(x)
         want = int(np.argmin(ok)) if not ok.all() else -1
         assert _cpu.first_invalid(x, binary) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("binary", [False, True])
+@given(data=st.data())
+def test_first_invalid_matches_reference(dtype, binary, data):
+    """The validation scan finds the same first bad value as the torch reference."""
+    from rspo_kernels import _validation
+
+    n = data.draw(st.integers(0, 5000))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    v = torch.from_numpy(rng.integers(0, 2, n).astype(np.float64)).to(dtype)
+    for _ in range(data.draw(st.integers(0, 3))):
+        if n:
+            v[int(rng.integers(0, n))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.5, 2.0, -1.0]))
+    assert _cpu_backend.first_invalid(v, binary) == _validation.first_invalid(v, binary)
