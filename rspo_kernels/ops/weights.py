@@ -43,6 +43,17 @@ def _q_ratio(j, n, k, p_lf, m_valid):
 
 
 @triton.jit
+def _chunk_slots(i_c, p_offsets, p_chunks, BLOCK: tl.constexpr):
+    """Group, its first slot and size, and the ``[BLOCK]`` slot offsets and mask of chunk ``i_c``."""
+    i_g = tl.load(p_chunks + 2 * i_c)
+    i_b = tl.load(p_chunks + 2 * i_c + 1)
+    start = tl.load(p_offsets + i_g)
+    n = tl.load(p_offsets + i_g + 1) - start
+    o_slot = i_b * BLOCK + tl.arange(0, BLOCK)                                   # [BLOCK]
+    return i_g, start, n, o_slot, o_slot < n
+
+
+@triton.jit
 def _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS: tl.constexpr):
     """The summands of one chunk, float64 ``[BLOCK]``: rewards (Pass@k) or ``q(j) * gap_j`` (Max@k)."""
     b_v = tl.load(p_v + start + o_slot, mask=m_slot, other=0.0).to(tl.float64)
@@ -56,12 +67,7 @@ def _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS: tl.constexpr):
 @triton.jit
 def _rspo_chunk_sums_kernel(p_v, p_offsets, p_chunks, p_sums, p_lf, k, IS_PASS: tl.constexpr, BLOCK: tl.constexpr):
     i_c = tl.program_id(0)
-    i_g = tl.load(p_chunks + 2 * i_c)
-    i_b = tl.load(p_chunks + 2 * i_c + 1)
-    start = tl.load(p_offsets + i_g)
-    n = tl.load(p_offsets + i_g + 1) - start
-    o_slot = i_b * BLOCK + tl.arange(0, BLOCK)                                   # [BLOCK]
-    m_slot = o_slot < n
+    i_g, start, n, o_slot, m_slot = _chunk_slots(i_c, p_offsets, p_chunks, BLOCK)
     b_t = _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS)         # [BLOCK]
     tl.store(p_sums + i_c, tl.sum(tl.where(m_slot, b_t, 0.0), axis=0))
 
@@ -72,12 +78,7 @@ def _rspo_weights_kernel(
     IS_PASS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i_c = tl.program_id(0)
-    i_g = tl.load(p_chunks + 2 * i_c)
-    i_b = tl.load(p_chunks + 2 * i_c + 1)
-    start = tl.load(p_offsets + i_g)
-    n = tl.load(p_offsets + i_g + 1) - start
-    o_slot = i_b * BLOCK + tl.arange(0, BLOCK)                                   # [BLOCK]
-    m_slot = o_slot < n
+    i_g, start, n, o_slot, m_slot = _chunk_slots(i_c, p_offsets, p_chunks, BLOCK)
     b_t = _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS)         # [BLOCK]
     if IS_PASS:
         # c is the group's number of correct answers; q(n - c) is one scalar per group.
