@@ -145,7 +145,9 @@ def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
         )
     if n == 0:
         return torch.zeros(0, dtype=torch.int64), []
-    if arr.dtype.kind in "iub" or arr.dtype.kind in "UST":
+    if arr.dtype.kind in "iub":
+        return _integer_codes(torch.from_numpy(np.ascontiguousarray(arr)).to(torch.int64))
+    if arr.dtype.kind in "UST":
         uniq, first, inverse = np.unique(arr, return_index=True, return_inverse=True)
         # np.unique numbers labels by sort order; renumber them by first appearance.
         order = np.argsort(first, kind="stable")
@@ -169,6 +171,18 @@ def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
 def _uniform_offsets(num_groups: int, size: int, device: torch.device) -> torch.Tensor:
     # Built on the device: no host-to-device copy inside a training step.
     return torch.arange(0, (num_groups + 1) * size, size, dtype=torch.int64, device=device)
+
+
+def _integer_codes(labels: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """First-appearance codes of integer labels: one sort (``torch.unique``) and one scatter."""
+    n = labels.shape[0]
+    uniq, inverse = torch.unique(labels, return_inverse=True)
+    first = torch.full((uniq.numel(),), n, dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(n), "amin")
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return rank[inverse], uniq[order].tolist()
 
 
 def _offsets_from_sizes(sizes: np.ndarray, device: torch.device) -> torch.Tensor:
