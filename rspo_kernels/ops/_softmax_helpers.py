@@ -45,6 +45,26 @@ def online_lse_entropy_update(b_m, b_s, b_t, b_x, m_v):
 
 
 @triton.jit
+def row_logsumexp(p_row, V, inv_temperature, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One pass over a row of ``V`` logits: ``(lse, s, t)`` of ``logits / T`` in float32.
+
+    ``lse`` is the log-sum-exp; with ``WITH_ENTROPY`` the entropy is ``log(s) - t / s``
+    (see :func:`online_lse_entropy_update`), otherwise ``t`` stays 0.
+    """
+    o_v = tl.arange(0, BLOCK_V)
+    b_m = float("-inf")
+    b_s = 0.0
+    b_t = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
+        if WITH_ENTROPY:
+            b_m, b_s, b_t = online_lse_entropy_update(b_m, b_s, b_t, b_x, m_v)
+        else:
+            b_m, b_s = online_lse_update(b_m, b_s, b_x)
+    return b_m + tl.log(b_s), b_s, b_t
+
+
+@triton.jit
 def clipped_objective(b_logp, b_old, b_adv, eps_low, eps_high):
     """PPO clipped surrogate: ``(loss, dloss/dlogp, clipped)`` for one token.
 

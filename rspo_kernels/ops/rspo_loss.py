@@ -24,8 +24,7 @@ from rspo_kernels.ops._softmax_helpers import (
     clipped_objective,
     k3_kl,
     load_scaled_block,
-    online_lse_entropy_update,
-    online_lse_update,
+    row_logsumexp,
     softmax_grad_block,
 )
 from rspo_kernels.ops.token_logprobs import launch_config
@@ -73,16 +72,7 @@ def _rspo_loss_fwd_kernel(
     b_c = tl.load(p_coef + i_n)
 
     if b_c != 0.0:
-        b_m = float("-inf")
-        b_s = 0.0
-        b_t = 0.0
-        for v0 in range(0, V, BLOCK_V):
-            b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
-            if WITH_ENTROPY:
-                b_m, b_s, b_t = online_lse_entropy_update(b_m, b_s, b_t, b_x, m_v)
-            else:
-                b_m, b_s = online_lse_update(b_m, b_s, b_x)
-        b_lse = b_m + tl.log(b_s)
+        b_lse, b_s, b_t = row_logsumexp(p_row, V, inv_temperature, WITH_ENTROPY, BLOCK_V)
 
         target = tl.minimum(tl.maximum(tl.load(p_target + i_n), 0), V - 1)
         b_logp = tl.load(p_row + target).to(tl.float32) * inv_temperature - b_lse

@@ -14,11 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rspo_kernels.ops._softmax_helpers import (
-    load_scaled_block,
-    online_lse_entropy_update,
-    online_lse_update,
-)
+from rspo_kernels.ops._softmax_helpers import row_logsumexp
 
 __all__ = ["token_logprobs_triton", "launch_config"]
 
@@ -41,18 +37,7 @@ def _token_logprobs_kernel(
     i_b = i_n // T
     i_t = i_n % T
     p_row = p_logits + i_b * stride_lb + i_t * stride_lt
-    o_v = tl.arange(0, BLOCK_V)
-
-    b_m = float("-inf")
-    b_s = 0.0
-    b_t = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
-        if WITH_ENTROPY:
-            b_m, b_s, b_t = online_lse_entropy_update(b_m, b_s, b_t, b_x, m_v)
-        else:
-            b_m, b_s = online_lse_update(b_m, b_s, b_x)
-    b_lse = b_m + tl.log(b_s)
+    b_lse, b_s, b_t = row_logsumexp(p_row, V, inv_temperature, WITH_ENTROPY, BLOCK_V)
 
     # Out-of-range ids are clamped for memory safety; the public API validates them.
     target = tl.minimum(tl.maximum(tl.load(p_target + i_n), 0), V - 1)
