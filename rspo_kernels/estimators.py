@@ -81,8 +81,6 @@ class _SortedGroups:
     v : float64 sorted rewards.
     order : int64, the grouped index each sorted slot came from.
     seg : int64 group index.  n : float64 group size.  pos : int64 position within the group.
-    below : int64 ``c_<``, the number of group members strictly below this reward (the position of
-        the first member of its tie run).
     at_or_below : int64, the number of group members ``<=`` this reward.
     """
 
@@ -103,9 +101,8 @@ class _SortedGroups:
         run_start = torch.cummax(torch.where(first_of_run, index, torch.zeros_like(index)), dim=0).values
         run_end_rev = torch.where(last_of_run, index, torch.full_like(index, n_total)).flip(0)
         run_end = torch.cummin(run_end_rev, dim=0).values.flip(0)
-        self.below = run_start - start
         self.at_or_below = run_end - start + 1
-        self._run_start_global = run_start
+        self._run_start_global = run_start  # first slot of the tie run: c_< slots into the group
 
     def q(self, j: torch.Tensor, k: int) -> torch.Tensor:
         """``q(j) = C(j, k-1) / C(n-1, k-1)`` for each slot's own group size."""
