@@ -15,6 +15,9 @@ What it does, in order, at the real shape (bf16 logits, V = 151936, 8192 tokens 
    ``triton_grpo_loss`` when importable. All variants run in the same process on the same inputs,
    so the ratios are measured side by side.
 
+5. **RSPO weights**: the Triton weight kernels against the torch specification (values), timed
+   next to the public API, the specification and a bare sort / sum, at the CPU benchmark's cases.
+
 Targets (H100, 8192 x 151936 bf16): token_logprobs >= 80% of the copy rate; rspo_loss fwd+bwd
 >= 5x eager and >= 1x Liger; extra memory O(tokens). The script prints a table and writes
 ``benchmarks/results/<device>-<date>-gpu.json`` (or ``--out``).
@@ -165,6 +168,70 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> dict:
     scale = float(b.abs().max()) if b.numel() else 0.0
     err = float((a - b).abs().max()) if b.numel() else 0.0
     return {"max_abs_err": err, "ref_scale": scale, "rtol": rtol, "ok": err <= rtol * max(scale, 1e-30)}
+
+
+# --------------------------------------------------------------------------- RSPO weights
+def _weights_section(device: torch.device, smoke: bool, repeats: int, warmup: int) -> dict:
+    """RSPO weights on the device: Triton kernels against the torch specification.
+
+    For each case and objective: the largest difference between the kernels and the
+    float64-internal specification (float32 rewards), relative to the largest weight, and median
+    times of the kernels alone, the public API (``validate=False``, as in a training step), the
+    specification, and the floor (a bare ``torch.sort`` for Max@k, a ``sum`` for Pass@k), all side
+    by side in this process.
+    """
+    import numpy as np
+
+    import rspo_kernels as rk_api
+    from rspo_kernels import estimators
+    from rspo_kernels._layout import to_groups
+    from rspo_kernels.ops import weights as triton_weights
+
+    g = torch.Generator(device=device).manual_seed(1)
+    dense = [(8, 16, 4), (2, 300, 8)] if smoke else [(4096, 16, 4), (1024, 64, 8), (64, 1024, 16), (1, 2**20, 64)]
+    n_ragged = 600 if smoke else 65536
+    cases = [(f"B={b} n={n}", (b, n), k) for b, n, k in dense] + [(f"ragged N={n_ragged}", None, 8)]
+    rows = []
+    for label, shape, k in cases:
+        if shape is None:
+            ids = np.random.default_rng(0).integers(0, n_ragged // 16, n_ragged)
+            base = torch.randn(n_ragged, device=device, generator=g)
+            layout = {"group_size": None, "group_ids": ids}
+        else:
+            base = torch.randn(*shape, device=device, generator=g)
+            layout = {"group_size": None, "group_ids": None}
+        api_layout = {key: val for key, val in layout.items() if val is not None}
+        for objective in ("pass@k", "max@k"):
+            values = (base > 1.0).float() if objective == "pass@k" else base
+            groups = to_groups(values, shape=values.shape, container="torch", **layout)[0]
+            if int(groups.sizes.min()) < k:
+                continue
+            fast = triton_weights.grouped_weights(groups, k, objective, "rspo")
+            ref = estimators.grouped_weights(groups, k, objective, "rspo")
+            scale = ref.abs().max().clamp_min(1e-30)
+            api = rk_api.pass_at_k_weights if objective == "pass@k" else rk_api.max_at_k_weights
+            variants = {
+                "triton": lambda: triton_weights.grouped_weights(groups, k, objective, "rspo"),
+                "api": lambda: api(values, k, validate=False, **api_layout),
+                "spec": lambda: estimators.grouped_weights(groups, k, objective, "rspo"),
+                "floor": (lambda: torch.sort(values, dim=-1)) if objective == "max@k" else (lambda: values.sum(-1)),
+            }
+            times = {
+                name: statistics.median(_time_ms(fn, lambda: (), device, repeats, warmup))
+                for name, fn in variants.items()
+            }
+            rows.append(
+                {
+                    "case": label,
+                    "objective": objective,
+                    "k": k,
+                    "max_err_over_max_weight": float((fast - ref).abs().max() / scale),
+                    "median_ms": times,
+                    "triton_over_floor": times["triton"] / times["floor"],
+                    "spec_over_triton": times["spec"] / times["triton"],
+                }
+            )
+    return {"rows": rows, "ok": all(r["max_err_over_max_weight"] < 1e-5 for r in rows)}
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -373,6 +440,7 @@ def main() -> int:
         else rows["rspo_kernels"]["peak_extra_mib"] / (N / 1024),
     }
     report["targets"] = targets
+    report["weights"] = _weights_section(device, a.smoke, a.repeats, a.warmup)
 
     # print and write ------------------------------------------------------------------------------
     print(f"device {report['device']}  backend {backend}  shape B={B} T={T} V={V} {dtype}  (smoke={a.smoke})")
@@ -407,6 +475,13 @@ def main() -> int:
                 f"{cfg:<26}{r['token_logprobs_ms']:>12.3f}{r['token_logprobs_fraction_of_copy']:>9.2f}"
                 f"{r['rspo_loss_fwd_bwd_ms']:>10.3f}"
             )
+    print(f"\n{'RSPO weights':<30}{'triton ms':>11}{'api ms':>9}{'spec ms':>9}{'floor ms':>10}{'vs floor':>9}{'rel err':>9}")
+    for r in report["weights"]["rows"]:
+        t = r["median_ms"]
+        print(
+            f"{r['case'] + ' ' + r['objective']:<30}{t['triton']:>11.3f}{t['api']:>9.3f}{t['spec']:>9.3f}"
+            f"{t['floor']:>10.3f}{r['triton_over_floor']:>9.2f}{r['max_err_over_max_weight']:>9.1e}"
+        )
     print("\ntargets: " + ", ".join(f"{k}={v}" for k, v in targets.items()))
 
     if a.out:

@@ -312,6 +312,11 @@ def test_gpu_benchmark_smoke_runs_end_to_end(tmp_path):
     assert report["smoke"] and report["correctness"]["ok"]
     assert {"rspo_kernels", "torch_eager"} <= set(report["rspo_loss_fwd_bwd"])
     assert all("median_ms" in r for r in report["rspo_loss_fwd_bwd"].values())
+    weights = report["weights"]
+    assert weights["ok"] and {(r["case"], r["objective"]) for r in weights["rows"]} >= {
+        ("B=8 n=16", "pass@k"),
+        ("ragged N=600", "max@k"),
+    }
 
 
 def test_memory_benchmark_runs(tmp_path):
