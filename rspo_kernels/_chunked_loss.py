@@ -27,6 +27,7 @@ __all__ = [
     "aggregation_coefficients",
     "token_objective",
     "summarize_stats",
+    "fused_loss_args",
     "token_logprobs_torch",
     "rspo_loss_torch",
 ]
@@ -320,6 +321,46 @@ class ChunkedRSPOLossFunction(torch.autograd.Function):
         return (grad,) + (None,) * 14
 
 
+def fused_loss_args(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor | None,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    temperature: float,
+    epsilon_low: float,
+    epsilon_high: float | None,
+    beta: float,
+    loss_agg_mode: str,
+    max_response_length: int | None,
+    inplace_backward: bool,
+) -> tuple:
+    """The positional arguments both fused autograd Functions take, with defaults resolved.
+
+    A missing mask becomes all ones, per-response ``(B,)`` weights are broadcast to ``(B, T)``,
+    constant inputs are detached and ``epsilon_high=None`` becomes ``epsilon_low``.
+    """
+    B, T, _ = logits.shape
+    mask_t = torch.ones(B, T, device=logits.device) if mask is None else mask
+    adv = weights.unsqueeze(-1).expand(B, T) if weights.dim() == 1 else weights
+    return (
+        logits,
+        target_ids,
+        adv.detach(),
+        mask_t,
+        None if old_logprobs is None else old_logprobs.detach(),
+        None if ref_logprobs is None else ref_logprobs.detach(),
+        float(temperature),
+        float(epsilon_low),
+        float(epsilon_low if epsilon_high is None else epsilon_high),
+        float(beta),
+        loss_agg_mode,
+        max_response_length,
+        bool(inplace_backward),
+    )
+
+
 def rspo_loss_torch(
     logits: torch.Tensor,
     target_ids: torch.Tensor,
@@ -343,24 +384,12 @@ def rspo_loss_torch(
     ``chunk_rows`` bounds the extra memory to about three float32 ``(chunk_rows, V)`` buffers plus
     O(tokens) vectors (default: a float32 chunk of about 8 MiB).
     """
-    B, T, _ = logits.shape
-    mask_t = torch.ones(B, T, device=logits.device) if mask is None else mask
-    adv = weights.unsqueeze(-1).expand(B, T) if weights.dim() == 1 else weights
     stats: dict | None = {} if return_stats else None
     loss = ChunkedRSPOLossFunction.apply(
-        logits,
-        target_ids,
-        adv.detach(),
-        mask_t,
-        None if old_logprobs is None else old_logprobs.detach(),
-        None if ref_logprobs is None else ref_logprobs.detach(),
-        float(temperature),
-        float(epsilon_low),
-        float(epsilon_low if epsilon_high is None else epsilon_high),
-        float(beta),
-        loss_agg_mode,
-        max_response_length,
-        bool(inplace_backward),
+        *fused_loss_args(
+            logits, target_ids, weights, mask, old_logprobs, ref_logprobs, temperature,
+            epsilon_low, epsilon_high, beta, loss_agg_mode, max_response_length, inplace_backward,
+        ),
         stats,
         chunk_rows,
     )

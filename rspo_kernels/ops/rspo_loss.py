@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rspo_kernels._chunked_loss import aggregation_coefficients, summarize_stats
+from rspo_kernels._chunked_loss import aggregation_coefficients, fused_loss_args, summarize_stats
 from rspo_kernels.ops._softmax_helpers import (
     clipped_objective,
     k3_kl,
@@ -294,24 +294,12 @@ def rspo_loss_triton(
     ``logits`` is ``(B, T, V)`` float16/bfloat16/float32 with a contiguous last dimension (other
     strides are free). The loss is float32.
     """
-    B, T, _ = logits.shape
-    mask_t = torch.ones(B, T, device=logits.device) if mask is None else mask
-    adv = weights.unsqueeze(-1).expand(B, T) if weights.dim() == 1 else weights
     stats: dict | None = {} if return_stats else None
     loss = RSPOLossFunction.apply(
-        logits,
-        target_ids,
-        adv.detach(),
-        mask_t,
-        None if old_logprobs is None else old_logprobs.detach(),
-        None if ref_logprobs is None else ref_logprobs.detach(),
-        float(temperature),
-        float(epsilon_low),
-        float(epsilon_low if epsilon_high is None else epsilon_high),
-        float(beta),
-        loss_agg_mode,
-        max_response_length,
-        bool(inplace_backward),
+        *fused_loss_args(
+            logits, target_ids, weights, mask, old_logprobs, ref_logprobs, temperature,
+            epsilon_low, epsilon_high, beta, loss_agg_mode, max_response_length, inplace_backward,
+        ),
         stats,
     )
     return (loss, stats) if return_stats else loss
