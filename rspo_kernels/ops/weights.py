@@ -136,9 +136,12 @@ def _rspo_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
     # Chunks are stored group after group, so per-group scans of `sums` are segment scans.
     chunk_group = chunks[:, 0]
     total = torch.zeros(groups.num_groups, dtype=torch.float64, device=device).index_add_(0, chunk_group, sums)
-    inclusive = torch.cumsum(sums, dim=0)
-    group_end = torch.cumsum(total, dim=0)
-    carry = inclusive - sums - (group_end - total)[chunk_group]
+    if is_pass:
+        carry = sums  # unused: Pass@k needs only the group totals
+    else:
+        # Exclusive per-group prefix of the chunk sums: global prefix minus the groups before.
+        group_start = torch.cumsum(total, dim=0) - total
+        carry = torch.cumsum(sums, dim=0) - sums - group_start[chunk_group]
     out = torch.empty_like(values)
     _rspo_weights_kernel[(n_chunks,)](
         v, order, out, groups.offsets, chunks, carry, total, log_factorial, k, IS_PASS=is_pass, BLOCK=block
