@@ -16,12 +16,13 @@ backend_info
 
 from rspo_kernels._dispatch import backend_info
 from rspo_kernels.api import ESTIMATORS, max_at_k, max_at_k_weights, pass_at_k, pass_at_k_weights
-from rspo_kernels.loss import LOSS_AGG_MODES, RSPOLoss, rspo_loss, token_logprobs
+from rspo_kernels.loss import LOSS_AGG_MODES, LossOptions, RSPOLoss, rspo_loss, token_logprobs
 
 __version__ = "0.1.0"
 __all__ = [
     "ESTIMATORS",
     "LOSS_AGG_MODES",
+    "LossOptions",
     "RSPOLoss",
     "backend_info",
     "max_at_k",

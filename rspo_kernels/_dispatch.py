@@ -17,6 +17,8 @@ import os
 import warnings
 from typing import Callable
 
+import torch
+
 __all__ = ["implementation", "backend_info", "BACKEND_ENV"]
 
 BACKEND_ENV = "RSPO_KERNELS_BACKEND"
@@ -29,12 +31,10 @@ _IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("first_invalid", "reference"): "rspo_kernels._validation:first_invalid",
     ("first_invalid", "cpp"): "rspo_kernels._cpu_backend:first_invalid",
     ("weights", "triton"): "rspo_kernels.ops.weights:grouped_weights",
-    ("token_logprobs", "triton"): "rspo_kernels.ops.token_logprobs:token_logprobs_triton",
-    ("token_logprobs", "torch"): "rspo_kernels._chunked_loss:token_logprobs_torch",
-    ("token_logprobs", "reference"): "rspo_kernels.loss_reference:token_logprobs_reference",
-    ("rspo_loss", "triton"): "rspo_kernels.ops.rspo_loss:rspo_loss_triton",
-    ("rspo_loss", "torch"): "rspo_kernels._chunked_loss:rspo_loss_torch",
-    ("rspo_loss", "reference"): "rspo_kernels.loss_reference:rspo_loss_reference",
+    # The fused log-prob op behind token_logprobs and every loss: (B, T, V) rows -> (N,) log-probs.
+    ("token_logprobs", "triton"): "rspo_kernels.ops.token_logprobs:fused_token_logprobs",
+    ("token_logprobs", "torch"): "rspo_kernels.loss.chunked:fused_token_logprobs",
+    ("token_logprobs", "reference"): "rspo_kernels.loss.reference:fused_token_logprobs_reference",
     ("weights", "cpp"): "rspo_kernels._cpu_backend:grouped_weights",
     ("pass_at_k", "cpp"): "rspo_kernels._cpu_backend:grouped_pass_at_k",
     ("max_at_k", "cpp"): "rspo_kernels._cpu_backend:grouped_max_at_k",
@@ -46,6 +46,11 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "torch", "reference"),
 }
 _DEFAULT_PREFERENCE = ("torch", "reference")
+
+# Input dtypes a backend does not take; the next backend in the preference list serves them.
+_UNSUPPORTED_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {
+    ("token_logprobs", "triton"): (torch.float64,),
+}
 
 _cache: dict[tuple[str, str], Callable] = {}
 _failures: dict[tuple[str, str], str] = {}
@@ -83,9 +88,11 @@ def _candidates(device_type: str) -> tuple[str, ...]:
     return _PREFERENCE.get(device_type, _DEFAULT_PREFERENCE)
 
 
-def implementation(op: str, device_type: str) -> tuple[str, Callable]:
-    """Return ``(backend_name, function)`` serving ``op`` for tensors on ``device_type``."""
+def implementation(op: str, device_type: str, dtype: torch.dtype | None = None) -> tuple[str, Callable]:
+    """Return ``(backend_name, function)`` serving ``op`` for ``dtype`` tensors on ``device_type``."""
     for backend in _candidates(device_type):
+        if dtype is not None and dtype in _UNSUPPORTED_DTYPES.get((op, backend), ()):
+            continue
         func = _load(op, backend)
         if func is not None:
             return backend, func

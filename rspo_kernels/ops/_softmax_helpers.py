@@ -1,4 +1,4 @@
-"""Small ``@triton.jit`` helpers shared by the loss kernels: the math lives here once.
+"""Small ``@triton.jit`` helpers shared by the log-prob kernels: the softmax math lives here once.
 
 Every helper works on one row of logits (one token) held in float32 registers, a vocabulary block at
 a time. They use only ``tl.exp``, ``tl.log``, ``tl.max``, ``tl.sum`` and ``tl.where``, so they run
@@ -18,16 +18,27 @@ def load_scaled_block(p_row, o_v, V, inv_temperature):
 
 
 @triton.jit
+def finite_or_zero(b_m):
+    """The running max as an exp offset: ``-inf`` (nothing finite seen yet) becomes 0.
+
+    A first block of ``-inf`` logits (vocabulary masking) would otherwise give
+    ``exp(-inf - -inf) = NaN``; with offset 0 those entries add ``exp(-inf) = 0``.
+    """
+    return tl.where(b_m == float("-inf"), 0.0, b_m)
+
+
+@triton.jit
 def online_lse_update(b_m, b_s, b_x):
     """One step of the streaming log-sum-exp: running max ``b_m`` and ``b_s = sum exp(x - b_m)``."""
     b_m_new = tl.maximum(b_m, tl.max(b_x, axis=0))
+    b_off = finite_or_zero(b_m_new)
     # exp(-inf - finite) = 0 wipes the empty initial state; no special case needed.
-    b_s = b_s * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_x - b_m_new), axis=0)
+    b_s = b_s * tl.exp(b_m - b_off) + tl.sum(tl.exp(b_x - b_off), axis=0)
     return b_m_new, b_s
 
 
 @triton.jit
-def online_lse_entropy_update(b_m, b_s, b_t, b_x, m_v):
+def online_lse_entropy_update(b_m, b_s, b_t, b_x):
     """Streaming log-sum-exp plus ``b_t = sum exp(x - b_m) * (x - b_m)`` for the entropy.
 
     When the max moves from ``m`` to ``m'`` every ``(x - m)`` gains ``m - m'`` and every weight is
@@ -35,58 +46,28 @@ def online_lse_entropy_update(b_m, b_s, b_t, b_x, m_v):
     ``entropy = log(s) - t / s``.
     """
     b_m_new = tl.maximum(b_m, tl.max(b_x, axis=0))
-    b_alpha = tl.exp(b_m - b_m_new)
-    b_e = tl.exp(b_x - b_m_new)  # [BV], 0 past the vocabulary
-    b_d = tl.where(m_v, b_x - b_m_new, 0.0)  # [BV], avoids 0 * -inf
-    b_dm = tl.where(b_s > 0, b_m - b_m_new, 0.0)  # s = 0 while m = -inf: avoid 0 * -inf
+    b_off = finite_or_zero(b_m_new)
+    b_alpha = tl.exp(b_m - b_off)
+    b_e = tl.exp(b_x - b_off)  # [BV], 0 past the vocabulary and at -inf logits
+    b_d = tl.where(b_e > 0, b_x - b_off, 0.0)  # [BV], p log p -> 0: never 0 * -inf
+    b_dm = tl.where(b_s > 0, b_m - b_off, 0.0)  # s = 0 while m = -inf: avoid 0 * -inf
     b_t = b_alpha * (b_t + b_s * b_dm) + tl.sum(b_e * b_d, axis=0)
     b_s = b_s * b_alpha + tl.sum(b_e, axis=0)
     return b_m_new, b_s, b_t
 
 
 @triton.jit
-def row_logsumexp(p_row, V, inv_temperature, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One pass over a row of ``V`` logits: ``(lse, s, t)`` of ``logits / T`` in float32.
+def lse_block_update(b_m, b_s, b_t, b_x, WITH_ENTROPY: tl.constexpr):
+    """One vocabulary block of a row's streaming ``(max, s, t)``; ``t`` stays 0 without entropy.
 
-    ``lse`` is the log-sum-exp; with ``WITH_ENTROPY`` the entropy is ``log(s) - t / s``
-    (see :func:`online_lse_entropy_update`), otherwise ``t`` stays 0.
+    The loop over blocks stays in the kernels: Triton 3.6's interpreter passes a runtime ``V`` into
+    a helper as a 1-element array, which ``range()`` cannot take.
     """
-    o_v = tl.arange(0, BLOCK_V)
-    b_m = float("-inf")
-    b_s = 0.0
-    b_t = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
-        if WITH_ENTROPY:
-            b_m, b_s, b_t = online_lse_entropy_update(b_m, b_s, b_t, b_x, m_v)
-        else:
-            b_m, b_s = online_lse_update(b_m, b_s, b_x)
-    return b_m + tl.log(b_s), b_s, b_t
-
-
-@triton.jit
-def clipped_objective(b_logp, b_old, b_adv, eps_low, eps_high):
-    """PPO clipped surrogate: ``(loss, dloss/dlogp, clipped)`` for one token.
-
-    ``loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` with ``r = exp(logp - old)``. Only the
-    unclipped branch depends on ``logp``; its derivative is ``-r A``.
-    """
-    b_ratio = tl.exp(b_logp - b_old)
-    b_clip_ratio = tl.minimum(tl.maximum(b_ratio, 1.0 - eps_low), 1.0 + eps_high)
-    b_sur = b_ratio * b_adv
-    b_clip_sur = b_clip_ratio * b_adv
-    b_clipped = b_clip_sur < b_sur
-    b_loss = -tl.minimum(b_sur, b_clip_sur)
-    b_dlogp = tl.where(b_clipped, 0.0, -b_sur)
-    return b_loss, b_dlogp, b_clipped
-
-
-@triton.jit
-def k3_kl(b_logp, b_ref):
-    """k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` and its derivative in ``logp``."""
-    b_delta = b_ref - b_logp
-    b_e = tl.exp(b_delta)
-    return b_e - b_delta - 1.0, 1.0 - b_e
+    if WITH_ENTROPY:
+        b_m, b_s, b_t = online_lse_entropy_update(b_m, b_s, b_t, b_x)
+    else:
+        b_m, b_s = online_lse_update(b_m, b_s, b_x)
+    return b_m, b_s, b_t
 
 
 @triton.jit

@@ -1,50 +1,114 @@
-"""Triton kernel for the log-probability (and entropy) of given tokens: forward only.
+"""Fused token log-probabilities in Triton: forward saves the log-sum-exp, backward recomputes.
 
-Layout (Liger-Kernel's): the ``@triton.jit`` kernel, then the launcher that picks the block size
-and the grid. There is no autograd.Function: old and reference log-probs are constants; the
-differentiable path is :mod:`rspo_kernels.ops.rspo_loss`.
+Layout (Liger-Kernel's ``cross_entropy.py``): the ``@triton.jit`` kernels, then the launchers that
+pick block sizes and the grid, then the ``torch.autograd.Function``. One program per token on a
+1-D grid (no grid dimension limits the token count).
 
-One program per token on a 1-D grid (so no grid dimension limits ``B * T``); each streams its row
-of logits once through an online log-sum-exp in float32.
+- Forward: each live token streams its row of logits once through an online log-sum-exp (and
+  entropy) in float32 and stores ``lse`` and ``logp``: O(tokens) outputs, nothing of size vocab.
+- Backward: each token with a nonzero incoming gradient ``g = dL/dlogp`` streams its row again and
+  writes ``g * (onehot(target) - exp(x / T - lse)) / T`` once, in the logits' dtype. ``g`` already
+  holds ``grad_output`` and the aggregation coefficient, so loss scaling happens in float32 before
+  the single rounding. Tokens with ``g = 0`` (padding, clipped tokens) write zeros without reading
+  their logits, so NaN or inf there never reaches the gradient.
+
+Strides are left specialised (Triton keys them on divisibility by 16), so the loads along the
+vocabulary are 16-byte vector loads; only ``T``, which changes every step, is
+``do_not_specialize``. The vocabulary size is a ``constexpr``: fixed per model, it gives the
+loop a constant trip count (and Triton 3.6's interpreter cannot loop to a runtime bound). The kernels use ``tl.exp``/``tl.log`` only (no libdevice), and run under
+``TRITON_INTERPRET=1`` with Triton 3.6 and 3.9.
 """
 
+from __future__ import annotations
+
 import os
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from rspo_kernels.ops._softmax_helpers import row_logsumexp
+from rspo_kernels.loss.chunked import check_backward_mode, check_inplace_backward_once
+from rspo_kernels.ops._softmax_helpers import lse_block_update, load_scaled_block, softmax_grad_block
 
-__all__ = ["token_logprobs_triton", "launch_config"]
+__all__ = ["LAUNCH_ENV", "TritonTokenLogprobs", "fused_token_logprobs", "launch_config"]
 
 
-@triton.jit(do_not_specialize=["T", "stride_lb", "stride_lt"])
-def _token_logprobs_kernel(
+@triton.jit(do_not_specialize=["T"])
+def _token_logprobs_fwd_kernel(
     p_logits,
-    p_target,
+    p_ids,
+    p_live,
     p_logp,
+    p_lse,
     p_entropy,
     T,
-    V,
     stride_lb,
     stride_lt,
     inv_temperature,
+    V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    if tl.load(p_live + i_n) != 0:
+        p_row = p_logits + (i_n // T) * stride_lb + (i_n % T) * stride_lt
+        o_v = tl.arange(0, BLOCK_V)
+        b_m = float("-inf")
+        b_s = 0.0
+        b_t = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            b_x, _ = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
+            b_m, b_s, b_t = lse_block_update(b_m, b_s, b_t, b_x, WITH_ENTROPY)
+        b_lse = b_m + tl.log(b_s)
+        i_target = tl.load(p_ids + i_n)
+        m_valid = (i_target >= 0) & (i_target < V)
+        b_xt = tl.load(p_row + tl.where(m_valid, i_target, 0)).to(tl.float32) * inv_temperature
+        # An out-of-range id is a NaN log-prob on every backend: never a silently clamped id.
+        tl.store(p_logp + i_n, tl.where(m_valid, b_xt - b_lse, float("nan")))
+        tl.store(p_lse + i_n, b_lse)
+        if WITH_ENTROPY:
+            tl.store(p_entropy + i_n, tl.log(b_s) - b_t / b_s)
+    else:
+        tl.store(p_logp + i_n, 0.0)
+        tl.store(p_lse + i_n, 0.0)
+        if WITH_ENTROPY:
+            tl.store(p_entropy + i_n, 0.0)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _token_logprobs_bwd_kernel(
+    p_logits,
+    p_ids,
+    p_lse,
+    p_glogp,
+    p_dlogits,
+    T,
+    stride_lb,
+    stride_lt,
+    stride_gb,
+    stride_gt,
+    inv_temperature,
+    V: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     i_b = i_n // T
     i_t = i_n % T
-    p_row = p_logits + i_b * stride_lb + i_t * stride_lt
-    b_lse, b_s, b_t = row_logsumexp(p_row, V, inv_temperature, WITH_ENTROPY, BLOCK_V)
-
-    # Out-of-range ids are clamped for memory safety; the public API validates them.
-    target = tl.minimum(tl.maximum(tl.load(p_target + i_n), 0), V - 1)
-    b_xt = tl.load(p_row + target).to(tl.float32) * inv_temperature
-    tl.store(p_logp + i_n, b_xt - b_lse)
-    if WITH_ENTROPY:
-        tl.store(p_entropy + i_n, tl.log(b_s) - b_t / b_s)
+    p_grow = p_dlogits + i_b * stride_gb + i_t * stride_gt
+    o_v = tl.arange(0, BLOCK_V)
+    b_g = tl.load(p_glogp + i_n).to(tl.float32) * inv_temperature
+    if b_g == 0.0:
+        for v0 in range(0, V, BLOCK_V):
+            tl.store(p_grow + v0 + o_v, tl.zeros([BLOCK_V], dtype=p_dlogits.dtype.element_ty), mask=v0 + o_v < V)
+    else:
+        p_row = p_logits + i_b * stride_lb + i_t * stride_lt
+        b_lse = tl.load(p_lse + i_n)
+        i_target = tl.load(p_ids + i_n)
+        for v0 in range(0, V, BLOCK_V):
+            b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
+            b_dx = softmax_grad_block(b_x, b_lse, v0 + o_v, i_target, b_g)  # [BV]
+            tl.store(p_grow + v0 + o_v, b_dx.to(p_dlogits.dtype.element_ty), mask=m_v)
 
 
 LAUNCH_ENV = "RSPO_KERNELS_LOSS_LAUNCH"
@@ -53,10 +117,10 @@ LAUNCH_ENV = "RSPO_KERNELS_LOSS_LAUNCH"
 def launch_config(vocab: int, device: torch.device) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for one row of ``vocab`` logits.
 
-    On a GPU, 4096-wide blocks with 8 warps keep 16-byte loads busy for large vocabularies at 64
-    registers per thread and no spills (ptxas, sm_90). Under the CPU interpreter, small blocks keep
-    the NumPy emulation fast and exercise the multi-block path at test shapes. For tuning,
-    ``RSPO_KERNELS_LOSS_LAUNCH=8192x16`` overrides both (``benchmarks/gpu.py --sweep`` uses it).
+    On a GPU, 4096-wide blocks with 8 warps keep 16-byte loads busy for large vocabularies
+    (untuned: no GPU has run these kernels yet; ``benchmarks/gpu.py --sweep`` tunes them). Under the
+    CPU interpreter, small blocks keep the NumPy emulation fast and exercise the multi-block path
+    at test shapes. ``RSPO_KERNELS_LOSS_LAUNCH=8192x16`` overrides both.
     """
     override = os.environ.get(LAUNCH_ENV)
     if override:
@@ -67,54 +131,100 @@ def launch_config(vocab: int, device: torch.device) -> tuple[int, int]:
     return min(triton.next_power_of_2(vocab), 4096), 8
 
 
-@torch.no_grad()
-def token_logprobs_triton(
-    logits: torch.Tensor,
-    target_ids: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of ``target_ids`` under ``softmax(logits / temperature)``.
-
-    Parameters
-    ----------
-    logits : torch.Tensor
-        ``(B, T, V)`` float16/bfloat16/float32, last dimension contiguous (other strides free, so
-        ``logits[:, :-1]`` needs no copy).
-    target_ids : torch.Tensor
-        ``(B, T)`` integer ids in ``[0, V)``.
-    temperature : float
-        Divides the logits.
-    return_entropy : bool
-        Also compute the entropy of each row.
-
-    Returns
-    -------
-    torch.Tensor or tuple of torch.Tensor
-        ``(B, T)`` float32 log-probs, and the entropies when asked (the contract of
-        :func:`rspo_kernels.loss_reference.token_logprobs_reference`).
-    """
+def _launch_fwd(
+    logits: torch.Tensor, ids: torch.Tensor, live: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, V = logits.shape
+    N = B * T
+    dev = logits.device
+    logp = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+    if N:
+        block_v, num_warps = launch_config(V, dev)
+        _token_logprobs_fwd_kernel[(N,)](
+            logits, ids, live.view(torch.uint8), logp, lse, entropy if with_entropy else logp,
+            T, logits.stride(0), logits.stride(1), 1.0 / temperature,
+            V=V, WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
+        )
+    return logp, lse, entropy
+
+
+def _launch_bwd(
+    logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g_logp: torch.Tensor, dlogits: torch.Tensor,
+    temperature: float,
+) -> None:
+    B, T, V = logits.shape
+    if B * T == 0:
+        return
+    block_v, num_warps = launch_config(V, logits.device)
+    _token_logprobs_bwd_kernel[(B * T,)](
+        logits, ids, lse, g_logp, dlogits, T,
+        logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1), 1.0 / temperature,
+        V=V, BLOCK_V=block_v, num_warps=num_warps,
+    )
+
+
+class TritonTokenLogprobs(torch.autograd.Function):
+    """``(logits, ids, live) -> (logp, lse, entropy)``; only ``logp`` is differentiable.
+
+    The contract of :class:`rspo_kernels.loss.chunked.ChunkedTokenLogprobs`, for float16,
+    bfloat16 and float32 logits whose last dimension is contiguous.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        logits: torch.Tensor,
+        ids: torch.Tensor,
+        live: torch.Tensor,
+        temperature: float,
+        with_entropy: bool,
+        inplace_backward: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _launch_fwd(logits, ids, live, temperature, with_entropy)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        logits, ids, live, temperature, _, inplace_backward = inputs
+        _, lse, entropy = output
+        ctx.mark_non_differentiable(lse, entropy)
+        ctx.save_for_backward(logits, ids, live, lse)
+        ctx.temperature = temperature
+        ctx.inplace_backward = inplace_backward
+        ctx.consumed = False
+
+    @staticmethod
+    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:  # type: ignore[override]
+        check_backward_mode("rspo_loss")
+        check_inplace_backward_once(ctx)
+        logits, ids, live, lse = ctx.saved_tensors
+        dlogits = logits if ctx.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        # Dead tokens take no gradient, whatever reaches their (constant 0) log-prob.
+        g = torch.where(live, g_logp.to(torch.float32), torch.zeros((), device=g_logp.device)).contiguous()
+        _launch_bwd(logits, ids, lse, g, dlogits, ctx.temperature)
+        if ctx.inplace_backward:
+            torch.autograd.graph.increment_version(logits)
+        return dlogits, None, None, None, None, None
+
+
+def fused_token_logprobs(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    live: torch.Tensor,
+    *,
+    temperature: float,
+    with_entropy: bool,
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton log-probs of ``ids``; the contract of :func:`rspo_kernels.loss.chunked.fused_token_logprobs`.
+
+    ``logits`` is ``(B, T, V)`` float16/bfloat16/float32 (a non-contiguous last dimension is copied
+    once); ``ids`` and ``live`` are ``(N,)``. Returns float32 ``(N,)`` log-probs (differentiable)
+    and entropies (or None).
+    """
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    ids = target_ids.reshape(-1).contiguous()
-    logp = torch.empty(B * T, dtype=torch.float32, device=logits.device)
-    entropy = torch.empty_like(logp) if return_entropy else logp  # dummy pointer when unused
-    if B * T > 0:
-        block_v, num_warps = launch_config(V, logits.device)
-        _token_logprobs_kernel[(B * T,)](
-            logits,
-            ids,
-            logp,
-            entropy,
-            T,
-            V,
-            logits.stride(0),
-            logits.stride(1),
-            1.0 / temperature,
-            WITH_ENTROPY=return_entropy,
-            BLOCK_V=block_v,
-            num_warps=num_warps,
-        )
-    return (logp.view(B, T), entropy.view(B, T)) if return_entropy else logp.view(B, T)
+    logp, _, entropy = TritonTokenLogprobs.apply(
+        logits, ids.contiguous(), live.contiguous(), float(temperature), bool(with_entropy), bool(inplace_backward)
+    )
+    return logp, (entropy if with_entropy else None)

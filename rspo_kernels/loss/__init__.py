@@ -1,0 +1,14 @@
+"""The fused RSPO policy loss.
+
+Modules, in dependency order: :mod:`~rspo_kernels.loss.options` (the hyper-parameters),
+:mod:`~rspo_kernels.loss.layout` (padded / packed inputs normalised into per-token vectors),
+:mod:`~rspo_kernels.loss.reference` (the unfused specification), :mod:`~rspo_kernels.loss.chunked`
+(the CPU fused log-probs), :mod:`~rspo_kernels.loss.policy` (log-probs to loss, shared by every
+fast path) and :mod:`~rspo_kernels.loss.api` (the public functions). The Triton op lives in
+:mod:`rspo_kernels.ops.token_logprobs`.
+"""
+
+from rspo_kernels.loss.api import RSPOLoss, rspo_loss, rspo_loss_with_options, token_logprobs
+from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
+
+__all__ = ["LOSS_AGG_MODES", "LossOptions", "RSPOLoss", "rspo_loss", "rspo_loss_with_options", "token_logprobs"]

@@ -1,0 +1,436 @@
+"""Public fused-loss API: ``token_logprobs``, ``rspo_loss`` and the ``RSPOLoss`` module.
+
+Inputs are validated here, once, and normalised into a :class:`~rspo_kernels.loss.layout.TokenBatch`;
+then :func:`rspo_kernels._dispatch.implementation` picks the fused log-prob op (Triton kernels for
+CUDA tensors, the chunked torch path for CPU tensors, the unfused reference when
+``RSPO_KERNELS_BACKEND=reference``) and :func:`~rspo_kernels.loss.policy.policy_loss` finishes the
+loss in O(tokens) torch. Validation never reads tensor values from a GPU.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import nn
+
+from rspo_kernels._dispatch import implementation
+from rspo_kernels.loss import _checks
+from rspo_kernels.loss.layout import token_batch
+from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
+from rspo_kernels.loss.policy import policy_loss
+
+__all__ = ["LOSS_AGG_MODES", "LossOptions", "token_logprobs", "rspo_loss", "RSPOLoss"]
+
+_CALL_KWARGS = ("inplace_backward", "return_stats")
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``target_ids`` under ``softmax(logits / temperature)``, forward only.
+
+    For the old-policy and reference log-probs a trainer feeds to :func:`rspo_loss`. Never
+    materialises a float32 copy of the logits.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(B, T, V)`` padded or ``(N, V)`` packed; float16, bfloat16, float32 or float64, any
+        device. Strided views such as ``logits[:, :-1]`` are read without a copy.
+    target_ids : torch.Tensor
+        ``logits.shape[:-1]`` integer ids in ``[0, V)``.
+    temperature : float, default 1.0
+        Divides the logits (use the sampling temperature).
+    return_entropy : bool, default False
+        Also return the entropy of each token's distribution.
+    cu_seqlens : torch.Tensor, optional
+        ``(S + 1,)`` offsets of packed sequences. Accepted (and validated) so the packed call
+        mirrors :func:`rspo_loss`; log-probs do not depend on it.
+
+    Returns
+    -------
+    torch.Tensor or tuple of torch.Tensor
+        ``logits.shape[:-1]`` float32 log-probabilities (float64 for float64 logits), and the
+        entropies when asked. Never requires grad.
+
+    Raises
+    ------
+    TypeError
+        Non-tensor inputs, non-float logits, non-integer ids, a non-numeric temperature.
+    ValueError
+        Mismatched shapes or devices, ``temperature <= 0``, ids out of range (checked on CPU;
+        on a GPU an out-of-range id gives NaN).
+
+    Examples
+    --------
+    >>> import torch, rspo_kernels as rk
+    >>> logits = torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    >>> rk.token_logprobs(logits, torch.tensor([0, 1]))
+    tensor([-0.6931, -0.1269])
+    """
+    _checks.check_logits("logits", logits)
+    _checks.check_ids(target_ids, tuple(logits.shape[:-1]), logits.device)
+    temperature = LossOptions(temperature=temperature).temperature
+    if cu_seqlens is not None:
+        if logits.dim() != 2:
+            raise ValueError("cu_seqlens describes packed (N, V) logits; padded (B, T, V) logits need none")
+        _checks.check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device)
+    _checks.check_ids_in_range(target_ids, logits.shape[-1], None)
+    logits3 = logits.unsqueeze(0) if logits.dim() == 2 else logits
+    ids = target_ids.reshape(-1).long()
+    live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    _, fn = implementation("token_logprobs", logits.device.type, logits.dtype)
+    with torch.no_grad():
+        logp, entropy = fn(logits3.detach(), ids, live, temperature=temperature, with_entropy=return_entropy)
+    shape = tuple(target_ids.shape)
+    if return_entropy:
+        return logp.view(shape), entropy.view(shape)
+    return logp.view(shape)
+
+
+def _validate_loss_inputs(
+    logits: Any,
+    target_ids: Any,
+    weights: Any,
+    mask: Any,
+    old_logprobs: Any,
+    ref_logprobs: Any,
+    cu_seqlens: Any,
+    options: LossOptions,
+    vocab: int | None,
+    name: str = "logits",
+) -> None:
+    """Everything :func:`rspo_loss` (and the linear variant) check before any work."""
+    _checks.check_logits(name, logits)
+    shape = tuple(logits.shape[:-1])
+    dev = logits.device
+    _checks.check_ids(target_ids, shape, dev)
+    packed = logits.dim() == 2
+    n_seqs = None
+    if cu_seqlens is not None:
+        if not packed:
+            raise ValueError(f"cu_seqlens describes packed (N, D) {name}; padded (B, T, D) {name} need none")
+        n_seqs = _checks.check_cu_seqlens(cu_seqlens, shape[0], dev)
+    _checks.check_weights(weights, shape, n_seqs, dev)
+    if mask is not None:
+        _checks.check_token_tensor("mask", mask, shape, dev, floating=False)
+    for arg, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            _checks.check_token_tensor(arg, x, shape, dev, floating=True)
+    if options.beta > 0 and ref_logprobs is None:
+        raise ValueError(f"beta={options.beta} > 0 needs ref_logprobs (e.g. rk.token_logprobs(ref_logits, target_ids))")
+    if packed and options.loss_agg_mode.startswith("seq-") and cu_seqlens is None:
+        raise ValueError(
+            f"loss_agg_mode={options.loss_agg_mode!r} averages over sequences: packed (N, D) inputs need "
+            "cu_seqlens=[0, len_0, len_0 + len_1, ..., N]"
+        )
+    if packed and options.loss_agg_mode == "seq-mean-token-sum-norm" and options.max_response_length is None:
+        raise ValueError(
+            "loss_agg_mode='seq-mean-token-sum-norm' divides by the maximum response length, which packed inputs "
+            "do not carry: pass max_response_length (e.g. the rollout's response_length)"
+        )
+    if vocab is not None:
+        _checks.check_ids_in_range(target_ids, vocab, mask)
+
+
+def rspo_loss(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    clip_ratio_c: float | None = None,
+    beta: float = 0.0,
+    loss_agg_mode: str = "token-mean",
+    max_response_length: int | None = None,
+    inplace_backward: bool = False,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fused clipped policy-gradient loss driven by RSPO weights.
+
+    The forward pass keeps O(tokens) state (each token's log-sum-exp); the backward pass
+    recomputes the softmax block by block and writes ``dL/dlogits`` once, in the logits' dtype,
+    already multiplied by the incoming gradient. The float32 ``(tokens, vocab)`` softmax never
+    exists, and the loss behaves as any torch op under loss scaling, ``retain_graph``,
+    ``no_grad`` and ``torch.func``.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(B, T, V)`` padded, or ``(N, V)`` packed (verl's remove-padding); float16, bfloat16,
+        float32 or float64. The policy's logits for the response tokens; strided views are read
+        without a copy, but see Notes for ``logits[:, :-1]``.
+    target_ids : torch.Tensor
+        ``logits.shape[:-1]`` integer ids of the sampled tokens, in ``[0, V)`` where ``mask`` is
+        nonzero (padding may hold anything, e.g. -100).
+    weights : torch.Tensor
+        Padded: ``(B,)`` one weight per response (e.g. :func:`rspo_kernels.pass_at_k_weights`) or
+        ``(B, T)`` per token. Packed: ``(N,)`` per token, or ``(S,)`` per sequence with
+        ``cu_seqlens``. Used as the advantage; treated as a constant.
+    mask : torch.Tensor, optional
+        ``logits.shape[:-1]`` response mask (bool, integer or float); all ones when absent. Masked
+        tokens contribute exactly zero loss and zero gradient, whatever their logits hold.
+    old_logprobs : torch.Tensor, optional
+        Behaviour-policy log-probs per token. None means on-policy: ratio 1, and the gradient is
+        the plain weighted log-prob gradient.
+    ref_logprobs : torch.Tensor, optional
+        Reference-policy log-probs per token, for the KL term (needed when ``beta > 0``).
+    cu_seqlens : torch.Tensor, optional
+        Packed layout only: ``(S + 1,)`` integer offsets ``[0, len_0, len_0 + len_1, ..., N]``.
+        Needed by the ``seq-*`` aggregation modes and by per-sequence weights.
+    temperature, epsilon_low, epsilon_high, clip_ratio_c, beta, loss_agg_mode, max_response_length
+        Hyper-parameters; see :class:`rspo_kernels.loss.LossOptions`. ``clip_ratio_c`` turns on
+        verl's dual-clip. In the packed layout ``seq-mean-token-sum-norm`` needs
+        ``max_response_length``.
+    inplace_backward : bool, default False
+        Write the gradient over ``logits`` during backward, saving one logits-sized buffer
+        (Liger-Kernel's trick, made safe). Backward may then run only once (a second one
+        raises), ``logits`` must be produced by a layer (a leaf raises), and any other term that
+        still needs the logits' values in its own backward raises torch's "modified by an
+        inplace operation" error instead of computing garbage.
+    return_stats : bool, default False
+        Also return a dict of detached 0-d tensors, masked token means: ``logprob_mean``,
+        ``entropy_mean``, ``clip_fraction`` (verl's ``pg_clipfrac``), ``approx_kl`` (verl's
+        ``ppo_kl``, mean clamped ``old - logp``), ``dual_clip_fraction`` (verl's
+        ``pg_clipfrac_lower``, with ``clip_ratio_c``) and ``ref_kl`` (with ``ref_logprobs``).
+
+    Returns
+    -------
+    torch.Tensor or tuple
+        The 0-d loss (float32; float64 for float64 logits), and the stats dict when asked.
+
+    Raises
+    ------
+    TypeError
+        Non-tensor inputs or wrong dtypes, non-numeric hyper-parameters.
+    ValueError
+        Shapes, devices or hyper-parameters out of range; each message names the argument.
+    RuntimeError
+        In backward: ``create_graph=True`` (the fused backward is not differentiable; use
+        ``RSPO_KERNELS_BACKEND=reference``), or a second backward with ``inplace_backward``.
+
+    Notes
+    -----
+    Per token (docs/math.md, "The loss"), with ``r = exp(clamp(logp - old, -20, 20))`` and
+    weight ``A``: ``loss_tok = max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A)``, then
+    ``min(-A c, .)`` for ``A < 0`` under dual-clip, plus ``beta`` times the k3 KL. The
+    aggregation is linear in ``loss_tok`` with mask-only coefficients, as verl's ``agg_loss``.
+
+    Non-finite inputs: masked tokens are ignored entirely; ``-inf`` logits are tokens of
+    probability 0 (finite entropy); an ``old_logprobs`` of ``-inf`` gives a ratio of ``e^20``
+    (the clamp), so a token of weight 0 stays 0. An out-of-range id at a live token raises on
+    CPU and gives NaN on a GPU (no host sync to check it).
+
+    ``logits[:, :-1]`` views: autograd's slice backward allocates a zero ``(B, T + 1, V)``
+    buffer and copies the gradient into it. To avoid that extra buffer, pass the unsliced
+    logits with ``target_ids`` and ``mask`` padded by one position (mask 0 there).
+
+    Examples
+    --------
+    >>> import torch, rspo_kernels as rk
+    >>> logits = torch.zeros(1, 2, 4, requires_grad=True)
+    >>> loss = rk.rspo_loss(logits, torch.tensor([[0, 1]]), torch.tensor([2.0]))
+    >>> loss  # -2 * 1, on-policy ratio = 1
+    tensor(-2., grad_fn=<SumBackward0>)
+    >>> loss.backward(); logits.grad[0, 0]  # -2 / 2 tokens * (onehot - 1/4)
+    tensor([-0.7500,  0.2500,  0.2500,  0.2500])
+    """
+    options = LossOptions(
+        temperature=temperature,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        clip_ratio_c=clip_ratio_c,
+        beta=beta,
+        loss_agg_mode=loss_agg_mode,
+        max_response_length=max_response_length,
+    )
+    return rspo_loss_with_options(
+        logits, target_ids, weights, mask, options,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, cu_seqlens=cu_seqlens,
+        inplace_backward=inplace_backward, return_stats=return_stats,
+    )
+
+
+def rspo_loss_with_options(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor | None,
+    options: LossOptions,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    inplace_backward: bool = False,
+    return_stats: bool = False,
+    chunk_rows: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`rspo_loss` with its hyper-parameters in one :class:`LossOptions` (what ``RSPOLoss`` calls).
+
+    ``chunk_rows`` sets the rows per chunk of the CPU path (default: about 8 MiB of float32).
+    """
+    if not isinstance(options, LossOptions):
+        raise TypeError(f"options must be a rspo_kernels.loss.LossOptions, got {type(options).__name__}")
+    _validate_loss_inputs(
+        logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, logits.shape[-1]
+    )
+    _checks.check_inplace("logits", logits, inplace_backward)
+    batch = token_batch(logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options)
+    _, fn = implementation("token_logprobs", logits.device.type, logits.dtype)
+    kw = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+    logp, entropy = fn(
+        batch.rows, batch.ids, batch.live, temperature=options.temperature, with_entropy=return_stats,
+        inplace_backward=bool(inplace_backward) and torch.is_grad_enabled(), **kw,
+    )
+    return policy_loss(batch, logp, entropy, options, return_stats)
+
+
+class RSPOLoss(nn.Module):
+    """Rewards in, RSPO-weighted policy loss out: weights and loss in one module.
+
+    Parameters
+    ----------
+    objective : {"pass@k", "max@k"}, default "pass@k"
+        Which objective's gradient the weights estimate (:func:`rspo_kernels.pass_at_k_weights`
+        or :func:`rspo_kernels.max_at_k_weights`).
+    k : int, default 4
+        Sample size of the objective (numpy integers are accepted).
+    estimator : str, default "rspo"
+        Weight estimator (see :data:`rspo_kernels.ESTIMATORS`).
+    **loss_kwargs
+        Fixed keyword arguments of :func:`rspo_loss`: the :class:`LossOptions` fields
+        (``temperature``, ``epsilon_low``, ``epsilon_high``, ``clip_ratio_c``, ``beta``,
+        ``loss_agg_mode``, ``max_response_length``) and ``inplace_backward``, ``return_stats``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        At construction: an unknown keyword, objective or estimator, a bad ``k`` or
+        hyper-parameter, or an estimator that does not support the objective.
+
+    Notes
+    -----
+    The weights are computed on the rewards' device with ``validate=False``: no host
+    synchronisation and no Python loop over groups. Validate rewards once, upstream, if needed.
+
+    Examples
+    --------
+    >>> import torch, rspo_kernels as rk
+    >>> crit = rk.RSPOLoss("pass@k", k=2)
+    >>> logits = torch.zeros(4, 3, 5, requires_grad=True)
+    >>> rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])  # one group of 4 responses
+    >>> crit(logits, torch.zeros(4, 3, dtype=torch.long), rewards, group_size=4)
+    tensor(-0.5000, grad_fn=<SumBackward0>)
+    """
+
+    def __init__(self, objective: str = "pass@k", k: int = 4, estimator: str = "rspo", **loss_kwargs: Any):
+        super().__init__()
+        from rspo_kernels.api import ESTIMATORS
+
+        if objective not in ("pass@k", "max@k"):
+            raise ValueError(f"objective must be 'pass@k' or 'max@k', got {objective!r}")
+        if isinstance(k, bool):
+            raise TypeError(f"k must be an int, got {k!r}")
+        try:
+            k = operator.index(k)
+        except TypeError:
+            raise TypeError(f"k must be an int, got {k!r} ({type(k).__name__})") from None
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r} is not one of {ESTIMATORS}")
+        allowed = LossOptions.field_names() + _CALL_KWARGS
+        unknown = sorted(set(loss_kwargs) - set(allowed))
+        if unknown:
+            raise TypeError(f"RSPOLoss got unknown rspo_loss arguments {unknown}; allowed: {list(allowed)}")
+        self.objective = objective
+        self.k = k
+        self.estimator = estimator
+        self.options = LossOptions(**{n: v for n, v in loss_kwargs.items() if n not in _CALL_KWARGS})
+        self.inplace_backward = bool(loss_kwargs.get("inplace_backward", False))
+        self.return_stats = bool(loss_kwargs.get("return_stats", False))
+        self.loss_kwargs = dict(loss_kwargs)
+        # One tiny group of zeros (valid for every objective) runs the estimator's own checks now,
+        # so a combination it rejects fails here and not at the first training step.
+        self.weights(torch.zeros(1, 2 * k))
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.loss_kwargs.items())
+        return f"objective={self.objective!r}, k={self.k}, estimator={self.estimator!r}{extra}"
+
+    def weights(self, rewards: torch.Tensor, *, group_size: int | None = None, group_ids: Any = None) -> torch.Tensor:
+        """The flat per-response weights this module feeds to :func:`rspo_loss`.
+
+        Float64 for float64 rewards, float32 otherwise (the dtype
+        :func:`rspo_kernels.pass_at_k_weights` returns).
+        """
+        from rspo_kernels.api import max_at_k_weights, pass_at_k_weights
+
+        if not isinstance(rewards, torch.Tensor):
+            raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+        fn = pass_at_k_weights if self.objective == "pass@k" else max_at_k_weights
+        w = fn(rewards.detach(), self.k, group_size=group_size, group_ids=group_ids, estimator=self.estimator,
+               validate=False)
+        return w.reshape(-1)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        target_ids: torch.Tensor,
+        rewards: torch.Tensor,
+        *,
+        group_size: int | None = None,
+        group_ids: Any = None,
+        mask: torch.Tensor | None = None,
+        old_logprobs: torch.Tensor | None = None,
+        ref_logprobs: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for one reward per response.
+
+        Parameters
+        ----------
+        logits, target_ids, mask, old_logprobs, ref_logprobs, cu_seqlens
+            As in :func:`rspo_loss` (padded ``(B, T, V)`` or packed ``(N, V)`` with
+            ``cu_seqlens``).
+        rewards : torch.Tensor
+            One reward per response (``B`` padded, ``S`` packed): ``(B,)`` with ``group_size``
+            or ``group_ids``, or ``(G, n)`` with ``G * n = B`` (responses of a prompt
+            consecutive, in the order of ``logits``).
+        group_size, group_ids
+            Group layout, as in :func:`rspo_kernels.pass_at_k_weights`.
+
+        Returns
+        -------
+        torch.Tensor or tuple
+            What :func:`rspo_loss` returns.
+        """
+        _checks.check_logits("logits", logits)
+        if logits.dim() == 2:
+            if cu_seqlens is None:
+                raise ValueError("packed (N, V) logits need cu_seqlens to map one reward to each sequence")
+            n_resp, what = cu_seqlens.numel() - 1, "sequences in cu_seqlens"
+        else:
+            n_resp, what = logits.shape[0], "responses (B) in logits"
+        if isinstance(rewards, torch.Tensor) and rewards.numel() != n_resp:
+            raise ValueError(f"rewards has {rewards.numel()} entries but there are {n_resp} {what}; "
+                             "pass one reward per response")
+        w = self.weights(rewards, group_size=group_size, group_ids=group_ids).to(logits.device)
+        return rspo_loss_with_options(
+            logits, target_ids, w, mask, self.options,
+            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, cu_seqlens=cu_seqlens,
+            inplace_backward=self.inplace_backward, return_stats=self.return_stats,
+        )

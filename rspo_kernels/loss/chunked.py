@@ -1,0 +1,213 @@
+"""The memory-lean torch path of the fused log-probs: rows of logits in chunks, softmax recomputed.
+
+:class:`ChunkedTokenLogprobs` maps ``(B, T, V)`` logits to ``(N,)`` target log-probs. Its forward
+reads ``chunk_rows`` rows at a time (upcast to float32), keeps only the per-token log-sum-exp, and
+returns. Its backward reads the rows again and writes, once and in the logits' dtype,
+
+    dlogits = g * (onehot(target) - softmax(logits / T)) / T,      g = dL/dlogp (grad_output included)
+
+so the float32 ``(tokens, vocab)`` softmax never exists and gradients obey autograd: loss scaling
+happens before the single rounding, ``retain_graph`` repeats exactly, ``no_grad`` does no gradient
+work. Everything else of the loss is O(tokens) torch code differentiated by autograd
+(:func:`rspo_kernels.loss.reference.token_objective`). It runs on any device; the dispatcher sends
+CPU tensors (and float64 on a GPU) here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from rspo_kernels.loss.layout import compute_dtype
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "ChunkedTokenLogprobs", "fused_token_logprobs", "row_chunks", "check_backward_mode"]
+
+# Size of one float32 chunk of logits; the working set is about three of these.
+DEFAULT_CHUNK_BYTES = 8 << 20
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Rows per chunk so that a float32 chunk is about :data:`DEFAULT_CHUNK_BYTES`."""
+    return max(1, DEFAULT_CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+def row_chunks(
+    tensors: tuple[torch.Tensor, ...], chunk_rows: int
+) -> Iterator[tuple[tuple[torch.Tensor, ...], int, int]]:
+    """Yield ``(rows, r0, r1)``: the flattened rows ``[r0, r1)`` of each ``(B, T, V)`` tensor, as views.
+
+    A strided slice such as ``logits[:, :-1]`` is not one ``(N, V)`` view; then every tensor is
+    chunked within each sequence, never copied whole.
+    """
+    B, T, V = tensors[0].shape
+    try:
+        flats = tuple(t.view(B * T, V) for t in tensors)
+    except RuntimeError:
+        flats = None
+    if flats is not None:
+        for r0 in range(0, B * T, chunk_rows):
+            r1 = min(r0 + chunk_rows, B * T)
+            yield tuple(f[r0:r1] for f in flats), r0, r1
+        return
+    for b in range(B):
+        for t0 in range(0, T, chunk_rows):
+            t1 = min(t0 + chunk_rows, T)
+            yield tuple(t[b, t0:t1] for t in tensors), b * T + t0, b * T + t1
+
+
+def check_backward_mode(op: str) -> None:
+    """Refuse ``create_graph=True``: the fused backward is not itself differentiable.
+
+    ``once_differentiable`` raises only when the incoming gradient requires grad; with a constant
+    ``grad_output`` (``torch.autograd.grad(loss, x, create_graph=True)``) the second derivative
+    would be dropped silently. Autograd enables grad mode in backward exactly when
+    ``create_graph=True``.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op} does not support create_graph=True (double backward): its backward is a fused kernel. "
+            "For second derivatives compute the loss with RSPO_KERNELS_BACKEND=reference."
+        )
+
+
+def _safe_ids(ids: torch.Tensor, live: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    valid = (ids >= 0) & (ids < vocab)
+    return torch.where(valid & live, ids, torch.zeros_like(ids)), valid
+
+
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """``(logits, ids, live) -> (logp, lse, entropy)``; only ``logp`` is differentiable.
+
+    Outputs are flat ``(N,)`` in the compute dtype (float32; float64 for float64 logits). Tokens
+    that are not ``live`` get 0 everywhere and a zero gradient row, whatever the logits hold.
+    ``entropy`` is empty unless asked for.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        logits: torch.Tensor,
+        ids: torch.Tensor,
+        live: torch.Tensor,
+        temperature: float,
+        with_entropy: bool,
+        inplace_backward: bool,
+        chunk_rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, V = logits.shape
+        cdt = compute_dtype(logits.dtype)
+        safe, valid = _safe_ids(ids, live, V)
+        logp = torch.zeros(B * T, dtype=cdt, device=logits.device)
+        lse = torch.zeros_like(logp)
+        entropy = torch.zeros_like(logp) if with_entropy else logp.new_empty(0)
+        for (rows,), r0, r1 in row_chunks((logits,), chunk_rows):
+            x = rows.to(cdt, copy=True)  # [n, V]
+            if temperature != 1.0:
+                x.div_(temperature)
+            c_lse = torch.logsumexp(x, dim=-1)  # [n]
+            lse[r0:r1] = c_lse
+            logp[r0:r1] = x.gather(1, safe[r0:r1].unsqueeze(-1)).squeeze(-1) - c_lse
+            if with_entropy:
+                x.sub_(c_lse.unsqueeze(-1))  # log-softmax
+                p = x.exp()
+                # p log p -> 0 where p = 0 (a -inf logit), never 0 * -inf.
+                entropy[r0:r1] = -torch.where(p > 0, p * x, torch.zeros((), dtype=cdt)).sum(dim=-1)
+        zero = torch.zeros((), dtype=cdt, device=logits.device)
+        logp = torch.where(live, torch.where(valid, logp, torch.full((), float("nan"), dtype=cdt)), zero)
+        lse = torch.where(live, lse, zero)
+        if with_entropy:
+            entropy = torch.where(live, entropy, zero)
+        return logp, lse, entropy
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        logits, ids, live, temperature, _, inplace_backward, chunk_rows = inputs
+        _, lse, entropy = output
+        ctx.mark_non_differentiable(lse, entropy)
+        ctx.save_for_backward(logits, ids, live, lse)
+        ctx.temperature = temperature
+        ctx.inplace_backward = inplace_backward
+        ctx.chunk_rows = chunk_rows
+        ctx.consumed = False
+
+    @staticmethod
+    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:  # type: ignore[override]
+        check_backward_mode("rspo_loss")
+        check_inplace_backward_once(ctx)
+        logits, ids, live, lse = ctx.saved_tensors
+        B, T, V = logits.shape
+        cdt = lse.dtype
+        grad = logits if ctx.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        # Dead tokens take no gradient, whatever reaches their (constant 0) log-prob.
+        g = torch.where(live, g_logp.to(cdt) / ctx.temperature, torch.zeros((), dtype=cdt, device=live.device))
+        safe, _ = _safe_ids(ids, live, V)
+        for (rows, grad_rows), r0, r1 in row_chunks((logits, grad), ctx.chunk_rows):
+            c_g = g[r0:r1]
+            x = rows.to(cdt, copy=True)  # [n, V]
+            # Rows with g = 0 (masked, clipped) may hold NaN/inf logits: 0 * NaN must not leak.
+            x.masked_fill_((c_g == 0).unsqueeze(-1), 0.0)
+            if ctx.temperature != 1.0:
+                x.div_(ctx.temperature)
+            x.sub_(lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))  # -g * softmax
+            x.scatter_add_(1, safe[r0:r1].unsqueeze(-1), c_g.unsqueeze(-1))  # + g * onehot
+            grad_rows.copy_(x)
+        if ctx.inplace_backward:
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None, None, None
+
+
+def check_inplace_backward_once(ctx: Any) -> None:
+    """With ``inplace_backward`` the logits are overwritten: a second backward would read garbage."""
+    if ctx.inplace_backward:
+        if ctx.consumed:
+            raise RuntimeError(
+                "rspo_loss(..., inplace_backward=True) overwrites the logits with their gradient during "
+                "backward, so backward can run only once (retain_graph=True cannot repeat it). "
+                "Use inplace_backward=False to backpropagate more than once."
+            )
+        ctx.consumed = True
+
+
+def fused_token_logprobs(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    live: torch.Tensor,
+    *,
+    temperature: float,
+    with_entropy: bool,
+    inplace_backward: bool = False,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked log-probs of ``ids`` under ``softmax(logits / temperature)``; differentiable.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(B, T, V)`` any float dtype, any strides.
+    ids : torch.Tensor
+        ``(N,)`` int64 target ids (``N = B * T``); read only where ``live``.
+    live : torch.Tensor
+        ``(N,)`` bool: the tokens whose log-probs are needed.
+    temperature : float
+        Divides the logits.
+    with_entropy : bool
+        Also compute the (non-differentiable) entropies.
+    inplace_backward : bool
+        Write the gradient over ``logits`` in backward (one backward only).
+    chunk_rows : int, optional
+        Rows per chunk; by default a float32 chunk is about 8 MiB.
+
+    Returns
+    -------
+    logp : torch.Tensor
+        ``(N,)`` float32 (float64 for float64 logits), 0 where not ``live``, NaN for an id
+        outside ``[0, V)``.
+    entropy : torch.Tensor or None
+        ``(N,)`` entropies when asked.
+    """
+    logp, _, entropy = ChunkedTokenLogprobs.apply(
+        logits, ids, live, float(temperature), bool(with_entropy), bool(inplace_backward),
+        int(chunk_rows or default_chunk_rows(logits.shape[-1])),
+    )
+    return logp, (entropy if with_entropy else None)
