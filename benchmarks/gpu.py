@@ -82,7 +82,7 @@ import torch  # noqa: E402
 
 import rspo_kernels.loss as rk  # noqa: E402
 from rspo_kernels._dispatch import implementation  # noqa: E402
-from rspo_kernels.loss_reference import rspo_loss_reference, token_logprobs_reference  # noqa: E402
+from rspo_kernels.loss.reference import rspo_loss_reference, token_logprobs_reference  # noqa: E402
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
@@ -235,6 +235,37 @@ def _weights_section(device: torch.device, smoke: bool, repeats: int, warmup: in
 
 
 # --------------------------------------------------------------------------- the benchmark
+def _contract_section(logits_full, ids, weights, mask, kw) -> dict:
+    """The loss-v2 regression cases at the real shape: loss scaling, retain_graph, grad_output, no_grad."""
+    kw = dict(kw, return_stats=False)
+    out: dict = {}
+    x = logits_full.clone().requires_grad_()
+    loss = rk.rspo_loss(x[:, :-1], ids, weights, mask, **kw)
+    loss.backward(retain_graph=True)
+    once = x.grad.float()
+    loss.backward(retain_graph=True)
+    out["retain_graph_twice_is_2x"] = _close(x.grad.float(), 2 * once, 2.0**-7)
+    x.grad = None
+    (loss * 65536.0).backward()
+    out["loss_scaling_65536"] = _close(x.grad.float() / 65536.0, once, 2.0**-7)
+    out["loss_scaling_finite"] = {"ok": bool(torch.isfinite(x.grad).all())}
+    del x, loss, once
+    y = logits_full.clone().requires_grad_()
+    dev = logits_full.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    with torch.no_grad():
+        rk.rspo_loss(y[:, :-1], ids, weights, mask, **kw)
+    if dev.type == "cuda":
+        extra = torch.cuda.max_memory_allocated(dev) - base
+        out["no_grad_extra_bytes"] = int(extra)
+        out["no_grad_o_tokens"] = {"ok": extra < logits_full.numel() * logits_full.element_size() / 16}
+    out["ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))
+    return out
+
+
 def main() -> int:
     a = ARGS
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
@@ -257,7 +288,7 @@ def main() -> int:
         true_logp = token_logprobs_reference(logits_full[:, :-1], ids)
     old = true_logp + 0.3 * torch.randn(B, T, device=device, generator=g)
     ref = true_logp + 0.3 * torch.randn(B, T, device=device, generator=g)
-    backend = implementation("rspo_loss", device.type)[0]
+    backend = implementation("token_logprobs", device.type, dtype)[0]
     report: dict = {
         "benchmark": "fused RSPO loss (benchmarks/gpu.py)",
         "smoke": a.smoke,
@@ -271,7 +302,8 @@ def main() -> int:
         "warmup": a.warmup,
     }
     kw = dict(
-        old_logprobs=old, ref_logprobs=ref, beta=0.04, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, return_stats=True
+        old_logprobs=old, ref_logprobs=ref, beta=0.04, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, clip_ratio_c=3.0,
+        return_stats=True,
     )
 
     # 1. correctness -------------------------------------------------------------------------
@@ -296,6 +328,8 @@ def main() -> int:
         v["ok"] for v in correct["stats"].values()
     )
     report["correctness"] = correct
+    report["autograd_contract"] = _contract_section(logits_full, ids, weights, mask, kw)
+    correct["ok"] = correct["ok"] and report["autograd_contract"]["ok"]
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -41,13 +41,15 @@ TARGET_RATIO = 1 / 8  # the issue's bound: fused extra <= reference extra / 8
 
 
 def _child(variant: str, n_tokens: int, vocab: int, dtype_name: str, batch: int) -> dict:
+    import time
+
     import torch
 
-    from rspo_kernels._chunked_loss import rspo_loss_torch
-    from rspo_kernels.loss_reference import rspo_loss_reference
+    from rspo_kernels import rspo_loss
+    from rspo_kernels.loss.reference import rspo_loss_reference
 
     dtype = getattr(torch, dtype_name)
-    fn = rspo_loss_reference if variant == "reference" else rspo_loss_torch
+    fn = rspo_loss_reference if variant == "reference" else rspo_loss  # CPU tensors: the chunked path
     inplace = variant == "torch-inplace"
 
     def make(B: int, T: int, V: int):
@@ -63,12 +65,19 @@ def _child(variant: str, n_tokens: int, vocab: int, dtype_name: str, batch: int)
         loss = fn(logits, ids, weights, None, old_logprobs=old, loss_agg_mode="token-mean", inplace_backward=inplace)
         loss.backward()
         assert base.grad is not None
+        base.grad = None
 
     run(*make(1, 2, 8))  # warm-up: load code paths and thread pools
     inputs = make(batch, n_tokens // batch, vocab)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     run(*inputs)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(3):  # after the peak is read: timing runs cannot raise it
+        inputs = make(batch, n_tokens // batch, vocab)
+        t0 = time.perf_counter()
+        run(*inputs)
+        times.append(time.perf_counter() - t0)
     grad_bytes = 0 if inplace else n_tokens * vocab * torch.finfo(dtype).bits // 8
     return {
         "variant": variant,
@@ -76,6 +85,7 @@ def _child(variant: str, n_tokens: int, vocab: int, dtype_name: str, batch: int)
         "peak_mib": peak / 1024,
         "gradient_mib": grad_bytes / 2**20,
         "extra_mib": (peak - baseline) / 1024 - grad_bytes / 2**20,
+        "median_s": sorted(times)[1],
     }
 
 
@@ -99,6 +109,19 @@ def _run_child(variant: str, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _previous(args: argparse.Namespace, rows: dict) -> dict[str, float]:
+    """Extra MiB per variant from an earlier results file at the same shape (the old design's numbers)."""
+    if not args.previous or not os.path.exists(args.previous):
+        return {}
+    with open(args.previous) as f:
+        old = json.load(f)
+    same = old.get("shape", {}) == {"tokens": args.n, "vocab": args.v, "batch": args.batch, "dtype": args.dtype}
+    return {r["variant"]: r["extra_mib"] for r in old.get("results", [])} if same else {}
+
+
+_PREVIOUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu-2026-11-23-memory.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=4096, help="tokens (B * T)")
@@ -106,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="B (T = n / B)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu-<date>-memory.json)")
+    p.add_argument("--previous", default=_PREVIOUS, help="earlier results JSON to print beside (old design)")
     p.add_argument("--child", default=None, choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.n % args.batch:
@@ -124,10 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"rspo_loss forward+backward, N={args.n} V={args.v} {args.dtype}, peak extra memory beyond inputs and gradient"
     )
-    print(f"{'variant':<15}{'extra MiB':>12}{'peak MiB':>12}{'gradient MiB':>14}{'vs reference':>14}")
+    previous = _previous(args, rows)
+    print(
+        f"{'variant':<15}{'extra MiB':>12}{'peak MiB':>12}{'gradient MiB':>14}{'vs reference':>14}{'time s':>9}"
+        f"{'time vs ref':>13}{'prev extra MiB':>16}"
+    )
+    ref_time = rows["reference"]["median_s"]
     for r in rows.values():
+        r["time_ratio_to_reference"] = r["median_s"] / ref_time
+        prev = previous.get(r["variant"])
         print(
-            f"{r['variant']:<15}{r['extra_mib']:>12.1f}{r['peak_mib']:>12.1f}{r['gradient_mib']:>14.1f}{r['ratio_to_reference']:>14.4f}"
+            f"{r['variant']:<15}{r['extra_mib']:>12.1f}{r['peak_mib']:>12.1f}{r['gradient_mib']:>14.1f}"
+            f"{r['ratio_to_reference']:>14.4f}{r['median_s']:>9.3f}{r['time_ratio_to_reference']:>13.2f}"
+            f"{'' if prev is None else f'{prev:.1f}':>16}"
         )
     print(f"target: chunked extra <= 1/8 of the reference's: {'met' if ok else 'NOT met'}")
 
@@ -144,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "shape": {"tokens": args.n, "vocab": args.v, "batch": args.batch, "dtype": args.dtype},
         "results": list(rows.values()),
+        "previous_extra_mib": previous,
+        "previous_source": args.previous,
         "target_ratio": TARGET_RATIO,
         "target_met": ok,
     }

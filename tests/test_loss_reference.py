@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from rspo_kernels.loss_reference import (
+from rspo_kernels.loss.reference import (
     LOSS_AGG_MODES,
     agg_loss_reference,
     rspo_loss_reference,
@@ -209,3 +209,94 @@ def test_stats_keys_and_masking():
     assert set(stats) == {"logprob_mean", "entropy_mean", "clip_fraction", "approx_kl", "ref_kl"}
     assert all(v.dim() == 0 and not v.requires_grad and v.dtype == torch.float32 for v in stats.values())
     assert 0.0 < stats["clip_fraction"].item() < 1.0  # the case exercises both branches
+
+
+# --------------------------------------------------------------------------- loss v2: dual-clip, clamp, packed
+def _one_token(weight: float, old_shift: float, **kw):
+    """V = 2, logits 0 (logp = log 1/2), ratio exp(old_shift): loss, dL/dlogits and stats."""
+    logits = torch.zeros(1, 1, 2, dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[math.log(0.5) - old_shift]], dtype=torch.float64)
+    loss, stats = rspo_loss_reference(
+        logits, torch.tensor([[0]]), torch.tensor([weight], dtype=torch.float64), old_logprobs=old,
+        return_stats=True, **kw,
+    )
+    (g,) = torch.autograd.grad(loss, logits)
+    return loss.item(), g[0, 0], stats
+
+
+def test_dual_clip_hand_values():
+    # A = -2, ratio 5: clipped loss max(-A r, -A clip(r)) = max(10, 2.4) = 10, gradient -A r (onehot - p).
+    loss, g, stats = _one_token(-2.0, math.log(5.0))
+    assert loss == pytest.approx(10.0, rel=1e-12)
+    torch.testing.assert_close(g, torch.tensor([5.0, -5.0], dtype=torch.float64))
+    assert "dual_clip_fraction" not in stats
+    # Dual-clip c = 3 caps it at -A c = 6, a constant: zero gradient (verl's compute_policy_loss).
+    loss, g, stats = _one_token(-2.0, math.log(5.0), clip_ratio_c=3.0)
+    assert loss == pytest.approx(6.0, rel=1e-12)
+    assert torch.count_nonzero(g) == 0
+    assert stats["dual_clip_fraction"].item() == 1.0 and stats["clip_fraction"].item() == 0.0
+    # Positive weights are never dual-clipped.
+    loss, g, stats = _one_token(2.0, math.log(5.0), clip_ratio_c=3.0)
+    assert loss == pytest.approx(-2.0 * 1.2, rel=1e-12)
+    assert stats["dual_clip_fraction"].item() == 0.0
+
+
+def test_log_ratio_is_clamped_to_20_as_verl():
+    # An old log-prob of -inf (or 100 nats below logp): ratio exp(20), never inf; weight 0 stays 0.
+    for shift in (float("inf"), 100.0):
+        loss, g, stats = _one_token(0.0, shift)
+        assert loss == 0.0 and torch.count_nonzero(g) == 0
+        assert stats["approx_kl"].item() == pytest.approx(-20.0)
+    loss, g, _ = _one_token(1.0, 100.0)  # clipped at 1 + eps: constant
+    assert loss == pytest.approx(-1.2) and torch.count_nonzero(g) == 0
+    # Inside the clamp the gradient is autograd's through torch.clamp: zero outside [-20, 20].
+    loss, g, _ = _one_token(-1.0, 30.0)
+    assert loss == pytest.approx(math.exp(20.0), rel=1e-12) and torch.count_nonzero(g) == 0
+
+
+def test_entropy_is_finite_with_minus_inf_logits():
+    logits = torch.tensor([[[0.0, float("-inf"), 0.0]]], dtype=torch.float64)
+    logp, ent = token_logprobs_reference(logits, torch.tensor([[0]]), return_entropy=True)
+    assert logp.item() == pytest.approx(math.log(0.5)) and ent.item() == pytest.approx(math.log(2.0))
+
+
+def test_out_of_range_id_gives_nan_log_prob():
+    logp = token_logprobs_reference(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([3]))
+    assert torch.isnan(logp).all()
+
+
+def pack_case(case: dict, lengths: list[int]) -> tuple[dict, dict]:
+    """A padded case of ``B = len(lengths)`` rows with those lengths, and the same tokens packed.
+
+    Returns ``(padded, packed)`` keyword dicts for ``rspo_loss`` (``cu_seqlens`` in the packed one).
+    """
+    B, T = len(lengths), max(lengths)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    ids = torch.where(mask, case["target_ids"][:B, :T].clamp(min=0), torch.full((B, T), -100))
+    padded = dict(
+        logits=case["logits"][:B, :T], target_ids=ids, weights=case["weights"][:B], mask=mask,
+        old_logprobs=None if case["old_logprobs"] is None else case["old_logprobs"][:B, :T],
+        ref_logprobs=None if case["ref_logprobs"] is None else case["ref_logprobs"][:B, :T],
+    )
+    packed = {k: (v[mask] if isinstance(v, torch.Tensor) and v.dim() >= 2 else v) for k, v in padded.items()}
+    packed["weights"] = case["weights"][:B]  # one per sequence
+    packed["mask"] = None
+    packed["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    return padded, packed
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_packed_layout_equals_padded(mode):
+    case = make_case(B=4, T=6, V=11, dtype=torch.float64, seed=3)
+    padded, packed = pack_case(case, [3, 1, 6, 2])
+    kw = dict(loss_agg_mode=mode, max_response_length=6, temperature=0.8, beta=0.05, clip_ratio_c=3.0)
+    x = padded.pop("logits").clone().requires_grad_()
+    loss_p, st_p = rspo_loss_reference(x, **padded, return_stats=True, **kw)
+    (g_p,) = torch.autograd.grad(loss_p, x)
+    y = packed.pop("logits").clone().requires_grad_()
+    loss_k, st_k = rspo_loss_reference(y, **packed, return_stats=True, **kw)
+    (g_k,) = torch.autograd.grad(loss_k, y)
+    assert_matches(loss_k, loss_p, torch.float64)
+    assert_matches(g_k, g_p[padded["mask"]], torch.float64)
+    for k in st_p:
+        assert_matches(st_k[k], st_p[k], torch.float64, k)

@@ -1,7 +1,8 @@
 """Parity with verl's ``compute_policy_loss_vanilla`` + ``agg_loss`` (runs only where verl is installed).
 
-verl's vanilla loss adds dual-clip for negative advantages (``clip_ratio_c = 3``); the inputs keep
-every ratio below 2, where dual-clip is inactive, so the two objectives coincide.
+verl's vanilla loss always applies dual-clip for negative advantages (``clip_ratio_c = 3``) and
+clamps the log-ratio to [-20, 20]; ours does the same with ``clip_ratio_c=3.0``. The "far" inputs
+push ratios beyond 3 (dual-clip active) and some log-ratios beyond 20 (clamp active).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import pytest
 import torch
 from test_loss_reference import assert_matches, make_case
 
-import rspo_kernels.loss as L
-from rspo_kernels.loss_reference import LOSS_AGG_MODES, agg_loss_reference, token_logprobs_reference
+import rspo_kernels as L
+from rspo_kernels.loss.reference import LOSS_AGG_MODES, agg_loss_reference, token_logprobs_reference
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 omegaconf = pytest.importorskip("omegaconf")
@@ -81,9 +82,15 @@ def test_agg_loss_parity(mode):
     assert_matches(agg_loss_reference(loss_mat, mask, mode), expected, torch.float32)
 
 
+@pytest.mark.parametrize("spread", ["near", "far"])
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
-def test_policy_loss_and_gradient_parity(mode):
+def test_policy_loss_and_gradient_parity(mode, spread):
     case = make_case(B=4, T=6, V=23, with_ref=False, seed=5)
+    if spread == "far":
+        g = torch.Generator().manual_seed(11)
+        shift = torch.where(torch.rand(4, 6, generator=g) < 0.2, 25.0, 3.0 * torch.rand(4, 6, generator=g))
+        case["old_logprobs"] = case["old_logprobs"] - shift  # ratios up to e^3 > 3, some log-ratios > 20
+        case["weights"] = -case["weights"].abs()  # negative advantages: dual-clip territory
     T_ = case["temperature"]
     mask = case["mask"].float()
     x = case["logits"].clone().requires_grad_()
@@ -104,10 +111,13 @@ def test_policy_loss_and_gradient_parity(mode):
         temperature=T_,
         epsilon_low=EPS_LOW,
         epsilon_high=EPS_HIGH,
+        clip_ratio_c=3.0,
         loss_agg_mode=mode,
         return_stats=True,
     )
     (g,) = torch.autograd.grad(loss, y)
+    if spread == "far":
+        assert stats["dual_clip_fraction"] > 0  # the case exercises dual-clip
     assert_matches(loss, loss_v, torch.float32)
     assert_matches(g, g_v, torch.float32)
     if clipfrac_v is not None:

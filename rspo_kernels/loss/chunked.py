@@ -22,7 +22,15 @@ import torch
 
 from rspo_kernels.loss.layout import compute_dtype
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "ChunkedTokenLogprobs", "fused_token_logprobs", "row_chunks", "check_backward_mode"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "ChunkedTokenLogprobs",
+    "check_backward_mode",
+    "check_inplace_backward_once",
+    "fused_token_logprobs",
+    "logits_grad",
+    "row_chunks",
+]
 
 # Size of one float32 chunk of logits; the working set is about three of these.
 DEFAULT_CHUNK_BYTES = 8 << 20
@@ -65,7 +73,9 @@ def check_backward_mode(op: str) -> None:
     would be dropped silently. Autograd enables grad mode in backward exactly when
     ``create_graph=True``.
     """
-    if torch.is_grad_enabled():
+    # torch.func transforms run backward with grad mode on at their own level: not create_graph.
+    in_functorch = torch._C._functorch.maybe_current_level() is not None
+    if torch.is_grad_enabled() and not in_functorch:
         raise RuntimeError(
             f"{op} does not support create_graph=True (double backward): its backward is a fused kernel. "
             "For second derivatives compute the loss with RSPO_KERNELS_BACKEND=reference."
@@ -136,25 +146,45 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
         logits, ids, live, lse = ctx.saved_tensors
-        B, T, V = logits.shape
-        cdt = lse.dtype
-        grad = logits if ctx.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        # Dead tokens take no gradient, whatever reaches their (constant 0) log-prob.
-        g = torch.where(live, g_logp.to(cdt) / ctx.temperature, torch.zeros((), dtype=cdt, device=live.device))
-        safe, _ = _safe_ids(ids, live, V)
-        for (rows, grad_rows), r0, r1 in row_chunks((logits, grad), ctx.chunk_rows):
-            c_g = g[r0:r1]
-            x = rows.to(cdt, copy=True)  # [n, V]
-            # Rows with g = 0 (masked, clipped) may hold NaN/inf logits: 0 * NaN must not leak.
-            x.masked_fill_((c_g == 0).unsqueeze(-1), 0.0)
-            if ctx.temperature != 1.0:
-                x.div_(ctx.temperature)
-            x.sub_(lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))  # -g * softmax
-            x.scatter_add_(1, safe[r0:r1].unsqueeze(-1), c_g.unsqueeze(-1))  # + g * onehot
-            grad_rows.copy_(x)
-        if ctx.inplace_backward:
-            torch.autograd.graph.increment_version(logits)
+        grad = logits_grad(logits, ids, live, lse, g_logp, ctx.temperature, ctx.chunk_rows, ctx.inplace_backward)
         return grad, None, None, None, None, None, None
+
+
+def logits_grad(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    live: torch.Tensor,
+    lse: torch.Tensor,
+    g_logp: torch.Tensor,
+    temperature: float,
+    chunk_rows: int,
+    inplace: bool,
+) -> torch.Tensor:
+    """``g * (onehot(ids) - softmax(logits / T)) / T`` chunk by chunk, in the logits' dtype.
+
+    ``lse`` is the forward's per-token log-sum-exp of ``logits / T`` and ``g = dL/dlogp``. With
+    ``inplace`` the result overwrites ``logits`` (whose version counter is bumped, so any other
+    autograd node that saved them raises instead of reading the gradient).
+    """
+    V = logits.shape[-1]
+    cdt = lse.dtype
+    grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    # Dead tokens take no gradient, whatever reaches their (constant 0) log-prob.
+    g = torch.where(live, g_logp.to(cdt) / temperature, torch.zeros((), dtype=cdt, device=live.device))
+    safe, _ = _safe_ids(ids, live, V)
+    for (rows, grad_rows), r0, r1 in row_chunks((logits, grad), chunk_rows):
+        c_g = g[r0:r1]
+        x = rows.to(cdt, copy=True)  # [n, V]
+        # Rows with g = 0 (masked, clipped) may hold NaN/inf logits: 0 * NaN must not leak.
+        x.masked_fill_((c_g == 0).unsqueeze(-1), 0.0)
+        if temperature != 1.0:
+            x.div_(temperature)
+        x.sub_(lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))  # -g * softmax
+        x.scatter_add_(1, safe[r0:r1].unsqueeze(-1), c_g.unsqueeze(-1))  # + g * onehot
+        grad_rows.copy_(x)
+    if inplace:
+        torch.autograd.graph.increment_version(logits)
+    return grad
 
 
 def check_inplace_backward_once(ctx: Any) -> None:

@@ -91,7 +91,9 @@ class LossOptions:
     max_response_length: int | None = None
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__.__get__(self)  # frozen: normalise the fields once, here
+        def set_(name: str, value: Any) -> None:  # frozen: normalise the fields once, here
+            object.__setattr__(self, name, value)
+
         set_("temperature", _real("temperature", self.temperature))
         set_("epsilon_low", _real("epsilon_low", self.epsilon_low))
         if self.epsilon_high is not None:

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rspo_kernels.loss.chunked import check_backward_mode, check_inplace_backward_once
+from rspo_kernels.loss.chunked import check_backward_mode, check_inplace_backward_once, default_chunk_rows, logits_grad
 from rspo_kernels.ops._softmax_helpers import lse_block_update, load_scaled_block, softmax_grad_block
 
 __all__ = ["LAUNCH_ENV", "TritonTokenLogprobs", "fused_token_logprobs", "launch_config"]
@@ -198,6 +198,11 @@ class TritonTokenLogprobs(torch.autograd.Function):
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
         logits, ids, live, lse = ctx.saved_tensors
+        if torch._C._functorch.maybe_current_level() is not None:
+            # torch.func wraps tensors that have no storage a kernel could read: same math in torch.
+            dlogits = logits_grad(logits, ids, live, lse, g_logp, ctx.temperature, default_chunk_rows(logits.shape[-1]),
+                                  ctx.inplace_backward)
+            return dlogits, None, None, None, None, None
         dlogits = logits if ctx.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         # Dead tokens take no gradient, whatever reaches their (constant 0) log-prob.
         g = torch.where(live, g_logp.to(torch.float32), torch.zeros((), device=g_logp.device)).contiguous()
