@@ -112,17 +112,18 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         lse = torch.zeros_like(logp)
         entropy = torch.zeros_like(logp) if with_entropy else logp.new_empty(0)
         for (rows,), r0, r1 in row_chunks((logits,), chunk_rows):
-            x = rows.to(cdt, copy=True)  # [n, V]
-            if temperature != 1.0:
-                x.div_(temperature)
-            c_lse = torch.logsumexp(x, dim=-1)  # [n]
-            lse[r0:r1] = c_lse
-            logp[r0:r1] = x.gather(1, safe[r0:r1].unsqueeze(-1)).squeeze(-1) - c_lse
+            # Read the caller's rows directly when no upcast or scaling is needed: one pass fewer.
+            x = rows if rows.dtype == cdt and temperature == 1.0 else rows.to(cdt) / temperature  # [n, V]
+            # One fused log_softmax is about 3x faster on CPU than logsumexp's max/sub/exp/sum passes.
+            logsm = torch.log_softmax(x, dim=-1)  # [n, V]
+            c_ids = safe[r0:r1].unsqueeze(-1)
+            c_logp = logsm.gather(1, c_ids).squeeze(-1)
+            logp[r0:r1] = c_logp
+            lse[r0:r1] = x.gather(1, c_ids).squeeze(-1) - c_logp
             if with_entropy:
-                x.sub_(c_lse.unsqueeze(-1))  # log-softmax
-                p = x.exp()
+                p = logsm.exp()
                 # p log p -> 0 where p = 0 (a -inf logit), never 0 * -inf.
-                entropy[r0:r1] = -torch.where(p > 0, p * x, torch.zeros((), dtype=cdt)).sum(dim=-1)
+                entropy[r0:r1] = -torch.where(p > 0, p * logsm, torch.zeros((), dtype=cdt)).sum(dim=-1)
         zero = torch.zeros((), dtype=cdt, device=logits.device)
         logp = torch.where(live, torch.where(valid, logp, torch.full((), float("nan"), dtype=cdt)), zero)
         lse = torch.where(live, lse, zero)
@@ -135,7 +136,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         logits, ids, live, temperature, _, inplace_backward, chunk_rows = inputs
         _, lse, entropy = output
         ctx.mark_non_differentiable(lse, entropy)
-        ctx.save_for_backward(logits, ids, live, lse)
+        ctx.save_for_backward(logits, ids, live)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         ctx.chunk_rows = chunk_rows
@@ -145,8 +146,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:  # type: ignore[override]
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
-        logits, ids, live, lse = ctx.saved_tensors
-        grad = logits_grad(logits, ids, live, lse, g_logp, ctx.temperature, ctx.chunk_rows, ctx.inplace_backward)
+        logits, ids, live = ctx.saved_tensors
+        grad = logits_grad(logits, ids, live, None, g_logp, ctx.temperature, ctx.chunk_rows, ctx.inplace_backward)
         return grad, None, None, None, None, None, None
 
 
@@ -154,7 +155,7 @@ def logits_grad(
     logits: torch.Tensor,
     ids: torch.Tensor,
     live: torch.Tensor,
-    lse: torch.Tensor,
+    lse: torch.Tensor | None,
     g_logp: torch.Tensor,
     temperature: float,
     chunk_rows: int,
@@ -162,29 +163,53 @@ def logits_grad(
 ) -> torch.Tensor:
     """``g * (onehot(ids) - softmax(logits / T)) / T`` chunk by chunk, in the logits' dtype.
 
-    ``lse`` is the forward's per-token log-sum-exp of ``logits / T`` and ``g = dL/dlogp``. With
-    ``inplace`` the result overwrites ``logits`` (whose version counter is bumped, so any other
-    autograd node that saved them raises instead of reading the gradient).
+    ``g = dL/dlogp``. With the forward's per-token log-sum-exp ``lse`` of ``logits / T`` the softmax
+    is ``exp(x / T - lse)``; with ``lse=None`` it is recomputed by ``torch.softmax`` (one fused pass,
+    the faster choice on CPU). Rows with ``g = 0`` (padding, clipped tokens) are written as zeros
+    without reading their logits, so NaN or inf there never leaks. With ``inplace`` the result
+    overwrites ``logits`` (whose version counter is bumped, so any other autograd node that saved
+    them raises instead of reading the gradient).
     """
     V = logits.shape[-1]
-    cdt = lse.dtype
+    cdt = compute_dtype(logits.dtype)
     grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     # Dead tokens take no gradient, whatever reaches their (constant 0) log-prob.
     g = torch.where(live, g_logp.to(cdt) / temperature, torch.zeros((), dtype=cdt, device=live.device))
     safe, _ = _safe_ids(ids, live, V)
+    sparse_ok = logits.device.type == "cpu" and not torch.compiler.is_compiling()
     for (rows, grad_rows), r0, r1 in row_chunks((logits, grad), chunk_rows):
-        c_g = g[r0:r1]
-        x = rows.to(cdt, copy=True)  # [n, V]
-        # Rows with g = 0 (masked, clipped) may hold NaN/inf logits: 0 * NaN must not leak.
-        x.masked_fill_((c_g == 0).unsqueeze(-1), 0.0)
-        if temperature != 1.0:
-            x.div_(temperature)
-        x.sub_(lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))  # -g * softmax
-        x.scatter_add_(1, safe[r0:r1].unsqueeze(-1), c_g.unsqueeze(-1))  # + g * onehot
-        grad_rows.copy_(x)
+        c_g, c_ids = g[r0:r1], safe[r0:r1]
+        c_lse = None if lse is None else lse[r0:r1]
+        nonzero = c_g != 0
+        if sparse_ok and not bool(nonzero.all()):
+            # Clipped and padded tokens are common in RL batches: compute only the others.
+            idx = torch.nonzero(nonzero).squeeze(-1)
+            sub = _softmax_grad_rows(rows.index_select(0, idx), c_g[idx], c_ids[idx],
+                                     None if c_lse is None else c_lse[idx], temperature, cdt)
+            # After reading: with inplace, grad_rows are the logits.
+            grad_rows.index_fill_(0, torch.nonzero(~nonzero).squeeze(-1), 0.0)
+            grad_rows.index_copy_(0, idx, sub.to(grad_rows.dtype))
+            continue
+        out = _softmax_grad_rows(rows, c_g, c_ids, c_lse, temperature, cdt)
+        out.masked_fill_(~nonzero.unsqueeze(-1), 0.0)  # 0 * NaN of a dead row must not leak
+        grad_rows.copy_(out)
     if inplace:
         torch.autograd.graph.increment_version(logits)
     return grad
+
+
+def _softmax_grad_rows(
+    rows: torch.Tensor, g: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor | None, temperature: float,
+    cdt: torch.dtype,
+) -> torch.Tensor:
+    """``g * (onehot(ids) - softmax(rows / T))`` for a block of rows, in a fresh ``cdt`` buffer."""
+    x = rows.to(cdt) / temperature if temperature != 1.0 else rows
+    if lse is None:
+        out = torch.softmax(x, dim=-1, dtype=cdt)
+    else:
+        out = torch.sub(x, lse.unsqueeze(-1)).to(cdt).exp_()
+    out.mul_(-g.unsqueeze(-1))
+    return out.scatter_add_(1, ids.unsqueeze(-1), g.unsqueeze(-1))
 
 
 def check_inplace_backward_once(ctx: Any) -> None:
