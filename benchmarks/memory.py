@@ -37,7 +37,8 @@ import subprocess
 import sys
 
 VARIANTS = ("reference", "torch", "torch-inplace")
-TARGET_RATIO = 1 / 8  # the bound: fused extra <= reference extra / 8
+TARGET_RATIO = 1 / 8
+MMAP_THRESHOLD = os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")  # the bound: fused extra <= reference extra / 8
 
 
 def _child(variant: str, n_tokens: int, vocab: int, dtype_name: str, batch: int) -> dict:
@@ -104,7 +105,8 @@ def _run_child(variant: str, args: argparse.Namespace) -> dict:
         "--batch",
         str(args.batch),
     ]
-    env = dict(os.environ, RSPO_KERNELS_BACKEND="")
+    # A fixed mmap threshold makes glibc return freed chunks to the OS the same way every run.
+    env = dict(os.environ, RSPO_KERNELS_BACKEND="", MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "allocator": {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD},
         "shape": {"tokens": args.n, "vocab": args.v, "batch": args.batch, "dtype": args.dtype},
         "results": list(rows.values()),
         "previous_extra_mib": previous,
