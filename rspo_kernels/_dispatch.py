@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from typing import Callable
 
@@ -64,7 +65,9 @@ def _load(op: str, backend: str) -> Callable | None:
         return None
     module_name, func_name = _IMPLEMENTATIONS[key].split(":")
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
+        # torch.compile cannot trace importlib; a module already imported is a plain dict lookup.
+        module = sys.modules.get(module_name) or importlib.import_module(module_name)
+        func = getattr(module, func_name)
     except Exception as exc:  # an optional backend may fail in many ways (ImportError, OSError, ...)
         _failures[key] = f"{type(exc).__name__}: {exc}"
         warnings.warn(

@@ -8,6 +8,7 @@ fast path) and :mod:`~rspo_kernels.loss.api` (the public functions). The Triton 
 :mod:`rspo_kernels.ops.token_logprobs`.
 """
 
+from rspo_kernels.loss import chunked as _chunked  # noqa: F401  (the CPU backend: pure torch, import it now)
 from rspo_kernels.loss.api import RSPOLoss, rspo_loss, rspo_loss_with_options, token_logprobs
 from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
 
