@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from rspo_kernels._layout import Groups, sort_within_groups
@@ -30,6 +31,7 @@ __all__ = [
     "grouped_weights",
     "grouped_pass_at_k",
     "grouped_max_at_k",
+    "segment_cumsum",
 ]
 
 OBJECTIVES = ("pass@k", "max@k")
@@ -55,15 +57,55 @@ def _binom_ratio(top: torch.Tensor, r_top: int, bottom: torch.Tensor, r_bottom: 
     return torch.exp(_log_binom(top, r_top) - _log_binom(bottom, r_bottom))
 
 
-def _segment_cumsum(x: torch.Tensor, groups: Groups, seg: torch.Tensor) -> torch.Tensor:
-    """Inclusive cumulative sum restarted at every group boundary, ``(N,)``."""
+def _scan_rows(m: torch.Tensor, exclusive: bool, reverse: bool) -> torch.Tensor:
+    """Cumulative sum along each row of ``m`` ``[R, W]``; exclusive scans shift instead of subtracting."""
+    if reverse:
+        m = m.flip(1)
+    c = m.cumsum(dim=1)
+    if exclusive:
+        c = torch.cat([c.new_zeros(c.shape[0], 1), c[:, :-1]], dim=1)
+    return c.flip(1) if reverse else c
+
+
+def segment_cumsum(x: torch.Tensor, groups: Groups, *, exclusive: bool = False, reverse: bool = False) -> torch.Tensor:
+    """Cumulative sum of ``x`` ``(N,)`` restarted at every group boundary of ``groups``, ``(N,)``.
+
+    Each group is scanned on its own: a global cumsum minus each group's start would make a
+    group's rounding error scale with the magnitude of every group before it (``3e15`` in one
+    group wipes out ``0.1`` in the next). Ragged groups are padded to rows of the next power of
+    two, one ``cumsum`` per width, so padding costs at most ``N`` extra slots and
+    ``log2(n_max)`` launches; all sizes come from the host, so there is no device sync.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(N,)`` values laid out like ``groups.values``.
+    groups : Groups
+        Only ``offsets``, ``sizes`` and ``group_size`` are read.
+    exclusive : bool
+        Leave out each slot's own value (by shifting, never by subtracting it).
+    reverse : bool
+        Scan from the end of each group (suffix sums).
+    """
+    n_total = x.numel()
+    if n_total == 0:
+        return x.clone()
     if groups.group_size is not None:
-        return x.view(-1, groups.group_size).cumsum(dim=1).view(-1)
-    total = x.cumsum(dim=0)
+        return _scan_rows(x.view(-1, groups.group_size), exclusive, reverse).reshape(-1)
+    device = x.device
+    sizes = groups.sizes
+    widths = np.left_shift(1, np.ceil(np.log2(np.maximum(sizes, 1))).astype(np.int64))
+    padded = torch.cat([x, x.new_zeros(1)])   # slot N reads as 0 and collects padding writes
+    out = torch.empty_like(padded)
     starts = groups.offsets[:-1]
-    # Subtract everything accumulated before the group began.
-    before = (total[starts] - x[starts]) if x.numel() else total[:0]
-    return total - before[seg]
+    for width in np.unique(widths):
+        rows_np = np.flatnonzero(widths == width)
+        rows = torch.from_numpy(rows_np).to(device)
+        cols = torch.arange(int(width), device=device)
+        size = torch.from_numpy(sizes[rows_np]).to(device)
+        idx = torch.where(cols < size[:, None], starts[rows][:, None] + cols, n_total)  # [R, W]
+        out[idx.reshape(-1)] = _scan_rows(padded[idx], exclusive, reverse).reshape(-1)
+    return out[:n_total]
 
 
 def _segment_sum(x: torch.Tensor, groups: Groups, seg: torch.Tensor) -> torch.Tensor:
@@ -108,12 +150,8 @@ class _SortedGroups:
         """``q(j) = C(j, k-1) / C(n-1, k-1)`` for each slot's own group size."""
         return _binom_ratio(j, k - 1, self.n - 1, k - 1)
 
-    def cumsum(self, x: torch.Tensor) -> torch.Tensor:
-        return _segment_cumsum(x, self.groups, self.seg)
-
-    def total(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-slot total of ``x`` over the slot's group."""
-        return _segment_sum(x, self.groups, self.seg)[self.seg]
+    def cumsum(self, x: torch.Tensor, *, exclusive: bool = False, reverse: bool = False) -> torch.Tensor:
+        return segment_cumsum(x, self.groups, exclusive=exclusive, reverse=reverse)
 
     def at_run_start(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` read at the first slot of each slot's tie run."""
@@ -137,8 +175,8 @@ def _leave_one_out_max_at(s: _SortedGroups, m: int) -> torch.Tensor:
     pos = s.pos.to(_F64)
     prefix_terms = s.v * _binom_ratio(pos, m - 1, s.n - 1, m)      # slot u < p is o_(u+1)
     suffix_terms = s.v * _binom_ratio(pos - 1, m - 1, s.n - 1, m)  # slot u > p is o_(u)
-    prefix = s.cumsum(prefix_terms) - prefix_terms           # exclusive: u < p
-    suffix = s.total(suffix_terms) - s.cumsum(suffix_terms)  # exclusive: u > p
+    prefix = s.cumsum(prefix_terms, exclusive=True)                # u < p
+    suffix = s.cumsum(suffix_terms, exclusive=True, reverse=True)  # u > p
     return prefix + suffix
 
 
@@ -173,7 +211,7 @@ def _max_plugin(s: _SortedGroups, k: int) -> torch.Tensor:
     w = s.v * p.pow(k - 1)
     if k > 1:
         terms = s.v * p.pow(k - 2) / s.n
-        below_sum = s.at_run_start(s.cumsum(terms) - terms)   # sum over slots strictly below the run
+        below_sum = s.at_run_start(s.cumsum(terms, exclusive=True))  # slots strictly below the run
         w = w - (k - 1) * below_sum
     return k * w
 

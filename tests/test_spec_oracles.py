@@ -94,3 +94,21 @@ def test_plugin_pass_is_not_plugin_max_on_binary():
     """Eq. 7 uses P_< (others all wrong); eq. 11 approximates P_< by P_<=, so they differ."""
     r = np.array([[1.0, 0.0, 0.0, 1.0]])
     assert not np.allclose(rk.pass_at_k_weights(r, 2, estimator="plugin"), rk.max_at_k_weights(r, 2, estimator="plugin"))
+
+
+@pytest.mark.parametrize("big_first", [True, False])
+@pytest.mark.parametrize("estimator", ["rspo", "plugin", "pkpo", "pkpo_loo"])
+def test_ragged_scans_keep_each_groups_precision(estimator, big_first):
+    """Issue 14 §3.1: a 3e15 reward in one group must not round another group's scans away."""
+    big, small = [0.0, 3e15, 1.0], [0.1, 0.2, 0.3, 0.0]
+    r = big + small if big_first else small + big
+    ids = [0] * 3 + [1] * 4 if big_first else [1] * 4 + [0] * 3
+    w = rk.max_at_k_weights(np.array(r), 2, group_ids=ids, estimator=estimator)
+    got = w[3:] if big_first else w[:4]
+    want = oracles.ORACLES[("max@k", estimator)](small, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_ragged_scan_example_from_issue_14():
+    w = rk.max_at_k_weights(np.array([0, 3e15, 0.1, 0.2, 0.3, 0]), 2, group_ids=[0, 0, 1, 1, 1, 1])
+    np.testing.assert_allclose(w[2:], [1 / 15, 1 / 5, 2 / 5, 0], rtol=1e-12, atol=0)
