@@ -26,9 +26,10 @@ void max_at_k_weights(const T* values, const int64_t* offsets, int64_t num_group
 template <typename T>
 void pass_at_k_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Estimator est, T* out);
 
-// k times the maximum of each consecutive block of k (hitchhiking.cpp).
+// k times the maximum of each consecutive block of k (hitchhiking.cpp); with `binary` (Pass@k),
+// k if any reward of the block is non-zero, else 0.
 template <typename T>
-void hitchhiking_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, T* out);
+void hitchhiking_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, bool binary, T* out);
 
 // Unbiased per-group metrics (metrics.cpp); `out` has num_groups entries.
 template <typename T>
@@ -46,7 +47,7 @@ template <typename T>
 void grouped_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Objective obj,
                      Estimator est, T* out) {
     if (est == Estimator::hitchhiking) {
-        hitchhiking_weights(values, offsets, num_groups, k, out);
+        hitchhiking_weights(values, offsets, num_groups, k, obj == Objective::pass_at_k, out);
     } else if (obj == Objective::pass_at_k) {
         pass_at_k_weights(values, offsets, num_groups, k, est, out);
     } else {

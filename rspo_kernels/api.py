@@ -92,6 +92,8 @@ def pass_at_k_weights(
     validate : bool, default True
         Check that rewards are finite and binary. These checks need one device-to-host sync; pass
         False inside a training step on validated rewards. Shape and size checks always run.
+        Unchecked rewards are read as ``R != 0`` by every backend: any non-zero reward (NaN
+        included) counts as correct.
 
     Returns
     -------
@@ -209,8 +211,10 @@ def pass_at_k(
     Notes
     -----
     :math:`1 - \binom{n-c}{k} / \binom{n}{k}` (Chen et al. 2021), 1 when ``n - c < k``; computed
-    as ``-expm1`` of a float64 log-factorial difference. Unlike bootstrapping with replacement
-    (what some trainers log as best@k), it is unbiased.
+    in float64 as ``-expm1(sum log1p(-x))`` over the ``min(c, k)`` factors of the product form
+    (MATH.md § Evaluation metrics), so a tiny pass rate keeps full relative precision. Unlike
+    bootstrapping with replacement (what some trainers log as best@k), it is unbiased. With
+    ``validate=False`` any non-zero reward counts as correct.
 
     Examples
     --------

@@ -314,19 +314,36 @@ def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> t
     """
     if groups.values.numel() == 0:
         return groups.values.clone()
+    if objective == "pass@k":
+        # Unvalidated Pass@k rewards count as correct when non-zero, in every backend.
+        groups = groups.with_values((groups.values != 0).to(groups.values.dtype))
     w = _TABLES[objective][estimator](groups, k)
     return w.to(groups.values.dtype)
 
 
 def grouped_pass_at_k(groups: Groups, k: int) -> torch.Tensor:
-    """Unbiased pass@k per group: ``1 - C(n-c, k) / C(n, k)`` (1 when ``n - c < k``), ``(G,)``."""
-    values = groups.values.to(_F64)
+    """Unbiased pass@k per group: ``1 - C(n-c, k) / C(n, k)`` (1 when ``n - c < k``), ``(G,)``.
+
+    Uses the product form of MATH.md § Evaluation metrics with ``m = min(c, k)`` factors,
+    ``C(n-c, k)/C(n, k) = prod_{j=n-c+1..n} (1 - k/j)`` (c <= k) or ``prod_{t<k} (1 - c/(n-t))``
+    (c > k), as ``-expm1(sum log1p(-x))``: a pass rate near 0 keeps its relative precision, where a
+    difference of log-factorials near ``1e7`` would not. Factor ``t`` lives in slot ``t`` of its
+    group (``m <= n``), so one segment sum does every group at once, with no device sync.
+    Any non-zero reward counts as correct (the contract of ``validate=False``).
+    """
+    values = groups.values
+    if values.numel() == 0:
+        return torch.zeros(groups.num_groups, dtype=values.dtype, device=values.device)
     seg = groups.segment_ids()
-    c = _segment_sum(values, groups, seg)
-    n = (groups.offsets[1:] - groups.offsets[:-1]).to(_F64)
-    # expm1 keeps full relative precision when the failure probability is close to 1.
-    fail = _log_binom(n - c, k) - _log_binom(n, k)
-    return (-torch.expm1(fail)).to(groups.values.dtype)
+    c_group = _segment_sum((values != 0).to(_F64), groups, seg)
+    n_group = (groups.offsets[1:] - groups.offsets[:-1]).to(_F64)
+    n, c = n_group[seg], c_group[seg]
+    t = (torch.arange(values.numel(), device=values.device) - groups.offsets[:-1][seg]).to(_F64)
+    factor = torch.where(c <= k, torch.log1p(-k / (n - c + 1 + t)), torch.log1p(-c / (n - t)))
+    active = (t < torch.clamp(c, max=k)) & (n - c >= k)
+    log_miss = _segment_sum(torch.where(active, factor, torch.zeros_like(factor)), groups, seg)
+    hit = torch.where(n_group - c_group < k, torch.ones_like(log_miss), -torch.expm1(log_miss))
+    return hit.to(values.dtype)
 
 
 def grouped_max_at_k(groups: Groups, k: int) -> torch.Tensor:

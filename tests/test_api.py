@@ -244,3 +244,31 @@ def test_backend_info_reports_every_device():
     info = rk.backend_info()
     assert set(info["cpu"]) >= {"weights", "pass_at_k", "max_at_k"}
     assert "failures" in info
+
+
+# ------------------------------------------------------------------- validate=False contract
+def _backends_for_weights():
+    backends = ["cpp", "reference"]
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return backends
+    return backends + ["triton"]
+
+
+@pytest.mark.parametrize("backend", _backends_for_weights())
+@pytest.mark.parametrize("estimator", ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"])
+def test_unvalidated_pass_at_k_counts_every_non_zero_reward_as_correct(monkeypatch, backend, estimator):
+    """Issue 14 §3.5: with validate=False every backend reads Pass@k rewards as ``R != 0``."""
+    from rspo_kernels._dispatch import BACKEND_ENV
+
+    r = np.array([[0.0, 0.5, 2.0, -1.0, 0.0, 0.0, 1.0, np.nan], [0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0]])
+    binary = (r != 0).astype(np.float64)
+    want_w = rk.pass_at_k_weights(binary, 2, estimator=estimator)
+    want_m = rk.pass_at_k(binary, 2)
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    np.testing.assert_allclose(rk.pass_at_k_weights(r, 2, estimator=estimator, validate=False), want_w,
+                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(rk.pass_at_k(r, 2, validate=False), want_m, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="Pass@k needs rewards in"):
+        rk.pass_at_k_weights(r, 2, estimator=estimator)

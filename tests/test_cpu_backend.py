@@ -329,3 +329,10 @@ def test_first_invalid_matches_reference(dtype, binary, data):
         if n:
             v[int(rng.integers(0, n))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.5, 2.0, -1.0]))
     assert _cpu_backend.first_invalid(v, binary) == _validation.first_invalid(v, binary)
+
+
+def test_max_at_k_metric_does_not_overflow_near_the_float64_maximum(monkeypatch):
+    """Issue 14 §3.4: every pair's max is 1e308, so max@2 is 1e308, not inf."""
+    groups = make_groups([-1e308, 1e308, 1e308], [3], torch.float64)
+    assert _cpu_backend.grouped_max_at_k(groups, 2).item() == pytest.approx(1e308, rel=1e-15)
+    assert spec.grouped_max_at_k(groups, 2).item() == pytest.approx(1e308, rel=1e-15)

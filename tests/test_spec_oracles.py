@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +115,13 @@ def test_ragged_scans_keep_each_groups_precision(estimator, big_first):
 def test_ragged_scan_example_from_issue_14():
     w = rk.max_at_k_weights(np.array([0, 3e15, 0.1, 0.2, 0.3, 0]), 2, group_ids=[0, 0, 1, 1, 1, 1])
     np.testing.assert_allclose(w[2:], [1 / 15, 1 / 5, 2 / 5, 0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n, c, k", [(2**20, 1, 1), (2**20, 3, 5), (2**20, 9, 4), (10**6, 10**6 - 3, 2), (7, 2, 6)])
+def test_pass_at_k_metric_keeps_relative_precision_at_huge_n(n, c, k):
+    """Issue 14 §3.2: the reference metric (what CUDA tensors get) at n = 2^20, vs exact fractions."""
+    r = np.zeros((1, n))
+    r[0, :c] = 1
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    got = rk.pass_at_k(r, k)[0]
+    assert abs(got - float(exact)) <= 4 * np.finfo(np.float64).eps * float(exact)

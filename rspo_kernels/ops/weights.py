@@ -55,10 +55,10 @@ def _chunk_slots(i_c, p_offsets, p_chunks, BLOCK: tl.constexpr):
 
 @triton.jit
 def _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS: tl.constexpr):
-    """The summands of one chunk, float64 ``[BLOCK]``: rewards (Pass@k) or ``q(j) * gap_j`` (Max@k)."""
+    """The summands of one chunk, float64 ``[BLOCK]``: ``R != 0`` (Pass@k) or ``q(j) * gap_j`` (Max@k)."""
     b_v = tl.load(p_v + start + o_slot, mask=m_slot, other=0.0).to(tl.float64)
     if IS_PASS:
-        return b_v
+        return tl.where(b_v != 0.0, 1.0, 0.0).to(tl.float64)  # non-zero counts as correct
     b_prev = tl.load(p_v + start + o_slot - 1, mask=m_slot & (o_slot > 0), other=0.0).to(tl.float64)
     b_gap = tl.where(o_slot > 0, b_v - b_prev, 0.0)
     return _q_ratio(o_slot, n, k, p_lf, m_slot) * b_gap
@@ -129,12 +129,12 @@ def _rspo_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
     values = groups.values
     device = values.device
     sizes = groups.sizes
-    if k == 1:  # plain policy gradient: w = R
-        return values.clone()
+    is_pass = objective == "pass@k"
+    if k == 1:  # plain policy gradient: w = R (R != 0 for Pass@k)
+        return (values != 0).to(values.dtype) if is_pass else values.clone()
     block = _block_size(int(sizes.max()))
     chunks = prepare_chunks(sizes, block, device, groups.group_size)
     n_chunks = chunks.shape[0]
-    is_pass = objective == "pass@k"
     if is_pass:
         v, order = values, values.new_empty(0, dtype=torch.int64)  # no sort: order unused
     else:
