@@ -58,11 +58,15 @@ void dispatch(const py::array& values, const py::array& offsets, py::array& out,
     }
 }
 
-void weights(const py::array& values, const py::array& offsets, int64_t k, const std::string& objective,
-             const std::string& estimator, py::array out) {
+int64_t weights(const py::array& values, const py::array& offsets, int64_t k, const std::string& objective,
+                const std::string& estimator, py::array out, bool validate) {
     const rspo::Objective obj = rspo::parse_objective(objective);
     const rspo::Estimator est = rspo::parse_estimator(estimator);
-    dispatch(values, offsets, out, false, [&](auto v, auto off, int64_t g, auto o) { rspo::grouped_weights(v, off, g, k, obj, est, o); });
+    int64_t bad = -1;
+    dispatch(values, offsets, out, false, [&](auto v, auto off, int64_t g, auto o) {
+        bad = rspo::grouped_weights(v, off, g, k, obj, est, validate, o);
+    });
+    return bad;
 }
 
 void pass_at_k(const py::array& values, const py::array& offsets, int64_t k, py::array out) {
@@ -92,8 +96,10 @@ int64_t first_invalid(const py::array& values, bool binary) {
 PYBIND11_MODULE(_cpu, m) {
     m.doc() = "C++ CPU kernels of rspo_kernels (see csrc/rspo_kernels.hpp).";
     m.def("weights", &weights, py::arg("values"), py::arg("offsets"), py::arg("k"), py::arg("objective"),
-          py::arg("estimator"), py::arg("out"),
-          "Write the per-sample weights of (objective, estimator) for grouped rewards into out.");
+          py::arg("estimator"), py::arg("out"), py::arg("validate") = false,
+          "Write the per-sample weights of (objective, estimator) for grouped rewards into out. With "
+          "validate=True, return the index of the first reward that is not finite (max@k) or not exactly 0 or 1 "
+          "(pass@k), checked in the kernel's own read where it can be, else -1 (out is then unspecified).");
     m.def("pass_at_k", &pass_at_k, py::arg("values"), py::arg("offsets"), py::arg("k"), py::arg("out"),
           "Write the unbiased pass@k of each group of binary rewards into out.");
     m.def("max_at_k", &max_at_k, py::arg("values"), py::arg("offsets"), py::arg("k"), py::arg("out"),

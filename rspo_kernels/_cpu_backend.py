@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from rspo_kernels import _cpu
-from rspo_kernels._layout import Groups
+from rspo_kernels._layout import Groups, InvalidRewardError
 
 __all__ = ["grouped_weights", "grouped_pass_at_k", "grouped_max_at_k", "first_invalid"]
 
@@ -25,11 +25,18 @@ def _arrays(groups: Groups):
     return values, values.numpy(), groups.offsets.numpy()
 
 
-def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> torch.Tensor:
-    """``(N,)`` weights of ``estimator`` for ``objective`` in the grouped order, dtype of the values."""
+def grouped_weights(groups: Groups, k: int, objective: str, estimator: str, *, validate: bool = False) -> torch.Tensor:
+    """``(N,)`` weights of ``estimator`` for ``objective`` in the grouped order, dtype of the values.
+
+    With ``validate``, the kernel also checks the rewards (finite; exactly 0 or 1 for Pass@k, in
+    the same read that counts them) and raises :class:`~rspo_kernels._layout.InvalidRewardError`
+    at the first bad one.
+    """
     values, v, offsets = _arrays(groups)
     out = torch.empty_like(values)
-    _cpu.weights(v, offsets, int(k), objective, estimator, out.numpy())
+    bad = _cpu.weights(v, offsets, int(k), objective, estimator, out.numpy(), bool(validate))
+    if bad >= 0:
+        raise InvalidRewardError(bad)
     return out
 
 

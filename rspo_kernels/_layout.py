@@ -15,7 +15,30 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Groups", "Restore", "to_groups", "group_labels_to_codes", "sort_within_groups"]
+__all__ = [
+    "Groups",
+    "Restore",
+    "InvalidRewardError",
+    "to_groups",
+    "group_labels_to_codes",
+    "sort_within_groups",
+]
+
+
+class InvalidRewardError(ValueError):
+    """Raised by a backend that validates rewards while it computes (the C++ Pass@k count).
+
+    The public API turns it into the message that names the group, the value and the fix.
+
+    Attributes
+    ----------
+    position : int
+        Grouped index (into ``Groups.values``) of the first invalid reward.
+    """
+
+    def __init__(self, position: int):
+        super().__init__(f"invalid reward at grouped position {position}")
+        self.position = int(position)
 
 
 @dataclass(frozen=True)

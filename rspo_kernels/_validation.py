@@ -13,13 +13,16 @@ import torch
 
 from rspo_kernels._dispatch import implementation
 from rspo_kernels._layout import Groups, Restore
+from rspo_kernels.estimators import BINARY_ONLY_ESTIMATORS, ESTIMATORS
 
 __all__ = [
     "as_reward_tensor",
     "check_k",
+    "check_estimator",
     "check_layout_args",
     "check_group_sizes",
     "check_values",
+    "raise_invalid_value",
 ]
 
 _TORCH_OK = {
@@ -39,6 +42,10 @@ def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
     container : {"numpy", "torch"}
     """
     if isinstance(rewards, torch.Tensor):
+        if rewards.layout != torch.strided:
+            raise TypeError(
+                f"rewards is a {rewards.layout} tensor; only dense tensors are supported: pass rewards.to_dense()"
+            )
         if rewards.dtype not in _TORCH_OK:
             raise TypeError(
                 f"rewards have unsupported dtype {rewards.dtype}; use bool, an integer type, "
@@ -46,12 +53,21 @@ def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
             )
         t, container = rewards.detach(), "torch"
     elif isinstance(rewards, np.ndarray):
+        if isinstance(rewards, np.ma.MaskedArray):
+            if np.ma.getmaskarray(rewards).any():
+                raise TypeError(
+                    "rewards is a masked array with masked entries, and masks are not supported: drop them "
+                    "(rewards.compressed(), with matching group_ids) or fill them (rewards.filled(value))"
+                )
+            rewards = rewards.data  # nothing is masked: the data is the rewards
         if rewards.dtype.kind not in _NUMPY_KINDS_OK or rewards.dtype.itemsize > 8:
             raise TypeError(
                 f"rewards have unsupported dtype {rewards.dtype}; use bool, an integer type, "
                 "float16, float32 or float64"
             )
-        t, container = torch.from_numpy(np.ascontiguousarray(rewards)), "numpy"
+        # torch reads native byte order only; a big-endian array is converted (one copy).
+        native = rewards.astype(rewards.dtype.newbyteorder("="), copy=False)
+        t, container = torch.from_numpy(np.ascontiguousarray(native)), "numpy"
     else:
         raise TypeError(
             f"rewards must be a numpy.ndarray or a torch.Tensor, got {type(rewards).__name__}; "
@@ -73,13 +89,39 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
-def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any) -> None:
-    """Check that the layout arguments fit the rewards' shape (no data access, no sync)."""
+def check_estimator(estimator: Any, objective: str) -> None:
+    """A known estimator name that is defined for ``objective``."""
+    choices = ", ".join(map(repr, ESTIMATORS))
+    if not isinstance(estimator, str):
+        raise TypeError(f"estimator must be a string, got {estimator!r}; choose one of {choices} (default 'rspo')")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {choices}")
+    if objective == "max@k" and estimator in BINARY_ONLY_ESTIMATORS:
+        raise ValueError(
+            f"the {estimator!r} estimator is defined for binary Pass@k rewards only: use pass_at_k_weights "
+            "with 0/1 rewards, or another estimator (e.g. 'rspo') for Max@k and graded rewards"
+        )
+
+
+def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any, k: int, objective: str) -> None:
+    """Check that the layout arguments fit the rewards' shape (no data access, no sync).
+
+    Empty rewards still state their group size (the row length, or ``group_size``), and that size
+    must admit k: ``(0, 4)`` rewards with k=10 are as wrong as ``(1, 4)`` ones, and ``(B, 0)``
+    rewards are B groups with no samples.
+    """
+    name = "Pass@k" if objective == "pass@k" else "Max@k"
     if values.dim() == 2:
         if group_size is not None or group_ids is not None:
             raise ValueError(
                 "2-D rewards already give one group per row; drop group_size/group_ids "
                 "or pass the rewards flattened to 1-D"
+            )
+        n = values.shape[1]
+        if values.numel() == 0 and n < k:
+            raise ValueError(
+                f"rewards of shape {tuple(values.shape)} have groups (rows) of {n} samples but k={k}; "
+                f"{name} needs n >= k: pass rewards of shape (groups, n) with n >= k"
             )
         return
     if (group_size is None) == (group_ids is None):
@@ -98,6 +140,10 @@ def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any) -> 
                 f"group_size={group_size} does not divide the {n_total} rewards "
                 f"({n_total} = {n_total // group_size} * {group_size} + {n_total % group_size}); "
                 "pass group_ids for groups of different sizes"
+            )
+        if n_total == 0 and group_size < k:
+            raise ValueError(
+                f"group_size={group_size} but k={k}; {name} needs n >= k: sample more responses or lower k"
             )
 
 
@@ -161,8 +207,13 @@ def check_values(groups: Groups, restore: Restore, objective: str | None) -> Non
     # Binary rewards are finite, so Pass@k needs a single test.
     _, find = implementation("first_invalid", v.device.type)
     p = find(v, objective == "pass@k")
-    if p < 0:
-        return
+    if p >= 0:
+        raise_invalid_value(groups, restore, p)
+
+
+def raise_invalid_value(groups: Groups, restore: Restore, p: int) -> None:
+    """Raise the ValueError for the invalid reward at grouped position ``p`` (group, value, fix)."""
+    v = groups.values
     g, pos, where = _locate(groups, restore, p)
     value = float(v[p])
     if not np.isfinite(value):

@@ -14,7 +14,7 @@ import torch
 
 from rspo_kernels import _validation as check
 from rspo_kernels._dispatch import implementation
-from rspo_kernels._layout import Groups, Restore, to_groups
+from rspo_kernels._layout import Groups, InvalidRewardError, Restore, to_groups
 from rspo_kernels.estimators import ESTIMATORS
 
 __all__ = ["pass_at_k_weights", "max_at_k_weights", "pass_at_k", "max_at_k", "ESTIMATORS"]
@@ -23,41 +23,55 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 GroupIds = Union[np.ndarray, torch.Tensor, Sequence[Hashable]]
 
 
+# Backends whose weight kernels validate the rewards in the read that computes them (one pass
+# over memory instead of two): the public API hands them ``validate=True`` instead of scanning.
+_VALIDATING_BACKENDS = frozenset({"cpp"})
+
+
 def _prepare(
     rewards: ArrayLike,
     k: int,
     group_size: int | None,
     group_ids: GroupIds | None,
     objective: str,
-    estimator: str | None,
-    validate: bool,
+    estimator: str,
 ) -> tuple[Groups, Restore, int]:
-    if estimator is not None and estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(map(repr, ESTIMATORS))}")
+    """Validate everything but the reward values, and normalise the layout."""
     k = check.check_k(k)
     values, container = check.as_reward_tensor(rewards)
-    check.check_layout_args(values, group_size, group_ids)
+    check.check_layout_args(values, group_size, group_ids, k, objective)
     groups, restore = to_groups(
         values, shape=values.shape, container=container, group_size=group_size, group_ids=group_ids
     )
-    if values.numel():
-        check.check_group_sizes(groups, restore, k, objective, estimator or "rspo")
-        if validate:
-            check.check_values(groups, restore, objective)
+    check.check_group_sizes(groups, restore, k, objective, estimator)
     return groups, restore, k
 
 
 def _weights(rewards, k, group_size, group_ids, objective, estimator, validate):
-    groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, estimator, validate)
-    _, fn = implementation("weights", groups.values.device.type)
-    return restore.per_sample(fn(groups, k, objective, estimator))
+    check.check_estimator(estimator, objective)
+    groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, estimator)
+    if groups.values.numel() == 0:
+        return restore.per_sample(groups.values.clone())
+    backend, fn = implementation("weights", groups.values.device.type)
+    if validate and backend in _VALIDATING_BACKENDS:
+        try:
+            w = fn(groups, k, objective, estimator, validate=True)
+        except InvalidRewardError as bad:
+            check.raise_invalid_value(groups, restore, bad.position)
+    else:
+        if validate:
+            check.check_values(groups, restore, objective)
+        w = fn(groups, k, objective, estimator)
+    return restore.per_sample(w)
 
 
 def _metric(op, rewards, k, group_size, group_ids, validate):
     objective = "pass@k" if op == "pass_at_k" else "max@k"
-    groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, None, validate)
+    groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, "rspo")
     if groups.values.numel() == 0:
         return restore.per_group(groups.values.new_zeros(groups.num_groups))
+    if validate:
+        check.check_values(groups, restore, objective)
     _, fn = implementation(op, groups.values.device.type)
     return restore.per_group(fn(groups, k))
 

@@ -27,6 +27,8 @@ from rspo_kernels._layout import Groups, sort_within_groups
 
 __all__ = [
     "ESTIMATORS",
+    "BINARY_ONLY_ESTIMATORS",
+    "PASSK_TRAINING_EPS",
     "OBJECTIVES",
     "grouped_weights",
     "grouped_pass_at_k",
@@ -35,7 +37,11 @@ __all__ = [
 ]
 
 OBJECTIVES = ("pass@k", "max@k")
-ESTIMATORS = ("rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo")
+ESTIMATORS = ("rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std")
+# Estimators whose formula exists only for binary rewards (no Max@k form).
+BINARY_ONLY_ESTIMATORS = ("passk_training_std",)
+# Chen et al.'s released code adds this to the group std before dividing.
+PASSK_TRAINING_EPS = 1e-6
 
 _F64 = torch.float64
 
@@ -269,6 +275,27 @@ def _pass_plugin(groups: Groups, k: int) -> torch.Tensor:
     return k * (1 - c / n).pow(k - 1) * r
 
 
+def _pass_passk_training_std(groups: Groups, k: int) -> torch.Tensor:
+    """Chen et al., "Pass@k Training" (arXiv 2508.10751): the analytic, std-normalised advantage.
+
+    Their released code, for a group of n with c correct: ``rho = 1 - C(n-c, k)/C(n, k)``,
+    ``sigma = sqrt(rho (1 - rho))``; a correct response gets ``(1 - rho)/(sigma + 1e-6)``, a wrong
+    one ``(1 - rho - C(n-c-1, k-1)/C(n-1, k-1))/(sigma + 1e-6)``. These are PKPO's unbaselined
+    binary values (1, and the chance that k-1 others hold a correct one) centred by their group
+    mean ``rho`` and divided by the group std, GRPO-style: biased. ``C(n-c, k)/C(n, k)`` equals
+    ``(n-c)/n C(n-c-1, k-1)/C(n-1, k-1)``, so the wrong value is ``-c/(n-c) (1 - rho)``: computed
+    so, without the cancellation of the printed form. Not on the library's scale: k = 1 gives
+    GRPO's ``(R - c/n)/(sigma + 1e-6)``, not ``R``.
+    """
+    log_miss, c_group, n_group = _log_miss(groups, k)
+    miss = torch.exp(log_miss)
+    denom = torch.sqrt(-torch.expm1(log_miss) * miss) + PASSK_TRAINING_EPS
+    correct = miss / denom
+    wrong = torch.where(c_group < n_group, 0.0 - c_group / (n_group - c_group).clamp(min=1) * correct, 0.0)
+    seg = groups.segment_ids()
+    return torch.where(groups.values != 0, correct[seg], wrong[seg]).to(_F64)
+
+
 def _sorted(fn: Callable[[_SortedGroups, int], torch.Tensor]) -> Callable[[Groups, int], torch.Tensor]:
     def run(groups: Groups, k: int) -> torch.Tensor:
         s = _SortedGroups(groups)
@@ -291,6 +318,7 @@ _PASS_AT_K: dict[str, Callable[[Groups, int], torch.Tensor]] = {
     **_MAX_AT_K,
     "rspo": _pass_rspo,
     "plugin": _pass_plugin,
+    "passk_training_std": _pass_passk_training_std,
 }
 _TABLES = {"pass@k": _PASS_AT_K, "max@k": _MAX_AT_K}
 
@@ -305,7 +333,8 @@ def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> t
     k : int
         Sample size of the objective, ``1 <= k <= n`` for every group.
     objective : {"pass@k", "max@k"}
-    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"}
+    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std"}
+        ``"passk_training_std"`` exists for ``"pass@k"`` only.
 
     Returns
     -------
@@ -321,19 +350,17 @@ def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> t
     return w.to(groups.values.dtype)
 
 
-def grouped_pass_at_k(groups: Groups, k: int) -> torch.Tensor:
-    """Unbiased pass@k per group: ``1 - C(n-c, k) / C(n, k)`` (1 when ``n - c < k``), ``(G,)``.
+def _log_miss(groups: Groups, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group ``log(C(n-c, k) / C(n, k))`` (``-inf`` when ``n - c < k``), with ``c`` and ``n``, ``(G,)`` each.
 
     Uses the product form of MATH.md § Evaluation metrics with ``m = min(c, k)`` factors,
     ``C(n-c, k)/C(n, k) = prod_{j=n-c+1..n} (1 - k/j)`` (c <= k) or ``prod_{t<k} (1 - c/(n-t))``
-    (c > k), as ``-expm1(sum log1p(-x))``: a pass rate near 0 keeps its relative precision, where a
-    difference of log-factorials near ``1e7`` would not. Factor ``t`` lives in slot ``t`` of its
-    group (``m <= n``), so one segment sum does every group at once, with no device sync.
-    Any non-zero reward counts as correct (the contract of ``validate=False``).
+    (c > k), summed as ``log1p``: a difference of log-factorials near ``1e7`` would lose the
+    relative precision of a pass rate near 0. Factor ``t`` lives in slot ``t`` of its group
+    (``m <= n``), so one segment sum does every group at once, with no device sync. Any non-zero
+    reward counts as correct.
     """
     values = groups.values
-    if values.numel() == 0:
-        return torch.zeros(groups.num_groups, dtype=values.dtype, device=values.device)
     seg = groups.segment_ids()
     c_group = _segment_sum((values != 0).to(_F64), groups, seg)
     n_group = (groups.offsets[1:] - groups.offsets[:-1]).to(_F64)
@@ -342,8 +369,22 @@ def grouped_pass_at_k(groups: Groups, k: int) -> torch.Tensor:
     factor = torch.where(c <= k, torch.log1p(-k / (n - c + 1 + t)), torch.log1p(-c / (n - t)))
     active = (t < torch.clamp(c, max=k)) & (n - c >= k)
     log_miss = _segment_sum(torch.where(active, factor, torch.zeros_like(factor)), groups, seg)
-    hit = torch.where(n_group - c_group < k, torch.ones_like(log_miss), -torch.expm1(log_miss))
-    return hit.to(values.dtype)
+    log_miss = torch.where(n_group - c_group < k, torch.full_like(log_miss, -torch.inf), log_miss)
+    return log_miss, c_group, n_group
+
+
+def grouped_pass_at_k(groups: Groups, k: int) -> torch.Tensor:
+    """Unbiased pass@k per group: ``1 - C(n-c, k) / C(n, k)`` (1 when ``n - c < k``), ``(G,)``.
+
+    ``-expm1`` of the product form's ``log1p`` sum (:func:`_log_miss`): full relative precision
+    for pass rates near 0 (n = 2^20, one correct, k = 1 gives 2^-20 to 1 ulp). Any non-zero
+    reward counts as correct (the contract of ``validate=False``).
+    """
+    values = groups.values
+    if values.numel() == 0:
+        return torch.zeros(groups.num_groups, dtype=values.dtype, device=values.device)
+    log_miss, _, _ = _log_miss(groups, k)
+    return (-torch.expm1(log_miss)).to(values.dtype)
 
 
 def grouped_max_at_k(groups: Groups, k: int) -> torch.Tensor:

@@ -88,8 +88,13 @@ def grouped_case(draw, estimator: str, binary: bool):
     return values, sizes, k
 
 
+PASS_ONLY_ESTIMATORS = ("passk_training_std",)  # binary rewards only: no Max@k form
+
+
 def _cases():
-    return [(o, e, d) for o in OBJECTIVES for e in ESTIMATORS for d in DTYPES]
+    return [(o, e, d) for o in OBJECTIVES for e in ESTIMATORS for d in DTYPES] + [
+        ("pass@k", e, d) for e in PASS_ONLY_ESTIMATORS for d in DTYPES
+    ]
 
 
 @pytest.mark.parametrize("objective, estimator, dtype", _cases())
@@ -151,6 +156,8 @@ def test_weights_match_subset_enumeration(rewards, k):
         expected["pkpo_loo"] = oracles.subset_pkpo_loo(rewards, k)
     if len(rewards) % k == 0:
         expected["hitchhiking"] = oracles.hitchhiking(rewards, k)
+    if binary:
+        expected["passk_training_std"] = oracles.passk_training_std(rewards, k)
     objective = "pass@k" if binary else "max@k"
     rtol, atol = tolerances(torch.float64, len(rewards), k, max(map(abs, rewards)))
     for estimator, want in expected.items():
@@ -204,7 +211,7 @@ def test_bitwise_deterministic_and_independent_of_threading(objective, dtype):
     ragged = make_groups(x, sizes, dtype)
     assert ragged.values.numel() >= 32768  # large enough for every kernel's parallel path (csrc)
     blocks = make_groups(x[: 4 * (x.numel() // 4)], [4] * (x.numel() // 4), dtype)
-    for estimator in ESTIMATORS:
+    for estimator in ESTIMATORS + (PASS_ONLY_ESTIMATORS if objective == "pass@k" else ()):
         k = 4 if estimator == "hitchhiking" else 7
         groups = blocks if estimator == "hitchhiking" else ragged
         first = _cpu_backend.grouped_weights(groups, k, objective, estimator).numpy().tobytes()
@@ -234,6 +241,8 @@ def test_bindings_reject_bad_buffers_with_value_error():
         _cpu.max_at_k(v, off, 0, np.empty(2))
     with pytest.raises(ValueError, match="unknown estimator 'grpo'"):
         _cpu.weights(v, off, 1, "max@k", "grpo", np.empty(6))
+    with pytest.raises(ValueError, match="passk_training_std estimator is defined for Pass@k"):
+        _cpu.weights(v, off, 1, "max@k", "passk_training_std", np.empty(6))
     with pytest.raises(ValueError, match="unknown objective 'best@k'"):
         _cpu.weights(v, off, 1, "best@k", "rspo", np.empty(6))
     with pytest.raises(ValueError, match="out must have the dtype of values"):

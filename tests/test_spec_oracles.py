@@ -55,6 +55,28 @@ def test_weights_match_oracle(objective, estimator, data):
     np.testing.assert_allclose(_spec(objective, r, k, estimator), expected, rtol=1e-11, atol=_tol(r, k))
 
 
+@given(r=reward_groups(1, 9, binary=True), data=st.data())
+def test_passk_training_std_matches_enumeration_and_the_released_formula(r, data):
+    """Issue 15 §2: Chen et al.'s estimator == its definition (exact fractions) == their closed form."""
+    k = data.draw(st.integers(1, len(r)))
+    by_definition = oracles.passk_training_std(r, k)
+    np.testing.assert_allclose(oracles.passk_training_std_formula(r, k), by_definition, rtol=1e-12, atol=1e-12)
+    got = _spec("pass@k", r, k, "passk_training_std")
+    np.testing.assert_allclose(got, by_definition, rtol=1e-11, atol=1e-12)
+
+
+def test_passk_training_std_worked_values():
+    """n=8, c=2, k=3: rho = 1 - C(6,3)/C(8,3) = 9/14; a wrong one's pre-centring value is 1 - C(5,2)/C(7,2) = 11/21."""
+    rho = 9 / 14
+    denom = math.sqrt(rho * (1 - rho)) + 1e-6
+    w = _spec("pass@k", [1, 0, 0, 1, 0, 0, 0, 0], 3, "passk_training_std")
+    np.testing.assert_allclose(w, [(1 - rho) / denom if x else (11 / 21 - rho) / denom for x in [1, 0, 0, 1, 0, 0, 0, 0]],
+                               rtol=1e-13)
+    # All wrong or all correct: sigma = 0, and every advantage is exactly 0 (not 0/eps noise).
+    assert not np.any(_spec("pass@k", [0] * 6, 2, "passk_training_std"))
+    assert not np.any(_spec("pass@k", [1] * 6, 2, "passk_training_std"))
+
+
 @given(r=reward_groups(1, 7), data=st.data())
 def test_rspo_max_matches_algorithm_2(r, data):
     k = data.draw(st.integers(1, len(r)))
