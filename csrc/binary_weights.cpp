@@ -5,6 +5,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "binomial.hpp"
 #include "rspo_kernels.hpp"
 
@@ -81,24 +85,27 @@ class PairCache {
 #endif
 
 // Number of non-zero rewards; 32-bit partial counts vectorise better than a 64-bit accumulator.
-// With Check, the same read also flags any reward that is not exactly 0 or 1 (NaN included), so
-// validation costs no second pass over memory.
+// With Check, the same read counts the ones and the zeros instead: every reward is binary exactly
+// when they add up to n (NaN equals neither), and the ones are then the correct responses. Two
+// vector compares per element, and validation costs no second pass over memory.
 template <bool Check, typename T>
 inline int64_t count_nonzero_impl(const T* v, int64_t n, bool* bad) {
     constexpr int64_t kChunk = int64_t(1) << 30;
     int64_t c = 0;
-    int flag = 0;
     for (int64_t start = 0; start < n; start += kChunk) {
         const int64_t end = start + kChunk < n ? start + kChunk : n;
-        int32_t part = 0;
+        int32_t part = 0, zeros = 0;
         for (int64_t i = start; i < end; ++i) {
-            const bool nonzero = v[i] != T(0);
-            part += nonzero;
-            if (Check) flag |= nonzero & (v[i] != T(1));
+            if (Check) {
+                part += v[i] == T(1);
+                zeros += v[i] == T(0);
+            } else {
+                part += v[i] != T(0);
+            }
         }
+        if (Check && part + zeros != end - start) *bad = true;
         c += part;
     }
-    if (Check) *bad = *bad || flag;
     return c;
 }
 RSPO_STREAMING int64_t count_nonzero(const float* v, int64_t n) { return count_nonzero_impl<false>(v, n, nullptr); }
@@ -120,6 +127,32 @@ RSPO_STREAMING void write_weights(const float* v, int64_t n, float correct, floa
 }
 RSPO_STREAMING void write_weights(const double* v, int64_t n, double correct, double wrong, double* o) {
     write_weights_impl(v, n, correct, wrong, o);
+}
+
+// Groups [g0, g1): count (and check), look the two weights up, write. Returns the first group
+// with a non-binary reward (checked only with `validate`), or g1.
+template <typename T>
+inline int64_t weigh_groups_impl(const T* values, const int64_t* offsets, int64_t g0, int64_t g1, PairCache& cache,
+                                 bool validate, T* out) {
+    int64_t first_bad = g1;
+    for (int64_t g = g0; g < g1; ++g) {
+        const T* v = values + offsets[g];
+        const int64_t n = offsets[g + 1] - offsets[g];
+        bool bad = false;
+        const int64_t c = validate ? count_nonzero_impl<true>(v, n, &bad) : count_nonzero_impl<false>(v, n, nullptr);
+        if (bad && g < first_bad) first_bad = g;
+        const PairOfWeights pw = cache.get(n, c);
+        write_weights_impl(v, n, static_cast<T>(pw.correct), static_cast<T>(pw.wrong), out + offsets[g]);
+    }
+    return first_bad;
+}
+RSPO_STREAMING int64_t weigh_groups(const float* values, const int64_t* offsets, int64_t g0, int64_t g1,
+                                    PairCache& cache, bool validate, float* out) {
+    return weigh_groups_impl(values, offsets, g0, g1, cache, validate, out);
+}
+RSPO_STREAMING int64_t weigh_groups(const double* values, const int64_t* offsets, int64_t g0, int64_t g1,
+                                    PairCache& cache, bool validate, double* out) {
+    return weigh_groups_impl(values, offsets, g0, g1, cache, validate, out);
 }
 
 }  // namespace
@@ -162,19 +195,16 @@ int64_t pass_at_k_weights(const T* values, const int64_t* offsets, int64_t num_g
 #pragma omp parallel if (total >= kParallelMinSamplesCheap && num_groups > 1)
         {
             PairCache cache(k, est);
-            int64_t my_first_bad = num_groups;
-#pragma omp for schedule(static)
-            for (int64_t g = 0; g < num_groups; ++g) {
-                const T* v = values + offsets[g];
-                const int64_t n = offsets[g + 1] - offsets[g];
-                bool bad = false;
-                const int64_t c = count(v, n, validate, &bad);
-                if (bad && g < my_first_bad) my_first_bad = g;
-                const PairOfWeights pw = cache.get(n, c);
-                const T correct = static_cast<T>(pw.correct), wrong = static_cast<T>(pw.wrong);
-                write_weights(v, n, correct, wrong, out + offsets[g]);
-            }
-            if (my_first_bad < num_groups) {
+            // One contiguous range of groups per thread, in one call: small groups would otherwise
+            // pay the dispatch of the streaming loops per group.
+#ifdef _OPENMP
+            const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+            const int64_t threads = 1, t = 0;
+#endif
+            const int64_t g0 = num_groups * t / threads, g1 = num_groups * (t + 1) / threads;
+            const int64_t my_first_bad = weigh_groups(values, offsets, g0, g1, cache, validate, out);
+            if (my_first_bad < g1) {
 #pragma omp critical(rspo_first_bad)
                 first_bad_group = std::min(first_bad_group, my_first_bad);
             }

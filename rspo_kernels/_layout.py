@@ -9,6 +9,7 @@ shape, order and container. Backends take only :class:`Groups`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
@@ -191,9 +192,26 @@ def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
     return torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64)), labels
 
 
-def _uniform_offsets(num_groups: int, size: int, device: torch.device) -> torch.Tensor:
-    # Built on the device: no host-to-device copy inside a training step.
-    return torch.arange(0, (num_groups + 1) * size, size, dtype=torch.int64, device=device)
+def _uniform_layout(num_groups: int, size: int, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """Offsets (on ``device``) and host sizes of ``num_groups`` groups of ``size``.
+
+    Off the CPU the offsets are built on the device (no host-to-device copy inside a training
+    step). On the CPU both are cached per shape (no backend writes them; the sizes are marked
+    read-only): a training loop sees the same few shapes, and rebuilding 16k offsets per call
+    costs a third of a validated Pass@k call at B=16384, n=64.
+    """
+    if device.type == "cpu":
+        return _cpu_uniform_layout(num_groups, size)
+    offsets = torch.arange(0, (num_groups + 1) * size, size, dtype=torch.int64, device=device)
+    return offsets, np.full(num_groups, size, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_uniform_layout(num_groups: int, size: int) -> tuple[torch.Tensor, np.ndarray]:
+    offsets = torch.from_numpy(np.arange(0, (num_groups + 1) * size, size, dtype=np.int64))
+    sizes = np.full(num_groups, size, dtype=np.int64)
+    sizes.flags.writeable = False
+    return offsets, sizes
 
 
 def _integer_codes(labels: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -242,14 +260,14 @@ def to_groups(
     device = values.device
     if values.dim() == 2:
         b, n = values.shape
-        sizes = np.full(b, n, dtype=np.int64)
-        groups = Groups(values.reshape(-1).contiguous(), _uniform_offsets(b, n, device), n, sizes)
+        offsets, sizes = _uniform_layout(b, n, device)
+        groups = Groups(values.reshape(-1).contiguous(), offsets, n, sizes)
         return groups, Restore(None, shape, container, None)
     flat = values.reshape(-1)
     n_total = flat.shape[0]
     if group_size is not None:
-        sizes = np.full(n_total // group_size, group_size, dtype=np.int64)
-        groups = Groups(flat.contiguous(), _uniform_offsets(sizes.shape[0], group_size, device), group_size, sizes)
+        offsets, sizes = _uniform_layout(n_total // group_size, group_size, device)
+        groups = Groups(flat.contiguous(), offsets, group_size, sizes)
         return groups, Restore(None, shape, container, None)
     codes, labels = group_labels_to_codes(group_ids, n_total)
     sizes = np.bincount(codes.numpy(), minlength=len(labels)).astype(np.int64)

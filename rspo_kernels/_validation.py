@@ -152,6 +152,8 @@ def check_group_sizes(groups: Groups, restore: Restore, k: int, objective: str, 
     sizes = groups.sizes
     if sizes.size == 0:
         return
+    if groups.group_size is not None:
+        sizes = sizes[:1]  # equal sizes: group 0 speaks for all
     name = "Pass@k" if objective == "pass@k" else "Max@k"
     small = np.flatnonzero(sizes < k)
     if small.size:
