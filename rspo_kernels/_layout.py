@@ -147,14 +147,23 @@ def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
     """
     if isinstance(group_ids, torch.Tensor):
         if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex:
-            raise TypeError(f"group_ids must hold integers or hashable labels, got a {group_ids.dtype} tensor")
+            raise TypeError(
+                f"group_ids must hold integers or hashable labels, not floats: got a {group_ids.dtype} tensor; "
+                "cast it, e.g. group_ids.long()"
+            )
         arr = group_ids.detach().cpu().numpy()
     elif isinstance(group_ids, np.ndarray):
         arr = group_ids
+        if arr.dtype.kind in "iub" and not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))  # torch reads native byte order only
+        if arr.dtype.kind == "O" and arr.ndim == 1:
+            _check_label_types(arr.tolist())
     else:
-        # Python sequences: numpy would turn [2, "2"] into two equal strings, and tuples into
-        # rows, so only all-integer sequences take the vectorised path.
+        # Python sequences: numpy would turn [2, "2"] into two equal strings, tuples into rows,
+        # and [1, True] into [1, 1], so the labels' types are checked first, and only all-integer
+        # sequences take the vectorised path.
         items = list(group_ids)
+        _check_label_types(items)
         try:
             arr = np.asarray(items)
         except ValueError:
@@ -180,8 +189,11 @@ def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
         codes = rank[inverse.reshape(-1)]
         labels = [x.item() if hasattr(x, "item") else x for x in uniq[order]]
     else:
-        if arr.dtype.kind == "f":
-            raise TypeError(f"group_ids must hold integers or hashable labels, got {arr.dtype} values")
+        if arr.dtype.kind in "fc":
+            raise TypeError(
+                f"group_ids must hold integers or hashable labels, not floats: got {arr.dtype} values; "
+                "cast them, e.g. group_ids.astype(int)"
+            )
         # Mixed or arbitrary Python objects: one dict pass (labels are on the host anyway).
         index: dict[Hashable, int] = {}
         try:
@@ -190,6 +202,29 @@ def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
             raise TypeError(f"group_ids must be hashable labels: {exc}") from None
         labels = list(index)
     return torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64)), labels
+
+
+def _check_label_types(items: list) -> None:
+    """Reject labels that Python would silently merge: ``1 == 1.0 == True`` hash alike.
+
+    Float labels are refused in every container (a float id is nearly always a cast by mistake,
+    and 1.0 would join group 1); bools are refused beside other labels (True would join 1).
+    """
+    kinds = set(map(type, items))
+    floats = [t for t in kinds if issubclass(t, (float, np.floating, complex, np.complexfloating))]
+    bools = [t for t in kinds if issubclass(t, (bool, np.bool_))]
+    if floats:
+        i = next(i for i, x in enumerate(items) if type(x) in floats)
+        raise TypeError(
+            f"group_ids must hold integers or hashable labels, not floats: got {items[i]!r} at input index {i} "
+            "(Python treats 1.0 and 1 as one label); cast them to int or str"
+        )
+    if bools and len(kinds) > len(bools):
+        i = next(i for i, x in enumerate(items) if type(x) in bools)
+        raise TypeError(
+            f"group_ids mix bools with other labels: got {items[i]!r} at input index {i}, and Python treats "
+            "True as 1 and False as 0, so they would join those groups; use one kind of label (e.g. str)"
+        )
 
 
 def _uniform_layout(num_groups: int, size: int, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:

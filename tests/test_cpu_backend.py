@@ -345,3 +345,40 @@ def test_max_at_k_metric_does_not_overflow_near_the_float64_maximum(monkeypatch)
     groups = make_groups([-1e308, 1e308, 1e308], [3], torch.float64)
     assert _cpu_backend.grouped_max_at_k(groups, 2).item() == pytest.approx(1e308, rel=1e-15)
     assert spec.grouped_max_at_k(groups, 2).item() == pytest.approx(1e308, rel=1e-15)
+
+
+# --------------------------------------------------------------------------- validation in the count
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sizes", [[64] * 700, [5, 70000, 3], list(range(1, 400))])
+@given(data=st.data())
+def test_counting_pass_validates_like_first_invalid(dtype, sizes, data):
+    """Issue 14 §2: the Pass@k count reports the first non-binary reward that a separate scan finds."""
+    total = sum(sizes)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    v = rng.integers(0, 2, total).astype(dtype)
+    for _ in range(data.draw(st.integers(0, 3))):
+        v[int(rng.integers(0, total))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.5, 2.0, -1.0, -0.0]))
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    for estimator in ("rspo", "passk_training_std"):
+        bad = _cpu.weights(v, offsets, 1, "pass@k", estimator, np.empty_like(v), True)
+        assert bad == _cpu.first_invalid(v, True)
+        assert _cpu.weights(v, offsets, 1, "pass@k", estimator, np.empty_like(v), False) == -1
+
+
+def test_public_api_validates_cpu_pass_at_k_without_a_separate_scan(monkeypatch):
+    """The validated C++ Pass@k path reads the rewards once: the separate scan is never called."""
+
+    def no_scan(values, binary):
+        raise AssertionError("the separate validation scan ran")
+
+    monkeypatch.setattr(_cpu_backend, "first_invalid", no_scan)
+    monkeypatch.setattr(_dispatch, "_cache", {**_dispatch._cache, ("first_invalid", "cpp"): no_scan})
+    r = np.zeros((300, 64), dtype=np.float32)
+    r[:, ::7] = 1
+    rk.pass_at_k_weights(r, 4)
+    r[211, 5] = 0.5
+    with pytest.raises(ValueError, match=r"group 211 has reward 0.5 at position 5 \(input index \(211, 5\)\); Pass@k needs"):
+        rk.pass_at_k_weights(r, 4)
+    r[211, 5] = np.nan
+    with pytest.raises(ValueError, match=r"group 211 has a non-finite reward \(nan\) at position 5"):
+        rk.pass_at_k_weights(torch.from_numpy(r), 4, estimator="passk_training_std")
