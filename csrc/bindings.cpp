@@ -10,6 +10,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(_OPENMP) && defined(__unix__)
+#include <pthread.h>
+#endif
 
 namespace py = pybind11;
 
@@ -91,9 +94,20 @@ int64_t first_invalid(const py::array& values, bool binary) {
     return rspo::first_invalid(v, n, binary);
 }
 
+#if defined(_OPENMP) && defined(__unix__)
+// A forked child inherits the parent's OpenMP runtime but not its worker threads: GNU libgomp's
+// next parallel region waits for them forever (multiprocessing's default "fork" start method on
+// Linux, DataLoader workers). Like torch, make the child single-threaded; it can raise the count
+// again with omp_set_num_threads once it has its own runtime state (a fresh exec).
+void single_threaded_after_fork() { omp_set_num_threads(1); }
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
+#if defined(_OPENMP) && defined(__unix__)
+    pthread_atfork(nullptr, nullptr, single_threaded_after_fork);
+#endif
     m.doc() = "C++ CPU kernels of rspo_kernels (see csrc/rspo_kernels.hpp).";
     m.def("weights", &weights, py::arg("values"), py::arg("offsets"), py::arg("k"), py::arg("objective"),
           py::arg("estimator"), py::arg("out"), py::arg("validate") = false,

@@ -3,6 +3,13 @@
 The kernels (``csrc/``) read the grouped rewards and write the result through zero-copy numpy views
 of torch tensors, in float32 or float64 like the input, with all arithmetic in float64. Inputs are
 assumed validated by the public API; the kernels still reject impossible shapes with ValueError.
+
+Threads and fork: large batches run on OpenMP threads (``OMP_NUM_THREADS`` caps them). A process
+forked after its parent ran a parallel kernel (multiprocessing's default ``fork`` start method on
+Linux, DataLoader workers) cannot use the parent's OpenMP workers, so, as torch does, an at-fork
+handler makes every forked child single-threaded in these kernels; results are identical (the
+kernels are bitwise deterministic across thread counts). A child that needs several threads should
+be started with the ``spawn`` or ``forkserver`` method.
 """
 
 from __future__ import annotations
