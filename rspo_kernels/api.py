@@ -91,18 +91,23 @@ def pass_at_k_weights(
     ----------
     rewards : numpy.ndarray or torch.Tensor
         Binary rewards (0 = wrong, 1 = correct), bool, integer or float. Either ``(B, n)``, one
-        group (prompt) per row, or ``(N,)`` together with ``group_size`` or ``group_ids``.
+        group (prompt) per row, or ``(N,)`` together with ``group_size`` or ``group_ids``. Dense
+        tensors only; numpy arrays in either byte order (converted); masked arrays only when
+        nothing is masked.
     k : int
         Number of samples Pass@k draws, ``1 <= k <= n`` for every group.
     group_size : int, optional
         For 1-D rewards: consecutive groups of this size (must divide N).
     group_ids : array-like of length N, optional
         For 1-D rewards: a label per response (ints, strings such as verl's uids, any hashable).
-        Groups may be non-contiguous and of different sizes.
-    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"}, default "rspo"
+        Groups may be non-contiguous and of different sizes. Float labels, and bools beside
+        other labels, are refused: Python treats ``1``, ``1.0`` and ``True`` as one label.
+    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std"}, default "rspo"
         ``"rspo"`` is unbiased (Theorem 4.3); ``"plugin"`` is the biased eq. 7;
         ``"hitchhiking"`` is the Section 3 baseline (group sizes must be multiples of k);
-        ``"pkpo"`` and ``"pkpo_loo"`` are PKPO's estimators (``"pkpo_loo"`` needs n > k).
+        ``"pkpo"`` and ``"pkpo_loo"`` are PKPO's estimators (``"pkpo_loo"`` needs n > k);
+        ``"passk_training_std"`` is the analytic advantage of Chen et al., "Pass@k Training"
+        (arXiv 2508.10751), std-normalised GRPO-style, so biased and not on this scale (see Notes).
     validate : bool, default True
         Check that rewards are finite and binary. These checks need one device-to-host sync; pass
         False inside a training step on validated rewards. Shape and size checks always run.
@@ -118,10 +123,12 @@ def pass_at_k_weights(
     Raises
     ------
     ValueError
-        Non-finite or non-binary rewards, k < 1, a group with fewer than k samples, bad layout
-        arguments; each message names the offending group and the fix.
+        Non-finite or non-binary rewards, k < 1, a group with fewer than k samples (also for
+        empty ``(0, n)`` rewards with n < k), an unknown estimator, bad layout arguments; each
+        message names the offending group and the fix.
     TypeError
-        Unsupported container or dtype, or a non-integer k / group_size.
+        Unsupported container or dtype (sparse tensors, masked arrays with masked entries), a
+        non-integer k / group_size, a non-string estimator, float or bool-mixed group ids.
 
     Notes
     -----
@@ -133,6 +140,14 @@ def pass_at_k_weights(
     scaled so that :math:`E[\frac1n \sum_i w_i \nabla \log\pi(y_i)] = \nabla \mathrm{Pass@}k`;
     ``k = 1`` gives ``w = R``. Correct responses get 0 when ``n - c < k - 1`` (the group almost
     surely passes already). Computed in float64 from log-factorials, never forming C(n, k).
+    On CPU tensors, validation happens inside the C++ kernel's counting read (no second pass).
+
+    ``"passk_training_std"`` (MATH.md § Other estimators): with ``rho = 1 - C(n-c,k)/C(n,k)``
+    and ``sigma = sqrt(rho (1 - rho))``, a correct response gets ``(1 - rho)/(sigma + 1e-6)``
+    and a wrong one ``(1 - rho - C(n-c-1,k-1)/C(n-1,k-1))/(sigma + 1e-6)``; a group that is all
+    correct or all wrong gets 0, and so does every group at k = n. Its expectation is a
+    policy-dependent multiple of the Pass@k gradient (tests/test_unbiasedness.py), not the
+    gradient itself; k = 1 gives GRPO's advantage.
 
     Examples
     --------
@@ -166,6 +181,7 @@ def max_at_k_weights(
         As in :func:`pass_at_k_weights` (``validate`` checks finiteness only).
     estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"}, default "rspo"
         ``"rspo"`` is unbiased and tie-aware (Theorem C.4); ``"plugin"`` is the biased eq. 11.
+        ``"passk_training_std"`` has no Max@k form and raises ValueError.
 
     Returns
     -------
