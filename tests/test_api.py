@@ -21,10 +21,12 @@ def _binary(fn):
 
 # ----------------------------------------------------------------------------------- layouts
 @pytest.mark.parametrize("fn", ALL_FNS)
-@pytest.mark.parametrize("estimator", ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"])
+@pytest.mark.parametrize("estimator", ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std"])
 @given(data=st.data())
 def test_layouts_agree(fn, estimator, data):
     """2-D rows, flat with group_size, and shuffled string group_ids give the same numbers."""
+    if estimator == "passk_training_std" and fn is not rk.pass_at_k_weights:
+        return  # Pass@k weights only
     b = data.draw(st.integers(1, 6))
     n = data.draw(st.sampled_from([4, 6, 8]))
     k = data.draw(st.sampled_from([1, 2]))
