@@ -6,7 +6,7 @@ the value, and the fix.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -89,13 +89,17 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
+_CHOICES = ", ".join(map(repr, ESTIMATORS))
+
+
 def check_estimator(estimator: Any, objective: str) -> None:
     """A known estimator name that is defined for ``objective``."""
-    choices = ", ".join(map(repr, ESTIMATORS))
     if not isinstance(estimator, str):
-        raise TypeError(f"estimator must be a string, got {estimator!r}; choose one of {choices} (default 'rspo')")
+        raise TypeError(
+            f"estimator must be a string, got {estimator!r}; choose one of {_CHOICES} (default 'rspo')"
+        )
     if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {choices}")
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {_CHOICES}")
     if objective == "max@k" and estimator in BINARY_ONLY_ESTIMATORS:
         raise ValueError(
             f"the {estimator!r} estimator is defined for binary Pass@k rewards only: use pass_at_k_weights "
@@ -152,32 +156,33 @@ def check_group_sizes(groups: Groups, restore: Restore, k: int, objective: str, 
     sizes = groups.sizes
     if sizes.size == 0:
         return
-    if groups.group_size is not None:
-        sizes = sizes[:1]  # equal sizes: group 0 speaks for all
+
+    def first(bad: Callable[[Any], Any]) -> int:
+        """First group whose size is ``bad``, or -1; equal sizes are one Python comparison."""
+        if groups.group_size is not None:
+            return 0 if bad(groups.group_size) else -1
+        hits = np.flatnonzero(bad(sizes))
+        return int(hits[0]) if hits.size else -1
+
     name = "Pass@k" if objective == "pass@k" else "Max@k"
-    small = np.flatnonzero(sizes < k)
-    if small.size:
-        g = int(small[0])
+    g = first(lambda n: n < k)
+    if g >= 0:
         raise ValueError(
             f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; {name} needs n >= k "
             "(no unbiased estimator exists for n < k): sample more responses or lower k"
         )
-    if estimator == "pkpo_loo":
-        small = np.flatnonzero(sizes <= k)
-        if small.size:
-            g = int(small[0])
-            raise ValueError(
-                f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; the 'pkpo_loo' "
-                "estimator needs n > k (its baseline uses k of the other n-1 samples): lower k or use 'rspo'"
-            )
-    if estimator == "hitchhiking":
-        bad = np.flatnonzero(sizes % k)
-        if bad.size:
-            g = int(bad[0])
-            raise ValueError(
-                f"{restore.describe_group(g)} has {sizes[g]} samples, not a multiple of k={k}; the "
-                "'hitchhiking' estimator splits each group into blocks of k: use a multiple of k samples"
-            )
+    g = first(lambda n: n <= k) if estimator == "pkpo_loo" else -1
+    if g >= 0:
+        raise ValueError(
+            f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; the 'pkpo_loo' "
+            "estimator needs n > k (its baseline uses k of the other n-1 samples): lower k or use 'rspo'"
+        )
+    g = first(lambda n: n % k != 0) if estimator == "hitchhiking" else -1
+    if g >= 0:
+        raise ValueError(
+            f"{restore.describe_group(g)} has {sizes[g]} samples, not a multiple of k={k}; the "
+            "'hitchhiking' estimator splits each group into blocks of k: use a multiple of k samples"
+        )
 
 
 def _locate(groups: Groups, restore: Restore, p: int) -> tuple[int, int, str]:
