@@ -6,7 +6,10 @@ of ``n`` i.i.d. responses gives the gradient estimate (library scale, MATH.md)
     g_hat = (1/n) sum_i w_i grad_theta log pi(y_i),     grad_theta log pi(a) = e_a - pi,
 
 whose expectation is ``grad Max@k`` (``grad Pass@k`` for binary rewards) for the unbiased estimators.
-For each estimator we report ``tr Cov[g_hat]`` and the bias ``||E g_hat - grad||``:
+For each estimator we report ``tr Cov[g_hat]``, the bias ``||E g_hat - grad||`` and the scale
+``alpha = <E g_hat, grad> / |grad|^2`` (1 for the unbiased ones). Chen et al.'s std-normalised
+``passk_training_std`` (Pass@k only) is on another scale: with binary rewards its expectation is
+``alpha * grad``, so the table also gives its variance at matched scale, ``tr Cov / alpha^2``:
 
 - exactly, by enumerating all ``m^n`` ordered groups (small n; hitchhiking depends on the order);
 - by Monte Carlo for larger n, with a 95% confidence interval from the CLT on the per-sample
@@ -33,7 +36,8 @@ import torch
 __all__ = ["Policy", "POLICIES", "true_gradient", "exact_moments", "monte_carlo_moments", "main"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ESTIMATORS = ("rspo", "pkpo", "pkpo_loo", "hitchhiking", "plugin")
+ESTIMATORS = ("rspo", "pkpo", "pkpo_loo", "hitchhiking", "plugin", "passk_training_std")
+BIASED = ("plugin", "passk_training_std")
 EXACT_MAX_GROUPS = 1 << 17  # enumerate m^n ordered groups up to this many
 
 
@@ -85,7 +89,9 @@ def _estimates(policy: Policy, actions: np.ndarray, k: int, estimator: str) -> n
     return g / n
 
 
-def valid(estimator: str, n: int, k: int) -> bool:
+def valid(estimator: str, n: int, k: int, objective: str = "pass@k") -> bool:
+    if estimator == "passk_training_std":
+        return objective == "pass@k"
     if estimator == "hitchhiking":
         return n % k == 0
     if estimator == "pkpo_loo":
@@ -101,8 +107,16 @@ def exact_moments(policy: Policy, n: int, k: int, estimator: str) -> dict:
     g = _estimates(policy, actions, k, estimator)
     mean = prob @ g
     trace = float(prob @ ((g - mean) ** 2).sum(1))
-    bias = float(np.linalg.norm(mean - true_gradient(policy, k)))
-    return {"method": "exact", "trace_cov": trace, "ci95": 0.0, "bias": bias, "samples": int(actions.shape[0])}
+    grad = true_gradient(policy, k)
+    bias = float(np.linalg.norm(mean - grad))
+    return {"method": "exact", "trace_cov": trace, "ci95": 0.0, "bias": bias, "scale": _scale(mean, grad),
+            "samples": int(actions.shape[0])}
+
+
+def _scale(mean: np.ndarray, grad: np.ndarray) -> float:
+    """``<E g, grad> / |grad|^2``: the factor by which an estimator's expectation scales the gradient."""
+    norm2 = float(grad @ grad)
+    return float(mean @ grad) / norm2 if norm2 > 0 else float("nan")
 
 
 def monte_carlo_moments(policy: Policy, n: int, k: int, estimator: str, actions: np.ndarray) -> dict:
@@ -113,9 +127,10 @@ def monte_carlo_moments(policy: Policy, n: int, k: int, estimator: str, actions:
     sq = ((g - mean) ** 2).sum(1) * t / (t - 1)
     trace = float(sq.mean())
     ci = float(1.96 * sq.std(ddof=1) / math.sqrt(t))
-    bias = float(np.linalg.norm(mean - true_gradient(policy, k)))
+    grad = true_gradient(policy, k)
+    bias = float(np.linalg.norm(mean - grad))
     # The bias estimate includes sampling noise of size about sqrt(trace / T).
-    return {"method": "monte-carlo", "trace_cov": trace, "ci95": ci, "bias": bias,
+    return {"method": "monte-carlo", "trace_cov": trace, "ci95": ci, "bias": bias, "scale": _scale(mean, grad),
             "bias_noise": math.sqrt(trace / t), "samples": int(t)}
 
 
@@ -141,7 +156,7 @@ def run(ns_exact, ns_mc, samples: int, seed: int = 0) -> list[dict]:
                 actions = rng.choice(m, size=(samples, n), p=policy.probs)
             for k in k_values(n):
                 for estimator in ESTIMATORS:
-                    if not valid(estimator, n, k):
+                    if not valid(estimator, n, k, policy.objective):
                         continue
                     res = (exact_moments(policy, n, k, estimator) if exact
                            else monte_carlo_moments(policy, n, k, estimator, actions))
@@ -156,14 +171,20 @@ def run(ns_exact, ns_mc, samples: int, seed: int = 0) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """One row per (policy, n, k): tr Cov of each estimator (x RSPO), and the biased ones' bias.
+
+    ``passk_training_std`` also shows ``[x RSPO at matched scale]``: its tr Cov divided by
+    ``alpha^2`` (``[E g = 0]`` at k = n, where it is identically 0).
+    """
     lines = ["| policy | n | k | method | " + " | ".join(f"{e} tr Cov (x rspo)" for e in ESTIMATORS)
-             + " | plugin bias |",
-             "|---|---|---|---|" + "---|" * len(ESTIMATORS) + "---|"]
+             + " | " + " | ".join(f"{e} bias (% of grad)" for e in BIASED) + " |",
+             "|---|---|---|---|" + "---|" * (len(ESTIMATORS) + len(BIASED))]
     keys = sorted({(r["policy"], r["n"], r["k"]) for r in rows}, key=lambda t: (t[0], t[1], t[2]))
     by = {(r["policy"], r["n"], r["k"], r["estimator"]): r for r in rows}
     for p, n, k in keys:
         cells = []
         method = by[(p, n, k, "rspo")]["method"]
+        grad = float(np.linalg.norm(true_gradient(_policy(p), k)))
         for e in ESTIMATORS:
             r = by.get((p, n, k, e))
             if r is None:
@@ -171,10 +192,15 @@ def markdown_table(rows: list[dict]) -> str:
             elif e == "rspo":
                 ci = f" ± {r['ci95']:.2g}" if r["ci95"] else ""
                 cells.append(f"{r['trace_cov']:.4g}{ci}")
+            elif e == "passk_training_std":
+                matched = f"[{r['ratio_to_rspo'] / r['scale'] ** 2:.2f}x]" if r["scale"] else "[E g = 0]"
+                cells.append(f"{r['trace_cov']:.4g} ({r['ratio_to_rspo']:.2f}x) {matched}")
             else:
                 cells.append(f"{r['trace_cov']:.4g} ({r['ratio_to_rspo']:.2f}x)")
-        bias = by[(p, n, k, "plugin")]["bias"]
-        lines.append(f"| {p} | {n} | {k} | {method} | " + " | ".join(cells) + f" | {bias:.3g} |")
+        for e in BIASED:
+            r = by.get((p, n, k, e))
+            cells.append("-" if r is None else f"{r['bias']:.3g} ({100 * r['bias'] / grad:.0f}%)")
+        lines.append(f"| {p} | {n} | {k} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -194,8 +220,14 @@ def headline(rows: list[dict]) -> str:
             ratios = ", ".join(f"{e} {by[e]['ratio_to_rspo']:.2f}x" for e in ("pkpo", "pkpo_loo", "hitchhiking")
                                if e in by)
             plugin = by["plugin"]
-            parts.append(f"{p.objective}: {ratios}; plugin {plugin['ratio_to_rspo']:.2f}x with bias "
-                         f"{100 * plugin['bias'] / grad:.0f}% of |grad|")
+            part = (f"{p.objective}: {ratios}; plugin {plugin['ratio_to_rspo']:.2f}x with bias "
+                    f"{100 * plugin['bias'] / grad:.0f}% of |grad|")
+            if "passk_training_std" in by:
+                chen = by["passk_training_std"]
+                part += (f"; passk_training_std (Chen et al.) E[g] = {chen['scale']:.2f} grad, bias "
+                         f"{100 * chen['bias'] / grad:.0f}% of |grad|, tr Cov at matched scale "
+                         f"{chen['ratio_to_rspo'] / chen['scale'] ** 2:.2f}x")
+            parts.append(part)
         sentences.append(f"n={n}, k={k} ({method}), tr Cov relative to RSPO -- " + " | ".join(parts) + ".")
     return " ".join(sentences)
 
@@ -217,7 +249,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     ns = sorted({r["n"] for r in rows})
     fig, axes = plt.subplots(len(policies), len(ns), figsize=(3.2 * len(ns), 3.0 * len(policies)), squeeze=False)
     styles = {"rspo": ("C0", "o"), "pkpo": ("C1", "s"), "pkpo_loo": ("C2", "^"), "hitchhiking": ("C3", "D"),
-              "plugin": ("C4", "v")}
+              "plugin": ("C4", "v"), "passk_training_std": ("C5", "P")}
     for i, p in enumerate(policies):
         for j, n in enumerate(ns):
             ax = axes[i][j]

@@ -5,6 +5,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "binomial.hpp"
 #include "rspo_kernels.hpp"
 
@@ -33,6 +37,16 @@ PairOfWeights binary_pair(int64_t n, int64_t c, int64_t k, Estimator est) {
             const double scale = static_cast<double>(n) / static_cast<double>(n - 1) * dk;
             const double correct = c > 0 ? dk - scale * hit_probability(c - 1, n - 1, k) : 0.0;
             return {correct, dk * hit_probability(c, n - 1, k - 1) - scale * hit_probability(c, n - 1, k)};
+        }
+        case Estimator::passk_training_std: {
+            // Chen et al. (arXiv 2508.10751): (value - rho) / (sigma + 1e-6), where the values are
+            // 1 (correct) and 1 - C(n-c-1, k-1)/C(n-1, k-1) (wrong), rho = pass@k and
+            // sigma = sqrt(rho (1 - rho)). Since C(n-c, k)/C(n, k) = (n-c)/n * C(n-c-1, k-1)/C(n-1, k-1),
+            // the centred values are 1 - rho = miss and -c/(n-c) * miss: no cancellation.
+            const double miss = miss_ratio(c, n, k);
+            const double denom = std::sqrt(hit_probability(c, n, k) * miss) + 1e-6;
+            const double wrong = c < n ? 0.0 - static_cast<double>(c) / static_cast<double>(n - c) * miss / denom : 0.0;
+            return {miss / denom, wrong};
         }
         case Estimator::hitchhiking:  // rejected before the parallel region (no throwing inside it)
             break;
@@ -71,20 +85,38 @@ class PairCache {
 #endif
 
 // Number of non-zero rewards; 32-bit partial counts vectorise better than a 64-bit accumulator.
-template <typename T>
-inline int64_t count_nonzero_impl(const T* v, int64_t n) {
+// With Check, the same read counts the ones and the zeros instead: every reward is binary exactly
+// when they add up to n (NaN equals neither), and the ones are then the correct responses. Two
+// vector compares per element, and validation costs no second pass over memory.
+template <bool Check, typename T>
+inline int64_t count_nonzero_impl(const T* v, int64_t n, bool* bad) {
     constexpr int64_t kChunk = int64_t(1) << 30;
     int64_t c = 0;
     for (int64_t start = 0; start < n; start += kChunk) {
         const int64_t end = start + kChunk < n ? start + kChunk : n;
-        int32_t part = 0;
-        for (int64_t i = start; i < end; ++i) part += (v[i] != T(0));
+        int32_t part = 0, zeros = 0;
+        for (int64_t i = start; i < end; ++i) {
+            if (Check) {
+                part += v[i] == T(1);
+                zeros += v[i] == T(0);
+            } else {
+                part += v[i] != T(0);
+            }
+        }
+        if (Check && part + zeros != end - start) *bad = true;
         c += part;
     }
     return c;
 }
-RSPO_STREAMING int64_t count_nonzero(const float* v, int64_t n) { return count_nonzero_impl(v, n); }
-RSPO_STREAMING int64_t count_nonzero(const double* v, int64_t n) { return count_nonzero_impl(v, n); }
+RSPO_STREAMING int64_t count_nonzero(const float* v, int64_t n) { return count_nonzero_impl<false>(v, n, nullptr); }
+RSPO_STREAMING int64_t count_nonzero(const double* v, int64_t n) { return count_nonzero_impl<false>(v, n, nullptr); }
+RSPO_STREAMING int64_t count_checked(const float* v, int64_t n, bool* bad) { return count_nonzero_impl<true>(v, n, bad); }
+RSPO_STREAMING int64_t count_checked(const double* v, int64_t n, bool* bad) { return count_nonzero_impl<true>(v, n, bad); }
+
+template <typename T>
+inline int64_t count(const T* v, int64_t n, bool validate, bool* bad) {
+    return validate ? count_checked(v, n, bad) : count_nonzero(v, n);
+}
 
 template <typename T>
 inline void write_weights_impl(const T* __restrict v, int64_t n, T correct, T wrong, T* __restrict o) {
@@ -97,13 +129,41 @@ RSPO_STREAMING void write_weights(const double* v, int64_t n, double correct, do
     write_weights_impl(v, n, correct, wrong, o);
 }
 
+// Groups [g0, g1): count (and check), look the two weights up, write. Returns the first group
+// with a non-binary reward (checked only with `validate`), or g1.
+template <typename T>
+inline int64_t weigh_groups_impl(const T* values, const int64_t* offsets, int64_t g0, int64_t g1, PairCache& cache,
+                                 bool validate, T* out) {
+    int64_t first_bad = g1;
+    for (int64_t g = g0; g < g1; ++g) {
+        const T* v = values + offsets[g];
+        const int64_t n = offsets[g + 1] - offsets[g];
+        bool bad = false;
+        const int64_t c = validate ? count_nonzero_impl<true>(v, n, &bad) : count_nonzero_impl<false>(v, n, nullptr);
+        if (bad && g < first_bad) first_bad = g;
+        const PairOfWeights pw = cache.get(n, c);
+        write_weights_impl(v, n, static_cast<T>(pw.correct), static_cast<T>(pw.wrong), out + offsets[g]);
+    }
+    return first_bad;
+}
+RSPO_STREAMING int64_t weigh_groups(const float* values, const int64_t* offsets, int64_t g0, int64_t g1,
+                                    PairCache& cache, bool validate, float* out) {
+    return weigh_groups_impl(values, offsets, g0, g1, cache, validate, out);
+}
+RSPO_STREAMING int64_t weigh_groups(const double* values, const int64_t* offsets, int64_t g0, int64_t g1,
+                                    PairCache& cache, bool validate, double* out) {
+    return weigh_groups_impl(values, offsets, g0, g1, cache, validate, out);
+}
+
 }  // namespace
 
 template <typename T>
-void pass_at_k_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Estimator est, T* out) {
+int64_t pass_at_k_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Estimator est,
+                          bool validate, T* out) {
     if (est == Estimator::hitchhiking) throw std::invalid_argument("use hitchhiking_weights");
     check_groups(offsets, num_groups, k, est == Estimator::pkpo_loo);
     const int64_t total = offsets[num_groups];
+    int64_t first_bad_group = num_groups;  // groups are stored in order: the first bad group holds the first bad value
     if (num_groups < 4 && total >= kParallelMinSamplesCheap) {
         // A few huge groups: parallelise inside each group instead of across groups.
         PairCache cache(k, est);
@@ -113,8 +173,17 @@ void pass_at_k_weights(const T* values, const int64_t* offsets, int64_t num_grou
             constexpr int64_t kBlock = 1 << 16;
             const int64_t blocks = (n + kBlock - 1) / kBlock;
             int64_t c = 0;
-#pragma omp parallel for schedule(static) reduction(+ : c)
-            for (int64_t b = 0; b < blocks; ++b) c += count_nonzero(v + b * kBlock, std::min(kBlock, n - b * kBlock));
+            int bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : c) reduction(| : bad)
+            for (int64_t b = 0; b < blocks; ++b) {
+                bool block_bad = false;
+                c += count(v + b * kBlock, std::min(kBlock, n - b * kBlock), validate, &block_bad);
+                bad |= block_bad;
+            }
+            if (bad) {
+                first_bad_group = g;
+                break;
+            }
             const PairOfWeights pw = cache.get(n, c);
             const T correct = static_cast<T>(pw.correct), wrong = static_cast<T>(pw.wrong);
             T* o = out + offsets[g];
@@ -122,23 +191,31 @@ void pass_at_k_weights(const T* values, const int64_t* offsets, int64_t num_grou
             for (int64_t b = 0; b < blocks; ++b)
                 write_weights(v + b * kBlock, std::min(kBlock, n - b * kBlock), correct, wrong, o + b * kBlock);
         }
-        return;
-    }
+    } else {
 #pragma omp parallel if (total >= kParallelMinSamplesCheap && num_groups > 1)
-    {
-        PairCache cache(k, est);
-#pragma omp for schedule(static)
-        for (int64_t g = 0; g < num_groups; ++g) {
-            const T* v = values + offsets[g];
-            const int64_t n = offsets[g + 1] - offsets[g];
-            const PairOfWeights pw = cache.get(n, count_nonzero(v, n));
-            const T correct = static_cast<T>(pw.correct), wrong = static_cast<T>(pw.wrong);
-            write_weights(v, n, correct, wrong, out + offsets[g]);
+        {
+            PairCache cache(k, est);
+            // One contiguous range of groups per thread, in one call: small groups would otherwise
+            // pay the dispatch of the streaming loops per group.
+#ifdef _OPENMP
+            const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+            const int64_t threads = 1, t = 0;
+#endif
+            const int64_t g0 = num_groups * t / threads, g1 = num_groups * (t + 1) / threads;
+            const int64_t my_first_bad = weigh_groups(values, offsets, g0, g1, cache, validate, out);
+            if (my_first_bad < g1) {
+#pragma omp critical(rspo_first_bad)
+                first_bad_group = std::min(first_bad_group, my_first_bad);
+            }
         }
     }
+    if (first_bad_group == num_groups) return -1;
+    const int64_t start = offsets[first_bad_group];
+    return start + first_invalid(values + start, offsets[first_bad_group + 1] - start, true);
 }
 
-template void pass_at_k_weights<float>(const float*, const int64_t*, int64_t, int64_t, Estimator, float*);
-template void pass_at_k_weights<double>(const double*, const int64_t*, int64_t, int64_t, Estimator, double*);
+template int64_t pass_at_k_weights<float>(const float*, const int64_t*, int64_t, int64_t, Estimator, bool, float*);
+template int64_t pass_at_k_weights<double>(const double*, const int64_t*, int64_t, int64_t, Estimator, bool, double*);
 
 }  // namespace rspo

@@ -10,6 +10,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(_OPENMP) && defined(__unix__)
+#include <pthread.h>
+#endif
 
 namespace py = pybind11;
 
@@ -58,11 +61,15 @@ void dispatch(const py::array& values, const py::array& offsets, py::array& out,
     }
 }
 
-void weights(const py::array& values, const py::array& offsets, int64_t k, const std::string& objective,
-             const std::string& estimator, py::array out) {
+int64_t weights(const py::array& values, const py::array& offsets, int64_t k, const std::string& objective,
+                const std::string& estimator, py::array out, bool validate) {
     const rspo::Objective obj = rspo::parse_objective(objective);
     const rspo::Estimator est = rspo::parse_estimator(estimator);
-    dispatch(values, offsets, out, false, [&](auto v, auto off, int64_t g, auto o) { rspo::grouped_weights(v, off, g, k, obj, est, o); });
+    int64_t bad = -1;
+    dispatch(values, offsets, out, false, [&](auto v, auto off, int64_t g, auto o) {
+        bad = rspo::grouped_weights(v, off, g, k, obj, est, validate, o);
+    });
+    return bad;
 }
 
 void pass_at_k(const py::array& values, const py::array& offsets, int64_t k, py::array out) {
@@ -87,13 +94,26 @@ int64_t first_invalid(const py::array& values, bool binary) {
     return rspo::first_invalid(v, n, binary);
 }
 
+#if defined(_OPENMP) && defined(__unix__)
+// A forked child inherits the parent's OpenMP runtime but not its worker threads: GNU libgomp's
+// next parallel region waits for them forever (multiprocessing's default "fork" start method on
+// Linux, DataLoader workers). Like torch, make the child single-threaded; it can raise the count
+// again with omp_set_num_threads once it has its own runtime state (a fresh exec).
+void single_threaded_after_fork() { omp_set_num_threads(1); }
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
+#if defined(_OPENMP) && defined(__unix__)
+    pthread_atfork(nullptr, nullptr, single_threaded_after_fork);
+#endif
     m.doc() = "C++ CPU kernels of rspo_kernels (see csrc/rspo_kernels.hpp).";
     m.def("weights", &weights, py::arg("values"), py::arg("offsets"), py::arg("k"), py::arg("objective"),
-          py::arg("estimator"), py::arg("out"),
-          "Write the per-sample weights of (objective, estimator) for grouped rewards into out.");
+          py::arg("estimator"), py::arg("out"), py::arg("validate") = false,
+          "Write the per-sample weights of (objective, estimator) for grouped rewards into out. With "
+          "validate=True, return the index of the first reward that is not finite (max@k) or not exactly 0 or 1 "
+          "(pass@k), checked in the kernel's own read where it can be, else -1 (out is then unspecified).");
     m.def("pass_at_k", &pass_at_k, py::arg("values"), py::arg("offsets"), py::arg("k"), py::arg("out"),
           "Write the unbiased pass@k of each group of binary rewards into out.");
     m.def("max_at_k", &max_at_k, py::arg("values"), py::arg("offsets"), py::arg("k"), py::arg("out"),

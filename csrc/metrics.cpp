@@ -56,12 +56,17 @@ void max_at_k_metric(const T* values, const int64_t* offsets, int64_t num_groups
                 q_n = n;
                 q.resize(n);
                 tail_ratios(n - 1, k - 1, q.data());
+                // Fold k/n into the coefficients before they meet the rewards: they then sum to 1,
+                // so no partial sum exceeds max |R| (multiplying the sum by k/n last overflows
+                // near the float64 maximum).
+                const double scale = static_cast<double>(k) / static_cast<double>(n);
+                for (double& x : q) x *= scale;
             }
             sorter.sort(v, n);
             const uint32_t* idx = sorter.index();
             double acc = 0.0;
             for (int64_t p = k - 1; p < n; ++p) acc += q[p] * static_cast<double>(v[idx[p]]);
-            out[g] = static_cast<T>(acc * static_cast<double>(k) / static_cast<double>(n));
+            out[g] = static_cast<T>(acc);
         }
     }
 }

@@ -13,22 +13,28 @@
 namespace rspo {
 
 enum class Objective { pass_at_k, max_at_k };
-enum class Estimator { rspo, plugin, hitchhiking, pkpo, pkpo_loo };
+enum class Estimator { rspo, plugin, hitchhiking, pkpo, pkpo_loo, passk_training_std };
 
 Objective parse_objective(const std::string& name);
 Estimator parse_estimator(const std::string& name);
 
 // Max@k weights of real rewards (sorted_weights.cpp): rspo, plugin, pkpo, pkpo_loo.
+// passk_training_std is defined for binary rewards only and is rejected.
 template <typename T>
 void max_at_k_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Estimator est, T* out);
 
-// Pass@k weights of binary rewards from the per-group count of ones (binary_weights.cpp).
+// Pass@k weights of binary rewards from the per-group count of non-zero rewards
+// (binary_weights.cpp). With `validate`, the same read also checks that every reward is exactly
+// 0 or 1, and the index of the first one that is not is returned (-1 if none; the weights are
+// then unspecified). Without it, any non-zero reward counts as correct and -1 is returned.
 template <typename T>
-void pass_at_k_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Estimator est, T* out);
+int64_t pass_at_k_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Estimator est,
+                          bool validate, T* out);
 
-// k times the maximum of each consecutive block of k (hitchhiking.cpp).
+// k times the maximum of each consecutive block of k (hitchhiking.cpp); with `binary` (Pass@k),
+// k if any reward of the block is non-zero, else 0.
 template <typename T>
-void hitchhiking_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, T* out);
+void hitchhiking_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, bool binary, T* out);
 
 // Unbiased per-group metrics (metrics.cpp); `out` has num_groups entries.
 template <typename T>
@@ -41,17 +47,25 @@ void max_at_k_metric(const T* values, const int64_t* offsets, int64_t num_groups
 template <typename T>
 int64_t first_invalid(const T* values, int64_t n, bool binary);
 
-// Any objective and estimator.
+// Any objective and estimator. With `validate`, returns the index of the first reward that is not
+// finite (Max@k) or not exactly 0 or 1 (Pass@k), or -1; Pass@k checks inside its counting read,
+// the others scan first. Without it, returns -1.
 template <typename T>
-void grouped_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Objective obj,
-                     Estimator est, T* out) {
+int64_t grouped_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Objective obj,
+                        Estimator est, bool validate, T* out) {
+    const bool binary = obj == Objective::pass_at_k;
+    if (binary && est != Estimator::hitchhiking)
+        return pass_at_k_weights(values, offsets, num_groups, k, est, validate, out);
+    if (validate) {
+        const int64_t bad = first_invalid(values, offsets[num_groups], binary);
+        if (bad >= 0) return bad;
+    }
     if (est == Estimator::hitchhiking) {
-        hitchhiking_weights(values, offsets, num_groups, k, out);
-    } else if (obj == Objective::pass_at_k) {
-        pass_at_k_weights(values, offsets, num_groups, k, est, out);
+        hitchhiking_weights(values, offsets, num_groups, k, binary, out);
     } else {
         max_at_k_weights(values, offsets, num_groups, k, est, out);
     }
+    return -1;
 }
 
 // Checks the offsets and that every group admits k: k <= n, plus k < n (`strict`) or n % k == 0

@@ -146,6 +146,7 @@ void one_group(const T* v, int64_t n, int64_t k, Estimator est, Workspace<T>& ws
             pkpo_sorted(ws, n, k, est == Estimator::pkpo_loo, w);
             break;
         case Estimator::hitchhiking:  // rejected before the parallel region (no throwing inside it)
+        case Estimator::passk_training_std:
             break;
     }
     for (int64_t p = 0; p < n; ++p) out[idx[p]] = static_cast<T>(w[p]);
@@ -156,6 +157,8 @@ void one_group(const T* v, int64_t n, int64_t k, Estimator est, Workspace<T>& ws
 template <typename T>
 void max_at_k_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Estimator est, T* out) {
     if (est == Estimator::hitchhiking) throw std::invalid_argument("use hitchhiking_weights");
+    if (est == Estimator::passk_training_std)
+        throw std::invalid_argument("the passk_training_std estimator is defined for Pass@k (binary rewards) only");
     const int64_t common = check_groups(offsets, num_groups, k, est == Estimator::pkpo_loo);
     const int64_t total = offsets[num_groups];
 #pragma omp parallel if (total >= kParallelMinSamples && num_groups > 1)

@@ -3,6 +3,13 @@
 The kernels (``csrc/``) read the grouped rewards and write the result through zero-copy numpy views
 of torch tensors, in float32 or float64 like the input, with all arithmetic in float64. Inputs are
 assumed validated by the public API; the kernels still reject impossible shapes with ValueError.
+
+Threads and fork: large batches run on OpenMP threads (``OMP_NUM_THREADS`` caps them). A process
+forked after its parent ran a parallel kernel (multiprocessing's default ``fork`` start method on
+Linux, DataLoader workers) cannot use the parent's OpenMP workers, so, as torch does, an at-fork
+handler makes every forked child single-threaded in these kernels; results are identical (the
+kernels are bitwise deterministic across thread counts). A child that needs several threads should
+be started with the ``spawn`` or ``forkserver`` method.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from rspo_kernels import _cpu
-from rspo_kernels._layout import Groups
+from rspo_kernels._layout import Groups, InvalidRewardError
 
 __all__ = ["grouped_weights", "grouped_pass_at_k", "grouped_max_at_k", "first_invalid"]
 
@@ -25,11 +32,18 @@ def _arrays(groups: Groups):
     return values, values.numpy(), groups.offsets.numpy()
 
 
-def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> torch.Tensor:
-    """``(N,)`` weights of ``estimator`` for ``objective`` in the grouped order, dtype of the values."""
+def grouped_weights(groups: Groups, k: int, objective: str, estimator: str, *, validate: bool = False) -> torch.Tensor:
+    """``(N,)`` weights of ``estimator`` for ``objective`` in the grouped order, dtype of the values.
+
+    With ``validate``, the kernel also checks the rewards (finite; exactly 0 or 1 for Pass@k, in
+    the same read that counts them) and raises :class:`~rspo_kernels._layout.InvalidRewardError`
+    at the first bad one.
+    """
     values, v, offsets = _arrays(groups)
     out = torch.empty_like(values)
-    _cpu.weights(v, offsets, int(k), objective, estimator, out.numpy())
+    bad = _cpu.weights(v, offsets, int(k), objective, estimator, out.numpy(), bool(validate))
+    if bad >= 0:
+        raise InvalidRewardError(bad)
     return out
 
 

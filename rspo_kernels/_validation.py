@@ -6,20 +6,23 @@ the value, and the fix.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from rspo_kernels._dispatch import implementation
 from rspo_kernels._layout import Groups, Restore
+from rspo_kernels.estimators import BINARY_ONLY_ESTIMATORS, ESTIMATORS
 
 __all__ = [
     "as_reward_tensor",
     "check_k",
+    "check_estimator",
     "check_layout_args",
     "check_group_sizes",
     "check_values",
+    "raise_invalid_value",
 ]
 
 _TORCH_OK = {
@@ -39,6 +42,10 @@ def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
     container : {"numpy", "torch"}
     """
     if isinstance(rewards, torch.Tensor):
+        if rewards.layout != torch.strided:
+            raise TypeError(
+                f"rewards is a {rewards.layout} tensor; only dense tensors are supported: pass rewards.to_dense()"
+            )
         if rewards.dtype not in _TORCH_OK:
             raise TypeError(
                 f"rewards have unsupported dtype {rewards.dtype}; use bool, an integer type, "
@@ -46,12 +53,21 @@ def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
             )
         t, container = rewards.detach(), "torch"
     elif isinstance(rewards, np.ndarray):
+        if isinstance(rewards, np.ma.MaskedArray):
+            if np.ma.getmaskarray(rewards).any():
+                raise TypeError(
+                    "rewards is a masked array with masked entries, and masks are not supported: drop them "
+                    "(rewards.compressed(), with matching group_ids) or fill them (rewards.filled(value))"
+                )
+            rewards = rewards.data  # nothing is masked: the data is the rewards
         if rewards.dtype.kind not in _NUMPY_KINDS_OK or rewards.dtype.itemsize > 8:
             raise TypeError(
                 f"rewards have unsupported dtype {rewards.dtype}; use bool, an integer type, "
                 "float16, float32 or float64"
             )
-        t, container = torch.from_numpy(np.ascontiguousarray(rewards)), "numpy"
+        # torch reads native byte order only; a big-endian array is converted (one copy).
+        native = rewards.astype(rewards.dtype.newbyteorder("="), copy=False)
+        t, container = torch.from_numpy(np.ascontiguousarray(native)), "numpy"
     else:
         raise TypeError(
             f"rewards must be a numpy.ndarray or a torch.Tensor, got {type(rewards).__name__}; "
@@ -73,13 +89,43 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
-def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any) -> None:
-    """Check that the layout arguments fit the rewards' shape (no data access, no sync)."""
+_CHOICES = ", ".join(map(repr, ESTIMATORS))
+
+
+def check_estimator(estimator: Any, objective: str) -> None:
+    """A known estimator name that is defined for ``objective``."""
+    if not isinstance(estimator, str):
+        raise TypeError(
+            f"estimator must be a string, got {estimator!r}; choose one of {_CHOICES} (default 'rspo')"
+        )
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {_CHOICES}")
+    if objective == "max@k" and estimator in BINARY_ONLY_ESTIMATORS:
+        raise ValueError(
+            f"the {estimator!r} estimator is defined for binary Pass@k rewards only: use pass_at_k_weights "
+            "with 0/1 rewards, or another estimator (e.g. 'rspo') for Max@k and graded rewards"
+        )
+
+
+def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any, k: int, objective: str) -> None:
+    """Check that the layout arguments fit the rewards' shape (no data access, no sync).
+
+    Empty rewards still state their group size (the row length, or ``group_size``), and that size
+    must admit k: ``(0, 4)`` rewards with k=10 are as wrong as ``(1, 4)`` ones, and ``(B, 0)``
+    rewards are B groups with no samples.
+    """
+    name = "Pass@k" if objective == "pass@k" else "Max@k"
     if values.dim() == 2:
         if group_size is not None or group_ids is not None:
             raise ValueError(
                 "2-D rewards already give one group per row; drop group_size/group_ids "
                 "or pass the rewards flattened to 1-D"
+            )
+        n = values.shape[1]
+        if values.numel() == 0 and n < k:
+            raise ValueError(
+                f"rewards of shape {tuple(values.shape)} have groups (rows) of {n} samples but k={k}; "
+                f"{name} needs n >= k: pass rewards of shape (groups, n) with n >= k"
             )
         return
     if (group_size is None) == (group_ids is None):
@@ -99,6 +145,10 @@ def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any) -> 
                 f"({n_total} = {n_total // group_size} * {group_size} + {n_total % group_size}); "
                 "pass group_ids for groups of different sizes"
             )
+        if n_total == 0 and group_size < k:
+            raise ValueError(
+                f"group_size={group_size} but k={k}; {name} needs n >= k: sample more responses or lower k"
+            )
 
 
 def check_group_sizes(groups: Groups, restore: Restore, k: int, objective: str, estimator: str) -> None:
@@ -106,30 +156,33 @@ def check_group_sizes(groups: Groups, restore: Restore, k: int, objective: str, 
     sizes = groups.sizes
     if sizes.size == 0:
         return
+
+    def first(bad: Callable[[Any], Any]) -> int:
+        """First group whose size is ``bad``, or -1; equal sizes are one Python comparison."""
+        if groups.group_size is not None:
+            return 0 if bad(groups.group_size) else -1
+        hits = np.flatnonzero(bad(sizes))
+        return int(hits[0]) if hits.size else -1
+
     name = "Pass@k" if objective == "pass@k" else "Max@k"
-    small = np.flatnonzero(sizes < k)
-    if small.size:
-        g = int(small[0])
+    g = first(lambda n: n < k)
+    if g >= 0:
         raise ValueError(
             f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; {name} needs n >= k "
             "(no unbiased estimator exists for n < k): sample more responses or lower k"
         )
-    if estimator == "pkpo_loo":
-        small = np.flatnonzero(sizes <= k)
-        if small.size:
-            g = int(small[0])
-            raise ValueError(
-                f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; the 'pkpo_loo' "
-                "estimator needs n > k (its baseline uses k of the other n-1 samples): lower k or use 'rspo'"
-            )
-    if estimator == "hitchhiking":
-        bad = np.flatnonzero(sizes % k)
-        if bad.size:
-            g = int(bad[0])
-            raise ValueError(
-                f"{restore.describe_group(g)} has {sizes[g]} samples, not a multiple of k={k}; the "
-                "'hitchhiking' estimator splits each group into blocks of k: use a multiple of k samples"
-            )
+    g = first(lambda n: n <= k) if estimator == "pkpo_loo" else -1
+    if g >= 0:
+        raise ValueError(
+            f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; the 'pkpo_loo' "
+            "estimator needs n > k (its baseline uses k of the other n-1 samples): lower k or use 'rspo'"
+        )
+    g = first(lambda n: n % k != 0) if estimator == "hitchhiking" else -1
+    if g >= 0:
+        raise ValueError(
+            f"{restore.describe_group(g)} has {sizes[g]} samples, not a multiple of k={k}; the "
+            "'hitchhiking' estimator splits each group into blocks of k: use a multiple of k samples"
+        )
 
 
 def _locate(groups: Groups, restore: Restore, p: int) -> tuple[int, int, str]:
@@ -161,8 +214,13 @@ def check_values(groups: Groups, restore: Restore, objective: str | None) -> Non
     # Binary rewards are finite, so Pass@k needs a single test.
     _, find = implementation("first_invalid", v.device.type)
     p = find(v, objective == "pass@k")
-    if p < 0:
-        return
+    if p >= 0:
+        raise_invalid_value(groups, restore, p)
+
+
+def raise_invalid_value(groups: Groups, restore: Restore, p: int) -> None:
+    """Raise the ValueError for the invalid reward at grouped position ``p`` (group, value, fix)."""
+    v = groups.values
     g, pos, where = _locate(groups, restore, p)
     value = float(v[p])
     if not np.isfinite(value):

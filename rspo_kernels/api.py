@@ -14,7 +14,7 @@ import torch
 
 from rspo_kernels import _validation as check
 from rspo_kernels._dispatch import implementation
-from rspo_kernels._layout import Groups, Restore, to_groups
+from rspo_kernels._layout import Groups, InvalidRewardError, Restore, to_groups
 from rspo_kernels.estimators import ESTIMATORS
 
 __all__ = ["pass_at_k_weights", "max_at_k_weights", "pass_at_k", "max_at_k", "ESTIMATORS"]
@@ -23,41 +23,55 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 GroupIds = Union[np.ndarray, torch.Tensor, Sequence[Hashable]]
 
 
+# Backends whose weight kernels validate the rewards in the read that computes them (one pass
+# over memory instead of two): the public API hands them ``validate=True`` instead of scanning.
+_VALIDATING_BACKENDS = frozenset({"cpp"})
+
+
 def _prepare(
     rewards: ArrayLike,
     k: int,
     group_size: int | None,
     group_ids: GroupIds | None,
     objective: str,
-    estimator: str | None,
-    validate: bool,
+    estimator: str,
 ) -> tuple[Groups, Restore, int]:
-    if estimator is not None and estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(map(repr, ESTIMATORS))}")
+    """Validate everything but the reward values, and normalise the layout."""
     k = check.check_k(k)
     values, container = check.as_reward_tensor(rewards)
-    check.check_layout_args(values, group_size, group_ids)
+    check.check_layout_args(values, group_size, group_ids, k, objective)
     groups, restore = to_groups(
         values, shape=values.shape, container=container, group_size=group_size, group_ids=group_ids
     )
-    if values.numel():
-        check.check_group_sizes(groups, restore, k, objective, estimator or "rspo")
-        if validate:
-            check.check_values(groups, restore, objective)
+    check.check_group_sizes(groups, restore, k, objective, estimator)
     return groups, restore, k
 
 
 def _weights(rewards, k, group_size, group_ids, objective, estimator, validate):
-    groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, estimator, validate)
-    _, fn = implementation("weights", groups.values.device.type)
-    return restore.per_sample(fn(groups, k, objective, estimator))
+    check.check_estimator(estimator, objective)
+    groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, estimator)
+    if groups.values.numel() == 0:
+        return restore.per_sample(groups.values.clone())
+    backend, fn = implementation("weights", groups.values.device.type)
+    if validate and backend in _VALIDATING_BACKENDS:
+        try:
+            w = fn(groups, k, objective, estimator, validate=True)
+        except InvalidRewardError as bad:
+            check.raise_invalid_value(groups, restore, bad.position)
+    else:
+        if validate:
+            check.check_values(groups, restore, objective)
+        w = fn(groups, k, objective, estimator)
+    return restore.per_sample(w)
 
 
 def _metric(op, rewards, k, group_size, group_ids, validate):
     objective = "pass@k" if op == "pass_at_k" else "max@k"
-    groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, None, validate)
+    groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, "rspo")
     if groups.values.numel() == 0:
         return restore.per_group(groups.values.new_zeros(groups.num_groups))
+    if validate:
+        check.check_values(groups, restore, objective)
     _, fn = implementation(op, groups.values.device.type)
     return restore.per_group(fn(groups, k))
 
@@ -77,21 +91,28 @@ def pass_at_k_weights(
     ----------
     rewards : numpy.ndarray or torch.Tensor
         Binary rewards (0 = wrong, 1 = correct), bool, integer or float. Either ``(B, n)``, one
-        group (prompt) per row, or ``(N,)`` together with ``group_size`` or ``group_ids``.
+        group (prompt) per row, or ``(N,)`` together with ``group_size`` or ``group_ids``. Dense
+        tensors only; numpy arrays in either byte order (converted); masked arrays only when
+        nothing is masked.
     k : int
         Number of samples Pass@k draws, ``1 <= k <= n`` for every group.
     group_size : int, optional
         For 1-D rewards: consecutive groups of this size (must divide N).
     group_ids : array-like of length N, optional
         For 1-D rewards: a label per response (ints, strings such as verl's uids, any hashable).
-        Groups may be non-contiguous and of different sizes.
-    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"}, default "rspo"
+        Groups may be non-contiguous and of different sizes. Float labels, and bools beside
+        other labels, are refused: Python treats ``1``, ``1.0`` and ``True`` as one label.
+    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std"}, default "rspo"
         ``"rspo"`` is unbiased (Theorem 4.3); ``"plugin"`` is the biased eq. 7;
         ``"hitchhiking"`` is the Section 3 baseline (group sizes must be multiples of k);
-        ``"pkpo"`` and ``"pkpo_loo"`` are PKPO's estimators (``"pkpo_loo"`` needs n > k).
+        ``"pkpo"`` and ``"pkpo_loo"`` are PKPO's estimators (``"pkpo_loo"`` needs n > k);
+        ``"passk_training_std"`` is the analytic advantage of Chen et al., "Pass@k Training"
+        (arXiv 2508.10751), std-normalised GRPO-style, so biased and not on this scale (see Notes).
     validate : bool, default True
         Check that rewards are finite and binary. These checks need one device-to-host sync; pass
         False inside a training step on validated rewards. Shape and size checks always run.
+        Unchecked rewards are read as ``R != 0`` by every backend: any non-zero reward (NaN
+        included) counts as correct.
 
     Returns
     -------
@@ -102,10 +123,12 @@ def pass_at_k_weights(
     Raises
     ------
     ValueError
-        Non-finite or non-binary rewards, k < 1, a group with fewer than k samples, bad layout
-        arguments; each message names the offending group and the fix.
+        Non-finite or non-binary rewards, k < 1, a group with fewer than k samples (also for
+        empty ``(0, n)`` rewards with n < k), an unknown estimator, bad layout arguments; each
+        message names the offending group and the fix.
     TypeError
-        Unsupported container or dtype, or a non-integer k / group_size.
+        Unsupported container or dtype (sparse tensors, masked arrays with masked entries), a
+        non-integer k / group_size, a non-string estimator, float or bool-mixed group ids.
 
     Notes
     -----
@@ -117,6 +140,14 @@ def pass_at_k_weights(
     scaled so that :math:`E[\frac1n \sum_i w_i \nabla \log\pi(y_i)] = \nabla \mathrm{Pass@}k`;
     ``k = 1`` gives ``w = R``. Correct responses get 0 when ``n - c < k - 1`` (the group almost
     surely passes already). Computed in float64 from log-factorials, never forming C(n, k).
+    On CPU tensors, validation happens inside the C++ kernel's counting read (no second pass).
+
+    ``"passk_training_std"`` (MATH.md § Other estimators): with ``rho = 1 - C(n-c,k)/C(n,k)``
+    and ``sigma = sqrt(rho (1 - rho))``, a correct response gets ``(1 - rho)/(sigma + 1e-6)``
+    and a wrong one ``(1 - rho - C(n-c-1,k-1)/C(n-1,k-1))/(sigma + 1e-6)``; a group that is all
+    correct or all wrong gets 0, and so does every group at k = n. Its expectation is a
+    policy-dependent multiple of the Pass@k gradient (tests/test_unbiasedness.py), not the
+    gradient itself; k = 1 gives GRPO's advantage.
 
     Examples
     --------
@@ -150,6 +181,7 @@ def max_at_k_weights(
         As in :func:`pass_at_k_weights` (``validate`` checks finiteness only).
     estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"}, default "rspo"
         ``"rspo"`` is unbiased and tie-aware (Theorem C.4); ``"plugin"`` is the biased eq. 11.
+        ``"passk_training_std"`` has no Max@k form and raises ValueError.
 
     Returns
     -------
@@ -209,8 +241,10 @@ def pass_at_k(
     Notes
     -----
     :math:`1 - \binom{n-c}{k} / \binom{n}{k}` (Chen et al. 2021), 1 when ``n - c < k``; computed
-    as ``-expm1`` of a float64 log-factorial difference. Unlike bootstrapping with replacement
-    (what some trainers log as best@k), it is unbiased.
+    in float64 as ``-expm1(sum log1p(-x))`` over the ``min(c, k)`` factors of the product form
+    (MATH.md § Evaluation metrics), so a tiny pass rate keeps full relative precision. Unlike
+    bootstrapping with replacement (what some trainers log as best@k), it is unbiased. With
+    ``validate=False`` any non-zero reward counts as correct.
 
     Examples
     --------

@@ -20,20 +20,28 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from rspo_kernels._layout import Groups, sort_within_groups
 
 __all__ = [
     "ESTIMATORS",
+    "BINARY_ONLY_ESTIMATORS",
+    "PASSK_TRAINING_EPS",
     "OBJECTIVES",
     "grouped_weights",
     "grouped_pass_at_k",
     "grouped_max_at_k",
+    "segment_cumsum",
 ]
 
 OBJECTIVES = ("pass@k", "max@k")
-ESTIMATORS = ("rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo")
+ESTIMATORS = ("rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std")
+# Estimators whose formula exists only for binary rewards (no Max@k form).
+BINARY_ONLY_ESTIMATORS = ("passk_training_std",)
+# Chen et al.'s released code adds this to the group std before dividing.
+PASSK_TRAINING_EPS = 1e-6
 
 _F64 = torch.float64
 
@@ -55,15 +63,55 @@ def _binom_ratio(top: torch.Tensor, r_top: int, bottom: torch.Tensor, r_bottom: 
     return torch.exp(_log_binom(top, r_top) - _log_binom(bottom, r_bottom))
 
 
-def _segment_cumsum(x: torch.Tensor, groups: Groups, seg: torch.Tensor) -> torch.Tensor:
-    """Inclusive cumulative sum restarted at every group boundary, ``(N,)``."""
+def _scan_rows(m: torch.Tensor, exclusive: bool, reverse: bool) -> torch.Tensor:
+    """Cumulative sum along each row of ``m`` ``[R, W]``; exclusive scans shift instead of subtracting."""
+    if reverse:
+        m = m.flip(1)
+    c = m.cumsum(dim=1)
+    if exclusive:
+        c = torch.cat([c.new_zeros(c.shape[0], 1), c[:, :-1]], dim=1)
+    return c.flip(1) if reverse else c
+
+
+def segment_cumsum(x: torch.Tensor, groups: Groups, *, exclusive: bool = False, reverse: bool = False) -> torch.Tensor:
+    """Cumulative sum of ``x`` ``(N,)`` restarted at every group boundary of ``groups``, ``(N,)``.
+
+    Each group is scanned on its own: a global cumsum minus each group's start would make a
+    group's rounding error scale with the magnitude of every group before it (``3e15`` in one
+    group wipes out ``0.1`` in the next). Ragged groups are padded to rows of the next power of
+    two, one ``cumsum`` per width, so padding costs at most ``N`` extra slots and
+    ``log2(n_max)`` launches; all sizes come from the host, so there is no device sync.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(N,)`` values laid out like ``groups.values``.
+    groups : Groups
+        Only ``offsets``, ``sizes`` and ``group_size`` are read.
+    exclusive : bool
+        Leave out each slot's own value (by shifting, never by subtracting it).
+    reverse : bool
+        Scan from the end of each group (suffix sums).
+    """
+    n_total = x.numel()
+    if n_total == 0:
+        return x.clone()
     if groups.group_size is not None:
-        return x.view(-1, groups.group_size).cumsum(dim=1).view(-1)
-    total = x.cumsum(dim=0)
+        return _scan_rows(x.view(-1, groups.group_size), exclusive, reverse).reshape(-1)
+    device = x.device
+    sizes = groups.sizes
+    widths = np.left_shift(1, np.ceil(np.log2(np.maximum(sizes, 1))).astype(np.int64))
+    padded = torch.cat([x, x.new_zeros(1)])   # slot N reads as 0 and collects padding writes
+    out = torch.empty_like(padded)
     starts = groups.offsets[:-1]
-    # Subtract everything accumulated before the group began.
-    before = (total[starts] - x[starts]) if x.numel() else total[:0]
-    return total - before[seg]
+    for width in np.unique(widths):
+        rows_np = np.flatnonzero(widths == width)
+        rows = torch.from_numpy(rows_np).to(device)
+        cols = torch.arange(int(width), device=device)
+        size = torch.from_numpy(sizes[rows_np]).to(device)
+        idx = torch.where(cols < size[:, None], starts[rows][:, None] + cols, n_total)  # [R, W]
+        out[idx.reshape(-1)] = _scan_rows(padded[idx], exclusive, reverse).reshape(-1)
+    return out[:n_total]
 
 
 def _segment_sum(x: torch.Tensor, groups: Groups, seg: torch.Tensor) -> torch.Tensor:
@@ -108,12 +156,8 @@ class _SortedGroups:
         """``q(j) = C(j, k-1) / C(n-1, k-1)`` for each slot's own group size."""
         return _binom_ratio(j, k - 1, self.n - 1, k - 1)
 
-    def cumsum(self, x: torch.Tensor) -> torch.Tensor:
-        return _segment_cumsum(x, self.groups, self.seg)
-
-    def total(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-slot total of ``x`` over the slot's group."""
-        return _segment_sum(x, self.groups, self.seg)[self.seg]
+    def cumsum(self, x: torch.Tensor, *, exclusive: bool = False, reverse: bool = False) -> torch.Tensor:
+        return segment_cumsum(x, self.groups, exclusive=exclusive, reverse=reverse)
 
     def at_run_start(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` read at the first slot of each slot's tie run."""
@@ -137,8 +181,8 @@ def _leave_one_out_max_at(s: _SortedGroups, m: int) -> torch.Tensor:
     pos = s.pos.to(_F64)
     prefix_terms = s.v * _binom_ratio(pos, m - 1, s.n - 1, m)      # slot u < p is o_(u+1)
     suffix_terms = s.v * _binom_ratio(pos - 1, m - 1, s.n - 1, m)  # slot u > p is o_(u)
-    prefix = s.cumsum(prefix_terms) - prefix_terms           # exclusive: u < p
-    suffix = s.total(suffix_terms) - s.cumsum(suffix_terms)  # exclusive: u > p
+    prefix = s.cumsum(prefix_terms, exclusive=True)                # u < p
+    suffix = s.cumsum(suffix_terms, exclusive=True, reverse=True)  # u > p
     return prefix + suffix
 
 
@@ -173,7 +217,7 @@ def _max_plugin(s: _SortedGroups, k: int) -> torch.Tensor:
     w = s.v * p.pow(k - 1)
     if k > 1:
         terms = s.v * p.pow(k - 2) / s.n
-        below_sum = s.at_run_start(s.cumsum(terms) - terms)   # sum over slots strictly below the run
+        below_sum = s.at_run_start(s.cumsum(terms, exclusive=True))  # slots strictly below the run
         w = w - (k - 1) * below_sum
     return k * w
 
@@ -231,6 +275,27 @@ def _pass_plugin(groups: Groups, k: int) -> torch.Tensor:
     return k * (1 - c / n).pow(k - 1) * r
 
 
+def _pass_passk_training_std(groups: Groups, k: int) -> torch.Tensor:
+    """Chen et al., "Pass@k Training" (arXiv 2508.10751): the analytic, std-normalised advantage.
+
+    Their released code, for a group of n with c correct: ``rho = 1 - C(n-c, k)/C(n, k)``,
+    ``sigma = sqrt(rho (1 - rho))``; a correct response gets ``(1 - rho)/(sigma + 1e-6)``, a wrong
+    one ``(1 - rho - C(n-c-1, k-1)/C(n-1, k-1))/(sigma + 1e-6)``. These are PKPO's unbaselined
+    binary values (1, and the chance that k-1 others hold a correct one) centred by their group
+    mean ``rho`` and divided by the group std, GRPO-style: biased. ``C(n-c, k)/C(n, k)`` equals
+    ``(n-c)/n C(n-c-1, k-1)/C(n-1, k-1)``, so the wrong value is ``-c/(n-c) (1 - rho)``: computed
+    so, without the cancellation of the printed form. Not on the library's scale: k = 1 gives
+    GRPO's ``(R - c/n)/(sigma + 1e-6)``, not ``R``.
+    """
+    log_miss, c_group, n_group = _log_miss(groups, k)
+    miss = torch.exp(log_miss)
+    denom = torch.sqrt(-torch.expm1(log_miss) * miss) + PASSK_TRAINING_EPS
+    correct = miss / denom
+    wrong = torch.where(c_group < n_group, 0.0 - c_group / (n_group - c_group).clamp(min=1) * correct, 0.0)
+    seg = groups.segment_ids()
+    return torch.where(groups.values != 0, correct[seg], wrong[seg]).to(_F64)
+
+
 def _sorted(fn: Callable[[_SortedGroups, int], torch.Tensor]) -> Callable[[Groups, int], torch.Tensor]:
     def run(groups: Groups, k: int) -> torch.Tensor:
         s = _SortedGroups(groups)
@@ -253,6 +318,7 @@ _PASS_AT_K: dict[str, Callable[[Groups, int], torch.Tensor]] = {
     **_MAX_AT_K,
     "rspo": _pass_rspo,
     "plugin": _pass_plugin,
+    "passk_training_std": _pass_passk_training_std,
 }
 _TABLES = {"pass@k": _PASS_AT_K, "max@k": _MAX_AT_K}
 
@@ -267,7 +333,8 @@ def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> t
     k : int
         Sample size of the objective, ``1 <= k <= n`` for every group.
     objective : {"pass@k", "max@k"}
-    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"}
+    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std"}
+        ``"passk_training_std"`` exists for ``"pass@k"`` only.
 
     Returns
     -------
@@ -276,19 +343,48 @@ def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> t
     """
     if groups.values.numel() == 0:
         return groups.values.clone()
+    if objective == "pass@k":
+        # Unvalidated Pass@k rewards count as correct when non-zero, in every backend.
+        groups = groups.with_values((groups.values != 0).to(groups.values.dtype))
     w = _TABLES[objective][estimator](groups, k)
     return w.to(groups.values.dtype)
 
 
-def grouped_pass_at_k(groups: Groups, k: int) -> torch.Tensor:
-    """Unbiased pass@k per group: ``1 - C(n-c, k) / C(n, k)`` (1 when ``n - c < k``), ``(G,)``."""
-    values = groups.values.to(_F64)
+def _log_miss(groups: Groups, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group ``log(C(n-c, k) / C(n, k))`` (``-inf`` when ``n - c < k``), with ``c`` and ``n``, ``(G,)`` each.
+
+    Uses the product form of MATH.md § Evaluation metrics with ``m = min(c, k)`` factors,
+    ``C(n-c, k)/C(n, k) = prod_{j=n-c+1..n} (1 - k/j)`` (c <= k) or ``prod_{t<k} (1 - c/(n-t))``
+    (c > k), summed as ``log1p``: a difference of log-factorials near ``1e7`` would lose the
+    relative precision of a pass rate near 0. Factor ``t`` lives in slot ``t`` of its group
+    (``m <= n``), so one segment sum does every group at once, with no device sync. Any non-zero
+    reward counts as correct.
+    """
+    values = groups.values
     seg = groups.segment_ids()
-    c = _segment_sum(values, groups, seg)
-    n = (groups.offsets[1:] - groups.offsets[:-1]).to(_F64)
-    # expm1 keeps full relative precision when the failure probability is close to 1.
-    fail = _log_binom(n - c, k) - _log_binom(n, k)
-    return (-torch.expm1(fail)).to(groups.values.dtype)
+    c_group = _segment_sum((values != 0).to(_F64), groups, seg)
+    n_group = (groups.offsets[1:] - groups.offsets[:-1]).to(_F64)
+    n, c = n_group[seg], c_group[seg]
+    t = (torch.arange(values.numel(), device=values.device) - groups.offsets[:-1][seg]).to(_F64)
+    factor = torch.where(c <= k, torch.log1p(-k / (n - c + 1 + t)), torch.log1p(-c / (n - t)))
+    active = (t < torch.clamp(c, max=k)) & (n - c >= k)
+    log_miss = _segment_sum(torch.where(active, factor, torch.zeros_like(factor)), groups, seg)
+    log_miss = torch.where(n_group - c_group < k, torch.full_like(log_miss, -torch.inf), log_miss)
+    return log_miss, c_group, n_group
+
+
+def grouped_pass_at_k(groups: Groups, k: int) -> torch.Tensor:
+    """Unbiased pass@k per group: ``1 - C(n-c, k) / C(n, k)`` (1 when ``n - c < k``), ``(G,)``.
+
+    ``-expm1`` of the product form's ``log1p`` sum (:func:`_log_miss`): full relative precision
+    for pass rates near 0 (n = 2^20, one correct, k = 1 gives 2^-20 to 1 ulp). Any non-zero
+    reward counts as correct (the contract of ``validate=False``).
+    """
+    values = groups.values
+    if values.numel() == 0:
+        return torch.zeros(groups.num_groups, dtype=values.dtype, device=values.device)
+    log_miss, _, _ = _log_miss(groups, k)
+    return (-torch.expm1(log_miss)).to(values.dtype)
 
 
 def grouped_max_at_k(groups: Groups, k: int) -> torch.Tensor:

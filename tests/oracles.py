@@ -142,6 +142,41 @@ def algorithm_2(r: list[float], k: int) -> list[float]:
     return out
 
 
+def passk_training_std(r: list[float], k: int) -> list[float]:
+    """Chen et al.'s advantage from its definition, by enumeration in exact fractions.
+
+    Before centring, a response is worth ``E_S[max(R_i, max S)]`` over the (k-1)-subsets S of the
+    others (PKPO's unbaselined value); the group's pass@k ``rho`` is the mean of ``max`` over its
+    k-subsets; the advantage is ``(value - rho) / (sqrt(rho (1 - rho)) + 1e-6)``.
+    """
+    n = len(r)
+    rs = [Fraction(x) for x in r]
+    subsets = list(itertools.combinations(rs, k))
+    rho = sum((max(s) for s in subsets), Fraction(0)) / len(subsets)
+    sigma = math.sqrt(rho * (1 - rho))
+    out = []
+    for i in range(n):
+        others = rs[:i] + rs[i + 1:]
+        combos = list(itertools.combinations(others, k - 1))
+        value = sum((max([rs[i], *s]) for s in combos), Fraction(0)) / len(combos)
+        out.append(float(value - rho) / (sigma + 1e-6))
+    return out
+
+
+def passk_training_std_formula(r: list[float], k: int) -> list[float]:
+    """Chen et al.'s released closed form as printed (MATH.md § Other estimators), with math.comb."""
+    n, c = len(r), int(sum(r))
+
+    def comb(a: int, b: int) -> int:
+        return math.comb(a, b) if 0 <= b <= a else 0
+
+    rho = 1 - Fraction(comb(n - c, k), comb(n, k))
+    sigma = math.sqrt(rho * (1 - rho))
+    correct = float(1 - rho) / (sigma + 1e-6)
+    wrong = float(1 - rho - Fraction(comb(n - c - 1, k - 1), comb(n - 1, k - 1))) / (sigma + 1e-6)
+    return [correct if x == 1 else wrong for x in r]
+
+
 ORACLES = {
     ("max@k", "rspo"): subset_rspo,
     ("max@k", "plugin"): plugin_max,
@@ -153,6 +188,7 @@ ORACLES = {
     ("pass@k", "hitchhiking"): hitchhiking,
     ("pass@k", "pkpo"): subset_pkpo,
     ("pass@k", "pkpo_loo"): subset_pkpo_loo,
+    ("pass@k", "passk_training_std"): passk_training_std,
 }
 
 

@@ -21,10 +21,12 @@ def _binary(fn):
 
 # ----------------------------------------------------------------------------------- layouts
 @pytest.mark.parametrize("fn", ALL_FNS)
-@pytest.mark.parametrize("estimator", ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"])
+@pytest.mark.parametrize("estimator", ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std"])
 @given(data=st.data())
 def test_layouts_agree(fn, estimator, data):
     """2-D rows, flat with group_size, and shuffled string group_ids give the same numbers."""
+    if estimator == "passk_training_std" and fn is not rk.pass_at_k_weights:
+        return  # Pass@k weights only
     b = data.draw(st.integers(1, 6))
     n = data.draw(st.sampled_from([4, 6, 8]))
     k = data.draw(st.sampled_from([1, 2]))
@@ -244,3 +246,100 @@ def test_backend_info_reports_every_device():
     info = rk.backend_info()
     assert set(info["cpu"]) >= {"weights", "pass_at_k", "max_at_k"}
     assert "failures" in info
+
+
+# ------------------------------------------------------------------- validate=False contract
+def _backends_for_weights():
+    backends = ["cpp", "reference"]
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return backends
+    return backends + ["triton"]
+
+
+@pytest.mark.parametrize("backend", _backends_for_weights())
+@pytest.mark.parametrize("estimator", ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"])
+def test_unvalidated_pass_at_k_counts_every_non_zero_reward_as_correct(monkeypatch, backend, estimator):
+    """Issue 14 §3.5: with validate=False every backend reads Pass@k rewards as ``R != 0``."""
+    from rspo_kernels._dispatch import BACKEND_ENV
+
+    r = np.array([[0.0, 0.5, 2.0, -1.0, 0.0, 0.0, 1.0, np.nan], [0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0]])
+    binary = (r != 0).astype(np.float64)
+    want_w = rk.pass_at_k_weights(binary, 2, estimator=estimator)
+    want_m = rk.pass_at_k(binary, 2)
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    np.testing.assert_allclose(rk.pass_at_k_weights(r, 2, estimator=estimator, validate=False), want_w,
+                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(rk.pass_at_k(r, 2, validate=False), want_m, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="Pass@k needs rewards in"):
+        rk.pass_at_k_weights(r, 2, estimator=estimator)
+
+
+# ------------------------------------------------------------------ issue 14 §3.6: clear errors
+@pytest.mark.parametrize("fn", ALL_FNS)
+def test_empty_rewards_still_need_groups_of_k(fn):
+    with pytest.raises(ValueError, match=r"rewards of shape \(3, 0\) have groups \(rows\) of 0 samples but k=2"):
+        fn(np.zeros((3, 0)), 2)
+    with pytest.raises(ValueError, match=r"rewards of shape \(0, 4\) have groups \(rows\) of 4 samples but k=10"):
+        fn(np.zeros((0, 4)), 10)
+    with pytest.raises(ValueError, match=r"group_size=4 but k=10; (Pass|Max)@k needs n >= k"):
+        fn(torch.zeros(0), 10, group_size=4)
+    assert fn(np.zeros((0, 4)), 4).shape == ((0, 4) if fn in WEIGHT_FNS else (0,))
+
+
+@pytest.mark.parametrize("fn", WEIGHT_FNS)
+def test_estimator_none_is_a_clear_type_error(fn):
+    with pytest.raises(TypeError, match=r"estimator must be a string, got None; choose one of 'rspo'"):
+        fn(np.zeros((2, 4)), 2, estimator=None)
+
+
+@pytest.mark.parametrize("fn", ALL_FNS)
+def test_big_endian_numpy_rewards_and_ids_are_read_in_native_order(fn):
+    """Documented behaviour: non-native byte order is converted (one copy), results are native."""
+    r = np.array([[1, 0, 0, 1], [0, 0, 0, 1]], dtype=np.float64)
+    got = fn(r.astype(">f8"), 2)
+    np.testing.assert_array_equal(got, fn(r, 2))
+    assert got.dtype.isnative
+    ids = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(fn(r.reshape(-1), 2, group_ids=ids.astype(">i8")), fn(r.reshape(-1), 2, group_ids=ids))
+
+
+@pytest.mark.parametrize("fn", ALL_FNS)
+def test_sparse_tensors_are_refused(fn):
+    with pytest.raises(TypeError, match=r"rewards is a torch.sparse_coo tensor; .* pass rewards.to_dense\(\)"):
+        fn(torch.zeros(3, 4).to_sparse(), 2)
+
+
+@pytest.mark.parametrize("fn", ALL_FNS)
+def test_masked_arrays_with_masked_entries_are_refused(fn):
+    masked = np.ma.masked_array([[1.0, 0.0, 1.0]], mask=[[0, 1, 0]])
+    with pytest.raises(TypeError, match=r"masked array with masked entries.*rewards.compressed\(\).*rewards.filled"):
+        fn(masked, 2)
+    unmasked = np.ma.masked_array([[1.0, 0.0, 1.0]], mask=[[0, 0, 0]])
+    np.testing.assert_array_equal(fn(unmasked, 2), fn(unmasked.data, 2))  # nothing masked: the data
+
+
+@pytest.mark.parametrize("ids", [[0.5, 0.5, 1.5, 1.5], np.array([0.5, 0.5, 1.5, 1.5]), torch.tensor([0.0, 0.0, 1.0, 1.0]),
+                                 [1, 1, 2.0, 2], np.array([1, 1, 2.0, 2], dtype=object)])
+def test_float_group_ids_are_refused_in_every_container(ids):
+    with pytest.raises(TypeError, match="group_ids must hold integers or hashable labels, not floats"):
+        rk.pass_at_k(np.array([1.0, 0.0, 0.0, 1.0]), 1, group_ids=ids)
+
+
+@pytest.mark.parametrize("ids", [[1, True, 1, True], ["a", False, "a", False], np.array([1, True, 1, True], dtype=object)])
+def test_bools_mixed_with_other_group_ids_are_refused(ids):
+    """``1``, ``True`` and ``1.0`` are one dict key: refuse them instead of merging the groups."""
+    with pytest.raises(TypeError, match=r"group_ids mix bools with other labels: got True at input index 1|got False"):
+        rk.pass_at_k(np.array([1.0, 0.0, 0.0, 1.0]), 1, group_ids=ids)
+    # Bools alone are two labels, like any two strings.
+    bools = rk.pass_at_k(np.array([1.0, 0.0, 0.0, 1.0]), 1, group_ids=[True, False, True, False])
+    np.testing.assert_array_equal(bools, rk.pass_at_k(np.array([1.0, 0.0, 0.0, 1.0]), 1, group_ids=list("abab")))
+
+
+@pytest.mark.parametrize("fn", [rk.max_at_k_weights])
+def test_passk_training_std_is_pass_at_k_only(fn):
+    with pytest.raises(ValueError, match=r"'passk_training_std' estimator is defined for binary Pass@k rewards only"):
+        fn(np.array([[0.1, 0.5, 0.9, 0.2]]), 2, estimator="passk_training_std")
+    with pytest.raises(ValueError, match=r"group 0 has reward 0.5 at position 1 .*Pass@k needs rewards in \{0, 1\}"):
+        rk.pass_at_k_weights(np.array([[0.0, 0.5, 1.0, 1.0]]), 2, estimator="passk_training_std")

@@ -88,8 +88,13 @@ def grouped_case(draw, estimator: str, binary: bool):
     return values, sizes, k
 
 
+PASS_ONLY_ESTIMATORS = ("passk_training_std",)  # binary rewards only: no Max@k form
+
+
 def _cases():
-    return [(o, e, d) for o in OBJECTIVES for e in ESTIMATORS for d in DTYPES]
+    return [(o, e, d) for o in OBJECTIVES for e in ESTIMATORS for d in DTYPES] + [
+        ("pass@k", e, d) for e in PASS_ONLY_ESTIMATORS for d in DTYPES
+    ]
 
 
 @pytest.mark.parametrize("objective, estimator, dtype", _cases())
@@ -151,6 +156,8 @@ def test_weights_match_subset_enumeration(rewards, k):
         expected["pkpo_loo"] = oracles.subset_pkpo_loo(rewards, k)
     if len(rewards) % k == 0:
         expected["hitchhiking"] = oracles.hitchhiking(rewards, k)
+    if binary:
+        expected["passk_training_std"] = oracles.passk_training_std(rewards, k)
     objective = "pass@k" if binary else "max@k"
     rtol, atol = tolerances(torch.float64, len(rewards), k, max(map(abs, rewards)))
     for estimator, want in expected.items():
@@ -204,7 +211,7 @@ def test_bitwise_deterministic_and_independent_of_threading(objective, dtype):
     ragged = make_groups(x, sizes, dtype)
     assert ragged.values.numel() >= 32768  # large enough for every kernel's parallel path (csrc)
     blocks = make_groups(x[: 4 * (x.numel() // 4)], [4] * (x.numel() // 4), dtype)
-    for estimator in ESTIMATORS:
+    for estimator in ESTIMATORS + (PASS_ONLY_ESTIMATORS if objective == "pass@k" else ()):
         k = 4 if estimator == "hitchhiking" else 7
         groups = blocks if estimator == "hitchhiking" else ragged
         first = _cpu_backend.grouped_weights(groups, k, objective, estimator).numpy().tobytes()
@@ -234,6 +241,8 @@ def test_bindings_reject_bad_buffers_with_value_error():
         _cpu.max_at_k(v, off, 0, np.empty(2))
     with pytest.raises(ValueError, match="unknown estimator 'grpo'"):
         _cpu.weights(v, off, 1, "max@k", "grpo", np.empty(6))
+    with pytest.raises(ValueError, match="passk_training_std estimator is defined for Pass@k"):
+        _cpu.weights(v, off, 1, "max@k", "passk_training_std", np.empty(6))
     with pytest.raises(ValueError, match="unknown objective 'best@k'"):
         _cpu.weights(v, off, 1, "best@k", "rspo", np.empty(6))
     with pytest.raises(ValueError, match="out must have the dtype of values"):
@@ -329,3 +338,47 @@ def test_first_invalid_matches_reference(dtype, binary, data):
         if n:
             v[int(rng.integers(0, n))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.5, 2.0, -1.0]))
     assert _cpu_backend.first_invalid(v, binary) == _validation.first_invalid(v, binary)
+
+
+def test_max_at_k_metric_does_not_overflow_near_the_float64_maximum(monkeypatch):
+    """Issue 14 §3.4: every pair's max is 1e308, so max@2 is 1e308, not inf."""
+    groups = make_groups([-1e308, 1e308, 1e308], [3], torch.float64)
+    assert _cpu_backend.grouped_max_at_k(groups, 2).item() == pytest.approx(1e308, rel=1e-15)
+    assert spec.grouped_max_at_k(groups, 2).item() == pytest.approx(1e308, rel=1e-15)
+
+
+# --------------------------------------------------------------------------- validation in the count
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sizes", [[64] * 700, [5, 70000, 3], list(range(1, 400))])
+@given(data=st.data())
+def test_counting_pass_validates_like_first_invalid(dtype, sizes, data):
+    """Issue 14 §2: the Pass@k count reports the first non-binary reward that a separate scan finds."""
+    total = sum(sizes)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    v = rng.integers(0, 2, total).astype(dtype)
+    for _ in range(data.draw(st.integers(0, 3))):
+        v[int(rng.integers(0, total))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.5, 2.0, -1.0, -0.0]))
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    for estimator in ("rspo", "passk_training_std"):
+        bad = _cpu.weights(v, offsets, 1, "pass@k", estimator, np.empty_like(v), True)
+        assert bad == _cpu.first_invalid(v, True)
+        assert _cpu.weights(v, offsets, 1, "pass@k", estimator, np.empty_like(v), False) == -1
+
+
+def test_public_api_validates_cpu_pass_at_k_without_a_separate_scan(monkeypatch):
+    """The validated C++ Pass@k path reads the rewards once: the separate scan is never called."""
+
+    def no_scan(values, binary):
+        raise AssertionError("the separate validation scan ran")
+
+    monkeypatch.setattr(_cpu_backend, "first_invalid", no_scan)
+    monkeypatch.setattr(_dispatch, "_cache", {**_dispatch._cache, ("first_invalid", "cpp"): no_scan})
+    r = np.zeros((300, 64), dtype=np.float32)
+    r[:, ::7] = 1
+    rk.pass_at_k_weights(r, 4)
+    r[211, 5] = 0.5
+    with pytest.raises(ValueError, match=r"group 211 has reward 0.5 at position 5 \(input index \(211, 5\)\); Pass@k needs"):
+        rk.pass_at_k_weights(r, 4)
+    r[211, 5] = np.nan
+    with pytest.raises(ValueError, match=r"group 211 has a non-finite reward \(nan\) at position 5"):
+        rk.pass_at_k_weights(torch.from_numpy(r), 4, estimator="passk_training_std")

@@ -101,3 +101,13 @@ def test_hitchhiking_uses_the_given_order():
     r = np.array([[0.0, 1.0, 0.0, 0.0]])
     np.testing.assert_array_equal(rk.max_at_k_weights(r, 2, estimator="hitchhiking"), [[2, 2, 0, 0]])
     np.testing.assert_array_equal(rk.max_at_k_weights(r[:, ::-1].copy(), 2, estimator="hitchhiking"), [[0, 0, 2, 2]])
+
+
+@given(r=reward_groups(1, 12, binary=True), data=st.data())
+def test_passk_training_std_is_centred_and_shares_sign_with_grpo(r, data):
+    """Chen et al.'s advantages are centred by their group mean: they sum to 0, correct ones >= 0."""
+    k = data.draw(st.integers(1, len(r)))
+    w = _w(r, k, "pass@k", "passk_training_std")
+    assert abs(w.sum()) <= 1e-9 * max(1.0, np.abs(w).max()) * len(r)
+    r = np.asarray(r)
+    assert np.all(w[r == 1] >= 0) and np.all(w[r == 0] <= 0)

@@ -114,3 +114,15 @@ def test_weight_kernels_compile_for_h100_without_a_gpu(tmp_path):
     env.update(TRITON_CACHE_DIR=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_chunk_carry_is_scanned_per_group():
+    """Issue 14 §3.1: group 1 spans two chunks; group 0's 3e15 must not round its carry."""
+    rng = np.random.default_rng(0)
+    small = np.round(rng.random(300), 2)
+    r = torch.tensor(np.concatenate([[0.0, 3e15, 1.0], small]), dtype=torch.float64, device=DEVICE)
+    groups = _groups(r, group_ids=np.repeat([0, 1], [3, 300]))
+    got = triton_weights.grouped_weights(groups, 2, "max@k", "rspo")[3:]
+    alone = _groups(torch.tensor(small, dtype=torch.float64, device=DEVICE)[None])
+    want = estimators.grouped_weights(alone, 2, "max@k", "rspo")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)

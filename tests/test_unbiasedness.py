@@ -117,3 +117,34 @@ def test_plugin_is_unbiased_at_k_1():
     target = analytic_gradient(exact_max_at_k, logits, rewards, 1)
     got = expected_gradient(_softmax(logits), rewards, 3, lambda r: rk.max_at_k_weights(r, 1, estimator="plugin"))
     np.testing.assert_allclose(got, target, rtol=0, atol=1e-12)
+
+
+def test_passk_training_std_is_biased():
+    """Issue 15 §2: Chen et al.'s std-normalised estimator, by exact enumeration.
+
+    With binary rewards on one prompt, every estimator whose weights depend only on which
+    samples are correct has an expectation parallel to grad Pass@k, so the bias is a factor
+    ``alpha``: E[g] = alpha grad. For this estimator ``alpha`` is far from 1, changes with the
+    policy's pass rate (so across prompts it reweights them: no learning rate undoes it), and is
+    exactly 0 at k = n, where every advantage is 0. Measured (n = 4, k = 1..4): alpha = 1.616,
+    0.584, 0.192, 0 on the first policy and 1.645, 0.543, 0.192, 0 on the second (the 2-decimal
+    values are reported, not asserted).
+    """
+    n = 4
+    alphas = {}
+    for p_idx, (rewards, logits) in enumerate(PASS_POLICIES):
+        for k in range(1, n + 1):
+            target = analytic_gradient(exact_pass_at_k, logits, rewards, k)
+            got = expected_gradient(
+                _softmax(logits), rewards, n, lambda r: rk.pass_at_k_weights(r, k, estimator="passk_training_std")
+            )
+            alpha = float(got @ target / (target @ target))
+            np.testing.assert_allclose(got, alpha * target, rtol=0, atol=1e-12)
+            alphas[p_idx, k] = alpha
+            rspo = expected_gradient(_softmax(logits), rewards, n, lambda r: rk.pass_at_k_weights(r, k))
+            np.testing.assert_allclose(rspo, target, rtol=0, atol=1e-10)  # same policy, unbiased
+    for k in range(1, n):
+        assert all(abs(alphas[p, k] - 1) > 0.15 for p in range(len(PASS_POLICIES))), alphas
+    for k in range(1, n - 1):  # (at k = n - 1 the factor happens to be the same for both policies)
+        assert abs(alphas[0, k] - alphas[1, k]) > 0.01, alphas  # depends on the policy
+    assert alphas[0, n] == alphas[1, n] == 0.0

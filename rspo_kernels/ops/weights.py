@@ -55,10 +55,10 @@ def _chunk_slots(i_c, p_offsets, p_chunks, BLOCK: tl.constexpr):
 
 @triton.jit
 def _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS: tl.constexpr):
-    """The summands of one chunk, float64 ``[BLOCK]``: rewards (Pass@k) or ``q(j) * gap_j`` (Max@k)."""
+    """The summands of one chunk, float64 ``[BLOCK]``: ``R != 0`` (Pass@k) or ``q(j) * gap_j`` (Max@k)."""
     b_v = tl.load(p_v + start + o_slot, mask=m_slot, other=0.0).to(tl.float64)
     if IS_PASS:
-        return b_v
+        return tl.where(b_v != 0.0, 1.0, 0.0).to(tl.float64)  # non-zero counts as correct
     b_prev = tl.load(p_v + start + o_slot - 1, mask=m_slot & (o_slot > 0), other=0.0).to(tl.float64)
     b_gap = tl.where(o_slot > 0, b_v - b_prev, 0.0)
     return _q_ratio(o_slot, n, k, p_lf, m_slot) * b_gap
@@ -109,6 +109,16 @@ def prepare_chunks(sizes: np.ndarray, block: int, device: torch.device, uniform:
     return torch.from_numpy(np.ascontiguousarray(chunks)).to(device, non_blocking=True)
 
 
+def chunk_offsets(sizes: np.ndarray, block: int, device: torch.device, uniform: int | None = None) -> torch.Tensor:
+    """``(G + 1,)`` int64 offsets of each group's run of chunks in :func:`prepare_chunks`' order."""
+    if uniform is not None:
+        per = -(-uniform // block)
+        return torch.arange(0, (sizes.shape[0] + 1) * per, per, dtype=torch.int64, device=device)
+    offsets = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
+    np.cumsum(-(-sizes // block), out=offsets[1:])
+    return torch.from_numpy(offsets).to(device, non_blocking=True)
+
+
 def _block_size(n_max: int) -> int:
     # The interpreter runs blocks as numpy arrays: keep them small there.
     cap = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
@@ -119,12 +129,12 @@ def _rspo_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
     values = groups.values
     device = values.device
     sizes = groups.sizes
-    if k == 1:  # plain policy gradient: w = R
-        return values.clone()
+    is_pass = objective == "pass@k"
+    if k == 1:  # plain policy gradient: w = R (R != 0 for Pass@k)
+        return (values != 0).to(values.dtype) if is_pass else values.clone()
     block = _block_size(int(sizes.max()))
     chunks = prepare_chunks(sizes, block, device, groups.group_size)
     n_chunks = chunks.shape[0]
-    is_pass = objective == "pass@k"
     if is_pass:
         v, order = values, values.new_empty(0, dtype=torch.int64)  # no sort: order unused
     else:
@@ -139,9 +149,12 @@ def _rspo_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
     if is_pass:
         carry = sums  # unused: Pass@k needs only the group totals
     else:
-        # Exclusive per-group prefix of the chunk sums: global prefix minus the groups before.
-        group_start = torch.cumsum(total, dim=0) - total
-        carry = torch.cumsum(sums, dim=0) - sums - group_start[chunk_group]
+        # Exclusive per-group prefix of the chunk sums, scanned group by group: a global prefix
+        # minus the groups before would round each group's carry at the scale of earlier groups.
+        per_group = -(-sizes // block)
+        uniform = int(per_group[0]) if groups.group_size is not None else None
+        chunk_groups = Groups(sums, chunk_offsets(sizes, block, device, groups.group_size), uniform, per_group)
+        carry = estimators.segment_cumsum(sums, chunk_groups, exclusive=True)
     out = torch.empty_like(values)
     _rspo_weights_kernel[(n_chunks,)](
         v, order, out, groups.offsets, chunks, carry, total, log_factorial, k, IS_PASS=is_pass, BLOCK=block
