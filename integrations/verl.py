@@ -7,33 +7,66 @@ is enough, on the driver and in every Ray worker. Where entry points are disable
 (``VERL_USE_EXTERNAL_PLUGINS=none``), set ``VERL_USE_EXTERNAL_MODULES=rspo_kernels.integrations.verl``
 in the environment of every node instead.
 
-Options, read from the algorithm config (all optional)::
+Options, read from the algorithm config (all optional; see README "verl")::
 
     algorithm.adv_estimator=rspo
+    algorithm._target_=rspo_kernels.integrations.verl.RSPOAlgoConfig   # the structured config
     +algorithm.rspo_objective=pass@k     # or max@k for graded rewards
     +algorithm.rspo_k=4                  # must not exceed actor_rollout_ref.rollout.n
-    +algorithm.rspo_estimator=rspo       # or plugin, hitchhiking, pkpo, pkpo_loo
+    +algorithm.rspo_estimator=rspo       # any name in rspo_kernels.ESTIMATORS
+
+Loading the module also makes verl's ``validate_config`` (run by ``main_ppo`` before any model
+loads) check these options against ``actor_rollout_ref.rollout.n`` and the loss aggregation, and
+makes the v1 trainer's multi-output agent loop count one sample per trajectory.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from verl.trainer.config import AlgoConfig
 from verl.trainer.ppo import core_algos
 
-from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings
+from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, when_imported
 
-__all__ = ["ESTIMATOR_NAME", "compute_rspo_outcome_advantage", "register", "settings_from_config"]
+__all__ = [
+    "ESTIMATOR_NAME",
+    "RSPOAlgoConfig",
+    "check_trainer_config",
+    "compute_rspo_outcome_advantage",
+    "register",
+    "settings_from_config",
+]
 
 ESTIMATOR_NAME = "rspo"
 _KEYS = {
-    "objective": "+algorithm.rspo_objective",
-    "k": "+algorithm.rspo_k",
-    "estimator": "+algorithm.rspo_estimator",
+    "objective": "algorithm.rspo_objective",
+    "k": "algorithm.rspo_k",
+    "estimator": "algorithm.rspo_estimator",
     "n": "actor_rollout_ref.rollout.n",
 }
+# Modes whose normaliser depends on the sampled lengths (see README, "Aggregation").
+_LENGTH_NORMALISED = ("token-mean", "seq-mean-token-mean")
+
+
+@dataclass
+class RSPOAlgoConfig(AlgoConfig):
+    """verl's :class:`~verl.trainer.config.AlgoConfig` plus the RSPO options, checked on creation.
+
+    Select it with ``algorithm._target_=rspo_kernels.integrations.verl.RSPOAlgoConfig``, so that
+    ``verl.utils.config.omega_conf_to_dataclass(config.algorithm)`` accepts the ``rspo_*`` keys.
+    """
+
+    rspo_objective: str = "pass@k"
+    rspo_k: int = DEFAULT_K
+    rspo_estimator: str = "rspo"
+
+    def __post_init__(self) -> None:
+        settings_from_config(self)
 
 
 def settings_from_config(config: Any) -> RSPOSettings:
@@ -41,7 +74,7 @@ def settings_from_config(config: Any) -> RSPOSettings:
 
     Parameters
     ----------
-    config : omegaconf.DictConfig, verl.trainer.config.AlgoConfig, Mapping or None
+    config : omegaconf.DictConfig, AlgoConfig, RSPOAlgoConfig, Mapping or None
         ``config.algorithm`` as verl passes it to advantage estimators. Missing keys take the
         defaults ``rspo_objective="pass@k"``, ``rspo_k=4``, ``rspo_estimator="rspo"``.
 
@@ -52,7 +85,7 @@ def settings_from_config(config: Any) -> RSPOSettings:
     Raises
     ------
     ValueError
-        An invalid option; the message names the ``+algorithm.rspo_*`` key to change.
+        An invalid option; the message names the ``algorithm.rspo_*`` key to change.
     """
     get = config.get if config is not None else (lambda key, default=None: default)
     return RSPOSettings.create(
@@ -61,6 +94,32 @@ def settings_from_config(config: Any) -> RSPOSettings:
         estimator=get("rspo_estimator", "rspo"),
         keys=_KEYS,
     )
+
+
+def check_trainer_config(config: Any) -> None:
+    """Check a whole verl trainer config that selects ``algorithm.adv_estimator=rspo``.
+
+    Runs inside verl's ``validate_config``, so ``main_ppo`` fails before Ray starts or any model
+    loads. Warns when the actor's ``loss_agg_mode`` normalises by sampled lengths.
+
+    Raises
+    ------
+    ValueError
+        An invalid option, or settings that groups of ``actor_rollout_ref.rollout.n`` cannot
+        serve (``algorithm.rspo_k=8 but actor_rollout_ref.rollout.n=4``).
+    """
+    if config.algorithm.get("adv_estimator") != ESTIMATOR_NAME:
+        return
+    settings_from_config(config.algorithm).check_group_size(config.actor_rollout_ref.rollout.n)
+    mode = config.actor_rollout_ref.actor.get("loss_agg_mode")
+    if mode in _LENGTH_NORMALISED:
+        warnings.warn(
+            f"actor_rollout_ref.actor.loss_agg_mode={mode} divides by response lengths, so the RSPO weights no "
+            "longer give an unbiased Pass@k/Max@k gradient: set actor_rollout_ref.actor.loss_agg_mode="
+            "seq-mean-token-sum-norm (README: Drop into your trainer)",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def compute_rspo_outcome_advantage(
@@ -108,12 +167,75 @@ def compute_rspo_outcome_advantage(
     """
     if index is None:
         raise ValueError("the 'rspo' advantage estimator groups responses by uid, but verl passed no uid index")
+    return _advantages(token_level_rewards, response_mask, np.asarray(index), config)
+
+
+def _advantages(token_level_rewards, response_mask, index, config, final_rows=None, row_to_final=None):
+    """Weights of trajectories grouped by uid, each spread over all rows of its trajectory.
+
+    A trajectory's reward is the score of its row ``final_rows[t]``; row ``i`` belongs to
+    trajectory ``row_to_final[i]``. By default every row is a trajectory of its own.
+    """
     settings = settings_from_config(config)
-    scores = token_level_rewards.sum(dim=-1)
+    if final_rows is None:
+        final_rows = row_to_final = np.arange(len(index))
+    scores = token_level_rewards[torch.as_tensor(final_rows)].sum(dim=-1)
     with torch.no_grad():
-        weights = settings.weights(scores, group_ids=np.asarray(index))
-    advantages = weights.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask
+        weights = settings.weights(scores, group_ids=index[final_rows])
+    per_row = weights[torch.as_tensor(row_to_final, device=weights.device)]
+    advantages = per_row.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask
     return advantages, advantages
+
+
+def _patch_multi_trajectories(module: Any) -> None:
+    """Make verl's v1 trainer count agent sessions (trajectories), not output rows, for ``rspo``.
+
+    The v1 agent loop stores output ``i`` of session ``s`` of prompt ``uid`` under the key
+    ``{uid}_{s}_{i}`` and gives every output the session's score. verl's
+    ``compute_advantage_for_multi_trajectories`` uses that layout for GRPO only; every other
+    estimator gets bare rows, so a session with two outputs would count as two samples.
+    """
+    original = module.compute_advantage_for_multi_trajectories
+    if getattr(original, "_rspo_original", None) is not None:
+        return
+
+    def compute_advantage_for_multi_trajectories(data, batch_keys, adv_estimator, *args, config=None, **kwargs):
+        if adv_estimator != ESTIMATOR_NAME:
+            return original(data, batch_keys, adv_estimator, *args, config=config, **kwargs)
+        final: dict[str, tuple[int, int]] = {}  # session -> (output index, row) of its final output
+        row_session = []
+        for row, key in enumerate(batch_keys):
+            session, output = key.rsplit("_", 1)
+            row_session.append(session)
+            if session not in final or final[session][0] < int(output):
+                final[session] = (int(output), row)
+        position = {session: t for t, session in enumerate(final)}
+        data.batch["advantages"], data.batch["returns"] = _advantages(
+            data.batch["token_level_rewards"],
+            data.batch["response_mask"],
+            np.asarray(data.non_tensor_batch["uid"]),
+            config,
+            final_rows=np.array([row for _, row in final.values()]),
+            row_to_final=np.array([position[session] for session in row_session]),
+        )
+        return data
+
+    compute_advantage_for_multi_trajectories._rspo_original = original
+    module.compute_advantage_for_multi_trajectories = compute_advantage_for_multi_trajectories
+
+
+def _patch_validate_config(module: Any) -> None:
+    """Run :func:`check_trainer_config` inside verl's ``validate_config``."""
+    original = module.validate_config
+    if getattr(original, "_rspo_original", None) is not None:
+        return
+
+    def validate_config(config, *args, **kwargs):
+        check_trainer_config(config)
+        return original(config, *args, **kwargs)
+
+    validate_config._rspo_original = original
+    module.validate_config = validate_config
 
 
 def register() -> None:
@@ -141,6 +263,9 @@ def register() -> None:
             f"verl already has an advantage estimator named {ESTIMATOR_NAME!r} "
             f"({current.__module__}.{current.__qualname__}); remove that plugin to use rspo_kernels' RSPO"
         )
+    # Both run before main_ppo / the v1 trainer import the patched names (plugins load on `import verl`).
+    when_imported("verl.utils.config", _patch_validate_config)
+    when_imported("verl.trainer.ppo.v1.utils", _patch_multi_trajectories)
 
 
 register()
