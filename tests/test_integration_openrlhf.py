@@ -287,3 +287,42 @@ def test_ray_worker_runs_install_through_the_runtime_env_hook(tmp_path):
         [sys.executable, "-W", "ignore", str(driver)], env=env, capture_output=True, text=True, timeout=300
     )
     assert "RESULT (True, '3')" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def _run_readme_driver(monkeypatch, env: dict, argv: list[str], runtime_env=None) -> dict:
+    """What the driver's ``ray.init`` does with RAY_RUNTIME_ENV_HOOK, for an OpenRLHF command line."""
+    import importlib
+
+    for key in rspo_openrlhf.ENV_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    module, _, name = env.get("RAY_RUNTIME_ENV_HOOK", f"{rspo_openrlhf.__name__}.runtime_env_hook").rpartition(".")
+    hook = getattr(importlib.import_module(module), name)
+    assert argv[:2] == ["-m", "openrlhf.cli.train_ppo_ray"]
+    script = importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin
+    monkeypatch.setattr(sys, "argv", [script, *[word for word in argv[2:] if word != "..."]])
+    return hook(runtime_env)
+
+
+def test_readme_launch_commands(monkeypatch):
+    import json
+
+    from readme_snippets import commands, snippet
+
+    submit, direct = commands(snippet("### OpenRLHF", "bash"))
+    # ray job submit: the runtime env installs the worker hook and carries the settings.
+    (env_json,) = [w.split("=", 1)[1] for w in submit if w.startswith("--runtime-env-json=")]
+    runtime_env = json.loads(env_json)
+    assert runtime_env["worker_process_setup_hook"] == rspo_openrlhf.SETUP_HOOK
+    settings = rspo_openrlhf.settings_from_env(runtime_env["env_vars"])
+    entry = submit[submit.index("--") + 1 :]
+    assert entry[0] == "python3"
+    out = _run_readme_driver(monkeypatch, runtime_env["env_vars"], entry[1:])
+    assert (settings.k, settings.objective) == (4, "pass@k")
+    assert out["worker_process_setup_hook"] == rspo_openrlhf.SETUP_HOOK
+
+    # A driver started directly: the variables before the command, checked inside ray.init.
+    assignments = dict(word.split("=", 1) for word in direct[: direct.index("python3")])
+    out = _run_readme_driver(monkeypatch, assignments, direct[direct.index("python3") + 1 :])
+    assert out == {"worker_process_setup_hook": rspo_openrlhf.SETUP_HOOK, "env_vars": {"RSPO_K": "4"}}
