@@ -21,7 +21,7 @@ import torch
 
 import rspo_kernels as rk
 
-__all__ = ["DEFAULT_K", "OBJECTIVES", "RSPOSettings", "when_imported"]
+__all__ = ["DEFAULT_K", "OBJECTIVES", "RSPOSettings", "unwrap", "when_imported", "wrap"]
 
 DEFAULT_K = 4
 OBJECTIVES = ("pass@k", "max@k")
@@ -193,3 +193,19 @@ def when_imported(name: str, callback: Callable[[ModuleType], None]) -> None:
     finder = _PatchAfterExec(name)
     finder.callbacks.append(callback)
     sys.meta_path.insert(0, finder)
+
+
+def wrap(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+    """Replace ``owner.name`` by ``make(original)``, once; :func:`unwrap` restores it."""
+    original = getattr(owner, name)
+    if getattr(original, "_rspo_original", None) is None:
+        wrapper = make(original)
+        wrapper._rspo_original = original
+        setattr(owner, name, wrapper)
+
+
+def unwrap(owner: Any, name: str) -> None:
+    """Undo :func:`wrap`."""
+    original = getattr(getattr(owner, name, None), "_rspo_original", None)
+    if original is not None:
+        setattr(owner, name, original)

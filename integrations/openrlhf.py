@@ -6,25 +6,12 @@ which keeps every step of the original (length penalties, grouping through ``exp
 the KL reward, cumulative returns, the logged ``reward``/``return``/``group_reward_std``) and
 replaces only the group baseline with RSPO weights (and drops the whitening).
 
-The experience maker lives in a Ray actor, so the patch has to run in the Ray workers. Ray runs
-:func:`install` in every worker when it is the job's ``worker_process_setup_hook``::
-
-    ray job submit --address=http://127.0.0.1:8265 \\
-        --runtime-env-json='{"worker_process_setup_hook": "rspo_kernels.integrations.openrlhf.install",
-                             "env_vars": {"RSPO_K": "4", "RSPO_OBJECTIVE": "pass@k"}}' \\
-        -- python3 -m openrlhf.cli.train_ppo_ray --algo.advantage.estimator reinforce \\
-           --rollout.n_samples_per_prompt 8 ...
-
-or, for a driver started directly, through Ray's runtime-env hook::
-
-    RSPO_K=4 RAY_RUNTIME_ENV_HOOK=rspo_kernels.integrations.openrlhf.runtime_env_hook \\
-        python3 -m openrlhf.cli.train_ppo_ray --algo.advantage.estimator reinforce ...
-
-Settings come from the environment of the worker: ``RSPO_K`` (default 4), ``RSPO_OBJECTIVE``
-(``pass@k`` or ``max@k``, default ``pass@k``) and ``RSPO_ESTIMATOR`` (default ``rspo``). They are
-checked against OpenRLHF's arguments by the driver hook (before Ray starts any model) and again
-when the experience maker is built. The worker hook imports nothing from OpenRLHF: it patches the
-experience maker when (and if) the worker imports it, so workers without flash_attn survive.
+The experience maker lives in a Ray actor: :func:`install` runs in every worker as the job's
+``worker_process_setup_hook``, set in ``ray job submit --runtime-env-json`` or, for a driver
+started directly, by :func:`runtime_env_hook` (``RAY_RUNTIME_ENV_HOOK``); README, "OpenRLHF".
+Settings come from the environment: ``RSPO_K`` (default 4), ``RSPO_OBJECTIVE`` (``pass@k`` or
+``max@k``) and ``RSPO_ESTIMATOR`` (default ``rspo``), checked against OpenRLHF's arguments by the
+driver hook (before any model starts) and when the experience maker is built.
 """
 
 from __future__ import annotations
@@ -39,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, when_imported
+from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, unwrap, when_imported, wrap
 
 __all__ = [
     "SETUP_HOOK",
@@ -53,24 +40,16 @@ __all__ = [
 
 SETUP_HOOK = f"{__name__}.install"
 ENV_VARS = ("RSPO_K", "RSPO_OBJECTIVE", "RSPO_ESTIMATOR")
-_KEYS = {
-    "objective": "RSPO_OBJECTIVE",
-    "k": "RSPO_K",
-    "estimator": "RSPO_ESTIMATOR",
-    "n": "--rollout.n_samples_per_prompt",
-}
+_KEYS = {"objective": "RSPO_OBJECTIVE", "k": "RSPO_K", "estimator": "RSPO_ESTIMATOR"}
+_KEYS["n"] = "--rollout.n_samples_per_prompt"
 _MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
-_ORIGINAL = "_rspo_original"
 logger = logging.getLogger(__name__)
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> RSPOSettings:
     """Read ``RSPO_K``, ``RSPO_OBJECTIVE`` and ``RSPO_ESTIMATOR``.
 
-    Parameters
-    ----------
-    environ : Mapping[str, str], optional
-        Defaults to :data:`os.environ`.
+    ``environ`` defaults to :data:`os.environ`.
 
     Raises
     ------
@@ -197,61 +176,48 @@ def compute_advantages_and_returns(self: Any, experiences: list) -> list:
 
 
 def _patch(module: Any) -> None:
-    maker = module.RemoteExperienceMaker
-    if getattr(maker.compute_advantages_and_returns, _ORIGINAL, None) is not None:
-        return
-    original_compute, original_init = maker.compute_advantages_and_returns, maker.__init__
+    def compute(original):
+        @functools.wraps(compute_advantages_and_returns)
+        def patched(self, experiences):
+            return compute_advantages_and_returns(self, experiences)
 
-    def patched(self, experiences):
-        return compute_advantages_and_returns(self, experiences)
+        return patched
 
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        _check(self.strategy.args)  # built by the trainer actor before the policy models load
+    def init(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            _check(self.strategy.args)  # the trainer actor builds it before the policy loads
 
-    functools.update_wrapper(patched, compute_advantages_and_returns)
-    setattr(patched, _ORIGINAL, original_compute)
-    setattr(init, _ORIGINAL, original_init)
-    maker.compute_advantages_and_returns, maker.__init__ = patched, init
+        return __init__
+
+    wrap(module.RemoteExperienceMaker, "compute_advantages_and_returns", compute)
+    wrap(module.RemoteExperienceMaker, "__init__", init)
 
 
 def install() -> None:
     """Patch ``RemoteExperienceMaker`` in this process, now or when it is first imported; idempotent.
 
-    Use it as Ray's ``worker_process_setup_hook`` (the string ``SETUP_HOOK``) so that it runs
-    in every worker, or call it yourself in a custom trainer process. It imports nothing from
-    OpenRLHF, so it cannot fail in a worker that lacks OpenRLHF's GPU dependencies.
+    Use it as Ray's ``worker_process_setup_hook`` (:data:`SETUP_HOOK`). It imports nothing from
+    OpenRLHF, so it cannot fail in a worker that lacks flash_attn or vLLM.
     """
     when_imported(_MAKER, _patch)
 
 
 def uninstall() -> None:
     """Restore OpenRLHF's own experience maker in this process."""
-    module = sys.modules.get(_MAKER)
-    maker = getattr(module, "RemoteExperienceMaker", None)
+    maker = getattr(sys.modules.get(_MAKER), "RemoteExperienceMaker", None)
     for name in ("compute_advantages_and_returns", "__init__"):
-        original = getattr(getattr(maker, name, None), _ORIGINAL, None)
-        if original is not None:
-            setattr(maker, name, original)
+        unwrap(maker, name)
 
 
 def runtime_env_hook(runtime_env: dict | None) -> dict:
     """Ray runtime-env hook (``RAY_RUNTIME_ENV_HOOK``) that adds :func:`install` to a job.
 
-    Ray calls it inside ``ray.init`` of the driver, which OpenRLHF's ``train_ppo_ray`` calls
-    before it starts any model. It checks the ``RSPO_*`` variables (against the command line when
-    the driver is ``train_ppo_ray``), sets ``worker_process_setup_hook`` to :data:`SETUP_HOOK` and
-    forwards the driver's ``RSPO_*`` variables to the workers.
-
-    Parameters
-    ----------
-    runtime_env : dict or None
-        The runtime environment passed to ``ray.init``.
-
-    Returns
-    -------
-    dict
-        A new runtime environment.
+    Ray calls it inside the driver's ``ray.init``, which ``train_ppo_ray`` runs before it starts
+    any model. It checks the ``RSPO_*`` variables (against the command line when the driver is
+    ``train_ppo_ray``), and returns a copy of ``runtime_env`` (a dict or None) whose
+    ``worker_process_setup_hook`` is :data:`SETUP_HOOK` and whose ``env_vars`` carry the
+    driver's ``RSPO_*`` variables.
 
     Raises
     ------

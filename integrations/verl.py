@@ -7,17 +7,13 @@ is enough, on the driver and in every Ray worker. Where entry points are disable
 (``VERL_USE_EXTERNAL_PLUGINS=none``), set ``VERL_USE_EXTERNAL_MODULES=rspo_kernels.integrations.verl``
 in the environment of every node instead.
 
-Options, read from the algorithm config (all optional; see README "verl")::
-
-    algorithm.adv_estimator=rspo
-    algorithm._target_=rspo_kernels.integrations.verl.RSPOAlgoConfig   # the structured config
-    +algorithm.rspo_objective=pass@k     # or max@k for graded rewards
-    +algorithm.rspo_k=4                  # must not exceed actor_rollout_ref.rollout.n
-    +algorithm.rspo_estimator=rspo       # any name in rspo_kernels.ESTIMATORS
-
-Loading the module also makes verl's ``validate_config`` (run by ``main_ppo`` before any model
-loads) check these options against ``actor_rollout_ref.rollout.n`` and the loss aggregation, and
-makes the v1 trainer's multi-output agent loop count one sample per trajectory.
+Options (README, "verl"): ``+algorithm.rspo_objective`` (``pass@k`` | ``max@k``),
+``+algorithm.rspo_k`` (default 4, at most ``actor_rollout_ref.rollout.n``) and
+``+algorithm.rspo_estimator`` (any name in ``rspo_kernels.ESTIMATORS``); with
+``algorithm._target_=rspo_kernels.integrations.verl.RSPOAlgoConfig`` they also load into verl's
+structured config. Loading the module also makes verl's ``validate_config`` (which ``main_ppo``
+runs before any model loads) check them, and makes the v1 trainer's multi-output agent loop
+count one sample per agent session (trajectory).
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ import torch
 from verl.trainer.config import AlgoConfig
 from verl.trainer.ppo import core_algos
 
-from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, when_imported
+from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, when_imported, wrap
 
 __all__ = [
     "ESTIMATOR_NAME",
@@ -75,12 +71,8 @@ def settings_from_config(config: Any) -> RSPOSettings:
     Parameters
     ----------
     config : omegaconf.DictConfig, AlgoConfig, RSPOAlgoConfig, Mapping or None
-        ``config.algorithm`` as verl passes it to advantage estimators. Missing keys take the
-        defaults ``rspo_objective="pass@k"``, ``rspo_k=4``, ``rspo_estimator="rspo"``.
-
-    Returns
-    -------
-    RSPOSettings
+        ``config.algorithm``. Missing keys take the defaults ``rspo_objective="pass@k"``,
+        ``rspo_k=4``, ``rspo_estimator="rspo"``.
 
     Raises
     ------
@@ -133,26 +125,19 @@ def compute_rspo_outcome_advantage(
 
     Parameters
     ----------
-    token_level_rewards : torch.Tensor
-        ``(bs, response_length)``; a response's reward is the sum over its tokens, as in GRPO.
-    response_mask : torch.Tensor
-        ``(bs, response_length)``, 1 on response tokens and 0 on padding.
+    token_level_rewards, response_mask : torch.Tensor
+        ``(bs, response_length)``; a response's reward is the sum of its token rewards, as in GRPO.
     index : numpy.ndarray
-        ``(bs,)`` group label of each row (verl's ``uid`` strings). Rows of a group may be
-        anywhere in the batch: verl reorders rows (sequence balancing), so groups are never
-        inferred from positions.
+        ``(bs,)`` group label of each row (verl's ``uid``); rows of a group may be anywhere.
     config : AlgoConfig or DictConfig, optional
         The algorithm config; see :func:`settings_from_config`.
     **kwargs
-        Other arguments verl passes to estimators (``epsilon``, ``norm_adv_by_std_in_grpo``,
-        ``reward_baselines``, ...); ignored.
+        Other arguments verl passes to estimators; ignored.
 
     Returns
     -------
-    advantages : torch.Tensor
-        ``(bs, response_length)``: each response's weight on its response tokens, 0 on padding.
-    returns : torch.Tensor
-        The same tensor (verl uses returns only for a critic, which RSPO does not need).
+    advantages, returns : torch.Tensor
+        The same ``(bs, response_length)`` tensor: each response's weight on its response tokens.
 
     Raises
     ------
@@ -187,28 +172,21 @@ def _advantages(token_level_rewards, response_mask, index, config, final_rows=No
     return advantages, advantages
 
 
-def _patch_multi_trajectories(module: Any) -> None:
-    """Make verl's v1 trainer count agent sessions (trajectories), not output rows, for ``rspo``.
-
-    The v1 agent loop stores output ``i`` of session ``s`` of prompt ``uid`` under the key
-    ``{uid}_{s}_{i}`` and gives every output the session's score. verl's
-    ``compute_advantage_for_multi_trajectories`` uses that layout for GRPO only; every other
-    estimator gets bare rows, so a session with two outputs would count as two samples.
-    """
-    original = module.compute_advantage_for_multi_trajectories
-    if getattr(original, "_rspo_original", None) is not None:
-        return
+def _multi_trajectories(original):
+    """verl's v1 agent loop stores output ``i`` of session ``s`` of a prompt under the key
+    ``{uid}_{s}_{i}``, each output scored with the session's reward. verl's
+    ``compute_advantage_for_multi_trajectories`` reads that layout for GRPO only and gives other
+    estimators bare rows, so a session of two outputs would count as two samples."""
 
     def compute_advantage_for_multi_trajectories(data, batch_keys, adv_estimator, *args, config=None, **kwargs):
         if adv_estimator != ESTIMATOR_NAME:
             return original(data, batch_keys, adv_estimator, *args, config=config, **kwargs)
-        final: dict[str, tuple[int, int]] = {}  # session -> (output index, row) of its final output
-        row_session = []
-        for row, key in enumerate(batch_keys):
-            session, output = key.rsplit("_", 1)
-            row_session.append(session)
-            if session not in final or final[session][0] < int(output):
-                final[session] = (int(output), row)
+        final: dict[str, tuple[int, int]] = {}  # session -> (index, row) of its final output
+        row_session = [key.rsplit("_", 1)[0] for key in batch_keys]
+        for row, (session, key) in enumerate(zip(row_session, batch_keys)):
+            index = int(key.rsplit("_", 1)[1])
+            if session not in final or final[session][0] < index:
+                final[session] = (index, row)
         position = {session: t for t, session in enumerate(final)}
         data.batch["advantages"], data.batch["returns"] = _advantages(
             data.batch["token_level_rewards"],
@@ -220,22 +198,15 @@ def _patch_multi_trajectories(module: Any) -> None:
         )
         return data
 
-    compute_advantage_for_multi_trajectories._rspo_original = original
-    module.compute_advantage_for_multi_trajectories = compute_advantage_for_multi_trajectories
+    return compute_advantage_for_multi_trajectories
 
 
-def _patch_validate_config(module: Any) -> None:
-    """Run :func:`check_trainer_config` inside verl's ``validate_config``."""
-    original = module.validate_config
-    if getattr(original, "_rspo_original", None) is not None:
-        return
-
+def _validate_config(original):
     def validate_config(config, *args, **kwargs):
         check_trainer_config(config)
         return original(config, *args, **kwargs)
 
-    validate_config._rspo_original = original
-    module.validate_config = validate_config
+    return validate_config
 
 
 def register() -> None:
@@ -264,8 +235,9 @@ def register() -> None:
             f"({current.__module__}.{current.__qualname__}); remove that plugin to use rspo_kernels' RSPO"
         )
     # Both run before main_ppo / the v1 trainer import the patched names (plugins load on `import verl`).
-    when_imported("verl.utils.config", _patch_validate_config)
-    when_imported("verl.trainer.ppo.v1.utils", _patch_multi_trajectories)
+    when_imported("verl.utils.config", lambda module: wrap(module, "validate_config", _validate_config))
+    multi = "compute_advantage_for_multi_trajectories"
+    when_imported("verl.trainer.ppo.v1.utils", lambda module: wrap(module, multi, _multi_trajectories))
 
 
 register()
