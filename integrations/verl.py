@@ -159,15 +159,15 @@ def _advantages(token_level_rewards, response_mask, index, config, final_rows=No
     """Weights of trajectories grouped by uid, each spread over all rows of its trajectory.
 
     A trajectory's reward is the score of its row ``final_rows[t]``; row ``i`` belongs to
-    trajectory ``row_to_final[i]``. By default every row is a trajectory of its own.
+    trajectory ``row_to_final[i]`` (-1: none, weight 0). By default each row is a trajectory.
     """
     settings = settings_from_config(config)
     if final_rows is None:
         final_rows = row_to_final = np.arange(len(index))
-    scores = token_level_rewards[torch.as_tensor(final_rows)].sum(dim=-1)
+    scores = token_level_rewards[torch.as_tensor(final_rows, dtype=torch.long)].sum(dim=-1)
     with torch.no_grad():
         weights = settings.weights(scores, group_ids=index[final_rows])
-    per_row = weights[torch.as_tensor(row_to_final, device=weights.device)]
+    per_row = torch.cat([weights, weights.new_zeros(1)])[torch.as_tensor(row_to_final, device=weights.device)]
     advantages = per_row.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask
     return advantages, advantages
 
@@ -181,11 +181,14 @@ def _multi_trajectories(original):
     def compute_advantage_for_multi_trajectories(data, batch_keys, adv_estimator, *args, config=None, **kwargs):
         if adv_estimator != ESTIMATOR_NAME:
             return original(data, batch_keys, adv_estimator, *args, config=config, **kwargs)
+        # verl pads the batch with synthetic sessions that have no response tokens: leave them out.
+        has_tokens = (data.batch["response_mask"].sum(dim=-1) > 0).tolist()
         final: dict[str, tuple[int, int]] = {}  # session -> (index, row) of its final output
         row_session = [key.rsplit("_", 1)[0] for key in batch_keys]
+        live = {session for session, tokens in zip(row_session, has_tokens) if tokens}
         for row, (session, key) in enumerate(zip(row_session, batch_keys)):
             index = int(key.rsplit("_", 1)[1])
-            if session not in final or final[session][0] < index:
+            if session in live and (session not in final or final[session][0] < index):
                 final[session] = (index, row)
         position = {session: t for t, session in enumerate(final)}
         data.batch["advantages"], data.batch["returns"] = _advantages(
@@ -193,8 +196,8 @@ def _multi_trajectories(original):
             data.batch["response_mask"],
             np.asarray(data.non_tensor_batch["uid"]),
             config,
-            final_rows=np.array([row for _, row in final.values()]),
-            row_to_final=np.array([position[session] for session in row_session]),
+            final_rows=np.array([row for _, row in final.values()], dtype=np.int64),
+            row_to_final=np.array([position.get(session, -1) for session in row_session]),
         )
         return data
 

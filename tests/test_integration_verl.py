@@ -300,6 +300,24 @@ def test_agent_loop_groups_by_session_and_spreads_the_weight(objective, k):
     assert len(keys) > 12  # several outputs per session really occurred
 
 
+def test_agent_loop_ignores_verls_padding_sessions():
+    """verl's v1 trainer pads the batch to a multiple of the data-parallel size with synthetic
+    sessions ("pad<hex>_<i>_0", empty response mask, zero score): fewer than k of them is fine."""
+    rng = np.random.default_rng(4)
+    data, keys = _agent_loop_batch(rng, ["u"], [[2, 1, 1, 2]], [[0.0, 1.0, 0.0, 0.0]])
+    pad = _batch(np.zeros(3, np.float32), ["padfeed"] * 3, np.ones(3, dtype=np.int64), width=9)
+    pad.batch["response_mask"].zero_()
+    data = DataProto.concat([data, pad])
+    keys = keys + [f"padfeed_{i}_0" for i in range(3)]
+    config = OmegaConf.create({"adv_estimator": "rspo", "rspo_k": 4})
+
+    out = _v1_compute_advantage(data, keys, config, n=4)
+
+    expected = _expected_by_session(keys[:-3], data[:-3], {"u": [0.0, 1.0, 0.0, 0.0]}, "pass@k", 4)
+    torch.testing.assert_close(out.batch["advantages"][:-3], expected)
+    assert out.batch["advantages"][-3:].abs().sum() == 0 and expected.abs().sum() > 0
+
+
 def test_agent_loop_leaves_other_estimators_to_verl():
     rng = np.random.default_rng(3)
     data, keys = _agent_loop_batch(rng, ["a", "b"], [[2, 1, 3], [1, 1, 2]], [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
