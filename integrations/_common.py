@@ -197,7 +197,9 @@ def when_imported(name: str, callback: Callable[[ModuleType], None]) -> None:
 
 def wrap(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
     """Replace ``owner.name`` by ``make(original)``, once; :func:`unwrap` restores it."""
-    original = getattr(owner, name)
+    original = getattr(owner, name, None)
+    if original is None:  # another version of the framework: nothing to adapt there
+        return
     if getattr(original, "_rspo_original", None) is None:
         wrapper = make(original)
         wrapper._rspo_original = original

@@ -97,12 +97,19 @@ def check_trainer_config(config: Any) -> None:
     Raises
     ------
     ValueError
-        An invalid option, or settings that groups of ``actor_rollout_ref.rollout.n`` cannot
-        serve (``algorithm.rspo_k=8 but actor_rollout_ref.rollout.n=4``).
+        An invalid option, settings that groups of ``actor_rollout_ref.rollout.n`` cannot serve
+        (``algorithm.rspo_k=8 but actor_rollout_ref.rollout.n=4``), or Pass@k with the KL in the
+        reward.
     """
     if config.algorithm.get("adv_estimator") != ESTIMATOR_NAME:
         return
-    settings_from_config(config.algorithm).check_group_size(config.actor_rollout_ref.rollout.n)
+    settings = settings_from_config(config.algorithm)
+    settings.check_group_size(config.actor_rollout_ref.rollout.n)
+    if settings.objective == "pass@k" and config.algorithm.get("use_kl_in_reward"):
+        raise ValueError(
+            "algorithm.use_kl_in_reward=True adds the KL penalty to the scores, which pass@k needs binary: set "
+            "algorithm.rspo_objective=max@k, or use actor_rollout_ref.actor.use_kl_loss=True instead"
+        )
     mode = config.actor_rollout_ref.actor.get("loss_agg_mode")
     if mode in _LENGTH_NORMALISED:
         warnings.warn(

@@ -389,6 +389,7 @@ def test_readme_command_loads_through_main_ppo_and_algo_config(capsys):
         (["+algorithm.rspo_estimator=nope"], r"^algorithm\.rspo_estimator='nope' is not an estimator"),
         (["algorithm.rspo_objective=best@k"], r"^algorithm\.rspo_objective='best@k' is not an RSPO objective"),
         (["+algorithm.rspo_estimator=pkpo_loo", "actor_rollout_ref.rollout.n=4"], r"pkpo_loo.*algorithm\.rspo_k=4"),
+        (["algorithm.use_kl_in_reward=True"], r"^algorithm\.use_kl_in_reward=True .* algorithm\.rspo_objective=max@k"),
     ],
 )
 def test_config_errors_surface_in_main_ppo_validation(extra, match):
