@@ -76,8 +76,9 @@ class RSPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         if self.loss_type != "dr_grpo":
             warnings.warn(
-                f"RSPOConfig(loss_type={self.loss_type!r}) normalises the loss by sampled lengths, so the RSPO "
-                "weights no longer give an unbiased Pass@k/Max@k gradient; use loss_type='dr_grpo' (the default)",
+                f"RSPOConfig(loss_type={self.loss_type!r}): only loss_type='dr_grpo' (the default) sums a completion's "
+                "tokens with a constant normaliser; the others scale completions by sampled lengths or change the "
+                "loss, so the RSPO weights no longer give an unbiased Pass@k/Max@k gradient",
                 UserWarning,
                 stacklevel=3,
             )

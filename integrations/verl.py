@@ -62,6 +62,7 @@ class RSPOAlgoConfig(AlgoConfig):
     rspo_estimator: str = "rspo"
 
     def __post_init__(self) -> None:
+        getattr(super(), "__post_init__", lambda: None)()
         settings_from_config(self)
 
 
