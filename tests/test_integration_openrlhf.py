@@ -326,3 +326,13 @@ def test_readme_launch_commands(monkeypatch):
     assignments = dict(word.split("=", 1) for word in direct[: direct.index("python3")])
     out = _run_readme_driver(monkeypatch, assignments, direct[direct.index("python3") + 1 :])
     assert out == {"worker_process_setup_hook": rspo_openrlhf.SETUP_HOOK, "env_vars": {"RSPO_K": "4"}}
+
+
+def test_per_sequence_loss_aggregation_warns(monkeypatch, caplog):
+    for key in rspo_openrlhf.ENV_VARS:
+        monkeypatch.delenv(key, raising=False)
+    with caplog.at_level("WARNING", logger=rspo_openrlhf.__name__):
+        rspo_openrlhf.check_arguments("reinforce", 8, "token-mean")
+        assert not caplog.records
+        rspo_openrlhf.check_arguments("reinforce", 8, "seq-mean-token-mean")
+    assert "--actor.loss_agg_mode seq-mean-token-mean divides each response by its own length" in caplog.text
