@@ -70,10 +70,11 @@ class RSPOConfig(GRPOConfig):
     rspo_estimator: str = field(default="rspo", metadata={"help": f"One of {', '.join(rk.ESTIMATORS)}."})
     loss_type: str = field(default="dr_grpo", metadata={"help": "GRPO's loss_type; RSPO's weights need 'dr_grpo'."})
     if _RENAMED_CHECKPOINTING:
-        gradient_checkpointing: bool | None = None
-        activation_checkpointing: bool | None = field(default=GRPOConfig.gradient_checkpointing)
+        gradient_checkpointing: bool | None = None  # TRL's default goes onto the new name below
 
     def __post_init__(self) -> None:
+        if _RENAMED_CHECKPOINTING and self.gradient_checkpointing is None and self.activation_checkpointing is None:
+            self.activation_checkpointing = GRPOConfig.gradient_checkpointing
         if self.loss_type != "dr_grpo":
             warnings.warn(
                 f"RSPOConfig(loss_type={self.loss_type!r}): only loss_type='dr_grpo' (the default) sums a completion's "

@@ -216,6 +216,10 @@ def test_config_builds_without_warnings_on_this_transformers():
         warnings.simplefilter("error")
         args = _cpu_config(RSPOConfig)
     assert args.gradient_checkpointing is trl.GRPOConfig.gradient_checkpointing  # TRL's default kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the user's own use of the deprecated name
+        args = _cpu_config(RSPOConfig, gradient_checkpointing=False)
+    assert args.gradient_checkpointing is False and getattr(args, "activation_checkpointing", False) is False
 
 
 def test_readme_snippet(tmp_path, monkeypatch):
