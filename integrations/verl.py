@@ -221,17 +221,15 @@ def _validate_config(original):
 
 
 def register() -> None:
-    """Register ``"rspo"`` with verl; safe to call any number of times.
-
-    verl raises on a second registration of a name with a different function object, which would
-    happen when this module is imported both through the entry point and through
-    ``VERL_USE_EXTERNAL_MODULES``, or reloaded.
+    """Register ``"rspo"`` with verl (and wrap verl's config check and v1 session handling); idempotent.
 
     Raises
     ------
     RuntimeError
         When a different package already registered an estimator called ``"rspo"``.
     """
+    # verl refuses a second registration of a name by another function object: this module can be
+    # imported both through the entry point and VERL_USE_EXTERNAL_MODULES, or reloaded.
     registry = core_algos.ADV_ESTIMATOR_REGISTRY
     current = registry.get(ESTIMATOR_NAME)
     if current is compute_rspo_outcome_advantage:
