@@ -3,19 +3,25 @@
 Each adapter reads the same three settings (objective, k, estimator) from its framework's own
 configuration, under its own key names. :class:`RSPOSettings` checks them once, and its error
 messages name the key the user has to change, in the framework's spelling.
+:func:`when_imported` lets an adapter patch a framework module only once something imports it,
+so that a process that never needs that module never pays for (or fails on) its imports.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import numbers
+import sys
 from dataclasses import dataclass
-from typing import Any, Mapping
+from types import ModuleType
+from typing import Any, Callable, Mapping
 
 import torch
 
 import rspo_kernels as rk
 
-__all__ = ["DEFAULT_K", "OBJECTIVES", "RSPOSettings"]
+__all__ = ["DEFAULT_K", "OBJECTIVES", "RSPOSettings", "unwrap", "when_imported", "wrap"]
 
 DEFAULT_K = 4
 OBJECTIVES = ("pass@k", "max@k")
@@ -81,13 +87,26 @@ class RSPOSettings:
             raise ValueError(f"{keys['k']}={k!r} must be a positive integer (the k of {obj})")
         return cls(obj, k_int, est, dict(keys))
 
-    def check_group_size(self, n: int) -> None:
-        """Fail early when a fixed group size ``n`` cannot serve k (before any rollout)."""
+    def check_group_size(self, n: Any) -> None:
+        """Fail at configuration time when groups of ``n`` responses cannot serve these settings.
+
+        Beyond ``k <= n``, the estimator computes the weights of one dummy group of size ``n``,
+        so that every constraint of the chosen estimator (``pkpo_loo`` needs k < n,
+        ``hitchhiking`` a multiple of k, an estimator that supports only one objective, ...)
+        fails now rather than after the first rollout.
+
+        Raises
+        ------
+        ValueError
+            Naming both configuration keys, e.g. ``rspo_k=8 but num_generations=4``.
+        """
+        n = int(n)
         if n < self.k:
             raise ValueError(
-                f"{self.keys['k']}={self.k} is larger than {self.keys['n']}={n}: {self.objective} needs at least "
-                f"k responses per prompt; lower {self.keys['k']} or raise {self.keys['n']}"
+                f"{self.keys['k']}={self.k} but {self.keys['n']}={n}: {self.objective} needs at least k responses "
+                f"per prompt; lower {self.keys['k']} or raise {self.keys['n']}"
             )
+        self.weights(torch.tensor([[1.0] + [0.0] * (n - 1)]))
 
     def weights(self, rewards: torch.Tensor, **layout: Any) -> torch.Tensor:
         """RSPO weights of ``rewards`` grouped as in :func:`rspo_kernels.pass_at_k_weights`.
@@ -127,3 +146,68 @@ class RSPOSettings:
             f"{self.keys['objective']}={self.objective}, {self.keys['k']}={self.k}, "
             f"{self.keys['estimator']}={self.estimator}; the group size is set by {self.keys['n']}"
         )
+
+
+class _PatchAfterExec(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds one module with the other finders, runs it, then hands it to the callbacks."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.callbacks: list[Callable[[ModuleType], None]] = []
+        self._loader: Any = None
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name or self._loader is not None:
+            return None
+        sys.meta_path.remove(self)  # one shot: the real finders locate the module
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        self._loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__spec__.loader = module.__loader__ = self._loader
+        self._loader.exec_module(module)
+        for callback in self.callbacks:
+            callback(module)
+
+
+def when_imported(name: str, callback: Callable[[ModuleType], None]) -> None:
+    """Call ``callback(module)`` once the module ``name`` is imported: now if it already is.
+
+    The callback runs right after the module body, before any ``from name import x`` elsewhere
+    binds ``x``, so it can replace module attributes for every later importer.
+    """
+    module = sys.modules.get(name)
+    if module is not None:
+        callback(module)
+        return
+    for finder in sys.meta_path:
+        if isinstance(finder, _PatchAfterExec) and finder.name == name:
+            finder.callbacks.append(callback)
+            return
+    finder = _PatchAfterExec(name)
+    finder.callbacks.append(callback)
+    sys.meta_path.insert(0, finder)
+
+
+def wrap(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+    """Replace ``owner.name`` by ``make(original)``, once; :func:`unwrap` restores it."""
+    original = getattr(owner, name, None)
+    if original is None:  # another version of the framework: nothing to adapt there
+        return
+    if getattr(original, "_rspo_original", None) is None:
+        wrapper = make(original)
+        wrapper._rspo_original = original
+        setattr(owner, name, wrapper)
+
+
+def unwrap(owner: Any, name: str) -> None:
+    """Undo :func:`wrap`."""
+    original = getattr(getattr(owner, name, None), "_rspo_original", None)
+    if original is not None:
+        setattr(owner, name, original)

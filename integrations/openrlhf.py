@@ -6,38 +6,31 @@ which keeps every step of the original (length penalties, grouping through ``exp
 the KL reward, cumulative returns, the logged ``reward``/``return``/``group_reward_std``) and
 replaces only the group baseline with RSPO weights (and drops the whitening).
 
-The experience maker lives in a Ray actor, so the patch has to run in the Ray workers. Ray runs
-:func:`install` in every worker when it is the job's ``worker_process_setup_hook``::
-
-    ray job submit --address=http://127.0.0.1:8265 \\
-        --runtime-env-json='{"worker_process_setup_hook": "rspo_kernels.integrations.openrlhf.install",
-                             "env_vars": {"RSPO_K": "4", "RSPO_OBJECTIVE": "pass@k"}}' \\
-        -- python3 -m openrlhf.cli.train_ppo_ray --algo.advantage.estimator reinforce \\
-           --rollout.n_samples_per_prompt 8 ...
-
-or, for a driver started directly, through Ray's runtime-env hook::
-
-    RSPO_K=4 RAY_RUNTIME_ENV_HOOK=rspo_kernels.integrations.openrlhf.runtime_env_hook \\
-        python3 -m openrlhf.cli.train_ppo_ray --algo.advantage.estimator reinforce ...
-
-Settings come from the environment of the worker: ``RSPO_K`` (default 4), ``RSPO_OBJECTIVE``
-(``pass@k`` or ``max@k``, default ``pass@k``) and ``RSPO_ESTIMATOR`` (default ``rspo``).
+The experience maker lives in a Ray actor: :func:`install` runs in every worker as the job's
+``worker_process_setup_hook``, set in ``ray job submit --runtime-env-json`` or, for a driver
+started directly, by :func:`runtime_env_hook` (``RAY_RUNTIME_ENV_HOOK``); README, "OpenRLHF".
+Settings come from the environment: ``RSPO_K`` (default 4), ``RSPO_OBJECTIVE`` (``pass@k`` or
+``max@k``) and ``RSPO_ESTIMATOR`` (default ``rspo``), checked against OpenRLHF's arguments by the
+driver hook (before any model starts) and when the experience maker is built.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import itertools
 import logging
 import os
+import sys
 from typing import Any, Mapping
 
 import torch
 
-from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings
+from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, unwrap, when_imported, wrap
 
 __all__ = [
     "SETUP_HOOK",
+    "check_arguments",
     "compute_advantages_and_returns",
     "install",
     "runtime_env_hook",
@@ -47,23 +40,16 @@ __all__ = [
 
 SETUP_HOOK = f"{__name__}.install"
 ENV_VARS = ("RSPO_K", "RSPO_OBJECTIVE", "RSPO_ESTIMATOR")
-_KEYS = {
-    "objective": "RSPO_OBJECTIVE",
-    "k": "RSPO_K",
-    "estimator": "RSPO_ESTIMATOR",
-    "n": "--rollout.n_samples_per_prompt",
-}
-_ORIGINAL = "_rspo_original"
+_KEYS = {"objective": "RSPO_OBJECTIVE", "k": "RSPO_K", "estimator": "RSPO_ESTIMATOR"}
+_KEYS["n"] = "--rollout.n_samples_per_prompt"
+_MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
 logger = logging.getLogger(__name__)
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> RSPOSettings:
     """Read ``RSPO_K``, ``RSPO_OBJECTIVE`` and ``RSPO_ESTIMATOR``.
 
-    Parameters
-    ----------
-    environ : Mapping[str, str], optional
-        Defaults to :data:`os.environ`.
+    ``environ`` defaults to :data:`os.environ`.
 
     Raises
     ------
@@ -77,6 +63,43 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> RSPOSettings:
         estimator=env.get("RSPO_ESTIMATOR", "rspo"),
         keys=_KEYS,
     )
+
+
+def check_arguments(estimator: str, n_samples_per_prompt: int, loss_agg_mode: str = "token-mean") -> RSPOSettings:
+    """Check OpenRLHF's arguments against the ``RSPO_*`` environment.
+
+    Parameters
+    ----------
+    estimator, n_samples_per_prompt, loss_agg_mode
+        ``--algo.advantage.estimator``, ``--rollout.n_samples_per_prompt``, ``--actor.loss_agg_mode``.
+
+    Raises
+    ------
+    ValueError
+        An estimator other than ``reinforce`` (every other one subtracts a baseline, whitens or
+        trains a critic, which RSPO replaces), a bad ``RSPO_*`` value, or ``RSPO_K`` larger than
+        ``--rollout.n_samples_per_prompt``.
+    """
+    if estimator != "reinforce":
+        raise ValueError(
+            f"--algo.advantage.estimator {estimator} cannot run under RSPO, which replaces the advantage "
+            "estimator: launch with --algo.advantage.estimator reinforce"
+        )
+    settings = settings_from_env()
+    settings.check_group_size(n_samples_per_prompt)
+    if loss_agg_mode != "token-mean":
+        logger.warning(
+            "--actor.loss_agg_mode %s divides each response by its own length, which biases the RSPO gradient "
+            "towards short responses: use token-mean",
+            loss_agg_mode,
+        )
+    return settings
+
+
+def _check(args: Any) -> RSPOSettings:
+    actor = getattr(args, "actor", None)
+    mode = getattr(actor, "loss_agg_mode", "token-mean")
+    return check_arguments(args.algo.advantage.estimator, args.rollout.n_samples_per_prompt, mode)
 
 
 @torch.no_grad()
@@ -100,26 +123,22 @@ def compute_advantages_and_returns(self: Any, experiences: list) -> list:
     Raises
     ------
     ValueError
-        ``RSPO_K`` larger than ``--rollout.n_samples_per_prompt``, non-binary rewards under
-        Pass@k, or the ``gae`` estimator (which would train a critic that RSPO does not use).
+        As :func:`check_arguments`, or non-binary rewards under Pass@k.
 
     Notes
     -----
     ``--reward.clip_range`` clips the rewards before RSPO, not the weights (a Pass@k weight can
-    reach k). Returns use gamma = 1: discounting would bias the trajectory-level weights.
+    reach k). Returns use gamma = 1: discounting would bias the trajectory-level weights. The KL
+    penalty (``--algo.kl.init_coef`` without ``--algo.kl.use_loss``) is not part of the reward
+    that RSPO weighs: it is added per token afterwards, so the advantage is the RSPO weight minus
+    ``init_coef`` times the KL still to come, and Pass@k rewards stay binary.
     """
-    from openrlhf.models.utils import compute_reward
+    # Not openrlhf.models: its package imports flash_attn.
     from openrlhf.trainer.ppo_utils.length_penalty import apply_length_penalties
 
     args = self.strategy.args
-    if self.advantage_estimator == "gae":
-        raise ValueError(
-            "RSPO replaces the advantage estimator: launch with --algo.advantage.estimator reinforce "
-            "('gae' would train a critic that RSPO does not use)"
-        )
-    settings = settings_from_env()
+    settings = _check(args)
     n = args.rollout.n_samples_per_prompt
-    settings.check_group_size(n)
     if args.algo.advantage.gamma != 1.0:
         logger.warning("RSPO uses gamma = 1.0 (got --algo.advantage.gamma %s)", args.algo.advantage.gamma)
 
@@ -142,8 +161,12 @@ def compute_advantages_and_returns(self: Any, experiences: list) -> list:
         rewards = rewards.clamp(min=args.reward.clip_range[0], max=args.reward.clip_range[1])
     weights = settings.weights(rewards).reshape(-1)[indices].split(exp_len)
 
+    kl_coef = max(self.kl_ctl.value, 0.0)
     for experience, weight in zip(experiences, weights):
-        reward = compute_reward(weight, self.kl_ctl.value, experience.kl, action_mask=experience.action_mask)
+        # OpenRLHF's KL-in-reward: the weight on the last action token, -kl_coef * KL on every token.
+        mask = experience.action_mask
+        last = mask.size(1) - 1 - mask.long().fliplr().argmax(dim=1, keepdim=True)
+        reward = (-kl_coef * experience.kl).scatter_add(1, last, weight.unsqueeze(1).to(experience.kl.dtype))
         experience.returns = self.get_cumulative_returns(reward, experience.action_mask, 1.0)
         experience.advantages = experience.returns.clone()
         experience.info["return"] = reward.sum(dim=-1)
@@ -152,57 +175,64 @@ def compute_advantages_and_returns(self: Any, experiences: list) -> list:
     return experiences
 
 
+def _patch(module: Any) -> None:
+    def compute(original):
+        @functools.wraps(compute_advantages_and_returns)
+        def patched(self, experiences):
+            return compute_advantages_and_returns(self, experiences)
+
+        return patched
+
+    def init(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            _check(self.strategy.args)  # the trainer actor builds it before the policy loads
+
+        return __init__
+
+    wrap(module.RemoteExperienceMaker, "compute_advantages_and_returns", compute)
+    wrap(module.RemoteExperienceMaker, "__init__", init)
+
+
 def install() -> None:
-    """Patch ``RemoteExperienceMaker`` in this process; idempotent.
+    """Patch ``RemoteExperienceMaker`` in this process, now or when it is first imported; idempotent.
 
-    Use it as Ray's ``worker_process_setup_hook`` (the string ``SETUP_HOOK``) so that it runs
-    in every worker, or call it yourself in a custom trainer process. Settings are read from the
-    environment at each call, so a bad ``RSPO_*`` value fails at the first advantage computation.
+    Use it as Ray's ``worker_process_setup_hook`` (:data:`SETUP_HOOK`). It imports nothing from
+    OpenRLHF, so it cannot fail in a worker that lacks flash_attn or vLLM.
     """
-    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
-
-    current = RemoteExperienceMaker.compute_advantages_and_returns
-    if getattr(current, _ORIGINAL, None) is not None:
-        return
-
-    def patched(self, experiences):
-        return compute_advantages_and_returns(self, experiences)
-
-    functools.update_wrapper(patched, compute_advantages_and_returns)
-    setattr(patched, _ORIGINAL, current)
-    RemoteExperienceMaker.compute_advantages_and_returns = patched
+    when_imported(_MAKER, _patch)
 
 
 def uninstall() -> None:
-    """Restore OpenRLHF's own ``compute_advantages_and_returns`` in this process."""
-    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
-
-    original = getattr(RemoteExperienceMaker.compute_advantages_and_returns, _ORIGINAL, None)
-    if original is not None:
-        RemoteExperienceMaker.compute_advantages_and_returns = original
+    """Restore OpenRLHF's own experience maker in this process."""
+    maker = getattr(sys.modules.get(_MAKER), "RemoteExperienceMaker", None)
+    for name in ("compute_advantages_and_returns", "__init__"):
+        unwrap(maker, name)
 
 
 def runtime_env_hook(runtime_env: dict | None) -> dict:
     """Ray runtime-env hook (``RAY_RUNTIME_ENV_HOOK``) that adds :func:`install` to a job.
 
-    Ray calls it inside ``ray.init`` of the driver. It sets ``worker_process_setup_hook`` to
-    :data:`SETUP_HOOK` and forwards the driver's ``RSPO_*`` variables to the workers.
-
-    Parameters
-    ----------
-    runtime_env : dict or None
-        The runtime environment passed to ``ray.init``.
-
-    Returns
-    -------
-    dict
-        A new runtime environment.
+    Ray calls it inside the driver's ``ray.init``, which ``train_ppo_ray`` runs before it starts
+    any model. It checks the ``RSPO_*`` variables (against the command line when the driver is
+    ``train_ppo_ray``), and returns a copy of ``runtime_env`` (a dict or None) whose
+    ``worker_process_setup_hook`` is :data:`SETUP_HOOK` and whose ``env_vars`` carry the
+    driver's ``RSPO_*`` variables.
 
     Raises
     ------
     ValueError
-        When the job already has a different setup hook (call :func:`install` from it instead).
+        When the job already has a different setup hook (call :func:`install` from it instead),
+        or as :func:`check_arguments`.
     """
+    settings_from_env()
+    if os.path.basename(sys.argv[0]) == "train_ppo_ray.py":
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--algo.advantage.estimator", dest="estimator", default="gae")
+        parser.add_argument("--rollout.n_samples_per_prompt", dest="n", type=int, default=1)
+        parser.add_argument("--actor.loss_agg_mode", dest="mode", default="token-mean")
+        argv, _ = parser.parse_known_args(sys.argv[1:])
+        check_arguments(argv.estimator, argv.n, argv.mode)
     env = dict(runtime_env or {})
     hook = env.get("worker_process_setup_hook")
     if hook is not None and hook != SETUP_HOOK:

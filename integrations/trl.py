@@ -7,23 +7,34 @@
     args = RSPOConfig(output_dir="out", num_generations=8, rspo_k=4, rspo_objective="pass@k")
     trainer = RSPOTrainer(model=..., reward_funcs=..., args=args, train_dataset=...)
 
-Everything else (generation, the clipped loss, KL, logging, multi-GPU) is GRPO's.
+Everything else (generation, the clipped loss, KL, logging, multi-GPU) is GRPO's, except the
+default ``loss_type``: ``"dr_grpo"`` (a sum over tokens with a constant normaliser) instead of
+GRPO's ``"dapo"``, whose normaliser depends on the sampled lengths.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import TrainingArguments
 from trl import GRPOConfig, GRPOTrainer
 
+import rspo_kernels as rk
 from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings
 
 __all__ = ["RSPOConfig", "RSPOTrainer", "rspo_advantages"]
 
 _KEYS = {"objective": "rspo_objective", "k": "rspo_k", "estimator": "rspo_estimator", "n": "num_generations"}
 _EVAL_KEYS = {**_KEYS, "n": "num_generations_eval"}
+# transformers >= 5.2x renames gradient_checkpointing (now a deprecated alias that warns when set)
+# to activation_checkpointing; TRL 1.16 still sets its default on the old name.
+_RENAMED_CHECKPOINTING = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+# ... and TRL 1.16 calls the model's deprecated aliases while it generates.
+_TRL_DEPRECATED_CALLS = r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated"
 
 
 @dataclass
@@ -38,6 +49,14 @@ class RSPOConfig(GRPOConfig):
         Pass@k needs binary total rewards; Max@k takes graded ones.
     rspo_estimator : str, default "rspo"
         One of :data:`rspo_kernels.ESTIMATORS`.
+    loss_type : str, default "dr_grpo"
+        GRPO's, with a different default; any other value warns (see README, "Aggregation").
+
+    Raises
+    ------
+    ValueError
+        On creation, before any model loads: an invalid ``rspo_*`` value, or one that groups of
+        ``num_generations`` (or ``num_generations_eval``) completions cannot serve.
 
     Notes
     -----
@@ -48,11 +67,22 @@ class RSPOConfig(GRPOConfig):
 
     rspo_k: int = field(default=DEFAULT_K, metadata={"help": "k of Pass@k / Max@k (at most num_generations)."})
     rspo_objective: str = field(default="pass@k", metadata={"help": "'pass@k' (binary rewards) or 'max@k'."})
-    rspo_estimator: str = field(
-        default="rspo", metadata={"help": "'rspo' (unbiased), 'plugin', 'hitchhiking', 'pkpo' or 'pkpo_loo'."}
-    )
+    rspo_estimator: str = field(default="rspo", metadata={"help": f"One of {', '.join(rk.ESTIMATORS)}."})
+    loss_type: str = field(default="dr_grpo", metadata={"help": "GRPO's loss_type; RSPO's weights need 'dr_grpo'."})
+    if _RENAMED_CHECKPOINTING:
+        gradient_checkpointing: bool | None = None  # TRL's default goes onto the new name below
 
     def __post_init__(self) -> None:
+        if _RENAMED_CHECKPOINTING and self.gradient_checkpointing is None and self.activation_checkpointing is None:
+            self.activation_checkpointing = GRPOConfig.gradient_checkpointing
+        if self.loss_type != "dr_grpo":
+            warnings.warn(
+                f"RSPOConfig(loss_type={self.loss_type!r}): only loss_type='dr_grpo' (the default) sums a completion's "
+                "tokens with a constant normaliser; the others scale completions by sampled lengths or change the "
+                "loss, so the RSPO weights no longer give an unbiased Pass@k/Max@k gradient",
+                UserWarning,
+                stacklevel=3,
+            )
         super().__post_init__()
         self.rspo_settings().check_group_size(self.num_generations)
         if self.num_generations_eval is not None:
@@ -143,9 +173,19 @@ class RSPOTrainer(GRPOTrainer):
         self._rspo_rewards = rewards.masked_fill(unscorable, float("nan"))
         return rewards_per_func
 
+    def _compute_loss(self, model, inputs):
+        """The policy loss of one micro-batch; the one place to change how it is computed.
+
+        ``inputs["advantages"]`` holds the RSPO weights (see :meth:`_generate_and_score_completions`).
+        """
+        return super()._compute_loss(model, inputs)
+
     def _generate_and_score_completions(self, inputs):
         """GRPO's generation batch, with RSPO weights as its ``advantages``."""
-        output = super()._generate_and_score_completions(inputs)
+        with warnings.catch_warnings():
+            # TRL's own calls (FutureWarnings on transformers >= 5.2x): nothing a user can change.
+            warnings.filterwarnings("ignore", message=_TRL_DEPRECATED_CALLS, category=FutureWarning)
+            output = super()._generate_and_score_completions(inputs)
         rewards, self._rspo_rewards = self._rspo_rewards, None
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval

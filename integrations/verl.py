@@ -7,33 +7,63 @@ is enough, on the driver and in every Ray worker. Where entry points are disable
 (``VERL_USE_EXTERNAL_PLUGINS=none``), set ``VERL_USE_EXTERNAL_MODULES=rspo_kernels.integrations.verl``
 in the environment of every node instead.
 
-Options, read from the algorithm config (all optional)::
-
-    algorithm.adv_estimator=rspo
-    +algorithm.rspo_objective=pass@k     # or max@k for graded rewards
-    +algorithm.rspo_k=4                  # must not exceed actor_rollout_ref.rollout.n
-    +algorithm.rspo_estimator=rspo       # or plugin, hitchhiking, pkpo, pkpo_loo
+Options (README, "verl"): ``+algorithm.rspo_objective`` (``pass@k`` | ``max@k``),
+``+algorithm.rspo_k`` (default 4, at most ``actor_rollout_ref.rollout.n``) and
+``+algorithm.rspo_estimator`` (any name in ``rspo_kernels.ESTIMATORS``); with
+``algorithm._target_=rspo_kernels.integrations.verl.RSPOAlgoConfig`` they also load into verl's
+structured config. Loading the module also makes verl's ``validate_config`` (which ``main_ppo``
+runs before any model loads) check them, and makes the v1 trainer's multi-output agent loop
+count one sample per agent session (trajectory).
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from verl.trainer.config import AlgoConfig
 from verl.trainer.ppo import core_algos
 
-from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings
+from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, when_imported, wrap
 
-__all__ = ["ESTIMATOR_NAME", "compute_rspo_outcome_advantage", "register", "settings_from_config"]
+__all__ = [
+    "ESTIMATOR_NAME",
+    "RSPOAlgoConfig",
+    "check_trainer_config",
+    "compute_rspo_outcome_advantage",
+    "register",
+    "settings_from_config",
+]
 
 ESTIMATOR_NAME = "rspo"
 _KEYS = {
-    "objective": "+algorithm.rspo_objective",
-    "k": "+algorithm.rspo_k",
-    "estimator": "+algorithm.rspo_estimator",
+    "objective": "algorithm.rspo_objective",
+    "k": "algorithm.rspo_k",
+    "estimator": "algorithm.rspo_estimator",
     "n": "actor_rollout_ref.rollout.n",
 }
+# Modes whose normaliser depends on the sampled lengths (see README, "Aggregation").
+_LENGTH_NORMALISED = ("token-mean", "seq-mean-token-mean")
+
+
+@dataclass
+class RSPOAlgoConfig(AlgoConfig):
+    """verl's :class:`~verl.trainer.config.AlgoConfig` plus the RSPO options, checked on creation.
+
+    Select it with ``algorithm._target_=rspo_kernels.integrations.verl.RSPOAlgoConfig``, so that
+    ``verl.utils.config.omega_conf_to_dataclass(config.algorithm)`` accepts the ``rspo_*`` keys.
+    """
+
+    rspo_objective: str = "pass@k"
+    rspo_k: int = DEFAULT_K
+    rspo_estimator: str = "rspo"
+
+    def __post_init__(self) -> None:
+        getattr(super(), "__post_init__", lambda: None)()
+        settings_from_config(self)
 
 
 def settings_from_config(config: Any) -> RSPOSettings:
@@ -41,18 +71,14 @@ def settings_from_config(config: Any) -> RSPOSettings:
 
     Parameters
     ----------
-    config : omegaconf.DictConfig, verl.trainer.config.AlgoConfig, Mapping or None
-        ``config.algorithm`` as verl passes it to advantage estimators. Missing keys take the
-        defaults ``rspo_objective="pass@k"``, ``rspo_k=4``, ``rspo_estimator="rspo"``.
-
-    Returns
-    -------
-    RSPOSettings
+    config : omegaconf.DictConfig, AlgoConfig, RSPOAlgoConfig, Mapping or None
+        ``config.algorithm``. Missing keys take the defaults ``rspo_objective="pass@k"``,
+        ``rspo_k=4``, ``rspo_estimator="rspo"``.
 
     Raises
     ------
     ValueError
-        An invalid option; the message names the ``+algorithm.rspo_*`` key to change.
+        An invalid option; the message names the ``algorithm.rspo_*`` key to change.
     """
     get = config.get if config is not None else (lambda key, default=None: default)
     return RSPOSettings.create(
@@ -61,6 +87,39 @@ def settings_from_config(config: Any) -> RSPOSettings:
         estimator=get("rspo_estimator", "rspo"),
         keys=_KEYS,
     )
+
+
+def check_trainer_config(config: Any) -> None:
+    """Check a whole verl trainer config that selects ``algorithm.adv_estimator=rspo``.
+
+    Runs inside verl's ``validate_config``, so ``main_ppo`` fails before Ray starts or any model
+    loads. Warns when the actor's ``loss_agg_mode`` normalises by sampled lengths.
+
+    Raises
+    ------
+    ValueError
+        An invalid option, settings that groups of ``actor_rollout_ref.rollout.n`` cannot serve
+        (``algorithm.rspo_k=8 but actor_rollout_ref.rollout.n=4``), or Pass@k with the KL in the
+        reward.
+    """
+    if config.algorithm.get("adv_estimator") != ESTIMATOR_NAME:
+        return
+    settings = settings_from_config(config.algorithm)
+    settings.check_group_size(config.actor_rollout_ref.rollout.n)
+    if settings.objective == "pass@k" and config.algorithm.get("use_kl_in_reward"):
+        raise ValueError(
+            "algorithm.use_kl_in_reward=True adds the KL penalty to the scores, which pass@k needs binary: set "
+            "algorithm.rspo_objective=max@k, or use actor_rollout_ref.actor.use_kl_loss=True instead"
+        )
+    mode = config.actor_rollout_ref.actor.get("loss_agg_mode")
+    if mode in _LENGTH_NORMALISED:
+        warnings.warn(
+            f"actor_rollout_ref.actor.loss_agg_mode={mode} divides by response lengths, so the RSPO weights no "
+            "longer give an unbiased Pass@k/Max@k gradient: set actor_rollout_ref.actor.loss_agg_mode="
+            "seq-mean-token-sum-norm (README: Drop into your trainer)",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def compute_rspo_outcome_advantage(
@@ -74,26 +133,19 @@ def compute_rspo_outcome_advantage(
 
     Parameters
     ----------
-    token_level_rewards : torch.Tensor
-        ``(bs, response_length)``; a response's reward is the sum over its tokens, as in GRPO.
-    response_mask : torch.Tensor
-        ``(bs, response_length)``, 1 on response tokens and 0 on padding.
+    token_level_rewards, response_mask : torch.Tensor
+        ``(bs, response_length)``; a response's reward is the sum of its token rewards, as in GRPO.
     index : numpy.ndarray
-        ``(bs,)`` group label of each row (verl's ``uid`` strings). Rows of a group may be
-        anywhere in the batch: verl reorders rows (sequence balancing), so groups are never
-        inferred from positions.
+        ``(bs,)`` group label of each row (verl's ``uid``); rows of a group may be anywhere.
     config : AlgoConfig or DictConfig, optional
         The algorithm config; see :func:`settings_from_config`.
     **kwargs
-        Other arguments verl passes to estimators (``epsilon``, ``norm_adv_by_std_in_grpo``,
-        ``reward_baselines``, ...); ignored.
+        Other arguments verl passes to estimators; ignored.
 
     Returns
     -------
-    advantages : torch.Tensor
-        ``(bs, response_length)``: each response's weight on its response tokens, 0 on padding.
-    returns : torch.Tensor
-        The same tensor (verl uses returns only for a critic, which RSPO does not need).
+    advantages, returns : torch.Tensor
+        The same ``(bs, response_length)`` tensor: each response's weight on its response tokens.
 
     Raises
     ------
@@ -108,26 +160,76 @@ def compute_rspo_outcome_advantage(
     """
     if index is None:
         raise ValueError("the 'rspo' advantage estimator groups responses by uid, but verl passed no uid index")
+    return _advantages(token_level_rewards, response_mask, np.asarray(index), config)
+
+
+def _advantages(token_level_rewards, response_mask, index, config, final_rows=None, row_to_final=None):
+    """Weights of trajectories grouped by uid, each spread over all rows of its trajectory.
+
+    A trajectory's reward is the score of its row ``final_rows[t]``; row ``i`` belongs to
+    trajectory ``row_to_final[i]`` (-1: none, weight 0). By default each row is a trajectory.
+    """
     settings = settings_from_config(config)
-    scores = token_level_rewards.sum(dim=-1)
+    if final_rows is None:
+        final_rows = row_to_final = np.arange(len(index))
+    scores = token_level_rewards[torch.as_tensor(final_rows, dtype=torch.long)].sum(dim=-1)
     with torch.no_grad():
-        weights = settings.weights(scores, group_ids=np.asarray(index))
-    advantages = weights.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask
+        weights = settings.weights(scores, group_ids=index[final_rows])
+    per_row = torch.cat([weights, weights.new_zeros(1)])[torch.as_tensor(row_to_final, device=weights.device)]
+    advantages = per_row.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask
     return advantages, advantages
 
 
-def register() -> None:
-    """Register ``"rspo"`` with verl; safe to call any number of times.
+def _multi_trajectories(original):
+    """verl's v1 agent loop stores output ``i`` of session ``s`` of a prompt under the key
+    ``{uid}_{s}_{i}``, each output scored with the session's reward. verl's
+    ``compute_advantage_for_multi_trajectories`` reads that layout for GRPO only and gives other
+    estimators bare rows, so a session of two outputs would count as two samples."""
 
-    verl raises on a second registration of a name with a different function object, which would
-    happen when this module is imported both through the entry point and through
-    ``VERL_USE_EXTERNAL_MODULES``, or reloaded.
+    def compute_advantage_for_multi_trajectories(data, batch_keys, adv_estimator, *args, config=None, **kwargs):
+        if adv_estimator != ESTIMATOR_NAME:
+            return original(data, batch_keys, adv_estimator, *args, config=config, **kwargs)
+        # verl pads the batch with synthetic sessions that have no response tokens: leave them out.
+        has_tokens = (data.batch["response_mask"].sum(dim=-1) > 0).tolist()
+        final: dict[str, tuple[int, int]] = {}  # session -> (index, row) of its final output
+        row_session = [key.rsplit("_", 1)[0] for key in batch_keys]
+        live = {session for session, tokens in zip(row_session, has_tokens) if tokens}
+        for row, (session, key) in enumerate(zip(row_session, batch_keys)):
+            index = int(key.rsplit("_", 1)[1])
+            if session in live and (session not in final or final[session][0] < index):
+                final[session] = (index, row)
+        position = {session: t for t, session in enumerate(final)}
+        data.batch["advantages"], data.batch["returns"] = _advantages(
+            data.batch["token_level_rewards"],
+            data.batch["response_mask"],
+            np.asarray(data.non_tensor_batch["uid"]),
+            config,
+            final_rows=np.array([row for _, row in final.values()], dtype=np.int64),
+            row_to_final=np.array([position.get(session, -1) for session in row_session]),
+        )
+        return data
+
+    return compute_advantage_for_multi_trajectories
+
+
+def _validate_config(original):
+    def validate_config(config, *args, **kwargs):
+        check_trainer_config(config)
+        return original(config, *args, **kwargs)
+
+    return validate_config
+
+
+def register() -> None:
+    """Register ``"rspo"`` with verl (and wrap verl's config check and v1 session handling); idempotent.
 
     Raises
     ------
     RuntimeError
         When a different package already registered an estimator called ``"rspo"``.
     """
+    # verl refuses a second registration of a name by another function object: this module can be
+    # imported both through the entry point and VERL_USE_EXTERNAL_MODULES, or reloaded.
     registry = core_algos.ADV_ESTIMATOR_REGISTRY
     current = registry.get(ESTIMATOR_NAME)
     if current is compute_rspo_outcome_advantage:
@@ -141,6 +243,10 @@ def register() -> None:
             f"verl already has an advantage estimator named {ESTIMATOR_NAME!r} "
             f"({current.__module__}.{current.__qualname__}); remove that plugin to use rspo_kernels' RSPO"
         )
+    # Both run before main_ppo / the v1 trainer import the patched names (plugins load on `import verl`).
+    when_imported("verl.utils.config", lambda module: wrap(module, "validate_config", _validate_config))
+    multi = "compute_advantage_for_multi_trajectories"
+    when_imported("verl.trainer.ppo.v1.utils", lambda module: wrap(module, multi, _multi_trajectories))
 
 
 register()

@@ -150,8 +150,73 @@ def test_length_penalty_and_reward_clip_apply_before_rspo(patched):
 def test_k_larger_than_n_samples_per_prompt_names_both_settings(patched):
     patched.setenv("RSPO_K", "5")
     experiences, *_ = _experiences(torch.zeros(2 * N))
-    with pytest.raises(ValueError, match=r"RSPO_K=5 is larger than --rollout\.n_samples_per_prompt=4"):
+    with pytest.raises(ValueError, match=r"RSPO_K=5 but --rollout\.n_samples_per_prompt=4.*lower RSPO_K"):
         _maker().compute_advantages_and_returns(experiences)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "rloo", "group_norm", "dr_grpo", "reinforce_baseline", "flash_reinforce"])
+def test_estimators_that_rspo_would_replace_are_refused(patched, estimator):
+    experiences, *_ = _experiences(torch.zeros(2 * N))
+    match = rf"--algo\.advantage\.estimator {estimator} cannot run under RSPO.*--algo\.advantage\.estimator reinforce"
+    with pytest.raises(ValueError, match=match):
+        _maker(estimator=estimator).compute_advantages_and_returns(experiences)
+    # ... already when the trainer actor builds its experience maker, before the policy loads.
+    strategy = _maker(estimator=estimator).strategy
+    with pytest.raises(ValueError, match=match):
+        RemoteExperienceMaker(None, None, None, None, SimpleNamespace(value=0.0), strategy, None)
+
+
+def test_experience_maker_checks_settings_when_built(patched):
+    patched.setenv("RSPO_K", "4")
+    patched.setenv("RSPO_ESTIMATOR", "pkpo_loo")  # needs k < n: fails for n = 4 before any rollout
+    with pytest.raises(ValueError, match=r"pkpo_loo.*RSPO_ESTIMATOR=pkpo_loo"):
+        RemoteExperienceMaker(None, None, None, None, SimpleNamespace(value=0.0), _maker().strategy, None)
+    patched.setenv("RSPO_ESTIMATOR", "rspo")
+    RemoteExperienceMaker(None, None, None, None, SimpleNamespace(value=0.0), _maker().strategy, None)
+
+
+@pytest.mark.parametrize(
+    "argv,env,match",
+    [
+        (["--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", "8"], {}, r"estimator rloo cannot"),
+        (["--rollout.n_samples_per_prompt", "8"], {}, r"estimator gae cannot"),  # OpenRLHF's default
+        (
+            ["--algo.advantage.estimator", "reinforce", "--rollout.n_samples_per_prompt", "8"],
+            {"RSPO_K": "16"},
+            r"RSPO_K=16 but --rollout\.n_samples_per_prompt=8",
+        ),
+        (["--algo.advantage.estimator", "reinforce"], {"RSPO_OBJECTIVE": "top@k"}, r"RSPO_OBJECTIVE='top@k'"),
+    ],
+)
+def test_driver_hook_checks_the_command_line_before_ray_starts(monkeypatch, argv, env, match):
+    for key in rspo_openrlhf.ENV_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    script = os.path.join(os.path.dirname(importlib.util.find_spec("openrlhf").origin), "cli", "train_ppo_ray.py")
+    monkeypatch.setattr(sys, "argv", [script, "--actor.model_name_or_path", "m", *argv])
+    with pytest.raises(ValueError, match=match):
+        rspo_openrlhf.runtime_env_hook(None)
+    monkeypatch.setattr(sys, "argv", [script, "--algo.advantage.estimator", "reinforce", "--rollout.n_samples_per_prompt", "8"])
+    monkeypatch.delenv("RSPO_K", raising=False)
+    monkeypatch.delenv("RSPO_OBJECTIVE", raising=False)
+    assert rspo_openrlhf.runtime_env_hook(None)["worker_process_setup_hook"] == rspo_openrlhf.SETUP_HOOK
+
+
+def test_worker_hook_survives_a_worker_without_flash_attn():
+    """A Ray worker without flash_attn (a CPU reward worker, say) runs the setup hook too."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "sys.modules['flash_attn'] = sys.modules['vllm'] = None  # as if not installed\n"
+        "from rspo_kernels.integrations import openrlhf\n"
+        "openrlhf.install()\n"
+        "print('OK', sorted(m for m in sys.modules if m.startswith('openrlhf')))\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "OK []"
 
 
 @pytest.mark.parametrize(
@@ -167,20 +232,15 @@ def test_bad_environment_names_the_variable(env, match):
         rspo_openrlhf.settings_from_env(env)
 
 
-def test_gae_is_refused(patched):
-    experiences, *_ = _experiences(torch.zeros(2 * N))
-    with pytest.raises(ValueError, match=r"--algo\.advantage\.estimator reinforce"):
-        _maker(estimator="gae").compute_advantages_and_returns(experiences)
-
-
 def test_install_is_idempotent_and_uninstall_restores_openrlhf():
-    original = RemoteExperienceMaker.compute_advantages_and_returns
+    original = RemoteExperienceMaker.compute_advantages_and_returns, RemoteExperienceMaker.__init__
     rspo_openrlhf.install()
-    patched_fn = RemoteExperienceMaker.compute_advantages_and_returns
+    patched_fns = RemoteExperienceMaker.compute_advantages_and_returns, RemoteExperienceMaker.__init__
     rspo_openrlhf.install()
-    assert RemoteExperienceMaker.compute_advantages_and_returns is patched_fn is not original
+    now = RemoteExperienceMaker.compute_advantages_and_returns, RemoteExperienceMaker.__init__
+    assert now == patched_fns and all(p is not o for p, o in zip(patched_fns, original))
     rspo_openrlhf.uninstall()
-    assert RemoteExperienceMaker.compute_advantages_and_returns is original
+    assert (RemoteExperienceMaker.compute_advantages_and_returns, RemoteExperienceMaker.__init__) == original
 
     # Unpatched, OpenRLHF computes its own (dr_grpo: reward minus group mean) advantages.
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
@@ -227,3 +287,52 @@ def test_ray_worker_runs_install_through_the_runtime_env_hook(tmp_path):
         [sys.executable, "-W", "ignore", str(driver)], env=env, capture_output=True, text=True, timeout=300
     )
     assert "RESULT (True, '3')" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def _run_readme_driver(monkeypatch, env: dict, argv: list[str], runtime_env=None) -> dict:
+    """What the driver's ``ray.init`` does with RAY_RUNTIME_ENV_HOOK, for an OpenRLHF command line."""
+    import importlib
+
+    for key in rspo_openrlhf.ENV_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    module, _, name = env.get("RAY_RUNTIME_ENV_HOOK", f"{rspo_openrlhf.__name__}.runtime_env_hook").rpartition(".")
+    hook = getattr(importlib.import_module(module), name)
+    assert argv[:2] == ["-m", "openrlhf.cli.train_ppo_ray"]
+    script = importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin
+    monkeypatch.setattr(sys, "argv", [script, *[word for word in argv[2:] if word != "..."]])
+    return hook(runtime_env)
+
+
+def test_readme_launch_commands(monkeypatch):
+    import json
+
+    from readme_snippets import commands, snippet
+
+    submit, direct = commands(snippet("### OpenRLHF", "bash"))
+    # ray job submit: the runtime env installs the worker hook and carries the settings.
+    (env_json,) = [w.split("=", 1)[1] for w in submit if w.startswith("--runtime-env-json=")]
+    runtime_env = json.loads(env_json)
+    assert runtime_env["worker_process_setup_hook"] == rspo_openrlhf.SETUP_HOOK
+    settings = rspo_openrlhf.settings_from_env(runtime_env["env_vars"])
+    entry = submit[submit.index("--") + 1 :]
+    assert entry[0] == "python3"
+    out = _run_readme_driver(monkeypatch, runtime_env["env_vars"], entry[1:])
+    assert (settings.k, settings.objective) == (4, "pass@k")
+    assert out["worker_process_setup_hook"] == rspo_openrlhf.SETUP_HOOK
+
+    # A driver started directly: the variables before the command, checked inside ray.init.
+    assignments = dict(word.split("=", 1) for word in direct[: direct.index("python3")])
+    out = _run_readme_driver(monkeypatch, assignments, direct[direct.index("python3") + 1 :])
+    assert out == {"worker_process_setup_hook": rspo_openrlhf.SETUP_HOOK, "env_vars": {"RSPO_K": "4"}}
+
+
+def test_per_sequence_loss_aggregation_warns(monkeypatch, caplog):
+    for key in rspo_openrlhf.ENV_VARS:
+        monkeypatch.delenv(key, raising=False)
+    with caplog.at_level("WARNING", logger=rspo_openrlhf.__name__):
+        rspo_openrlhf.check_arguments("reinforce", 8, "token-mean")
+        assert not caplog.records
+        rspo_openrlhf.check_arguments("reinforce", 8, "seq-mean-token-mean")
+    assert "--actor.loss_agg_mode seq-mean-token-mean divides each response by its own length" in caplog.text

@@ -175,8 +175,10 @@ def test_rspo_advantages_skips_groups_with_fewer_than_k_scorable():
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"rspo_k": 8}, r"rspo_k=8 is larger than num_generations=4.*lower rspo_k or raise num_generations"),
-        ({"rspo_k": 2, "num_generations_eval": 1}, r"rspo_k=2 is larger than num_generations_eval=1"),
+        ({"rspo_k": 8}, r"^rspo_k=8 but num_generations=4.*lower rspo_k or raise num_generations"),
+        ({"rspo_k": 2, "num_generations_eval": 1}, r"^rspo_k=2 but num_generations_eval=1"),
+        ({"rspo_k": 4, "rspo_estimator": "pkpo_loo"}, r"'pkpo_loo'.*rspo_k=4.*num_generations"),
+        ({"rspo_k": 3, "rspo_estimator": "hitchhiking"}, r"multiple of k.*rspo_estimator=hitchhiking"),
         ({"rspo_objective": "mean@k"}, r"rspo_objective='mean@k' is not an RSPO objective"),
         ({"rspo_estimator": "grpo"}, r"rspo_estimator='grpo' is not an estimator"),
     ],
@@ -186,8 +188,72 @@ def test_config_errors_name_the_field(options, match):
         _cpu_config(RSPOConfig, **options)
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # TRL's own config
 def test_trainer_requires_rspo_config(tmp_path):
     tokenizer = _tokenizer()
     args = _cpu_config(trl.GRPOConfig, output_dir=str(tmp_path))
     with pytest.raises(TypeError, match=r"RSPOTrainer needs args=RSPOConfig"):
         RSPOTrainer(model=_model(tokenizer), reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args)
+
+
+def test_every_library_estimator_is_accepted_by_name():
+    for name in rk.ESTIMATORS:
+        assert _cpu_config(RSPOConfig, rspo_k=2, rspo_estimator=name).rspo_settings().estimator == name
+
+
+def test_loss_defaults_to_a_constant_normaliser_and_other_modes_warn():
+    assert _cpu_config(RSPOConfig).loss_type == "dr_grpo"
+    with pytest.warns(UserWarning, match=r"loss_type='dapo'.*only loss_type='dr_grpo'.*sampled lengths"):
+        _cpu_config(RSPOConfig, loss_type="dapo")
+
+
+def test_config_builds_without_warnings_on_this_transformers():
+    """TRL 1.16 sets its gradient_checkpointing default on a name transformers >= 5.2x deprecates
+    (a FutureWarning on every GRPOConfig); RSPOConfig sets it on the new name where one exists."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        args = _cpu_config(RSPOConfig)
+    assert args.gradient_checkpointing is trl.GRPOConfig.gradient_checkpointing  # TRL's default kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the user's own use of the deprecated name
+        args = _cpu_config(RSPOConfig, gradient_checkpointing=False)
+    assert args.gradient_checkpointing is False and getattr(args, "activation_checkpointing", False) is False
+
+
+def test_readme_snippet(tmp_path, monkeypatch):
+    """The README's TRL lines, run as written, on this CPU machine with a tiny model."""
+    import ast
+    from dataclasses import dataclass
+
+    from readme_snippets import snippet
+
+    import rspo_kernels.integrations.trl as rspo_trl
+
+    @dataclass
+    class CPUConfig(RSPOConfig):  # the README targets a GPU; the rest is as written
+        use_cpu: bool = True
+        bf16: bool = False
+
+    monkeypatch.setattr(rspo_trl, "RSPOConfig", CPUConfig)
+    monkeypatch.chdir(tmp_path)
+    code = snippet("### TRL", "python")
+    *setup, construct = code.strip().splitlines()
+    namespace = {}
+    exec("\n".join(setup), namespace)
+    args = namespace["args"]
+    assert (args.num_generations, args.rspo_k, args.rspo_objective, args.loss_type) == (8, 4, "pass@k", "dr_grpo")
+
+    call = ast.parse(construct).body[0].value
+    assert [kw.arg for kw in call.keywords] == ["model", "reward_funcs", "args", "train_dataset"]
+    tokenizer = _tokenizer()
+    _model(tokenizer).save_pretrained("tiny")  # a local checkpoint stands for a hub name
+    tokenizer.save_pretrained("tiny")
+    namespace.update(
+        model="tiny",
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * 8}),
+    )
+    exec(construct.replace("=...", "={}").format(*(kw.arg for kw in call.keywords if kw.arg != "args")), namespace)
+    assert isinstance(namespace["trainer"], RSPOTrainer)

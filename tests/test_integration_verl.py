@@ -92,7 +92,8 @@ def test_v1_trainer_path_returns_rspo_weights():
     rng = np.random.default_rng(7)
     scores, uids, lengths = _shuffled_groups(rng, [5, 5, 5], binary=True)
     data = _batch(scores, uids, lengths)
-    keys = [f"{u}_0_0" for u in uids]  # "{uid}_{session}_{index}": one session per rollout
+    # "{uid}_{session_id}_{index}": one output per session, sessions 0..n-1 of each uid.
+    keys = [f"{u}_{uids[:i].count(u)}_0" for i, u in enumerate(uids)]
     config = OmegaConf.create({"rspo_k": 3})
 
     out = compute_advantage_for_multi_trajectories(data, batch_keys=keys, adv_estimator="rspo", config=config)
@@ -126,16 +127,16 @@ def test_k_larger_than_rollout_n_names_the_config_keys():
     scores, uids, lengths = _shuffled_groups(rng, [4, 3], binary=True)
     data = _batch(scores, uids, lengths)
     config = OmegaConf.create({"rspo_k": 4})
-    with pytest.raises(ValueError, match=r"3 samples but k=4.*\+algorithm\.rspo_k=4.*actor_rollout_ref\.rollout\.n"):
+    with pytest.raises(ValueError, match=r"3 samples but k=4.*algorithm\.rspo_k=4.*actor_rollout_ref\.rollout\.n"):
         ray_trainer.compute_advantage(data, adv_estimator="rspo", config=config)
 
 
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"rspo_objective": "best@k"}, r"\+algorithm\.rspo_objective='best@k'.*'max@k'"),
-        ({"rspo_k": 0}, r"\+algorithm\.rspo_k=0 must be a positive integer"),
-        ({"rspo_estimator": "grpo"}, r"\+algorithm\.rspo_estimator='grpo' is not an estimator"),
+        ({"rspo_objective": "best@k"}, r"^algorithm\.rspo_objective='best@k'.*'max@k'"),
+        ({"rspo_k": 0}, r"^algorithm\.rspo_k=0 must be a positive integer"),
+        ({"rspo_estimator": "grpo"}, r"^algorithm\.rspo_estimator='grpo' is not an estimator"),
     ],
 )
 def test_bad_options_name_the_key(options, match):
@@ -207,3 +208,202 @@ def test_import_rspo_kernels_imports_no_framework():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+# --- Multi-turn agent loop (v1 trainer): several output rows per trajectory -----------------------
+
+
+def _agent_loop_batch(rng, uids, outputs_per_session, session_scores, width=9):
+    """Rows as verl's v1 agent loop stores them and ``trainer_base._compute_advantage`` reads them:
+    key ``{uid}_{session_id}_{index}`` per output, every output of a session scored with the
+    session's reward (on its last token), tool tokens masked out of ``response_mask``, rows in
+    the order the replay buffer hands them over."""
+    keys, scores, lengths = [], [], []
+    for uid, sessions, rewards in zip(uids, outputs_per_session, session_scores):
+        for session, (outputs, reward) in enumerate(zip(sessions, rewards)):
+            for index in range(outputs):
+                keys.append(f"{uid}_{session}_{index}")
+                scores.append(reward)
+                lengths.append(int(rng.integers(3, width + 1)))
+    perm = rng.permutation(len(keys))
+    keys = [keys[i] for i in perm]
+    scores, lengths = np.asarray(scores, np.float32)[perm], np.asarray(lengths)[perm]
+    data = _batch(scores, [key.rsplit("_", 2)[0] for key in keys], lengths, width)
+    tool = torch.from_numpy(rng.random(data.batch["response_mask"].shape) < 0.25)
+    data.batch["response_mask"] = data.batch["response_mask"] * ~tool
+    data.batch["response_mask"][torch.arange(len(keys)), torch.from_numpy(lengths - 1)] = 1.0
+    return data, keys
+
+
+def _expected_by_session(keys, data, session_scores_by_uid, objective, k):
+    """Independent reference: one sample per session, the library's 2-D weights of each uid's
+    sessions, each session's weight on every one of its rows."""
+    fn = rk.pass_at_k_weights if objective == "pass@k" else rk.max_at_k_weights
+    weights = {uid: fn(torch.tensor([scores]), k)[0] for uid, scores in session_scores_by_uid.items()}
+    per_row = torch.tensor([float(weights[uid][int(s)]) for uid, s, _ in (key.rsplit("_", 2) for key in keys)])
+    return per_row[:, None] * data.batch["response_mask"]
+
+
+def _v1_compute_advantage(data, keys, config, n):
+    """The call in ``verl.trainer.ppo.v1.trainer_base.RayPPOTrainer._compute_advantage``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"verl\.")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+        pytest.importorskip("transfer_queue", reason="verl's v1 trainer needs TransferQueue")
+        from verl.trainer.ppo.v1 import trainer_base
+    return trainer_base.compute_advantage_for_multi_trajectories(
+        data,
+        batch_keys=keys,
+        adv_estimator=config.adv_estimator,
+        gamma=1.0,
+        lam=1.0,
+        num_repeat=n,
+        norm_adv_by_std_in_grpo=True,
+        config=config,
+    )
+
+
+def test_agent_sessions_with_two_outputs_count_once():
+    """4 sessions of one prompt, 2 outputs each, one session correct, k=2: each correct row gets
+    k C(n-c, k-1) / C(n-1, k-1) = 2 * 3 / 3 = 2 (counting rows instead gives 2 * 6 / 7 = 1.714)."""
+    rng = np.random.default_rng(0)
+    data, keys = _agent_loop_batch(rng, ["u"], [[2, 2, 2, 2]], [[1.0, 0.0, 0.0, 0.0]])
+    config = OmegaConf.create({"adv_estimator": "rspo", "rspo_k": 2})
+
+    out = _v1_compute_advantage(data, keys, config, n=4)
+
+    mask = data.batch["response_mask"]
+    correct = torch.tensor([key.startswith("u_0_") for key in keys])
+    assert int(correct.sum()) == 2
+    torch.testing.assert_close(out.batch["advantages"], 2.0 * correct[:, None] * mask)
+    torch.testing.assert_close(out.batch["returns"], out.batch["advantages"])
+
+
+@pytest.mark.parametrize("objective,k", [("pass@k", 2), ("pass@k", 4), ("max@k", 3)])
+def test_agent_loop_groups_by_session_and_spreads_the_weight(objective, k):
+    rng = np.random.default_rng(k)
+    uids = [f"{rng.integers(1 << 40):x}-{i}" for i in range(3)]
+    sessions = [list(rng.integers(1, 4, size=4)) for _ in uids]  # n = 4 sessions, 1-3 outputs each
+    if objective == "pass@k":
+        scores = [list(rng.integers(0, 2, size=4).astype(float)) for _ in uids]
+        scores[0] = [1.0, 0.0, 0.0, 0.0]  # signal for sure
+    else:
+        scores = [list(rng.random(4).round(3)) for _ in uids]
+    data, keys = _agent_loop_batch(rng, uids, sessions, scores)
+    config = OmegaConf.create({"adv_estimator": "rspo", "rspo_k": k, "rspo_objective": objective})
+
+    out = _v1_compute_advantage(data, keys, config, n=4)
+
+    expected = _expected_by_session(keys, data, dict(zip(uids, scores)), objective, k)
+    torch.testing.assert_close(out.batch["advantages"], expected)
+    assert expected.abs().sum() > 0
+    assert len(keys) > 12  # several outputs per session really occurred
+
+
+def test_agent_loop_ignores_verls_padding_sessions():
+    """verl's v1 trainer pads the batch to a multiple of the data-parallel size with synthetic
+    sessions ("pad<hex>_<i>_0", empty response mask, zero score): fewer than k of them is fine."""
+    rng = np.random.default_rng(4)
+    data, keys = _agent_loop_batch(rng, ["u"], [[2, 1, 1, 2]], [[0.0, 1.0, 0.0, 0.0]])
+    pad = _batch(np.zeros(3, np.float32), ["padfeed"] * 3, np.ones(3, dtype=np.int64), width=9)
+    pad.batch["response_mask"].zero_()
+    data = DataProto.concat([data, pad])
+    keys = keys + [f"padfeed_{i}_0" for i in range(3)]
+    config = OmegaConf.create({"adv_estimator": "rspo", "rspo_k": 4})
+
+    out = _v1_compute_advantage(data, keys, config, n=4)
+
+    expected = _expected_by_session(keys[:-3], data[:-3], {"u": [0.0, 1.0, 0.0, 0.0]}, "pass@k", 4)
+    torch.testing.assert_close(out.batch["advantages"][:-3], expected)
+    assert out.batch["advantages"][-3:].abs().sum() == 0 and expected.abs().sum() > 0
+
+
+def test_agent_loop_leaves_other_estimators_to_verl():
+    rng = np.random.default_rng(3)
+    data, keys = _agent_loop_batch(rng, ["a", "b"], [[2, 1, 3], [1, 1, 2]], [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    config = OmegaConf.create({"adv_estimator": "grpo", "norm_adv_by_std_in_grpo": True})
+    out = _v1_compute_advantage(data, keys, config, n=3)
+    # verl's own GRPO session handling: both sessions of a group with the same score tie.
+    adv = out.batch["advantages"][torch.arange(len(keys)), data.batch["response_mask"].argmax(dim=1)]
+    first = {key.rsplit("_", 1)[0]: float(a) for key, a in zip(keys, adv)}
+    assert first["b_1"] == pytest.approx(first["b_2"]) and first["a_0"] > 0 > first["a_1"]
+
+
+# --- The README's configuration through verl's own config path ------------------------------------
+
+# What the README writes as "...": the rest of a run's configuration, enough for verl's checks.
+_REST_OF_RUN = [
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2",
+    "trainer.n_gpus_per_node=1",
+]
+
+
+def _readme_overrides() -> list[str]:
+    from readme_snippets import commands, snippet
+
+    (cmd,) = [c for c in commands(snippet("### verl", "bash")) if c[:3] == ["python", "-m", "verl.trainer.main_ppo"]]
+    return [word for word in cmd[3:] if word != "..."]
+
+
+def _main_ppo_config(overrides):
+    """The config ``python -m verl.trainer.main_ppo <overrides>`` hands to ``main``, checked as
+    ``main`` checks it (``validate_config`` as imported by ``verl.trainer.main_ppo``)."""
+    from hydra import compose, initialize_config_module
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"verl\.")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+        from verl.trainer import main_ppo
+        from verl.trainer.ppo.utils import need_critic, need_reference_policy
+
+        with initialize_config_module("verl.trainer.config", version_base=None):
+            config = compose("ppo_trainer", overrides=[*overrides, *_REST_OF_RUN])
+        warnings.filterwarnings("ignore", message="Disabled critic", category=UserWarning)  # RSPO trains none
+        use_critic = need_critic(config)
+    main_ppo.validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=use_critic)
+    return config
+
+
+def test_readme_command_loads_through_main_ppo_and_algo_config(capsys):
+    from verl.utils.config import omega_conf_to_dataclass
+
+    config = _main_ppo_config(_readme_overrides())
+    assert "All configuration checks passed" in capsys.readouterr().out
+
+    algo = omega_conf_to_dataclass(config.algorithm)  # verl's structured AlgoConfig path
+    assert isinstance(algo, rspo_verl.RSPOAlgoConfig) and isinstance(algo, verl.trainer.config.AlgoConfig)
+    assert (algo.adv_estimator, algo.rspo_k, algo.rspo_objective, algo.rspo_estimator) == ("rspo", 4, "pass@k", "rspo")
+    rng = np.random.default_rng(5)
+    scores, uids, lengths = _shuffled_groups(rng, [8, 8], binary=True)
+    data = _batch(scores, uids, lengths)
+    out = ray_trainer.compute_advantage(data, adv_estimator=algo.adv_estimator, config=algo)
+    torch.testing.assert_close(out.batch["advantages"], _expected(scores, uids, data.batch["response_mask"], "pass@k", 4))
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["algorithm.rspo_k=8", "actor_rollout_ref.rollout.n=4"], r"^algorithm\.rspo_k=8 but actor_rollout_ref\.rollout\.n=4"),
+        (["+algorithm.rspo_estimator=nope"], r"^algorithm\.rspo_estimator='nope' is not an estimator"),
+        (["algorithm.rspo_objective=best@k"], r"^algorithm\.rspo_objective='best@k' is not an RSPO objective"),
+        (["+algorithm.rspo_estimator=pkpo_loo", "actor_rollout_ref.rollout.n=4"], r"pkpo_loo.*algorithm\.rspo_k=4"),
+        (["algorithm.use_kl_in_reward=True"], r"^algorithm\.use_kl_in_reward=True .* algorithm\.rspo_objective=max@k"),
+    ],
+)
+def test_config_errors_surface_in_main_ppo_validation(extra, match):
+    with pytest.raises(ValueError, match=match):
+        _main_ppo_config([*_readme_overrides(), *extra])
+
+
+def test_length_normalised_loss_aggregation_warns():
+    with pytest.warns(UserWarning, match=r"loss_agg_mode=token-mean.*seq-mean-token-sum-norm"):
+        _main_ppo_config([*_readme_overrides(), "actor_rollout_ref.actor.loss_agg_mode=token-mean"])
+
+
+def test_rspo_algo_config_checks_its_fields():
+    with pytest.raises(ValueError, match=r"^algorithm\.rspo_k=0 must be a positive integer"):
+        rspo_verl.RSPOAlgoConfig(adv_estimator="rspo", rspo_k=0)
+    for name in rk.ESTIMATORS:  # every estimator the library accepts, by name
+        assert rspo_verl.RSPOAlgoConfig(rspo_k=2, rspo_estimator=name).rspo_estimator == name
