@@ -3,13 +3,26 @@
 The kernels (``csrc/``) read the grouped rewards and write the result through zero-copy numpy views
 of torch tensors, in float32 or float64 like the input, with all arithmetic in float64. Inputs are
 assumed validated by the public API; the kernels still reject impossible shapes with ValueError.
+
+The extension is optional (``setup.py`` installs without it when no C++17 compiler is found).
+Importing this module then raises ``ModuleNotFoundError`` named ``rspo_kernels._cpu``, which
+:mod:`rspo_kernels._dispatch` reads as "not built" (``import rspo_kernels`` has already warned,
+once) rather than as a broken backend.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-from rspo_kernels import _cpu
+try:
+    from rspo_kernels import _cpu
+except ImportError:
+    if importlib.util.find_spec("rspo_kernels._cpu") is not None:
+        raise  # built, but broken (e.g. a torch/ABI mismatch): let the dispatcher report the real error
+    raise ModuleNotFoundError("the C++ extension rspo_kernels._cpu is not built", name="rspo_kernels._cpu") from None
+
 from rspo_kernels._layout import Groups
 
 __all__ = ["grouped_weights", "grouped_pass_at_k", "grouped_max_at_k", "first_invalid"]
