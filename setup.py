@@ -2,8 +2,9 @@
 
 Everything else about the package lives in ``pyproject.toml``. The extension is built from every
 ``csrc/*.cpp`` with a C++17 compiler, with OpenMP when the compiler supports it (the kernels also
-build without it). It is optional: without a working compiler the install still succeeds,
-``import rspo_kernels`` warns once, and every function runs on the torch backend instead.
+build without it). It is optional: without a working compiler (or with
+``RSPO_KERNELS_NO_EXTENSION=1``) the install still succeeds, ``import rspo_kernels`` warns once,
+and every function runs on the torch backend instead.
 """
 
 import os
@@ -38,7 +39,8 @@ def _openmp_flags() -> list[str]:
     return ["-fopenmp"] if result.returncode == 0 else []
 
 
-sources = sorted(str(p) for p in Path("csrc").glob("*.cpp"))
+# RSPO_KERNELS_NO_EXTENSION=1 installs the pure-Python package only (the torch backend on CPU).
+sources = [] if os.environ.get("RSPO_KERNELS_NO_EXTENSION") else sorted(str(p) for p in Path("csrc").glob("*.cpp"))
 if sources:
     from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
     from pybind11.setup_helpers import build_ext as _pybind11_build_ext

@@ -6,7 +6,7 @@ whatever the input dtype; results come back in ``groups.values.dtype``. Every fa
 Triton) is tested against this module, and this module is tested against brute force (subset
 enumeration, the paper's Algorithm 2, exact expectations over small categorical policies).
 
-Notation (MATH.md): a group has ``n`` rewards, sorted ascending ``v[0] <= ... <= v[n-1]``
+Notation (docs/math.md): a group has ``n`` rewards, sorted ascending ``v[0] <= ... <= v[n-1]``
 (0-based). For a sample size ``k`` the binomial ratio
 
     q(j) = C(j, k-1) / C(n-1, k-1),        j = 0 .. n-1,
@@ -51,7 +51,7 @@ def _log_binom(top: torch.Tensor, r: torch.Tensor | int) -> torch.Tensor:
 
 
 def _binom_ratio(top: torch.Tensor, r_top: int, bottom: torch.Tensor, r_bottom: int) -> torch.Tensor:
-    """``C(top, r_top) / C(bottom, r_bottom)`` without forming either coefficient (MATH.md § Numerics)."""
+    """``C(top, r_top) / C(bottom, r_bottom)`` without forming either coefficient (docs/math.md § Numerics)."""
     return torch.exp(_log_binom(top, r_top) - _log_binom(bottom, r_bottom))
 
 
@@ -151,7 +151,7 @@ def _max_rspo(s: _SortedGroups, k: int) -> torch.Tensor:
     ``w_i = k [q(0) R_(1) + sum_{j=1..c_<} q(j) (R_(j+1) - R_(j))]``: a prefix sum of
     non-negative terms, so it is shift-invariant and non-negative by construction. The gaps
     vanish inside a tie run, so summing to the slot's own sorted index instead of ``c_<`` gives
-    the same number: tied rewards share one weight (Theorem 4.4 == C.4, MATH.md fact 1).
+    the same number: tied rewards share one weight (Theorem 4.4 == C.4, docs/math.md fact 1).
     ``q(0)`` is 1 only for k = 1, where the weight is the reward itself.
     """
     gaps = torch.zeros_like(s.v)

@@ -246,7 +246,7 @@ def rspo_loss(
 
     Notes
     -----
-    Per token (MATH.md § The loss the weights feed), with ``r = exp(logp - old_logp)`` and
+    Per token (docs/math.md § The loss the weights feed), with ``r = exp(logp - old_logp)`` and
     weight ``A``: ``loss_tok = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta KL``.
     The aggregation is linear in ``loss_tok`` with mask-only coefficients ``c``, so
     ``dL/dlogits = c dloss_tok/dlogp (onehot(target) - softmax(logits / T)) / T``.

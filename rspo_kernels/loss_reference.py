@@ -5,7 +5,7 @@ it, and the aggregation follows verl's ``agg_loss`` line by line (``dp_size = 1`
 Triton kernels (:mod:`rspo_kernels.ops.rspo_loss`) and the chunked CPU path
 (:mod:`rspo_kernels._chunked_loss`) must agree with these functions.
 
-Notation (MATH.md § The loss the weights feed), per token ``(b, t)``::
+Notation (docs/math.md § The loss the weights feed), per token ``(b, t)``::
 
     logp      = log_softmax(logits / temperature)[target]
     ratio     = exp(logp - old_logp)              (old_logp = logp.detach() when absent)
@@ -158,7 +158,7 @@ def rspo_loss_reference(
     inplace_backward: bool = False,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped, weighted policy-gradient loss of MATH.md, unfused.
+    """The clipped, weighted policy-gradient loss of docs/math.md, unfused.
 
     Parameters
     ----------

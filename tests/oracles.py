@@ -20,7 +20,7 @@ def _mean(xs):
 
 
 def subset_rspo(r: list[float], k: int) -> list[float]:
-    """MATH.md fact 2: ``w_i = k E_S[max(R_i - max S, 0)]``, S a (k-1)-subset of the others."""
+    """docs/math.md fact 2: ``w_i = k E_S[max(R_i - max S, 0)]``, S a (k-1)-subset of the others."""
     n = len(r)
     out = []
     for i in range(n):

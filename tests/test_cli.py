@@ -176,7 +176,7 @@ def test_weights_csv_equals_library(capsys, k):
 
 
 def test_weights_csv_worked_values(capsys):
-    """MATH.md: [0.1, 0.5, 0.5, 0.9] with k=2 gives [0, 4/15, 4/15, 16/15]; [3, 1, 2, 5] with k=4 gives [0, 0, 0, 8]."""
+    """docs/math.md: [0.1, 0.5, 0.5, 0.9] with k=2 gives [0, 4/15, 4/15, 16/15]; [3, 1, 2, 5] with k=4 gives [0, 0, 0, 8]."""
     main(
         [
             "weights",
@@ -222,7 +222,7 @@ def test_weights_jsonl_pass_at_k(capsys, tmp_path):
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert len(rows) == 12 and all(set(row) == {"group", "reward", "text", "weight"} for row in rows)
     q7 = [row["weight"] for row in rows if row["group"] == "q7"]
-    # 2 of 8 correct, k=4: k C(6,3)/C(7,3) = 16/7 for the correct ones (MATH.md worked value).
+    # 2 of 8 correct, k=4: k C(6,3)/C(7,3) = 16/7 for the correct ones (docs/math.md worked value).
     np.testing.assert_allclose(q7, [16 / 7, 0, 0, 16 / 7, 0, 0, 0, 0], rtol=1e-12)
     # Group 12 has n - c = 2 < k - 1 = 3: it passes almost surely, so every weight is 0.
     assert [row["weight"] for row in rows if row["group"] == 12] == [0.0] * 4
