@@ -17,7 +17,7 @@ import importlib.util
 import torch
 
 try:
-    from rspo_kernels import _cpu
+    import rspo_kernels._cpu as _cpu
 except ImportError:
     if importlib.util.find_spec("rspo_kernels._cpu") is not None:
         raise  # built, but broken (e.g. a torch/ABI mismatch): let the dispatcher report the real error

@@ -30,8 +30,9 @@ def test_algorithm_2_equals_theorem_c4_and_the_numpy_loop():
         np.testing.assert_allclose(baselines.algorithm_2(r, k), want, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(baselines.numpy_loop_max_at_k(r[None, :], k)[0], want, rtol=1e-12, atol=1e-12)
         b = (r > np.median(r)).astype(float)
-        np.testing.assert_allclose(baselines.numpy_loop_pass_at_k([b], k)[0], oracles.subset_rspo(list(b), k),
-                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            baselines.numpy_loop_pass_at_k([b], k)[0], oracles.subset_rspo(list(b), k), rtol=1e-12, atol=1e-12
+        )
 
 
 def test_runner_quick_writes_json(tmp_path, capsys):
@@ -93,3 +94,32 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_runner_writes_to_the_current_directory_by_default(tmp_path, monkeypatch, capsys):
+    """`rspo-kernels bench` must not dirty the clone's tracked benchmarks/results/."""
+    monkeypatch.chdir(tmp_path)
+    committed = sorted(p.name for p in runner.Path(runner.__file__).parent.joinpath("results").iterdir())
+    assert runner.main(["--quick", "--budget", "0.001", "--no-slow", "--case", "ragged"]) == 0
+    (path,) = tmp_path.glob("*.json")
+    assert json.loads(path.read_text())["results"][0]["case"] == "ragged N=1024"
+    assert sorted(p.name for p in runner.Path(runner.__file__).parent.joinpath("results").iterdir()) == committed
+    assert f"wrote {path}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--case", "no such case"], "--case 'no such case' matches no case; the cases are 'B=64 n=16'"),
+        (["--budget", "-1"], "--budget: must be a positive number of seconds, got -1"),
+        (["--budget", "nan"], "--budget: must be a positive number of seconds, got nan"),
+    ],
+)
+def test_runner_usage_errors_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
+    from rspo_kernels.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["bench", "--quick", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import rspo_kernels as rk
 
@@ -78,3 +80,53 @@ def test_backend_info_says_triton_is_unavailable_not_why_it_failed():
     assert out["info"]["cuda"]["weights"] == "reference"
     assert not any("Error" in why for why in failures.values())  # no exception names unless asked
     assert out["debug"]["weights/triton"].startswith("ModuleNotFoundError")
+
+
+def test_caches_live_in_pytest_temporary_directory(tmp_path_factory):
+    """Triton's kernel cache and Ray's session files and token never land in ~ or /tmp/ray."""
+    base = tmp_path_factory.getbasetemp()
+    for var in ("TRITON_HOME", "TRITON_CACHE_DIR", "RAY_AUTH_TOKEN_PATH"):
+        assert Path(os.environ[var]).is_relative_to(base), var
+    assert Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text()  # Ray only writes ~/.ray when no token exists
+    ray_tmp = Path(os.environ["RAY_TMPDIR"])
+    assert ray_tmp.is_relative_to(base) or ray_tmp.name.startswith("rk-")
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    assert Path(knobs.cache.dir).is_relative_to(base)
+
+
+def test_an_install_without_the_optional_extras_skips_instead_of_failing(tmp_path):
+    """With only the [test] extra (no matplotlib, no triton), the tests that need them skip.
+
+    Runs the test files that touch those extras in a child pytest that cannot import either.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env |= {"PYTHONPATH": str(_HIDE), "RSPO_TEST_HIDE_MODULES": "matplotlib,triton"}
+    selected = [
+        "tests/test_cli.py::test_demo_writes_the_figure",
+        "tests/test_loss_cpu.py::test_gpu_benchmark_smoke_runs_end_to_end",
+        "tests/test_triton_weights.py",
+        "tests/test_loss_triton.py",
+        "tests/test_benchmarks_smoke.py::test_variance_quick_writes_outputs",
+        "tests/test_optional_extension.py::test_caches_live_in_pytest_temporary_directory",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}"]
+        + selected,
+        cwd=_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    summary = out.strip().splitlines()[-1]
+    assert "failed" not in summary and "error" not in summary, summary
+    assert "skipped" in summary, summary
+    reasons = re.findall(r"^SKIPPED \[\d+\] (\S+?):\d+: (.*)$", out, flags=re.M)
+    skipped_files = {path.split("/")[-1] for path, _ in reasons}
+    assert {"test_cli.py", "test_loss_cpu.py", "test_triton_weights.py", "test_loss_triton.py"} <= skipped_files, out
+    assert all("matplotlib" in why or "triton" in why for _, why in reasons), reasons

@@ -7,6 +7,7 @@ own PEP 517 hooks; the wheel without the C++ extension, which keeps this to seco
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -67,3 +68,47 @@ def test_wheel_ships_py_typed_and_the_licence(tmp_path):
     assert "rspo_kernels/py.typed" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: Apache-2.0" in metadata
+
+
+def _module_level_imports(tree: ast.Module, package: set[str]) -> set[str]:
+    """Package modules imported at module level, TYPE_CHECKING blocks included (they are cycles for mypy)."""
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, (ast.If, ast.Try)):
+                visit(node.body)
+                visit(node.orelse)
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+
+    visit(tree.body)
+    return found & package
+
+
+def test_package_modules_import_each_other_in_one_direction():
+    """No import cycles between modules (the demo and its report used to import each other)."""
+    root = _ROOT / "rspo_kernels"
+    paths = {
+        ".".join(p.relative_to(_ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in root.rglob("*.py")
+    }
+    package = set(paths) - {"rspo_kernels"}  # importing the package root from a submodule is not a cycle
+    graph = {name: _module_level_imports(ast.parse(p.read_text()), package) - {name} for name, p in paths.items()}
+
+    def cycle_from(node: str, stack: list[str]) -> list[str] | None:
+        if node in stack:
+            return stack[stack.index(node) :] + [node]
+        for nxt in sorted(graph.get(node, ())):
+            found = cycle_from(nxt, [*stack, node])
+            if found:
+                return found
+        return None
+
+    cycles = [c for name in sorted(graph) if (c := cycle_from(name, []))]
+    assert not cycles, cycles[0]
+    assert graph["rspo_kernels.demo"] >= {"rspo_kernels._demo_config", "rspo_kernels._demo_report"}
