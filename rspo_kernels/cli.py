@@ -317,11 +317,11 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="train small policies: PG vs hitchhiking vs RSPO (about 10 s on 2 idle cores, 20-30 s on a busy machine)",
+        help="train small policies: PG vs hitchhiking vs RSPO (10-15 s on 2 idle CPU cores)",
         description="Train small softmax policies with policy gradient, the hitchhiking baseline and RSPO "
-        "(k = 2, 4, 8) on Pass@k and Max@k, and check the paper's claims. About 10 s on 2 idle CPU cores "
-        "and 20-30 s beside two CPU-bound processes; torch runs on --threads threads (default 1), which "
-        "is the fastest setting for these tiny policies.",
+        "(k = 2, 4, 8) on Pass@k and Max@k, and check the paper's claims. About 10-15 s on 2 idle CPU "
+        "cores. torch runs on --threads threads (default 1): the policies are tiny, and extra threads "
+        "only wait on each other, which on a busy machine made the demo 3-4x slower.",
     )
     demo.add_argument("--quick", action="store_true", help="a small run (seconds), for tests and smoke checks")
     demo.add_argument(
