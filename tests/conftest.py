@@ -48,11 +48,11 @@ def pytest_configure(config):
 # The C++ extension is optional: without it the package warns once at import (tested in
 # test_optional_extension.py), which filterwarnings=error would turn into collection errors here,
 # and the tests of the extension itself cannot run.
-EXTENSION_BUILT = importlib.util.find_spec("rspo_kernels._cpu") is not None
-collect_ignore = [] if EXTENSION_BUILT else ["test_cpu_backend.py"]
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="rspo_kernels: the C.. extension", category=RuntimeWarning)
     import rspo_kernels  # noqa: E402, F401
+EXTENSION_BUILT = importlib.util.find_spec("rspo_kernels._cpu") is not None
+collect_ignore = [] if EXTENSION_BUILT else ["test_cpu_backend.py"]
 
 
 def pytest_report_header(config):
