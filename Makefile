@@ -30,9 +30,9 @@ EXTRA_REQS = $(PY) -c 'import importlib.metadata as m, re; reqs = m.requires("rs
 .PHONY: setup setup-frameworks demo test bench lint clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
-	$(call STEP,[1/3] virtualenv $(VENV) and an up-to-date pip (seconds))
+	$(call STEP,[1/3] virtualenv $(VENV) and an up-to-date pip (about 10 s))
 	@$(call TIMED,$(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip)
-	$(call STEP,[2/3] $(TORCH_PIN) from $(or $(strip $(TORCH_INDEX)),the configured pip index) (CPU build: 190 MB download / 750 MB on disk; 1-3 min))
+	$(call STEP,[2/3] $(TORCH_PIN) from $(or $(strip $(TORCH_INDEX)),the configured pip index) (190 MB download / 750 MB on disk for the CPU build, about 2.7 GB for a CUDA build; 1-3 min))
 	@$(call TIMED,$(PY) -m pip install -q $(TORCH_INDEX_ARGS) "$(TORCH_PIN)")
 	$(call STEP,[3/3] rspo_kernels + numpy/scipy/triton/matplotlib/pytest (360 MB download / 1.2 GB on disk; triton is 290 MB of it) and its C++ extension (about 1 min on 2 cores))
 	@$(call TIMED,$(PY) -m pip install -q -e ".[$(PKG_EXTRAS)]")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -112,3 +114,46 @@ def test_package_modules_import_each_other_in_one_direction():
     cycles = [c for name in sorted(graph) if (c := cycle_from(name, []))]
     assert not cycles, cycles[0]
     assert graph["rspo_kernels.demo"] >= {"rspo_kernels._demo_config", "rspo_kernels._demo_report"}
+
+
+def _make_dry_run(target: str, tmp_path: Path, *overrides: str) -> str:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_INDEX"}
+    proc = subprocess.run(
+        [make, "-n", target, f"VENV={tmp_path / 'venv'}", *overrides],
+        cwd=_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_setup_takes_the_cpu_torch_index_without_an_nvidia_driver(tmp_path):
+    dry = _make_dry_run("setup", tmp_path)
+    torch_line = next(line for line in dry.splitlines() if "pip install -q" in line and '"torch==' in line)
+    if shutil.which("nvidia-smi") or os.path.exists("/proc/driver/nvidia"):
+        assert "--index-url" not in torch_line
+    else:
+        assert "--index-url https://download.pytorch.org/whl/cpu" in torch_line
+    # Overridable, and CI keeps the index pip is configured with.
+    assert "--index-url" not in _make_dry_run("setup", tmp_path, "TORCH_INDEX=")
+    assert "--index-url https://example.org/simple" in _make_dry_run(
+        "setup", tmp_path, "TORCH_INDEX=https://example.org/simple"
+    )
+    assert re.search(r"^export TORCH_INDEX=$", (_ROOT / ".ci" / "run").read_text(), flags=re.M)
+    # One line per step, each saying what it costs.
+    steps = re.findall(r"==> \[(\d)/3\] (.*)", dry)
+    assert [n for n, _ in steps] == ["1", "2", "3"] and all(re.search(r"\d+ (s|MB|min)", text) for _, text in steps)
+
+
+def test_setup_frameworks_does_not_reinstall_the_package(tmp_path):
+    dry = _make_dry_run("setup-frameworks", tmp_path)
+    frameworks = dry[dry.index("[1/2] verl") :]
+    assert "pip install" in frameworks
+    assert " -e " not in frameworks and '".[' not in frameworks  # reinstalling would recompile the extension
