@@ -74,7 +74,7 @@ def test_forcing_a_backend_silences_the_missing_extension_warning():
 
 def test_backend_info_says_triton_is_unavailable_not_why_it_failed():
     out = _run_hidden("triton")
-    assert out["warnings"] == []
+    assert not [w for w in out["warnings"] if "triton" in w]  # a missing optional backend is not a warning
     failures = out["info"]["failures"]
     assert failures["weights/triton"] == "unavailable (no CUDA / triton not installed)"
     assert out["info"]["cuda"]["weights"] == "reference"
