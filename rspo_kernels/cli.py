@@ -321,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train small softmax policies with policy gradient, the hitchhiking baseline and RSPO "
         "(k = 2, 4, 8) on Pass@k and Max@k, and check the paper's claims. About 10-15 s on 2 idle CPU "
         "cores. torch runs on --threads threads (default 1): the policies are tiny, and extra threads "
-        "only wait on each other, which on a busy machine made the demo 3-4x slower.",
+        "only wait on each other, which on a busy machine made the demo 2-4x slower.",
     )
     demo.add_argument("--quick", action="store_true", help="a small run (seconds), for tests and smoke checks")
     demo.add_argument(
