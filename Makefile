@@ -4,26 +4,55 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+PKG_EXTRAS := test,triton,plot
 
-.PHONY: setup setup-frameworks demo test bench clean
+# Where torch comes from. Without an NVIDIA driver (no nvidia-smi, no /proc/driver/nvidia) the
+# default is PyTorch's CPU-only wheel index: 190 MB instead of the 2.7 GB CUDA build a stock
+# index serves. Override it (`make setup TORCH_INDEX=`) to use pip's configured index instead, as
+# CI does; or point it at any other index URL.
+ifeq ($(origin TORCH_INDEX),undefined)
+  ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 || test -e /proc/driver/nvidia && echo gpu),gpu)
+    TORCH_INDEX :=
+  else
+    TORCH_INDEX := https://download.pytorch.org/whl/cpu
+  endif
+endif
+TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--index-url $(TORCH_INDEX))
+
+# One line per step, and how long it took: pip stays quiet (-q), so this is all a user sees.
+STEP = @printf '%s\n' "==> $(1)"
+TIMED = start=$$(date +%s); $(1) && echo "    done in $$(( $$(date +%s) - start )) s"
+# The requirements of some extras ($(1): a regex such as verl|trl), read from the installed
+# metadata, so that they can be installed without reinstalling (and recompiling) rspo_kernels.
+EXTRA_REQS = $(PY) -c 'import importlib.metadata as m, re; reqs = m.requires("rspo_kernels") or []; \
+	print("\n".join(re.sub(r"\s*;.*", "", r) for r in reqs if re.search(r"extra\s*==\s*.($(1)).", r)))'
+
+.PHONY: setup setup-frameworks demo test bench lint clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,triton,plot]"
-	touch $@
+	$(call STEP,[1/3] virtualenv $(VENV) and an up-to-date pip (about 10 s))
+	@$(call TIMED,$(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip)
+	$(call STEP,[2/3] $(TORCH_PIN) from $(or $(strip $(TORCH_INDEX)),the configured pip index) (190 MB download / 750 MB on disk for the CPU build, about 2.7 GB for a CUDA build; 1-3 min))
+	@$(call TIMED,$(PY) -m pip install -q $(TORCH_INDEX_ARGS) "$(TORCH_PIN)")
+	$(call STEP,[3/3] rspo_kernels + numpy/scipy/triton/matplotlib/pytest (360 MB download / 1.2 GB on disk; triton is 290 MB of it) and its C++ extension (about 1 min on 2 cores))
+	@$(call TIMED,$(PY) -m pip install -q -e ".[$(PKG_EXTRAS)]")
+	@touch $@
 
 setup: $(VENV)/.installed
 
 # The real frameworks behind the adapter tests (about 1 GB more); CI runs this before `make test`.
 # verl needs transformers<5.11; OpenRLHF pins a conflicting stack, so it goes in with --no-deps
 # next to deepspeed, the one dependency its modules import on a CPU machine.
+# The extras' requirements are read from the installed metadata and installed on their own, so
+# this does not reinstall rspo_kernels (and does not recompile the C++ extension).
 $(VENV)/.frameworks: $(VENV)/.installed
-	$(PY) -m pip install -q "$(TORCH_PIN)" -e ".[test,triton,plot,verl,trl]"
-	$(PY) -m pip install -q "$(TORCH_PIN)" "deepspeed==0.19.6"
-	$(PY) -m pip install -q --no-deps "openrlhf==0.11.2"
-	touch $@
+	$(call STEP,[1/2] verl and TRL with their dependencies (about 1 GB; 2-5 min))
+	@$(call EXTRA_REQS,verl|trl) > $(VENV)/frameworks.txt
+	@$(call TIMED,$(PY) -m pip install -q "$(TORCH_PIN)" -r $(VENV)/frameworks.txt)
+	$(call STEP,[2/2] deepspeed and OpenRLHF (--no-deps) (about 20 MB; under a minute))
+	@$(call TIMED,$(PY) -m pip install -q "$(TORCH_PIN)" "deepspeed==0.19.6" && \
+		$(PY) -m pip install -q --no-deps "openrlhf==0.11.2")
+	@touch $@
 
 setup-frameworks: $(VENV)/.frameworks
 
@@ -35,6 +64,17 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/rspo-kernels bench
+
+# ruff and mypy: the `dev` extra, installed on first use.
+$(VENV)/.dev: $(VENV)/.installed
+	@$(call EXTRA_REQS,dev) > $(VENV)/dev.txt
+	@$(PY) -m pip install -q -r $(VENV)/dev.txt
+	@touch $@
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy rspo_kernels
 
 clean:
 	rm -rf $(VENV) build *.egg-info rspo_kernels/*.so

@@ -12,8 +12,9 @@ interleaving the rows round by round, and reports medians:
 - ``algorithm-2``: the paper's Algorithm 2 (n <= 64 only, O(n^2 k)); timed on a few groups and
   scaled linearly to the whole batch (its cost is exactly linear in the number of groups).
 
-It prints a table and writes ``benchmarks/results/<machine>-<date>.json`` with the machine,
-versions, date, every median and the ratios checked against the targets.
+It prints a table and writes ``<machine>-<date>.json`` (into the current directory, or ``--out``)
+with the machine, versions, date, every median and the ratios checked against the targets. The
+results the README quotes were moved into ``benchmarks/results/`` by hand.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import torch
 
 __all__ = ["main", "Case", "CASES", "QUICK_CASES", "build_rows", "measure"]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -287,12 +287,23 @@ def print_table(results: list[dict], checks: list[dict], file=None) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rspo-kernels bench", description="Throughput benchmarks (CPU).")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets (smoke test)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds of samples per row (default 1.0)")
+    parser.add_argument("--budget", type=_positive_seconds, default=None,
+                        help="seconds of samples per row (default 1.0)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output JSON file or directory (default benchmarks/results/<machine>-<date>.json)")
+                        help="output JSON file or directory (default ./<machine>-<date>.json)")
     parser.add_argument("--no-slow", action="store_true", help="skip the numpy loop and Algorithm 2")
     parser.add_argument("--case", action="append", default=None, help="only cases whose name contains this")
     parser.add_argument("--variance", action="store_true", help="also run the estimator-variance benchmark")
@@ -300,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = QUICK_CASES if args.quick else CASES
     if args.case:
-        cases = tuple(c for c in cases if any(s in c.name for s in args.case))
+        chosen = tuple(c for c in cases if any(s in c.name for s in args.case))
+        if not chosen:
+            names = ", ".join(repr(c.name) for c in cases)
+            parser.error(f"--case {' / '.join(map(repr, args.case))} matches no case; the cases are {names}")
+        cases = chosen
     budget = args.budget if args.budget is not None else (0.05 if args.quick else 1.0)
     info = machine_info()
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -325,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     name = f"{machine_slug(info)}-{started.date().isoformat()}{'-quick' if args.quick else ''}.json"
     if out is None:
-        out = RESULTS_DIR / name
+        out = Path.cwd() / name  # not benchmarks/results/: a run must not dirty the user's clone
     elif out.suffix != ".json":
         out = out / name
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -336,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import variance
 
         var_args = ["--quick"] if args.quick else []
-        if args.out is not None:
-            var_args += ["--out", str(out.parent)]
+        var_args += ["--out", str(out.parent)]
         return variance.main(var_args)
     return 0
 

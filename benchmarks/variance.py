@@ -1,7 +1,7 @@
 """Estimator quality: variance (and bias) of the policy-gradient estimate, in the style of PKPO's Figure 4.
 
 A categorical policy ``pi = softmax(theta)`` over ``m`` actions with fixed rewards ``r[a]``. One group
-of ``n`` i.i.d. responses gives the gradient estimate (library scale, MATH.md)
+of ``n`` i.i.d. responses gives the gradient estimate (library scale, docs/math.md)
 
     g_hat = (1/n) sum_i w_i grad_theta log pi(y_i),     grad_theta log pi(a) = e_a - pi,
 

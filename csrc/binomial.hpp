@@ -1,4 +1,4 @@
-// Ratios of binomial coefficients, never forming C(n, k) itself (MATH.md, Numerics).
+// Ratios of binomial coefficients, never forming C(n, k) itself (docs/math.md, Numerics).
 #pragma once
 
 #include <cmath>

@@ -1,4 +1,4 @@
-// Unbiased per-group evaluation metrics (MATH.md, Evaluation metrics).
+// Unbiased per-group evaluation metrics (docs/math.md, Evaluation metrics).
 #include <cmath>
 #include <limits>
 #include <vector>

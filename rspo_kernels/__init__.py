@@ -14,9 +14,13 @@ backend_info
     Which backend (C++, Triton, torch) serves each operation.
 """
 
-from rspo_kernels._dispatch import backend_info
+from rspo_kernels._dispatch import backend_info, warn_if_extension_missing
 from rspo_kernels.api import ESTIMATORS, max_at_k, max_at_k_weights, pass_at_k, pass_at_k_weights
 from rspo_kernels.loss import LOSS_AGG_MODES, LossOptions, RSPOLoss, rspo_loss, token_logprobs
+
+# The C++ extension is optional at install time; say so once, here, rather than on every call.
+warn_if_extension_missing()
+del warn_if_extension_missing
 
 __version__ = "0.1.0"
 __all__ = [

@@ -10,13 +10,26 @@ Linux, DataLoader workers) cannot use the parent's OpenMP workers, so, as torch 
 handler makes every forked child single-threaded in these kernels; results are identical (the
 kernels are bitwise deterministic across thread counts). A child that needs several threads should
 be started with the ``spawn`` or ``forkserver`` method.
+
+The extension is optional (``setup.py`` installs without it when no C++17 compiler is found).
+Importing this module then raises ``ModuleNotFoundError`` named ``rspo_kernels._cpu``, which
+:mod:`rspo_kernels._dispatch` reads as "not built" (``import rspo_kernels`` has already warned,
+once) rather than as a broken backend.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-from rspo_kernels import _cpu
+try:
+    import rspo_kernels._cpu as _cpu
+except ImportError:
+    if importlib.util.find_spec("rspo_kernels._cpu") is not None:
+        raise  # built, but broken (e.g. a torch/ABI mismatch): let the dispatcher report the real error
+    raise ModuleNotFoundError("the C++ extension rspo_kernels._cpu is not built", name="rspo_kernels._cpu") from None
+
 from rspo_kernels._layout import Groups, InvalidRewardError
 
 __all__ = ["grouped_weights", "grouped_pass_at_k", "grouped_max_at_k", "first_invalid"]

@@ -5,10 +5,10 @@ Split from :mod:`rspo_kernels.demo` (the task and the training) so each module s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import Any
 
-if TYPE_CHECKING:
-    from rspo_kernels.demo import DemoConfig
+from rspo_kernels._demo_config import DemoConfig
 
 __all__ = ["check_claims", "json_record", "format_report"]
 
@@ -40,13 +40,13 @@ def check_claims(tables: dict[str, Any], config: DemoConfig) -> list[dict[str, A
     for objective, tab in tables.items():
         rows = {row["method"]: row for row in tab["rows"]}
         name = objective.split("@")[0]
-        mean = lambda method, col: rows[method][col]["mean"]  # noqa: E731
+        mean = functools.partial(_mean, rows)
         ks = config.train_ks
 
         ordered = []
         for j in config.eval_ks:
             values = [mean(f"hitchhiking k={k}", f"{name}@{j}") for k in ks]
-            ordered.append((j, values, all(a > b for a, b in zip(values, values[1:]))))
+            ordered.append((j, values, all(a > b for a, b in zip(values, values[1:], strict=False))))
         detail = "; ".join(
             f"{name}@{j}: " + " > ".join(f"{v:.3f}" for v in vals) + ("" if ok else " (not ordered)")
             for j, vals, ok in ordered
@@ -66,7 +66,7 @@ def check_claims(tables: dict[str, Any], config: DemoConfig) -> list[dict[str, A
             for k in ks
             if k in config.eval_ks
         ]
-        grows = sum(a < b for a, b in zip(gaps, gaps[1:]))
+        grows = sum(a < b for a, b in zip(gaps, gaps[1:], strict=False))
         out.append(
             _claim(
                 objective,
@@ -90,13 +90,11 @@ def check_claims(tables: dict[str, Any], config: DemoConfig) -> list[dict[str, A
             versus = "" if best == j else f" vs k={j}: {mean(family[j], f'{name}@{j}'):.3f}"
             parts.append(f"{name}@{j}: best k={best} ({mean(family[best], f'{name}@{j}'):.3f}{versus})")
         out.append(
-            _claim(
-                objective, "RSPO trained with k is best at the same k", matched, len(parts), "; ".join(parts)
-            )
+            _claim(objective, "RSPO trained with k is best at the same k", matched, len(parts), "; ".join(parts))
         )
 
         entropies = [mean(family[k], "entropy") for k in family]
-        steps_up = sum(a < b for a, b in zip(entropies, entropies[1:]))
+        steps_up = sum(a < b for a, b in zip(entropies, entropies[1:], strict=False))
         out.append(
             _claim(
                 objective,
@@ -107,6 +105,10 @@ def check_claims(tables: dict[str, Any], config: DemoConfig) -> list[dict[str, A
             )
         )
     return out
+
+
+def _mean(rows: dict[str, Any], method: str, column: str) -> float:
+    return rows[method][column]["mean"]
 
 
 def _claim(objective: str, claim: str, passed: int, checked: int, detail: str) -> dict[str, Any]:

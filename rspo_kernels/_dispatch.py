@@ -13,16 +13,19 @@ debug a suspected kernel bug).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["implementation", "backend_info", "BACKEND_ENV"]
+__all__ = ["implementation", "backend_info", "warn_if_extension_missing", "BACKEND_ENV"]
 
 BACKEND_ENV = "RSPO_KERNELS_BACKEND"
+EXTENSION = "rspo_kernels._cpu"
+UNAVAILABLE_TRITON = "unavailable (no CUDA / triton not installed)"
 
 # (operation, backend) -> "module:function". Every fast backend is tested against "reference".
 _IMPLEMENTATIONS: dict[tuple[str, str], str] = {
@@ -54,7 +57,21 @@ _UNSUPPORTED_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {
 }
 
 _cache: dict[tuple[str, str], Callable] = {}
-_failures: dict[tuple[str, str], str] = {}
+# (op, backend) -> (what backend_info says, the load error itself).
+_failures: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def _absent(exc: BaseException) -> str | None:
+    """Why an optional backend is simply not installed, or ``None`` when its import is broken."""
+    if not isinstance(exc, ModuleNotFoundError) or exc.name is None:
+        return None
+    if exc.name == EXTENSION:
+        return "unavailable (the C++ extension is not built: see the README's Requirements)"
+    if exc.name.split(".")[0] == "triton":
+        import torch
+
+        return "unavailable (triton not installed)" if torch.cuda.is_available() else UNAVAILABLE_TRITON
+    return None
 
 
 def _load(op: str, backend: str) -> Callable | None:
@@ -69,16 +86,36 @@ def _load(op: str, backend: str) -> Callable | None:
         module = sys.modules.get(module_name) or importlib.import_module(module_name)
         func = getattr(module, func_name)
     except Exception as exc:  # an optional backend may fail in many ways (ImportError, OSError, ...)
-        _failures[key] = f"{type(exc).__name__}: {exc}"
-        warnings.warn(
-            f"rspo_kernels: the {backend!r} backend for {op!r} failed to load ({_failures[key]}); "
-            f"falling back to the next backend. Set {BACKEND_ENV}=reference to silence this.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        error = f"{type(exc).__name__}: {exc}"
+        absent = _absent(exc)
+        _failures[key] = (absent or f"failed to load ({error})", error)
+        if absent is None:  # a missing optional backend is normal; a broken one is worth a warning
+            warnings.warn(
+                f"rspo_kernels: the {backend!r} backend for {op!r} failed to load ({error}); "
+                f"falling back to the next backend. Set {BACKEND_ENV}=reference to silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return None
     _cache[key] = func
     return func
+
+
+def warn_if_extension_missing() -> None:
+    """Warn (once, from ``import rspo_kernels``) that the C++ extension was not built, and how to get it."""
+    if importlib.util.find_spec(EXTENSION) is not None:
+        return
+    if os.environ.get(BACKEND_ENV, "").strip().lower() in ("reference", "torch", "triton"):
+        return  # the user chose a backend that does not need the extension
+    warnings.warn(
+        "rspo_kernels: the C++ extension (rspo_kernels._cpu) is not built, so CPU tensors use the "
+        "plain-torch backend (correct, but 10x-300x slower). It is built at install time when a "
+        "C++17 compiler is found: install one (Debian/Ubuntu: apt install g++; macOS: "
+        "xcode-select --install; Windows: Visual Studio Build Tools) and reinstall rspo_kernels. "
+        f"Set {BACKEND_ENV}=reference to silence this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _candidates(device_type: str) -> tuple[str, ...]:
@@ -102,14 +139,21 @@ def implementation(op: str, device_type: str, dtype: torch.dtype | None = None) 
     raise RuntimeError(f"no backend implements {op!r} on {device_type!r}")  # pragma: no cover
 
 
-def backend_info() -> dict[str, dict[str, str]]:
+def backend_info(debug: bool = False) -> dict[str, dict[str, str]]:
     """Which backend serves each operation on each device type, and why others do not.
+
+    Parameters
+    ----------
+    debug : bool, default False
+        Report the exception behind every backend that could not be loaded, instead of a short
+        reason (``"unavailable (no CUDA / triton not installed)"``).
 
     Returns
     -------
     dict
-        ``{device_type: {op: backend}}`` plus a ``"failures"`` entry mapping
-        ``"op/backend"`` to the load error of every backend that could not be imported.
+        ``{device_type: {op: backend}}`` for ``"cpu"`` and ``"cuda"`` (what would serve a CUDA
+        tensor, also on a machine without one), plus ``"failures"``, mapping ``"op/backend"`` to
+        the reason each backend that was tried could not be used.
 
     Examples
     --------
@@ -123,5 +167,7 @@ def backend_info() -> dict[str, dict[str, str]]:
         warnings.simplefilter("ignore", RuntimeWarning)
         for device_type in ("cpu", "cuda"):
             info[device_type] = {op: implementation(op, device_type)[0] for op in ops}
-    info["failures"] = {f"{op}/{backend}": why for (op, backend), why in sorted(_failures.items())}
+    info["failures"] = {
+        f"{op}/{backend}": error if debug else reason for (op, backend), (reason, error) in sorted(_failures.items())
+    }
     return info

@@ -142,7 +142,7 @@ def pass_at_k_weights(
     surely passes already). Computed in float64 from log-factorials, never forming C(n, k).
     On CPU tensors, validation happens inside the C++ kernel's counting read (no second pass).
 
-    ``"passk_training_std"`` (MATH.md § Other estimators): with ``rho = 1 - C(n-c,k)/C(n,k)``
+    ``"passk_training_std"`` (docs/math.md § Other estimators): with ``rho = 1 - C(n-c,k)/C(n,k)``
     and ``sigma = sqrt(rho (1 - rho))``, a correct response gets ``(1 - rho)/(sigma + 1e-6)``
     and a wrong one ``(1 - rho - C(n-c-1,k-1)/C(n-1,k-1))/(sigma + 1e-6)``; a group that is all
     correct or all wrong gets 0, and so does every group at k = n. Its expectation is a
@@ -242,7 +242,7 @@ def pass_at_k(
     -----
     :math:`1 - \binom{n-c}{k} / \binom{n}{k}` (Chen et al. 2021), 1 when ``n - c < k``; computed
     in float64 as ``-expm1(sum log1p(-x))`` over the ``min(c, k)`` factors of the product form
-    (MATH.md § Evaluation metrics), so a tiny pass rate keeps full relative precision. Unlike
+    (docs/math.md § Evaluation metrics), so a tiny pass rate keeps full relative precision. Unlike
     bootstrapping with replacement (what some trainers log as best@k), it is unbiased. With
     ``validate=False`` any non-zero reward counts as correct.
 

@@ -25,8 +25,9 @@ import json
 import math
 import re
 import sys
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Hashable, TextIO
+from typing import Any, TextIO
 
 __all__ = ["main"]
 
@@ -66,9 +67,7 @@ def _read_csv(stream: TextIO, group_col: str, reward_col: str) -> tuple[list[dic
     for row in reader:
         line = reader.line_num  # the row's last physical line; rows are single-line in practice
         if None in row:
-            raise UsageError(
-                f"line {line}: {len(header) + len(row[None])} fields, but the header has {len(header)}"
-            )
+            raise UsageError(f"line {line}: {len(header) + len(row[None])} fields, but the header has {len(header)}")
         for column in (group_col, reward_col):
             if row[column] is None or row[column].strip() == "":
                 raise UsageError(f"line {line}: missing value for column {column!r}")
@@ -94,9 +93,7 @@ def _read_jsonl(stream: TextIO, group_col: str, reward_col: str) -> tuple[list[d
                 raise UsageError(f"line {line}: missing field {column!r}")
         group = row[group_col]
         if group is None or not isinstance(group, (str, int, float, bool)):
-            raise UsageError(
-                f"line {line}: {group_col!r} must be a string or a number, got {json.dumps(group)}"
-            )
+            raise UsageError(f"line {line}: {group_col!r} must be a string or a number, got {json.dumps(group)}")
         rows.append(row)
         lines.append(line)
     return rows, [], lines
@@ -113,9 +110,7 @@ def _input_format(path: str, requested: str | None, text: str) -> str:
         return "csv"
     if path == "-":
         return "jsonl" if text.lstrip().startswith("{") else "csv"
-    raise UsageError(
-        f"cannot tell the format of {path!r} from its extension; pass --format csv or --format jsonl"
-    )
+    raise UsageError(f"cannot tell the format of {path!r} from its extension; pass --format csv or --format jsonl")
 
 
 def _read_text(path: str) -> str:
@@ -153,10 +148,13 @@ def _compute_weights(
 
     import rspo_kernels as rk
 
-    rewards = np.array([_parse_reward(row[reward_col], line, reward_col) for row, line in zip(rows, lines)])
+    rewards = np.array(
+        [_parse_reward(row[reward_col], line, reward_col) for row, line in zip(rows, lines, strict=True)]
+    )
     if not rows:
         return []
     groups: list[Hashable] = [row[group_col] for row in rows]
+    _check_against_flags(groups, rewards, lines, objective, k, estimator)
     weight_fn = rk.pass_at_k_weights if objective == "pass@k" else rk.max_at_k_weights
     try:
         weights = weight_fn(rewards, k, group_ids=groups, estimator=estimator)
@@ -165,6 +163,47 @@ def _compute_weights(
         message = re.sub(r"input index (\d+)", lambda m: f"line {lines[int(m.group(1))]}", str(exc))
         raise UsageError(message) from None
     return [float(w) for w in weights]
+
+
+def _check_against_flags(
+    groups: list[Hashable], rewards: Any, lines: list[int], objective: str, k: int, estimator: str
+) -> None:
+    """The library's checks that a flag can fix, phrased with the flag to change.
+
+    The library's own messages suggest Python calls (``max_at_k_weights``); a CLI user needs
+    ``--objective max@k``, ``-k`` or ``--estimator``. Groups are numbered as the library numbers
+    them: in order of first appearance.
+    """
+    if k < 1:
+        raise UsageError(f"-k must be at least 1, got {k}")
+    first_row: dict[Hashable, int] = {}
+    sizes: dict[Hashable, int] = {}
+    for row, group in enumerate(groups):
+        first_row.setdefault(group, row)
+        sizes[group] = sizes.get(group, 0) + 1
+    for number, (group, n) in enumerate(sizes.items()):
+        name = f"group {number} (group_id {group!r}) has {n} samples but k={k}"
+        if n < k:
+            raise UsageError(
+                f"{name}; {objective} needs n >= k (no unbiased estimator exists for n < k): "
+                f"lower -k to at most {n}, or add responses to that group"
+            )
+        if estimator == "pkpo_loo" and n <= k:
+            raise UsageError(f"{name}; the 'pkpo_loo' estimator needs n > k: lower -k, or choose another --estimator")
+        if estimator == "hitchhiking" and n % k:
+            raise UsageError(
+                f"{name}; the 'hitchhiking' estimator needs group sizes that are multiples of k: "
+                "change -k, or choose another --estimator"
+            )
+    if objective == "pass@k":
+        bad = [i for i, r in enumerate(rewards) if r not in (0.0, 1.0)]
+        if bad:
+            row = bad[0]
+            number = list(sizes).index(groups[row])
+            raise UsageError(
+                f"group {number} (group_id {groups[row]!r}) has reward {rewards[row]:g} at line {lines[row]}; "
+                "Pass@k needs rewards in {0, 1}: pass --objective max@k for graded rewards, or threshold them"
+            )
 
 
 def _weights(args: argparse.Namespace) -> int:
@@ -176,23 +215,21 @@ def _weights(args: argparse.Namespace) -> int:
         raise UsageError(
             f"the input already has a {args.weight_col!r} column; name the output column with --weight-col"
         )
-    weights = _compute_weights(
-        rows, lines, args.group_col, args.reward_col, args.objective, args.k, args.estimator
-    )
+    weights = _compute_weights(rows, lines, args.group_col, args.reward_col, args.objective, args.k, args.estimator)
     out = io.StringIO(newline="")
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=[*header, args.weight_col], lineterminator="\n")
         writer.writeheader()
-        writer.writerows(row | {args.weight_col: repr(w)} for row, w in zip(rows, weights))
+        writer.writerows(row | {args.weight_col: repr(w)} for row, w in zip(rows, weights, strict=True))
     else:
-        out.writelines(json.dumps(row | {args.weight_col: w}) + "\n" for row, w in zip(rows, weights))
+        out.writelines(json.dumps(row | {args.weight_col: w}) + "\n" for row, w in zip(rows, weights, strict=True))
     if args.output in (None, "-"):
         sys.stdout.write(out.getvalue())
     else:
         try:
             Path(args.output).write_text(out.getvalue(), encoding="utf-8", newline="")
         except OSError as exc:
-            raise UsageError(f"cannot write {args.output!r}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot write {args.output!r} (-o/--output): {exc.strerror or exc}") from None
     return 0
 
 
@@ -210,12 +247,17 @@ def _demo(args: argparse.Namespace) -> int:
         overrides["steps"] = args.steps
     if args.task_seed is not None:
         overrides["task_seed"] = args.task_seed
+    for flag, value in (("--seeds", args.seeds), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
     try:
         config = dataclasses.replace(base, **overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
     progress = not args.no_progress and sys.stderr.isatty()
-    result = demo.run_demo(config, progress=progress)
+    result = demo.run_demo(config, progress=progress, threads=args.threads)
 
     out_dir = Path(args.out)
     try:
@@ -223,7 +265,7 @@ def _demo(args: argparse.Namespace) -> int:
         json_path = out_dir / "results.json"
         json_path.write_text(json.dumps(demo.json_record(result), indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
-        raise UsageError(f"cannot write to {str(out_dir)!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write to {str(out_dir)!r} (--out): {exc.strerror or exc}") from None
     print(demo.format_report(result))
     print(f"\nwrote {json_path}")
     from rspo_kernels._demo_plot import plot_demo
@@ -260,50 +302,55 @@ def _bench(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    return int(bench_main(argv) or 0)
+    try:
+        return int(bench_main(argv) or 0)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else 2
 
 
 # --------------------------------------------------------------------------- parser
 def _parser() -> argparse.ArgumentParser:
     import rspo_kernels as rk
 
-    parser = argparse.ArgumentParser(
-        prog=_PROG, description="Risk-seeking (Pass@k / Max@k) policy-gradient weights."
-    )
+    parser = argparse.ArgumentParser(prog=_PROG, description="Risk-seeking (Pass@k / Max@k) policy-gradient weights.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,weights,bench}")
 
-    demo = sub.add_parser("demo", help="train small policies: PG vs hitchhiking vs RSPO (about a minute)")
-    demo.add_argument(
-        "--quick", action="store_true", help="a small run (seconds), for tests and smoke checks"
+    demo = sub.add_parser(
+        "demo",
+        help="train small policies: PG vs hitchhiking vs RSPO (10-15 s on 2 idle CPU cores)",
+        description="Train small softmax policies with policy gradient, the hitchhiking baseline and RSPO "
+        "(k = 2, 4, 8) on Pass@k and Max@k, and check the paper's claims. About 10-15 s on 2 idle CPU "
+        "cores. torch runs on --threads threads (default 1): the policies are tiny, and extra threads "
+        "only wait on each other, which on a busy machine made the demo 2-4x slower.",
     )
+    demo.add_argument("--quick", action="store_true", help="a small run (seconds), for tests and smoke checks")
     demo.add_argument(
         "--out", default="rspo_demo_output", metavar="DIR", help="output directory (default: %(default)s)"
     )
-    demo.add_argument(
-        "--seeds", type=int, metavar="N", help="number of training seeds (default: 5, or 3 with --quick)"
-    )
+    demo.add_argument("--seeds", type=int, metavar="N", help="number of training seeds (default: 5, or 3 with --quick)")
     demo.add_argument("--seed", type=int, default=0, help="first training seed (default: %(default)s)")
     demo.add_argument("--task-seed", type=int, help="task instance (default: 0)")
+    demo.add_argument("--steps", type=int, help="training steps per policy (default: 1000, or 60 with --quick)")
     demo.add_argument(
-        "--steps", type=int, help="training steps per policy (default: 1000, or 60 with --quick)"
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch intra-op threads while training (default: %(default)s; more only add overhead here)",
     )
     demo.add_argument(
         "--no-progress", action="store_true", help="no progress bar (also off when stderr is not a terminal)"
     )
     demo.set_defaults(func=_demo)
 
-    weights = sub.add_parser(
-        "weights", help="per-row Pass@k / Max@k weights for rewards in a CSV or JSONL file"
-    )
+    weights = sub.add_parser("weights", help="per-row Pass@k / Max@k weights for rewards in a CSV or JSONL file")
     weights.add_argument(
         "input",
         nargs="?",
         default="-",
         help="CSV (header row required) or JSONL file; '-' for stdin (default)",
     )
-    weights.add_argument(
-        "-k", type=int, required=True, help="the k of Pass@k / Max@k (every group needs >= k rows)"
-    )
+    weights.add_argument("-k", type=int, required=True, help="the k of Pass@k / Max@k (every group needs >= k rows)")
     weights.add_argument(
         "--objective",
         choices=("pass@k", "max@k"),
@@ -319,9 +366,7 @@ def _parser() -> argparse.ArgumentParser:
         default="group",
         help="column / field with the group (prompt) id (default: %(default)s)",
     )
-    weights.add_argument(
-        "--reward-col", default="reward", help="column / field with the reward (default: %(default)s)"
-    )
+    weights.add_argument("--reward-col", default="reward", help="column / field with the reward (default: %(default)s)")
     weights.add_argument(
         "--weight-col", default="weight", help="name of the added column / field (default: %(default)s)"
     )
@@ -329,9 +374,7 @@ def _parser() -> argparse.ArgumentParser:
     weights.set_defaults(func=_weights)
 
     # Parsed by hand in main() so that every argument, --help included, reaches the runner.
-    sub.add_parser(
-        "bench", help="run the benchmark suite of a source checkout; arguments go to it", add_help=False
-    )
+    sub.add_parser("bench", help="run the benchmark suite of a source checkout; arguments go to it", add_help=False)
     return parser
 
 

@@ -51,15 +51,20 @@ library's unbiased :func:`~rspo_kernels.pass_at_k` / :func:`~rspo_kernels.max_at
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import torch
 
 import rspo_kernels as rk
+from rspo_kernels._demo_config import OBJECTIVES, QUICK, DemoConfig, Method, methods
+from rspo_kernels._demo_report import check_claims, format_report, json_record
 
 __all__ = [
+    "torch_threads",
     "DemoConfig",
     "QUICK",
     "Method",
@@ -71,77 +76,6 @@ __all__ = [
 ]
 
 _F64 = torch.float64
-OBJECTIVES = ("pass@k", "max@k")
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Everything that determines a demo run; the JSON output records it.
-
-    Attributes
-    ----------
-    num_answers, feature_dim : int
-        ``M`` candidate answers and ``D`` prompt features.
-    steps : int
-        Optimiser steps per policy.
-    prompts_per_step, samples_per_prompt : int
-        Prompts in each training batch, and ``n`` sampled answers per prompt (``n >= 2 * max k``).
-    learning_rate : float
-        Adam's step size.
-    seeds : tuple of int
-        Training seeds (prompt stream and answer sampling); tables show mean and std over them.
-    task_seed : int
-        The task instance (answer parameters and the held-out prompts), shared by every seed.
-    train_ks, eval_ks : tuple of int
-        k values trained with (besides policy gradient's k = 1) and evaluated at.
-    eval_prompts, eval_samples : int
-        Held-out prompts, and answers sampled for each when evaluating (``>= max(eval_ks)``).
-    entropy_every : int
-        Steps between entropy measurements for the entropy curves.
-    """
-
-    num_answers: int = 32
-    feature_dim: int = 4
-    steps: int = 1000
-    prompts_per_step: int = 32
-    samples_per_prompt: int = 16
-    learning_rate: float = 0.05
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    task_seed: int = 0
-    train_ks: tuple[int, ...] = (2, 4, 8)
-    eval_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
-    eval_prompts: int = 2048
-    eval_samples: int = 32
-    entropy_every: int = 20
-
-    def __post_init__(self) -> None:
-        if self.samples_per_prompt < 2 * max(self.train_ks):
-            raise ValueError(f"samples_per_prompt={self.samples_per_prompt} must be >= 2 * max(train_ks)")
-        if self.eval_samples < max(self.eval_ks):
-            raise ValueError(f"eval_samples={self.eval_samples} must be >= max(eval_ks)")
-        if not self.seeds or self.steps < 1:
-            raise ValueError("need at least one seed and one step")
-
-
-QUICK = DemoConfig(steps=60, seeds=(0, 1, 2), eval_prompts=256, entropy_every=5)
-
-
-@dataclass(frozen=True)
-class Method:
-    """One training rule: an estimator and the k it is trained for (k = 1 is policy gradient)."""
-
-    name: str
-    estimator: str
-    k: int
-    family: str = field(compare=False)
-
-
-def methods(train_ks: tuple[int, ...]) -> list[Method]:
-    """Policy gradient, then hitchhiking and RSPO for every training k, in table order."""
-    out = [Method("PG (k=1)", "rspo", 1, "pg")]
-    out += [Method(f"hitchhiking k={k}", "hitchhiking", k, "hitchhiking") for k in train_ks]
-    out += [Method(f"RSPO k={k}", "rspo", k, "rspo") for k in train_ks]
-    return out
 
 
 class CoverageTask:
@@ -177,11 +111,11 @@ def reward(quality: torch.Tensor, objective: str) -> torch.Tensor:
     return (quality > 0).to(_F64) if objective == "pass@k" else torch.sigmoid(quality)
 
 
-def _weight_fn(objective: str) -> Callable[..., torch.Tensor]:
+def _weight_fn(objective: str) -> Callable[..., Any]:
     return rk.pass_at_k_weights if objective == "pass@k" else rk.max_at_k_weights
 
 
-def _metric_fn(objective: str) -> Callable[..., torch.Tensor]:
+def _metric_fn(objective: str) -> Callable[..., Any]:
     return rk.pass_at_k if objective == "pass@k" else rk.max_at_k
 
 
@@ -294,7 +228,19 @@ def _mean_std(values: torch.Tensor) -> dict[str, float]:
     return {"mean": round(values.mean().item(), 3), "std": round(std, 3)}
 
 
-def run_demo(config: DemoConfig, progress: bool = False) -> dict[str, Any]:
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the body with ``threads`` torch intra-op threads (``None``: leave it), then restore."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_demo(config: DemoConfig, progress: bool = False, threads: int | None = 1) -> dict[str, Any]:
     """Train and evaluate every method on both objectives.
 
     Parameters
@@ -303,6 +249,11 @@ def run_demo(config: DemoConfig, progress: bool = False) -> dict[str, Any]:
         Sizes, seeds and hyperparameters.
     progress : bool, default False
         Show a tqdm progress bar on stderr.
+    threads : int or None, default 1
+        torch intra-op threads while the demo runs (restored afterwards); ``None`` keeps torch's
+        setting. The policies are tiny (a ``[5, 32]`` matrix per seed and method), so extra threads
+        only add synchronisation: beside two CPU-bound processes on 2 cores, torch's default
+        (one thread per core) made the demo 2.4x slower than one thread (47 s against 20 s).
 
     Returns
     -------
@@ -312,6 +263,11 @@ def run_demo(config: DemoConfig, progress: bool = False) -> dict[str, Any]:
         has ``columns`` and ``rows``; each row maps ``method`` and every column to
         ``{"mean", "std"}`` over seeds. Identical for identical ``config``.
     """
+    with torch_threads(threads):
+        return _run_demo(config, progress)
+
+
+def _run_demo(config: DemoConfig, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     task = CoverageTask(config.task_seed, config.num_answers, config.feature_dim)
@@ -322,9 +278,7 @@ def run_demo(config: DemoConfig, progress: bool = False) -> dict[str, Any]:
         for objective in OBJECTIVES:
             bar.set_description(f"training for {objective}")
             # The held-out prompts depend on the task only: every seed is scored on the same set.
-            eval_prompts = task.sample(
-                config.eval_prompts, torch.Generator().manual_seed(config.task_seed + 7919)
-            )
+            eval_prompts = task.sample(config.eval_prompts, torch.Generator().manual_seed(config.task_seed + 7919))
             generators = _seed_generators(config.seeds, objective)
             params, curves, curve_steps = _train_objective(
                 objective, config, task, eval_prompts[0], generators, lambda: bar.update(1)
@@ -361,7 +315,3 @@ def _versions() -> dict[str, str]:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
-
-
-# The report lives beside the training code; re-exported so `demo.check_claims` etc. keep working.
-from rspo_kernels._demo_report import check_claims, format_report, json_record  # noqa: E402

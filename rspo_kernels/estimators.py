@@ -6,7 +6,7 @@ whatever the input dtype; results come back in ``groups.values.dtype``. Every fa
 Triton) is tested against this module, and this module is tested against brute force (subset
 enumeration, the paper's Algorithm 2, exact expectations over small categorical policies).
 
-Notation (MATH.md): a group has ``n`` rewards, sorted ascending ``v[0] <= ... <= v[n-1]``
+Notation (docs/math.md): a group has ``n`` rewards, sorted ascending ``v[0] <= ... <= v[n-1]``
 (0-based). For a sample size ``k`` the binomial ratio
 
     q(j) = C(j, k-1) / C(n-1, k-1),        j = 0 .. n-1,
@@ -59,7 +59,7 @@ def _log_binom(top: torch.Tensor, r: torch.Tensor | int) -> torch.Tensor:
 
 
 def _binom_ratio(top: torch.Tensor, r_top: int, bottom: torch.Tensor, r_bottom: int) -> torch.Tensor:
-    """``C(top, r_top) / C(bottom, r_bottom)`` without forming either coefficient (MATH.md § Numerics)."""
+    """``C(top, r_top) / C(bottom, r_bottom)`` without forming either coefficient (docs/math.md § Numerics)."""
     return torch.exp(_log_binom(top, r_top) - _log_binom(bottom, r_bottom))
 
 
@@ -195,7 +195,7 @@ def _max_rspo(s: _SortedGroups, k: int) -> torch.Tensor:
     ``w_i = k [q(0) R_(1) + sum_{j=1..c_<} q(j) (R_(j+1) - R_(j))]``: a prefix sum of
     non-negative terms, so it is shift-invariant and non-negative by construction. The gaps
     vanish inside a tie run, so summing to the slot's own sorted index instead of ``c_<`` gives
-    the same number: tied rewards share one weight (Theorem 4.4 == C.4, MATH.md fact 1).
+    the same number: tied rewards share one weight (Theorem 4.4 == C.4, docs/math.md fact 1).
     ``q(0)`` is 1 only for k = 1, where the weight is the reward itself.
     """
     gaps = torch.zeros_like(s.v)
@@ -353,7 +353,7 @@ def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> t
 def _log_miss(groups: Groups, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per group ``log(C(n-c, k) / C(n, k))`` (``-inf`` when ``n - c < k``), with ``c`` and ``n``, ``(G,)`` each.
 
-    Uses the product form of MATH.md § Evaluation metrics with ``m = min(c, k)`` factors,
+    Uses the product form of docs/math.md § Evaluation metrics with ``m = min(c, k)`` factors,
     ``C(n-c, k)/C(n, k) = prod_{j=n-c+1..n} (1 - k/j)`` (c <= k) or ``prod_{t<k} (1 - c/(n-t))``
     (c > k), summed as ``log1p``: a difference of log-factorials near ``1e7`` would lose the
     relative precision of a pass rate near 0. Factor ``t`` lives in slot ``t`` of its group

@@ -1,10 +1,16 @@
-"""Shared pytest configuration: a deterministic hypothesis profile and reward strategies."""
+"""Shared pytest configuration: a deterministic hypothesis profile, reward strategies, and an
+environment that keeps caches inside pytest's temporary directory."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import secrets
 import sys
+import tempfile
+import warnings
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -16,6 +22,44 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Where tests (and the subprocesses they start) may write caches: Triton's compiled kernels
+# (~/.triton by default) and Ray's session files (/tmp/ray) and auth token (~/.ray). Set at import,
+# before anything imports triton or ray; pytest_configure moves them under pytest's basetemp.
+_CACHE_ENV = ("TRITON_HOME", "TRITON_CACHE_DIR", "RAY_TMPDIR", "RAY_AUTH_TOKEN_PATH")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has set up the base temporary directory
+def pytest_configure(config):
+    base = str(config._tmp_path_factory.getbasetemp())
+    caches = os.path.join(base, "caches")
+    os.makedirs(caches, exist_ok=True)
+    token = os.path.join(caches, "ray_auth_token")
+    with open(token, "w", encoding="ascii") as f:
+        f.write(secrets.token_hex(32))  # an existing token, so Ray never generates one in ~/.ray
+    os.environ["TRITON_HOME"] = os.path.join(caches, "triton")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(caches, "triton", "cache")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = token
+    # Ray puts unix sockets under <RAY_TMPDIR>/ray/session_<date>_<pid>/sockets/, and a socket path
+    # may not exceed 107 bytes: the base temporary directory itself is the shortest choice.
+    os.environ["RAY_TMPDIR"] = base if len(base) <= 40 else tempfile.mkdtemp(prefix="rk-")
+
+
+# The C++ extension is optional: without it the package warns once at import (tested in
+# test_optional_extension.py), which filterwarnings=error would turn into collection errors here,
+# and the tests of the extension itself cannot run.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="rspo_kernels: the C.. extension", category=RuntimeWarning)
+    import rspo_kernels  # noqa: E402, F401
+EXTENSION_BUILT = importlib.util.find_spec("rspo_kernels._cpu") is not None
+collect_ignore = [] if EXTENSION_BUILT else ["test_cpu_backend.py"]
+
+
+def pytest_report_header(config):
+    if not EXTENSION_BUILT:
+        return "rspo_kernels._cpu is not built: tests/test_cpu_backend.py is not collected (torch backend only)"
+    return None
+
 
 settings.register_profile(
     "ci",

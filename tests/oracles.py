@@ -20,7 +20,7 @@ def _mean(xs):
 
 
 def subset_rspo(r: list[float], k: int) -> list[float]:
-    """MATH.md fact 2: ``w_i = k E_S[max(R_i - max S, 0)]``, S a (k-1)-subset of the others."""
+    """docs/math.md fact 2: ``w_i = k E_S[max(R_i - max S, 0)]``, S a (k-1)-subset of the others."""
     n = len(r)
     out = []
     for i in range(n):
@@ -164,7 +164,7 @@ def passk_training_std(r: list[float], k: int) -> list[float]:
 
 
 def passk_training_std_formula(r: list[float], k: int) -> list[float]:
-    """Chen et al.'s released closed form as printed (MATH.md § Other estimators), with math.comb."""
+    """Chen et al.'s released closed form as printed (docs/math.md § Other estimators), with math.comb."""
     n, c = len(r), int(sum(r))
 
     def comb(a: int, b: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -18,6 +19,11 @@ if _ROOT not in sys.path:
 
 from benchmarks import baselines, runner, variance  # noqa: E402
 
+# The throughput runner times the C++ backend beside the others: without the extension it cannot run.
+needs_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("rspo_kernels._cpu") is None, reason="rspo_kernels._cpu (the C++ extension) is not built"
+)
+
 
 def test_algorithm_2_equals_theorem_c4_and_the_numpy_loop():
     rng = np.random.default_rng(0)
@@ -30,10 +36,12 @@ def test_algorithm_2_equals_theorem_c4_and_the_numpy_loop():
         np.testing.assert_allclose(baselines.algorithm_2(r, k), want, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(baselines.numpy_loop_max_at_k(r[None, :], k)[0], want, rtol=1e-12, atol=1e-12)
         b = (r > np.median(r)).astype(float)
-        np.testing.assert_allclose(baselines.numpy_loop_pass_at_k([b], k)[0], oracles.subset_rspo(list(b), k),
-                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            baselines.numpy_loop_pass_at_k([b], k)[0], oracles.subset_rspo(list(b), k), rtol=1e-12, atol=1e-12
+        )
 
 
+@needs_cpp
 def test_runner_quick_writes_json(tmp_path, capsys):
     assert runner.main(["--quick", "--budget", "0.01", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*.json")
@@ -50,6 +58,7 @@ def test_runner_quick_writes_json(tmp_path, capsys):
     assert "cpp/floor" in out and "wrote" in out
 
 
+@needs_cpp
 def test_runner_rows_compute_the_same_weights():
     """Every timed row that returns weights returns the same ones (the comparison is fair)."""
     case = runner.QUICK_CASES[0]
@@ -93,3 +102,33 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+@needs_cpp
+def test_runner_writes_to_the_current_directory_by_default(tmp_path, monkeypatch, capsys):
+    """`rspo-kernels bench` must not dirty the clone's tracked benchmarks/results/."""
+    monkeypatch.chdir(tmp_path)
+    committed = sorted(p.name for p in runner.Path(runner.__file__).parent.joinpath("results").iterdir())
+    assert runner.main(["--quick", "--budget", "0.001", "--no-slow", "--case", "ragged"]) == 0
+    (path,) = tmp_path.glob("*.json")
+    assert json.loads(path.read_text())["results"][0]["case"] == "ragged N=1024"
+    assert sorted(p.name for p in runner.Path(runner.__file__).parent.joinpath("results").iterdir()) == committed
+    assert f"wrote {path}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--case", "no such case"], "--case 'no such case' matches no case; the cases are 'B=64 n=16'"),
+        (["--budget", "-1"], "--budget: must be a positive number of seconds, got -1"),
+        (["--budget", "nan"], "--budget: must be a positive number of seconds, got nan"),
+    ],
+)
+def test_runner_usage_errors_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
+    from rspo_kernels.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["bench", "--quick", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""The identities of MATH.md as hypothesis properties of the public API (any backend)."""
+"""The identities of docs/math.md as hypothesis properties of the public API (any backend)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ def _atol(r, k):
 
 @given(r=reward_groups(1, 12, binary=True), data=st.data())
 def test_binary_max_equals_pass(r, data):
-    """MATH.md fact 5."""
+    """docs/math.md fact 5."""
     k = data.draw(st.integers(1, len(r)))
     np.testing.assert_allclose(_w(r, k, "max@k"), _w(r, k, "pass@k"), rtol=1e-12, atol=1e-12)
 
 
 @given(r=reward_groups(1, 12), shift=st.floats(-100, 100), scale=st.floats(0.01, 100), data=st.data())
 def test_shift_invariant_and_scale_equivariant(r, shift, scale, data):
-    """MATH.md fact 4."""
+    """docs/math.md fact 4."""
     k = data.draw(st.integers(2, max(2, len(r))))
     assume(k <= len(r))
     base = _w(r, k)
@@ -41,7 +41,7 @@ def test_shift_invariant_and_scale_equivariant(r, shift, scale, data):
 
 @given(r=reward_groups(1, 12), data=st.data())
 def test_nonnegative_and_lowest_get_zero(r, data):
-    """MATH.md fact 3: non-negative whatever the sign; the lowest k-1 sorted responses get 0."""
+    """docs/math.md fact 3: non-negative whatever the sign; the lowest k-1 sorted responses get 0."""
     k = data.draw(st.integers(1, len(r)))
     w = _w(r, k)
     if k == 1:
@@ -54,7 +54,7 @@ def test_nonnegative_and_lowest_get_zero(r, data):
 
 @given(r=reward_groups(2, 12), data=st.data())
 def test_k_equals_n(r, data):
-    """MATH.md fact 6: only the top response gets ``n (R_max - R_second)``; a tied top gets 0."""
+    """docs/math.md fact 6: only the top response gets ``n (R_max - R_second)``; a tied top gets 0."""
     n = len(r)
     w = _w(r, n)
     order = np.argsort(r, kind="stable")

@@ -85,7 +85,7 @@ def test_rspo_max_matches_algorithm_2(r, data):
 
 @given(r=reward_groups(1, 9), data=st.data())
 def test_rspo_max_matches_theorem_c4_and_4_4(r, data):
-    """MATH.md fact 1: the 'approximate' Theorem 4.4 formula equals the tie-aware C.4, ties included."""
+    """docs/math.md fact 1: the 'approximate' Theorem 4.4 formula equals the tie-aware C.4, ties included."""
     k = data.draw(st.integers(1, len(r)))
     c4 = oracles.theorem_c4(r, k)
     np.testing.assert_allclose(oracles.theorem_4_4(r, k), c4, rtol=1e-12, atol=1e-12)

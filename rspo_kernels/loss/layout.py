@@ -66,7 +66,7 @@ def aggregation_coefficients(
     -----
     Every verl mode divides masked sums by quantities of the mask alone (token count, number of
     non-empty sequences ``G``, per-sequence counts ``n_s``, the horizon), so the aggregation is
-    linear in the token losses and ``dL/dloss_tok = c_tok`` exactly (docs/math.md, "The loss").
+    linear in the token losses and ``dL/dloss_tok = c_tok`` exactly (docs/math.md § The loss the weights feed).
     """
     if loss_agg_mode == "token-mean":
         return mask / _nonzero_or_one(mask.sum())

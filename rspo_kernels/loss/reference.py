@@ -7,7 +7,7 @@ aggregation follows verl's ``agg_loss`` line by line (``dp_size = 1``). The fuse
 log-softmax and gather; they call :func:`token_objective` from here for the O(tokens) rest, so the
 per-token algebra is written once.
 
-Notation (docs/math.md, "The loss"), per token with weight ``A``::
+Notation (docs/math.md § The loss the weights feed), per token with weight ``A``::
 
     logp      = log_softmax(logits / temperature)[target]
     r         = exp(clamp(logp - old_logp, -20, 20))            (old_logp = logp.detach() when absent)
