@@ -353,7 +353,7 @@ def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> t
 def _log_miss(groups: Groups, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per group ``log(C(n-c, k) / C(n, k))`` (``-inf`` when ``n - c < k``), with ``c`` and ``n``, ``(G,)`` each.
 
-    Uses the product form of docs/math.md § Evaluation metrics with ``m = min(c, k)`` factors,
+    Uses the product form (docs/math.md § Evaluation metrics) with ``m = min(c, k)`` factors,
     ``C(n-c, k)/C(n, k) = prod_{j=n-c+1..n} (1 - k/j)`` (c <= k) or ``prod_{t<k} (1 - c/(n-t))``
     (c > k), summed as ``log1p``: a difference of log-factorials near ``1e7`` would lose the
     relative precision of a pass rate near 0. Factor ``t`` lives in slot ``t`` of its group
