@@ -76,9 +76,16 @@ class Method:
     family: str = field(compare=False)
 
 
-def methods(train_ks: tuple[int, ...]) -> list[Method]:
-    """Policy gradient, then hitchhiking and RSPO for every training k, in table order."""
+def methods(train_ks: tuple[int, ...], objective: str = "max@k") -> list[Method]:
+    """Policy gradient, then hitchhiking and RSPO for every training k, in table order.
+
+    For Pass@k, Chen et al.'s "Pass@k Training" advantage (``passk_training_std``, the estimator
+    Pass@k-training users compare against; biased, see docs/math.md § Other estimators) follows
+    RSPO. It has no Max@k form.
+    """
     out = [Method("PG (k=1)", "rspo", 1, "pg")]
     out += [Method(f"hitchhiking k={k}", "hitchhiking", k, "hitchhiking") for k in train_ks]
     out += [Method(f"RSPO k={k}", "rspo", k, "rspo") for k in train_ks]
+    if objective == "pass@k":
+        out += [Method(f"PassK-Training k={k}", "passk_training_std", k, "passk_training") for k in train_ks]
     return out

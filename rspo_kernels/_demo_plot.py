@@ -17,13 +17,14 @@ __all__ = ["plot_demo"]
 # thicker as k grows.
 _REDS = ("#f4a582", "#d6604d", "#8b0000")
 _BLUES = ("#92c5de", "#4393c3", "#08306b")
+_GREENS = ("#a6dba0", "#5aae61", "#00441b")  # Chen et al.'s Pass@k Training (Pass@k only)
 
 
 def _style(method: Any, rank: int) -> dict[str, Any]:
     """Line style for a method; ``rank`` is the position of its k among the training ks."""
     if method.family == "pg":
         return {"color": "black", "linestyle": "--", "linewidth": 1.5}
-    palette = _REDS if method.family == "rspo" else _BLUES
+    palette = {"rspo": _REDS, "passk_training": _GREENS}.get(method.family, _BLUES)
     return {"color": palette[min(rank, len(palette) - 1)], "linestyle": "-", "linewidth": 1.0 + 0.8 * rank}
 
 

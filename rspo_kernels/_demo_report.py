@@ -144,6 +144,12 @@ def format_report(result: dict[str, Any]) -> str:
         for row in table["rows"]:
             cells = "".join(f"{row[c]['mean']:.3f} ± {row[c]['std']:.3f}".rjust(14) for c in columns)
             lines.append(row["method"].ljust(width) + cells)
+        if any(row["method"].startswith("PassK-Training") for row in table["rows"]):
+            lines.append(
+                "PassK-Training: Chen et al.'s std-normalised advantage (estimator='passk_training_std'), biased: "
+                "E[g] = alpha * grad with alpha < 1 (0.27 at n=8, k=4; 0 at k = n), exact by enumeration in "
+                "tests/test_unbiasedness.py and benchmarks/variance.py"
+            )
         lines.append("")
     lines.append("Paper claims, checked on the means (criteria: rspo_kernels/_demo_report.py, check_claims):")
     for claim in result["claims"]:

@@ -157,7 +157,7 @@ def _train_objective(
     entropy_steps : list of int
         The step at which each of the ``E`` entropy points was measured.
     """
-    table = methods(config.train_ks)
+    table = methods(config.train_ks, objective)
     n, batch = config.samples_per_prompt, config.prompts_per_step
     params = torch.zeros(
         len(table),
@@ -271,12 +271,12 @@ def _run_demo(config: DemoConfig, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     task = CoverageTask(config.task_seed, config.num_answers, config.feature_dim)
-    table = methods(config.train_ks)
     result: dict[str, Any] = {"config": asdict(config), "versions": _versions(), "tables": {}, "curves": {}}
     bar = tqdm(total=len(OBJECTIVES) * config.steps, desc="training", disable=not progress, unit="step")
     try:
         for objective in OBJECTIVES:
             bar.set_description(f"training for {objective}")
+            table = methods(config.train_ks, objective)
             # The held-out prompts depend on the task only: every seed is scored on the same set.
             eval_prompts = task.sample(config.eval_prompts, torch.Generator().manual_seed(config.task_seed + 7919))
             generators = _seed_generators(config.seeds, objective)

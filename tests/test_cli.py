@@ -160,7 +160,8 @@ def test_demo_json_holds_exactly_the_printed_table(quick_demo):
     for objective, table in record["tables"].items():
         name = objective.split("@")[0]
         assert table["columns"] == [f"{name}@{j}" for j in (1, 2, 4, 8, 16)] + ["entropy"]
-        assert [row["method"] for row in table["rows"]] == METHODS
+        chen = [f"PassK-Training k={k}" for k in (2, 4, 8)] if objective == "pass@k" else []
+        assert [row["method"] for row in table["rows"]] == METHODS + chen
         header = next(line for line in printed if line.startswith("method") and f"{name}@1" in line)
         assert header.split() == ["method", *table["columns"]]
         for row in table["rows"]:
@@ -172,6 +173,7 @@ def test_demo_json_holds_exactly_the_printed_table(quick_demo):
             f"[{claim['objective']}] {claim['claim']}: {claim['holds']} ({claim['passed']}/{claim['checked']})"
             in proc.stdout
         )
+    assert "estimator='passk_training_std'), biased" in proc.stdout
 
 
 def test_demo_numbers_are_sane(quick_demo):
@@ -186,6 +188,9 @@ def test_demo_numbers_are_sane(quick_demo):
             assert all(0 <= m <= 1 for m in means)
             assert means == sorted(means)  # metric@k never decreases in k
             assert rows[method]["entropy"]["mean"] < rows["initial (uniform)"]["entropy"]["mean"]
+        for method in (r for r in rows if r.startswith("PassK-Training")):
+            means = [rows[method][f"{name}@{j}"]["mean"] for j in (1, 2, 4, 8, 16)]
+            assert all(0 <= m <= 1 for m in means) and means == sorted(means)
         # Training helps the objective it was run for: PG raises metric@1 well above the uniform start.
         assert rows["PG (k=1)"][f"{name}@1"]["mean"] > rows["initial (uniform)"][f"{name}@1"]["mean"] + 0.2
 
@@ -420,3 +425,11 @@ def test_bench_without_a_source_checkout_says_so(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "benchmarks.runner", None)  # makes the import fail
     assert main(["bench"]) == 2
     assert "source checkout" in capsys.readouterr().err
+
+
+def test_pass_at_k_training_trains_beside_rspo_for_pass_at_k_only():
+    from rspo_kernels._demo_config import methods
+
+    passk = {m.name: m for m in methods((2, 4), "pass@k")}
+    assert passk["PassK-Training k=4"].estimator == "passk_training_std" and passk["PassK-Training k=4"].k == 4
+    assert not any(m.estimator == "passk_training_std" for m in methods((2, 4), "max@k"))

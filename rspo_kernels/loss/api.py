@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rspo_kernels._dispatch import implementation
-from rspo_kernels.loss import _checks
+import rspo_kernels.loss._checks as _checks
 from rspo_kernels.loss.layout import token_batch
 from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
 from rspo_kernels.loss.policy import policy_loss
