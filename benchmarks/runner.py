@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-slow", action="store_true", help="skip the numpy loop and Algorithm 2")
     parser.add_argument("--case", action="append", default=None, help="only cases whose name contains this")
     parser.add_argument("--variance", action="store_true", help="also run the estimator-variance benchmark")
+    parser.add_argument("--loss-memory", action="store_true",
+                        help="also run the fused loss's CPU memory and time benchmark (benchmarks/memory.py)")
     args = parser.parse_args(argv)
 
     cases = QUICK_CASES if args.quick else CASES
@@ -347,13 +349,20 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
 
+    status = 0
+    if args.loss_memory:
+        from benchmarks import memory
+
+        mem_args = ["--n", "256", "--v", "2000"] if args.quick else []
+        mem_args += ["--out", str(out.parent / f"cpu-{started.date().isoformat()}-memory.json")]
+        status = memory.main(mem_args)
     if args.variance:
         from benchmarks import variance
 
         var_args = ["--quick"] if args.quick else []
         var_args += ["--out", str(out.parent)]
-        return variance.main(var_args)
-    return 0
+        return variance.main(var_args) or status
+    return status
 
 
 if __name__ == "__main__":

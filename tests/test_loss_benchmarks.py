@@ -43,3 +43,16 @@ def test_memory_benchmark_runs(tmp_path):
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == ["reference", "torch", "torch-inplace"]
     assert all(r["median_s"] > 0 for r in report["results"])
+
+
+def test_runner_reports_the_loss_memory_beside_the_throughput(tmp_path, capsys):
+    from benchmarks import runner
+
+    status = runner.main(["--quick", "--budget", "0.001", "--no-slow", "--case", "ragged", "--loss-memory",
+                          "--out", str(tmp_path)])
+    assert status in (0, 1)  # 1: the memory target missed (tiny shapes are noise)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.endswith("-memory.json") for n in written) and len(written) == 2, written
+    report = json.loads(next(p for p in tmp_path.iterdir() if p.name.endswith("-memory.json")).read_text())
+    assert {r["variant"] for r in report["results"]} == {"reference", "torch", "torch-inplace"}
+    assert "extra MiB" in capsys.readouterr().out
