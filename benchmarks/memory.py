@@ -38,7 +38,9 @@ import sys
 
 VARIANTS = ("reference", "torch", "torch-inplace")
 TARGET_RATIO = 1 / 8
-MMAP_THRESHOLD = os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")  # the bound: fused extra <= reference extra / 8
+MMAP_THRESHOLD = os.environ.get(
+    "MALLOC_MMAP_THRESHOLD_", "65536"
+)  # the bound: fused extra <= reference extra / 8
 
 
 def _child(variant: str, n_tokens: int, vocab: int, dtype_name: str, batch: int) -> dict:

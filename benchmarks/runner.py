@@ -29,15 +29,14 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 __all__ = ["main", "Case", "CASES", "QUICK_CASES", "build_rows", "measure"]
-
 
 
 @dataclass(frozen=True)
@@ -96,11 +95,10 @@ def _ragged_ids(total: int, k: int, rng: np.random.Generator) -> np.ndarray:
 
 def build_rows(case: Case, objective: str, seed: int = 0, with_slow: bool = True) -> dict[str, Callable[[], object]]:
     """The callables timed for one case and objective, all on the same float32 rewards."""
+    from benchmarks import baselines
     from rspo_kernels import _cpu_backend, api
     from rspo_kernels import estimators as spec
     from rspo_kernels._layout import to_groups
-
-    from benchmarks import baselines
 
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -120,8 +118,10 @@ def build_rows(case: Case, objective: str, seed: int = 0, with_slow: bool = True
         off = groups.offsets.numpy()
         gv = groups.values.numpy()
         np_groups = [gv[off[g] : off[g + 1]] for g in range(num_groups)]
-        floor = (lambda: torch.sort(rewards)) if objective == "max@k" else (
-            lambda: rewards.new_zeros(num_groups).index_add_(0, seg, rewards)
+        floor = (
+            (lambda: torch.sort(rewards))
+            if objective == "max@k"
+            else (lambda: rewards.new_zeros(num_groups).index_add_(0, seg, rewards))
         )
     else:
         rewards = flat.reshape(case.batch, case.n)
@@ -163,8 +163,13 @@ def _time_once(fn: Callable[[], object], number: int) -> float:
     return (time.perf_counter() - t0) / number
 
 
-def measure(rows: dict[str, Callable[[], object]], budget_s: float, min_samples: int = 5,
-            max_samples: int = 60, min_sample_s: float = 2e-3) -> dict[str, dict]:
+def measure(
+    rows: dict[str, Callable[[], object]],
+    budget_s: float,
+    min_samples: int = 5,
+    max_samples: int = 60,
+    min_sample_s: float = 2e-3,
+) -> dict[str, dict]:
     """Median seconds per call of every row, sampled round-robin so drift hits all rows alike.
 
     Each sample repeats a call enough times to last ``min_sample_s``; each row gets up to
@@ -188,9 +193,15 @@ def measure(rows: dict[str, Callable[[], object]], budget_s: float, min_samples:
         scale = getattr(rows[name], "scale", 1.0)
         ts = [t * scale for t in ts]
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "q1_s": q[0], "q3_s": q[2],
-                     "samples": len(ts),
-                     "calls_per_sample": plan[name][0], "extrapolated": scale != 1.0}
+        out[name] = {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "q1_s": q[0],
+            "q3_s": q[2],
+            "samples": len(ts),
+            "calls_per_sample": plan[name][0],
+            "extrapolated": scale != 1.0,
+        }
     return out
 
 
@@ -226,8 +237,12 @@ def versions() -> dict:
 
     import rspo_kernels
 
-    return {"rspo_kernels": rspo_kernels.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__}
+    return {
+        "rspo_kernels": rspo_kernels.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+    }
 
 
 def machine_slug(info: dict) -> str:
@@ -253,8 +268,16 @@ def check_targets(results: list[dict]) -> list[dict]:
             if row not in t or ref not in t:
                 continue
             ratio = t[row]["median_s"] / t[ref]["median_s"]
-            checks.append({"target": text, "case": r["case"], "objective": r["objective"],
-                           "ratio": ratio, "limit": limit, "met": ratio <= limit})
+            checks.append(
+                {
+                    "target": text,
+                    "case": r["case"],
+                    "objective": r["objective"],
+                    "ratio": ratio,
+                    "limit": limit,
+                    "met": ratio <= limit,
+                }
+            )
     return checks
 
 
@@ -274,16 +297,23 @@ def print_table(results: list[dict], checks: list[dict], file=None) -> None:
             else:
                 cells.append(f"{'-':>12}")
         cpp = t["cpp"]["median_s"]
-        ratios = [t["cpp"]["median_s"] / t["floor"]["median_s"], t["spec"]["median_s"] / cpp,
-                  t["numpy-loop"]["median_s"] / cpp if "numpy-loop" in t else float("nan")]
-        print(f"{r['case']:<16} {r['objective']:<7} " + " ".join(cells)
-              + " " + " ".join(f"{x:>8.2f}x" for x in ratios), file=file)
+        ratios = [
+            t["cpp"]["median_s"] / t["floor"]["median_s"],
+            t["spec"]["median_s"] / cpp,
+            t["numpy-loop"]["median_s"] / cpp if "numpy-loop" in t else float("nan"),
+        ]
+        print(
+            f"{r['case']:<16} {r['objective']:<7} " + " ".join(cells) + " " + " ".join(f"{x:>8.2f}x" for x in ratios),
+            file=file,
+        )
     print("(* algorithm-2 timed on a few groups and scaled linearly to the batch)", file=file)
     print("", file=file)
     for c in checks:
         mark = "met   " if c["met"] else "MISSED"
-        print(f"[{mark}] {c['target']}: {c['case']} {c['objective']}: ratio {c['ratio']:.2f} "
-              f"(limit {c['limit']:.2f})", file=file)
+        print(
+            f"[{mark}] {c['target']}: {c['case']} {c['objective']}: ratio {c['ratio']:.2f} (limit {c['limit']:.2f})",
+            file=file,
+        )
 
 
 # --------------------------------------------------------------------------- entry point
@@ -300,15 +330,20 @@ def _positive_seconds(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rspo-kernels bench", description="Throughput benchmarks (CPU).")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets (smoke test)")
-    parser.add_argument("--budget", type=_positive_seconds, default=None,
-                        help="seconds of samples per row (default 1.0)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output JSON file or directory (default ./<machine>-<date>.json)")
+    parser.add_argument(
+        "--budget", type=_positive_seconds, default=None, help="seconds of samples per row (default 1.0)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output JSON file or directory (default ./<machine>-<date>.json)"
+    )
     parser.add_argument("--no-slow", action="store_true", help="skip the numpy loop and Algorithm 2")
     parser.add_argument("--case", action="append", default=None, help="only cases whose name contains this")
     parser.add_argument("--variance", action="store_true", help="also run the estimator-variance benchmark")
-    parser.add_argument("--loss-memory", action="store_true",
-                        help="also run the fused loss's CPU memory and time benchmark (benchmarks/memory.py)")
+    parser.add_argument(
+        "--loss-memory",
+        action="store_true",
+        help="also run the fused loss's CPU memory and time benchmark (benchmarks/memory.py)",
+    )
     args = parser.parse_args(argv)
 
     cases = QUICK_CASES if args.quick else CASES
@@ -326,19 +361,35 @@ def main(argv: list[str] | None = None) -> int:
         for objective in OBJECTIVES:
             rows = build_rows(case, objective, with_slow=not args.no_slow)
             timed = measure(rows, budget, min_samples=3 if args.quick else 5)
-            results.append({"case": case.name, "objective": objective, "k": case.k,
-                            "batch": case.batch or None, "n": case.n if not case.ragged else None,
-                            "total": case.n if case.ragged else case.batch * case.n, "dtype": "float32",
-                            "estimator": "rspo", "rows": timed})
+            results.append(
+                {
+                    "case": case.name,
+                    "objective": objective,
+                    "k": case.k,
+                    "batch": case.batch or None,
+                    "n": case.n if not case.ragged else None,
+                    "total": case.n if case.ragged else case.batch * case.n,
+                    "dtype": "float32",
+                    "estimator": "rspo",
+                    "rows": timed,
+                }
+            )
             print(f"  measured {case.name} {objective}", file=sys.stderr, flush=True)
     checks = check_targets(results)
     if hasattr(os, "getloadavg"):
         info["loadavg_end"] = list(os.getloadavg())
     print_table(results, checks)
 
-    report = {"kind": "throughput", "date": started.isoformat(timespec="seconds"), "machine": info,
-              "versions": versions(), "quick": args.quick, "budget_s_per_row": budget,
-              "results": results, "targets": checks}
+    report = {
+        "kind": "throughput",
+        "date": started.isoformat(timespec="seconds"),
+        "machine": info,
+        "versions": versions(),
+        "quick": args.quick,
+        "budget_s_per_row": budget,
+        "results": results,
+        "targets": checks,
+    }
     out = args.out
     name = f"{machine_slug(info)}-{started.date().isoformat()}{'-quick' if args.quick else ''}.json"
     if out is None:

@@ -109,8 +109,14 @@ def exact_moments(policy: Policy, n: int, k: int, estimator: str) -> dict:
     trace = float(prob @ ((g - mean) ** 2).sum(1))
     grad = true_gradient(policy, k)
     bias = float(np.linalg.norm(mean - grad))
-    return {"method": "exact", "trace_cov": trace, "ci95": 0.0, "bias": bias, "scale": _scale(mean, grad),
-            "samples": int(actions.shape[0])}
+    return {
+        "method": "exact",
+        "trace_cov": trace,
+        "ci95": 0.0,
+        "bias": bias,
+        "scale": _scale(mean, grad),
+        "samples": int(actions.shape[0]),
+    }
 
 
 def _scale(mean: np.ndarray, grad: np.ndarray) -> float:
@@ -130,8 +136,15 @@ def monte_carlo_moments(policy: Policy, n: int, k: int, estimator: str, actions:
     grad = true_gradient(policy, k)
     bias = float(np.linalg.norm(mean - grad))
     # The bias estimate includes sampling noise of size about sqrt(trace / T).
-    return {"method": "monte-carlo", "trace_cov": trace, "ci95": ci, "bias": bias, "scale": _scale(mean, grad),
-            "bias_noise": math.sqrt(trace / t), "samples": int(t)}
+    return {
+        "method": "monte-carlo",
+        "trace_cov": trace,
+        "ci95": ci,
+        "bias": bias,
+        "scale": _scale(mean, grad),
+        "bias_noise": math.sqrt(trace / t),
+        "samples": int(t),
+    }
 
 
 def k_values(n: int) -> list[int]:
@@ -158,10 +171,21 @@ def run(ns_exact, ns_mc, samples: int, seed: int = 0) -> list[dict]:
                 for estimator in ESTIMATORS:
                     if not valid(estimator, n, k, policy.objective):
                         continue
-                    res = (exact_moments(policy, n, k, estimator) if exact
-                           else monte_carlo_moments(policy, n, k, estimator, actions))
-                    rows.append({"policy": policy.name, "objective": policy.objective, "n": n, "k": k,
-                                 "estimator": estimator, **res})
+                    res = (
+                        exact_moments(policy, n, k, estimator)
+                        if exact
+                        else monte_carlo_moments(policy, n, k, estimator, actions)
+                    )
+                    rows.append(
+                        {
+                            "policy": policy.name,
+                            "objective": policy.objective,
+                            "n": n,
+                            "k": k,
+                            "estimator": estimator,
+                            **res,
+                        }
+                    )
     # Variance relative to RSPO at the same (policy, n, k).
     ref = {(r["policy"], r["n"], r["k"]): r["trace_cov"] for r in rows if r["estimator"] == "rspo"}
     for r in rows:
@@ -176,9 +200,14 @@ def markdown_table(rows: list[dict]) -> str:
     ``passk_training_std`` also shows ``[x RSPO at matched scale]``: its tr Cov divided by
     ``alpha^2`` (``[E g = 0]`` at k = n, where it is identically 0).
     """
-    lines = ["| policy | n | k | method | " + " | ".join(f"{e} tr Cov (x rspo)" for e in ESTIMATORS)
-             + " | " + " | ".join(f"{e} bias (% of grad)" for e in BIASED) + " |",
-             "|---|---|---|---|" + "---|" * (len(ESTIMATORS) + len(BIASED))]
+    lines = [
+        "| policy | n | k | method | "
+        + " | ".join(f"{e} tr Cov (x rspo)" for e in ESTIMATORS)
+        + " | "
+        + " | ".join(f"{e} bias (% of grad)" for e in BIASED)
+        + " |",
+        "|---|---|---|---|" + "---|" * (len(ESTIMATORS) + len(BIASED)),
+    ]
     keys = sorted({(r["policy"], r["n"], r["k"]) for r in rows}, key=lambda t: (t[0], t[1], t[2]))
     by = {(r["policy"], r["n"], r["k"], r["estimator"]): r for r in rows}
     for p, n, k in keys:
@@ -217,16 +246,21 @@ def headline(rows: list[dict]) -> str:
         for p in POLICIES:
             by = {r["estimator"]: r for r in sel if r["policy"] == p.name and r["n"] == n and r["k"] == k}
             grad = float(np.linalg.norm(true_gradient(p, k)))
-            ratios = ", ".join(f"{e} {by[e]['ratio_to_rspo']:.2f}x" for e in ("pkpo", "pkpo_loo", "hitchhiking")
-                               if e in by)
+            ratios = ", ".join(
+                f"{e} {by[e]['ratio_to_rspo']:.2f}x" for e in ("pkpo", "pkpo_loo", "hitchhiking") if e in by
+            )
             plugin = by["plugin"]
-            part = (f"{p.objective}: {ratios}; plugin {plugin['ratio_to_rspo']:.2f}x with bias "
-                    f"{100 * plugin['bias'] / grad:.0f}% of |grad|")
+            part = (
+                f"{p.objective}: {ratios}; plugin {plugin['ratio_to_rspo']:.2f}x with bias "
+                f"{100 * plugin['bias'] / grad:.0f}% of |grad|"
+            )
             if "passk_training_std" in by:
                 chen = by["passk_training_std"]
-                part += (f"; passk_training_std (Chen et al.) E[g] = {chen['scale']:.2f} grad, bias "
-                         f"{100 * chen['bias'] / grad:.0f}% of |grad|, tr Cov at matched scale "
-                         f"{chen['ratio_to_rspo'] / chen['scale'] ** 2:.2f}x")
+                part += (
+                    f"; passk_training_std (Chen et al.) E[g] = {chen['scale']:.2f} grad, bias "
+                    f"{100 * chen['bias'] / grad:.0f}% of |grad|, tr Cov at matched scale "
+                    f"{chen['ratio_to_rspo'] / chen['scale'] ** 2:.2f}x"
+                )
             parts.append(part)
         sentences.append(f"n={n}, k={k} ({method}), tr Cov relative to RSPO -- " + " | ".join(parts) + ".")
     return " ".join(sentences)
@@ -248,24 +282,46 @@ def plot(rows: list[dict], path: Path) -> bool:
     policies = [p.name for p in POLICIES]
     ns = sorted({r["n"] for r in rows})
     fig, axes = plt.subplots(len(policies), len(ns), figsize=(3.2 * len(ns), 3.0 * len(policies)), squeeze=False)
-    styles = {"rspo": ("C0", "o"), "pkpo": ("C1", "s"), "pkpo_loo": ("C2", "^"), "hitchhiking": ("C3", "D"),
-              "plugin": ("C4", "v"), "passk_training_std": ("C5", "P")}
+    styles = {
+        "rspo": ("C0", "o"),
+        "pkpo": ("C1", "s"),
+        "pkpo_loo": ("C2", "^"),
+        "hitchhiking": ("C3", "D"),
+        "plugin": ("C4", "v"),
+        "passk_training_std": ("C5", "P"),
+    }
     for i, p in enumerate(policies):
         for j, n in enumerate(ns):
             ax = axes[i][j]
             for e in ESTIMATORS:
-                sel = sorted((r for r in rows if r["policy"] == p and r["n"] == n and r["estimator"] == e),
-                             key=lambda r: r["k"])
+                sel = sorted(
+                    (r for r in rows if r["policy"] == p and r["n"] == n and r["estimator"] == e), key=lambda r: r["k"]
+                )
                 sel = [r for r in sel if r["trace_cov"] > 0]
                 if not sel:
                     continue
                 color, marker = styles[e]
                 ks = [r["k"] for r in sel]
-                ax.errorbar(ks, [r["trace_cov"] for r in sel], yerr=[r["ci95"] for r in sel], color=color,
-                            marker=marker, ms=4, lw=1.2, capsize=2, label=e if e != "plugin" else "plugin (var)")
+                ax.errorbar(
+                    ks,
+                    [r["trace_cov"] for r in sel],
+                    yerr=[r["ci95"] for r in sel],
+                    color=color,
+                    marker=marker,
+                    ms=4,
+                    lw=1.2,
+                    capsize=2,
+                    label=e if e != "plugin" else "plugin (var)",
+                )
                 if e == "plugin":
-                    ax.plot(ks, [r["trace_cov"] + r["bias"] ** 2 for r in sel], color=color, ls="--", lw=1,
-                            label="plugin (MSE)")
+                    ax.plot(
+                        ks,
+                        [r["trace_cov"] + r["bias"] ** 2 for r in sel],
+                        color=color,
+                        ls="--",
+                        lw=1,
+                        label="plugin (MSE)",
+                    )
             method = next(r["method"] for r in rows if r["n"] == n)
             ax.set_yscale("log")
             ax.set_xscale("log", base=2)
@@ -302,10 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     import rspo_kernels
 
-    report = {"kind": "variance", "date": date, "policies": [p.__dict__ for p in POLICIES],
-              "monte_carlo_samples": samples, "versions": {"rspo_kernels": rspo_kernels.__version__,
-                                                          "torch": torch.__version__, "numpy": np.__version__},
-              "headline": head, "rows": rows}
+    report = {
+        "kind": "variance",
+        "date": date,
+        "policies": [p.__dict__ for p in POLICIES],
+        "monte_carlo_samples": samples,
+        "versions": {"rspo_kernels": rspo_kernels.__version__, "torch": torch.__version__, "numpy": np.__version__},
+        "headline": head,
+        "rows": rows,
+    }
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(f"# Estimator variance ({date})\n\n{head}\n\n{table}\n")
     wrote = [f"{stem}.json", f"{stem}.md"]

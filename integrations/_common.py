@@ -13,9 +13,10 @@ import importlib.abc
 import importlib.util
 import numbers
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ class RSPOSettings:
     keys: Mapping[str, str]
 
     @classmethod
-    def create(cls, objective: Any, k: Any, estimator: Any, keys: Mapping[str, str]) -> "RSPOSettings":
+    def create(cls, objective: Any, k: Any, estimator: Any, keys: Mapping[str, str]) -> RSPOSettings:
         """Check raw configuration values and build the settings.
 
         Parameters

@@ -22,7 +22,8 @@ import itertools
 import logging
 import os
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -155,14 +156,14 @@ def compute_advantages_and_returns(self: Any, experiences: list) -> list:
     rewards = rewards.reshape(-1, n)
     if n > 1:
         stds = rewards.std(-1, keepdim=True).repeat(1, n).reshape(-1)[indices].split(exp_len)
-        for experience, std in zip(experiences, stds):
+        for experience, std in zip(experiences, stds, strict=False):
             experience.info["group_reward_std"] = std
     if args.reward.clip_range:
         rewards = rewards.clamp(min=args.reward.clip_range[0], max=args.reward.clip_range[1])
     weights = settings.weights(rewards).reshape(-1)[indices].split(exp_len)
 
     kl_coef = max(self.kl_ctl.value, 0.0)
-    for experience, weight in zip(experiences, weights):
+    for experience, weight in zip(experiences, weights, strict=False):
         # OpenRLHF's KL-in-reward: the weight on the last action token, -kl_coef * KL on every token.
         mask = experience.action_mask
         last = mask.size(1) - 1 - mask.long().fliplr().argmax(dim=1, keepdim=True)

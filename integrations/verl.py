@@ -193,8 +193,8 @@ def _multi_trajectories(original):
         has_tokens = (data.batch["response_mask"].sum(dim=-1) > 0).tolist()
         final: dict[str, tuple[int, int]] = {}  # session -> (index, row) of its final output
         row_session = [key.rsplit("_", 1)[0] for key in batch_keys]
-        live = {session for session, tokens in zip(row_session, has_tokens) if tokens}
-        for row, (session, key) in enumerate(zip(row_session, batch_keys)):
+        live = {session for session, tokens in zip(row_session, has_tokens, strict=False) if tokens}
+        for row, (session, key) in enumerate(zip(row_session, batch_keys, strict=False)):
             index = int(key.rsplit("_", 1)[1])
             if session in live and (session not in final or final[session][0] < index):
                 final[session] = (index, row)

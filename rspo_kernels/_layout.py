@@ -10,8 +10,9 @@ shape, order and container. Backends take only :class:`Groups`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ class Groups:
             torch.arange(self.num_groups, device=device), sizes, output_size=self.values.numel()
         )
 
-    def with_values(self, values: torch.Tensor) -> "Groups":
+    def with_values(self, values: torch.Tensor) -> Groups:
         return Groups(values.contiguous(), self.offsets, self.group_size, self.sizes)
 
 
@@ -164,13 +165,16 @@ def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
         # sequences take the vectorised path.
         items = list(group_ids)
         _check_label_types(items)
+        vectorised: np.ndarray | None
         try:
-            arr = np.asarray(items)
+            vectorised = np.asarray(items)
         except ValueError:
-            arr = None
-        if arr is None or arr.dtype.kind not in "iub" or arr.ndim != 1:
+            vectorised = None
+        if vectorised is None or vectorised.dtype.kind not in "iub" or vectorised.ndim != 1:
             arr = np.empty(len(items), dtype=object)
             arr[:] = items
+        else:
+            arr = vectorised
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(
             f"group_ids has shape {tuple(arr.shape)} but rewards have {n} samples; "

@@ -6,7 +6,8 @@ the value, and the fix.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,16 @@ __all__ = [
 ]
 
 _TORCH_OK = {
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
 }
 _NUMPY_KINDS_OK = "biuf"  # bool, signed, unsigned, float (float16/32/64)
 
@@ -95,9 +104,7 @@ _CHOICES = ", ".join(map(repr, ESTIMATORS))
 def check_estimator(estimator: Any, objective: str) -> None:
     """A known estimator name that is defined for ``objective``."""
     if not isinstance(estimator, str):
-        raise TypeError(
-            f"estimator must be a string, got {estimator!r}; choose one of {_CHOICES} (default 'rspo')"
-        )
+        raise TypeError(f"estimator must be a string, got {estimator!r}; choose one of {_CHOICES} (default 'rspo')")
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {_CHOICES}")
     if objective == "max@k" and estimator in BINARY_ONLY_ESTIMATORS:

@@ -7,7 +7,7 @@ hands the result back in the caller's shape, order and container.
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence, Union
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,8 @@ from rspo_kernels.estimators import ESTIMATORS
 
 __all__ = ["pass_at_k_weights", "max_at_k_weights", "pass_at_k", "max_at_k", "ESTIMATORS"]
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
-GroupIds = Union[np.ndarray, torch.Tensor, Sequence[Hashable]]
+ArrayLike = np.ndarray | torch.Tensor
+GroupIds = np.ndarray | torch.Tensor | Sequence[Hashable]
 
 
 # Backends whose weight kernels validate the rewards in the read that computes them (one pass

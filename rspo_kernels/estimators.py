@@ -18,7 +18,7 @@ among ``j`` given ones. All estimators are on the library's scale: for every gro
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ def segment_cumsum(x: torch.Tensor, groups: Groups, *, exclusive: bool = False, 
     device = x.device
     sizes = groups.sizes
     widths = np.left_shift(1, np.ceil(np.log2(np.maximum(sizes, 1))).astype(np.int64))
-    padded = torch.cat([x, x.new_zeros(1)])   # slot N reads as 0 and collects padding writes
+    padded = torch.cat([x, x.new_zeros(1)])  # slot N reads as 0 and collects padding writes
     out = torch.empty_like(padded)
     starts = groups.offsets[:-1]
     for width in np.unique(widths):
@@ -179,9 +179,9 @@ def _leave_one_out_max_at(s: _SortedGroups, m: int) -> torch.Tensor:
     coefficient ``a(u)``.
     """
     pos = s.pos.to(_F64)
-    prefix_terms = s.v * _binom_ratio(pos, m - 1, s.n - 1, m)      # slot u < p is o_(u+1)
+    prefix_terms = s.v * _binom_ratio(pos, m - 1, s.n - 1, m)  # slot u < p is o_(u+1)
     suffix_terms = s.v * _binom_ratio(pos - 1, m - 1, s.n - 1, m)  # slot u > p is o_(u)
-    prefix = s.cumsum(prefix_terms, exclusive=True)                # u < p
+    prefix = s.cumsum(prefix_terms, exclusive=True)  # u < p
     suffix = s.cumsum(suffix_terms, exclusive=True, reverse=True)  # u > p
     return prefix + suffix
 
@@ -201,7 +201,7 @@ def _max_rspo(s: _SortedGroups, k: int) -> torch.Tensor:
     gaps = torch.zeros_like(s.v)
     not_first = s.pos > 0
     gaps[not_first] = (s.v[1:] - s.v[:-1])[not_first[1:]]
-    terms = s.q(s.pos, k) * gaps                  # q(j) (R_(j+1) - R_(j)) in 0-based slots j
+    terms = s.q(s.pos, k) * gaps  # q(j) (R_(j+1) - R_(j)) in 0-based slots j
     lowest = s.v[s.groups.offsets[:-1]][s.seg]
     q0 = 1.0 if k == 1 else 0.0
     return k * (q0 * lowest + s.cumsum(terms))

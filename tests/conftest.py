@@ -87,3 +87,7 @@ def reward_groups(draw, min_n: int = 1, max_n: int = 8, binary: bool = False):
         )
     )
     return draw(st.lists(st.sampled_from(palette), min_size=n, max_size=n))
+
+
+# The loss tests' per-backend fixture, available to every test module without an import.
+from loss_backends import backend  # noqa: E402, F401

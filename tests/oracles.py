@@ -55,13 +55,11 @@ def subset_pkpo_loo(r: list[float], k: int) -> list[float]:
     """pkpo minus ``n/(n-1) k M_i`` with ``M_i`` the max@k of the n-1 other rewards."""
     n = len(r)
     base = subset_pkpo(r, k)
-    return [
-        base[i] - n / (n - 1) * k * subset_max_at_k([r[j] for j in range(n) if j != i], k) for i in range(n)
-    ]
+    return [base[i] - n / (n - 1) * k * subset_max_at_k([r[j] for j in range(n) if j != i], k) for i in range(n)]
 
 
 def hitchhiking(r: list[float], k: int) -> list[float]:
-    return [k * max(r[(i // k) * k:(i // k) * k + k]) for i in range(len(r))]
+    return [k * max(r[(i // k) * k : (i // k) * k + k]) for i in range(len(r))]
 
 
 def plugin_max(r: list[float], k: int) -> list[float]:
@@ -156,7 +154,7 @@ def passk_training_std(r: list[float], k: int) -> list[float]:
     sigma = math.sqrt(rho * (1 - rho))
     out = []
     for i in range(n):
-        others = rs[:i] + rs[i + 1:]
+        others = rs[:i] + rs[i + 1 :]
         combos = list(itertools.combinations(others, k - 1))
         value = sum((max([rs[i], *s]) for s in combos), Fraction(0)) / len(combos)
         out.append(float(value - rho) / (sigma + 1e-6))
@@ -206,9 +204,9 @@ def expected_gradient(probs: np.ndarray, rewards: np.ndarray, n: int, weight_fn)
     """
     m = probs.shape[0]
     samples = all_samples(m, n)
-    p_sample = np.prod(probs[samples], axis=1)                       # (S,)
-    w = np.asarray(weight_fn(rewards[samples].astype(np.float64)))   # (S, n)
-    onehot = np.eye(m)[samples]                                      # (S, n, m)
-    score = onehot - probs                                           # grad log pi, (S, n, m)
-    per_sample = (w[:, :, None] * score).mean(axis=1)                # (S, m)
+    p_sample = np.prod(probs[samples], axis=1)  # (S,)
+    w = np.asarray(weight_fn(rewards[samples].astype(np.float64)))  # (S, n)
+    onehot = np.eye(m)[samples]  # (S, n, m)
+    score = onehot - probs  # grad log pi, (S, n, m)
+    per_sample = (w[:, :, None] * score).mean(axis=1)  # (S, m)
     return (p_sample[:, None] * per_sample).sum(axis=0)

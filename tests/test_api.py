@@ -81,17 +81,28 @@ def test_ragged_group_ids_match_per_group_calls(data):
 def test_group_ids_accept_lists_tensors_and_mixed_labels():
     r = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
     expected = rk.pass_at_k_weights(r, 2, group_ids=np.array([0, 1, 0, 1, 0, 1]))
-    for ids in ([0, 1, 0, 1, 0, 1], torch.tensor([5, 3, 5, 3, 5, 3]), ["a", 2, "a", 2, "a", 2],
-                [(1, "x"), None, (1, "x"), None, (1, "x"), None]):
+    for ids in (
+        [0, 1, 0, 1, 0, 1],
+        torch.tensor([5, 3, 5, 3, 5, 3]),
+        ["a", 2, "a", 2, "a", 2],
+        [(1, "x"), None, (1, "x"), None, (1, "x"), None],
+    ):
         np.testing.assert_array_equal(rk.pass_at_k_weights(r, 2, group_ids=ids), expected)
 
 
 # ------------------------------------------------------------------------ containers / dtypes
 @pytest.mark.parametrize(
     "dtype,out",
-    [(torch.bool, torch.float32), (torch.uint8, torch.float32), (torch.int32, torch.float32),
-     (torch.int64, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-     (torch.float32, torch.float32), (torch.float64, torch.float64)],
+    [
+        (torch.bool, torch.float32),
+        (torch.uint8, torch.float32),
+        (torch.int32, torch.float32),
+        (torch.int64, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
 )
 def test_torch_dtypes(dtype, out):
     r = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 1]]).to(dtype)
@@ -269,8 +280,9 @@ def test_unvalidated_pass_at_k_counts_every_non_zero_reward_as_correct(monkeypat
     want_w = rk.pass_at_k_weights(binary, 2, estimator=estimator)
     want_m = rk.pass_at_k(binary, 2)
     monkeypatch.setenv(BACKEND_ENV, backend)
-    np.testing.assert_allclose(rk.pass_at_k_weights(r, 2, estimator=estimator, validate=False), want_w,
-                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        rk.pass_at_k_weights(r, 2, estimator=estimator, validate=False), want_w, rtol=1e-12, atol=1e-15
+    )
     np.testing.assert_allclose(rk.pass_at_k(r, 2, validate=False), want_m, rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="Pass@k needs rewards in"):
         rk.pass_at_k_weights(r, 2, estimator=estimator)
@@ -302,7 +314,9 @@ def test_big_endian_numpy_rewards_and_ids_are_read_in_native_order(fn):
     np.testing.assert_array_equal(got, fn(r, 2))
     assert got.dtype.isnative
     ids = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    np.testing.assert_array_equal(fn(r.reshape(-1), 2, group_ids=ids.astype(">i8")), fn(r.reshape(-1), 2, group_ids=ids))
+    np.testing.assert_array_equal(
+        fn(r.reshape(-1), 2, group_ids=ids.astype(">i8")), fn(r.reshape(-1), 2, group_ids=ids)
+    )
 
 
 @pytest.mark.parametrize("fn", ALL_FNS)
@@ -320,14 +334,24 @@ def test_masked_arrays_with_masked_entries_are_refused(fn):
     np.testing.assert_array_equal(fn(unmasked, 2), fn(unmasked.data, 2))  # nothing masked: the data
 
 
-@pytest.mark.parametrize("ids", [[0.5, 0.5, 1.5, 1.5], np.array([0.5, 0.5, 1.5, 1.5]), torch.tensor([0.0, 0.0, 1.0, 1.0]),
-                                 [1, 1, 2.0, 2], np.array([1, 1, 2.0, 2], dtype=object)])
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [0.5, 0.5, 1.5, 1.5],
+        np.array([0.5, 0.5, 1.5, 1.5]),
+        torch.tensor([0.0, 0.0, 1.0, 1.0]),
+        [1, 1, 2.0, 2],
+        np.array([1, 1, 2.0, 2], dtype=object),
+    ],
+)
 def test_float_group_ids_are_refused_in_every_container(ids):
     with pytest.raises(TypeError, match="group_ids must hold integers or hashable labels, not floats"):
         rk.pass_at_k(np.array([1.0, 0.0, 0.0, 1.0]), 1, group_ids=ids)
 
 
-@pytest.mark.parametrize("ids", [[1, True, 1, True], ["a", False, "a", False], np.array([1, True, 1, True], dtype=object)])
+@pytest.mark.parametrize(
+    "ids", [[1, True, 1, True], ["a", False, "a", False], np.array([1, True, 1, True], dtype=object)]
+)
 def test_bools_mixed_with_other_group_ids_are_refused(ids):
     """``1``, ``True`` and ``1.0`` are one dict key: refuse them instead of merging the groups."""
     with pytest.raises(TypeError, match=r"group_ids mix bools with other labels: got True at input index 1|got False"):

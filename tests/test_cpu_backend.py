@@ -141,8 +141,15 @@ def test_metrics_match_specification(dtype, data):
 # --------------------------------------------------------------------------- brute force
 @pytest.mark.parametrize(
     "rewards, k",
-    [([1, 0, 0, 1, 0, 0, 0, 0], 4), ([0.1, 0.5, 0.5, 0.9], 2), ([3, 1, 2, 5], 4), ([2, -1, 2, 0.5, -1, 7], 3),
-     ([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0], 2), ([5.0], 1), ([-3.0, -3.0, -3.0], 2)],
+    [
+        ([1, 0, 0, 1, 0, 0, 0, 0], 4),
+        ([0.1, 0.5, 0.5, 0.9], 2),
+        ([3, 1, 2, 5], 4),
+        ([2, -1, 2, 0.5, -1, 7], 3),
+        ([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0], 2),
+        ([5.0], 1),
+        ([-3.0, -3.0, -3.0], 2),
+    ],
 )
 def test_weights_match_subset_enumeration(rewards, k):
     groups = make_groups(rewards, [len(rewards)], torch.float64)
@@ -221,7 +228,9 @@ def test_bitwise_deterministic_and_independent_of_threading(objective, dtype):
         one_by_one = b"".join(
             _cpu_backend.grouped_weights(
                 make_groups(groups.values[off[g] : off[g + 1]], [off[g + 1] - off[g]], dtype), k, objective, estimator
-            ).numpy().tobytes()
+            )
+            .numpy()
+            .tobytes()
             for g in range(groups.num_groups)
         )
         assert first == one_by_one, estimator
@@ -309,8 +318,9 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @given(
     n=st.integers(0, 5000),
-    bad=st.lists(st.tuples(st.integers(0, 4999), st.sampled_from([np.nan, np.inf, -np.inf, 0.5, -1.0, 2.0])),
-                 max_size=3),
+    bad=st.lists(
+        st.tuples(st.integers(0, 4999), st.sampled_from([np.nan, np.inf, -np.inf, 0.5, -1.0, 2.0])), max_size=3
+    ),
     binary_input=st.booleans(),
 )
 def test_first_invalid_matches_numpy(dtype, n, bad, binary_input):
@@ -377,7 +387,9 @@ def test_public_api_validates_cpu_pass_at_k_without_a_separate_scan(monkeypatch)
     r[:, ::7] = 1
     rk.pass_at_k_weights(r, 4)
     r[211, 5] = 0.5
-    with pytest.raises(ValueError, match=r"group 211 has reward 0.5 at position 5 \(input index \(211, 5\)\); Pass@k needs"):
+    with pytest.raises(
+        ValueError, match=r"group 211 has reward 0.5 at position 5 \(input index \(211, 5\)\); Pass@k needs"
+    ):
         rk.pass_at_k_weights(r, 4)
     r[211, 5] = np.nan
     with pytest.raises(ValueError, match=r"group 211 has a non-finite reward \(nan\) at position 5"):

@@ -197,7 +197,9 @@ def test_driver_hook_checks_the_command_line_before_ray_starts(monkeypatch, argv
     monkeypatch.setattr(sys, "argv", [script, "--actor.model_name_or_path", "m", *argv])
     with pytest.raises(ValueError, match=match):
         rspo_openrlhf.runtime_env_hook(None)
-    monkeypatch.setattr(sys, "argv", [script, "--algo.advantage.estimator", "reinforce", "--rollout.n_samples_per_prompt", "8"])
+    monkeypatch.setattr(
+        sys, "argv", [script, "--algo.advantage.estimator", "reinforce", "--rollout.n_samples_per_prompt", "8"]
+    )
     monkeypatch.delenv("RSPO_K", raising=False)
     monkeypatch.delenv("RSPO_OBJECTIVE", raising=False)
     assert rspo_openrlhf.runtime_env_hook(None)["worker_process_setup_hook"] == rspo_openrlhf.SETUP_HOOK
@@ -238,7 +240,7 @@ def test_install_is_idempotent_and_uninstall_restores_openrlhf():
     patched_fns = RemoteExperienceMaker.compute_advantages_and_returns, RemoteExperienceMaker.__init__
     rspo_openrlhf.install()
     now = RemoteExperienceMaker.compute_advantages_and_returns, RemoteExperienceMaker.__init__
-    assert now == patched_fns and all(p is not o for p, o in zip(patched_fns, original))
+    assert now == patched_fns and all(p is not o for p, o in zip(patched_fns, original, strict=False))
     rspo_openrlhf.uninstall()
     assert (RemoteExperienceMaker.compute_advantages_and_returns, RemoteExperienceMaker.__init__) == original
 

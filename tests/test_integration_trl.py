@@ -75,7 +75,7 @@ def _cpu_config(cls, **kwargs):
 def _rows(batch) -> list[tuple]:
     return [
         (tuple(p.tolist()), tuple(c.tolist()), float(a))
-        for p, c, a in zip(batch["prompt_ids"], batch["completion_ids"], batch["advantages"])
+        for p, c, a in zip(batch["prompt_ids"], batch["completion_ids"], batch["advantages"], strict=False)
     ]
 
 
@@ -133,7 +133,7 @@ def test_loss_sees_rspo_weights_of_the_produced_rewards(tmp_path, objective, k):
 
     assert len(trainer.generated) == len(produced) == 2
     weight_fn = rk.pass_at_k_weights if objective == "pass@k" else rk.max_at_k_weights
-    for gen, rewards in zip(trainer.generated, produced):
+    for gen, rewards in zip(trainer.generated, produced, strict=False):
         rewards = torch.tensor(rewards, dtype=torch.float32)
         groups = torch.arange(rewards.numel()) // NUM_GENERATIONS
         # Independent reference: unscorable completions leave their group and get weight 0; a

@@ -42,7 +42,7 @@ def _batch(scores: np.ndarray, uids: list[str], lengths: np.ndarray, width: int 
 
 def _shuffled_groups(rng: np.random.Generator, sizes: list[int], binary: bool):
     uids = [f"uid-{rng.integers(1 << 30):x}" for _ in sizes]
-    labels = np.concatenate([[u] * s for u, s in zip(uids, sizes)])
+    labels = np.concatenate([[u] * s for u, s in zip(uids, sizes, strict=False)])
     perm = rng.permutation(labels.size)  # verl reorders rows: groups are scattered through the batch
     labels = labels[perm].tolist()
     scores = rng.integers(0, 2, len(labels)) if binary else rng.normal(size=len(labels))
@@ -219,8 +219,8 @@ def _agent_loop_batch(rng, uids, outputs_per_session, session_scores, width=9):
     session's reward (on its last token), tool tokens masked out of ``response_mask``, rows in
     the order the replay buffer hands them over."""
     keys, scores, lengths = [], [], []
-    for uid, sessions, rewards in zip(uids, outputs_per_session, session_scores):
-        for session, (outputs, reward) in enumerate(zip(sessions, rewards)):
+    for uid, sessions, rewards in zip(uids, outputs_per_session, session_scores, strict=False):
+        for session, (outputs, reward) in enumerate(zip(sessions, rewards, strict=False)):
             for index in range(outputs):
                 keys.append(f"{uid}_{session}_{index}")
                 scores.append(reward)
@@ -294,7 +294,7 @@ def test_agent_loop_groups_by_session_and_spreads_the_weight(objective, k):
 
     out = _v1_compute_advantage(data, keys, config, n=4)
 
-    expected = _expected_by_session(keys, data, dict(zip(uids, scores)), objective, k)
+    expected = _expected_by_session(keys, data, dict(zip(uids, scores, strict=False)), objective, k)
     torch.testing.assert_close(out.batch["advantages"], expected)
     assert expected.abs().sum() > 0
     assert len(keys) > 12  # several outputs per session really occurred
@@ -325,7 +325,7 @@ def test_agent_loop_leaves_other_estimators_to_verl():
     out = _v1_compute_advantage(data, keys, config, n=3)
     # verl's own GRPO session handling: both sessions of a group with the same score tie.
     adv = out.batch["advantages"][torch.arange(len(keys)), data.batch["response_mask"].argmax(dim=1)]
-    first = {key.rsplit("_", 1)[0]: float(a) for key, a in zip(keys, adv)}
+    first = {key.rsplit("_", 1)[0]: float(a) for key, a in zip(keys, adv, strict=False)}
     assert first["b_1"] == pytest.approx(first["b_2"]) and first["a_0"] > 0 > first["a_1"]
 
 
@@ -379,13 +379,18 @@ def test_readme_command_loads_through_main_ppo_and_algo_config(capsys):
     scores, uids, lengths = _shuffled_groups(rng, [8, 8], binary=True)
     data = _batch(scores, uids, lengths)
     out = ray_trainer.compute_advantage(data, adv_estimator=algo.adv_estimator, config=algo)
-    torch.testing.assert_close(out.batch["advantages"], _expected(scores, uids, data.batch["response_mask"], "pass@k", 4))
+    torch.testing.assert_close(
+        out.batch["advantages"], _expected(scores, uids, data.batch["response_mask"], "pass@k", 4)
+    )
 
 
 @pytest.mark.parametrize(
     "extra,match",
     [
-        (["algorithm.rspo_k=8", "actor_rollout_ref.rollout.n=4"], r"^algorithm\.rspo_k=8 but actor_rollout_ref\.rollout\.n=4"),
+        (
+            ["algorithm.rspo_k=8", "actor_rollout_ref.rollout.n=4"],
+            r"^algorithm\.rspo_k=8 but actor_rollout_ref\.rollout\.n=4",
+        ),
         (["+algorithm.rspo_estimator=nope"], r"^algorithm\.rspo_estimator='nope' is not an estimator"),
         (["algorithm.rspo_objective=best@k"], r"^algorithm\.rspo_objective='best@k' is not an RSPO objective"),
         (["+algorithm.rspo_estimator=pkpo_loo", "actor_rollout_ref.rollout.n=4"], r"pkpo_loo.*algorithm\.rspo_k=4"),

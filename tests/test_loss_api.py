@@ -43,7 +43,11 @@ _PACKED = dict(logits=torch.zeros(5, 4), target_ids=torch.zeros(5, dtype=torch.l
         (dict(target_ids=torch.zeros(2, 3)), TypeError, "target_ids must be an integer tensor.*long"),
         (dict(target_ids=torch.zeros(2, 4, dtype=torch.long)), ValueError, r"target_ids must have shape \(2, 3\)"),
         (dict(target_ids=torch.full((2, 3), 4)), ValueError, r"target_ids must lie in \[0, V=4\)"),
-        (dict(weights=torch.zeros(3)), ValueError, r"weights must have shape \(2,\) per response or \(2, 3\) per token"),
+        (
+            dict(weights=torch.zeros(3)),
+            ValueError,
+            r"weights must have shape \(2,\) per response or \(2, 3\) per token",
+        ),
         (dict(weights=torch.zeros(2, dtype=torch.long)), TypeError, "weights must be a floating tensor"),
         (dict(mask=torch.ones(3, 2)), ValueError, r"mask must have shape \(2, 3\)"),
         (dict(old_logprobs=torch.zeros(2, 2)), ValueError, r"old_logprobs must have shape \(2, 3\)"),
@@ -87,8 +91,9 @@ def test_packed_layout_errors(change, err, match):
 
 
 def test_numpy_scalars_are_accepted():
-    a = rk.rspo_loss(**_BASE, epsilon_low=np.float32(0.2), max_response_length=np.int64(3),
-                     loss_agg_mode="seq-mean-token-sum-norm")
+    a = rk.rspo_loss(
+        **_BASE, epsilon_low=np.float32(0.2), max_response_length=np.int64(3), loss_agg_mode="seq-mean-token-sum-norm"
+    )
     b = rk.rspo_loss(**_BASE, epsilon_low=0.2, max_response_length=3, loss_agg_mode="seq-mean-token-sum-norm")
     assert torch.equal(a, b)
     crit = rk.RSPOLoss(k=np.int64(2), max_response_length=np.int32(4))
@@ -131,8 +136,9 @@ def test_rspo_loss_module_matches_functional(monkeypatch):
 
     case = make_case(B=8, T=4, V=13, with_ref=False)
     rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1])
-    crit = rk.RSPOLoss("pass@k", k=2, loss_agg_mode="seq-mean-token-mean", temperature=case["temperature"],
-                       clip_ratio_c=3.0)
+    crit = rk.RSPOLoss(
+        "pass@k", k=2, loss_agg_mode="seq-mean-token-mean", temperature=case["temperature"], clip_ratio_c=3.0
+    )
     monkeypatch.setattr(api, "pass_at_k_weights", spy)
     loss = crit(
         case["logits"], case["target_ids"], rewards, group_size=4, mask=case["mask"], old_logprobs=case["old_logprobs"]
@@ -140,8 +146,14 @@ def test_rspo_loss_module_matches_functional(monkeypatch):
     assert seen["validate"] is False
     w = real(rewards, 2, group_size=4)
     expected = rspo_loss_reference(
-        case["logits"], case["target_ids"], w, case["mask"], old_logprobs=case["old_logprobs"],
-        temperature=case["temperature"], loss_agg_mode="seq-mean-token-mean", clip_ratio_c=3.0,
+        case["logits"],
+        case["target_ids"],
+        w,
+        case["mask"],
+        old_logprobs=case["old_logprobs"],
+        temperature=case["temperature"],
+        loss_agg_mode="seq-mean-token-mean",
+        clip_ratio_c=3.0,
     )
     assert_matches(loss, expected, torch.float32)
 
@@ -153,8 +165,9 @@ def test_rspo_loss_module_max_at_k_2d_rewards_group_ids_and_packed():
     loss_2d = crit(case["logits"], case["target_ids"], rewards)
     loss_ids = crit(case["logits"], case["target_ids"], rewards.reshape(-1), group_ids=[0, 0, 0, 1, 1, 1])
     cu = torch.arange(0, 19, 3)
-    loss_packed = crit(case["logits"].reshape(18, 9), case["target_ids"].reshape(18), rewards.reshape(-1),
-                       group_size=3, cu_seqlens=cu)
+    loss_packed = crit(
+        case["logits"].reshape(18, 9), case["target_ids"].reshape(18), rewards.reshape(-1), group_size=3, cu_seqlens=cu
+    )
     w = rk.max_at_k_weights(rewards, 2).reshape(-1)
     expected = rspo_loss_reference(case["logits"], case["target_ids"], w, temperature=case["temperature"])
     for got in (loss_2d, loss_ids, loss_packed):

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from loss_backends import DEVICE, HAS_CUDA, backend, on_device, ulps_for  # noqa: F401  (fixture)
+from loss_backends import DEVICE, HAS_CUDA, on_device, ulps_for
 from test_loss_reference import assert_matches, loss_kwargs, make_case
 
 import rspo_kernels as rk
@@ -179,8 +179,11 @@ def test_nan_and_inf_logits_in_masked_rows_give_zero_gradient(backend):
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values())
     assert torch.all(x.grad[1] == 0) and torch.all(x.grad[~case["mask"]] == 0)
-    assert_matches(loss, rspo_loss_reference(case["logits"], case["target_ids"], case["weights"], case["mask"],
-                                             **loss_kwargs(case)), torch.float32)
+    assert_matches(
+        loss,
+        rspo_loss_reference(case["logits"], case["target_ids"], case["weights"], case["mask"], **loss_kwargs(case)),
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("old_value", [float("-inf"), "far"])

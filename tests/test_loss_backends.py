@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loss_backends import DEVICE, backend, on_device, ulps_for  # noqa: F401  (fixture)
+from loss_backends import DEVICE, on_device, ulps_for
 from test_loss_reference import assert_matches, loss_kwargs, make_case, pack_case
 
 import rspo_kernels as rk
@@ -104,7 +104,10 @@ def test_unsliced_logits_with_padded_mask_equal_the_sliced_view(backend):
     pad = lambda x, v: torch.cat([x, torch.full_like(x[:, :1], v)], dim=1)  # noqa: E731
     b = full.clone().requires_grad_()
     loss_b = rk.rspo_loss(
-        b, pad(case["target_ids"], -100), case["weights"], pad(case["mask"], False),
+        b,
+        pad(case["target_ids"], -100),
+        case["weights"],
+        pad(case["mask"], False),
         **loss_kwargs(case, old_logprobs=pad(case["old_logprobs"], 0.0)),
     )
     loss_b.backward()
@@ -117,8 +120,12 @@ def test_gradcheck_float64():
     case = make_case(B=2, T=3, V=7, dtype=torch.float64)
     x = case["logits"].clone().requires_grad_()
     for mode in LOSS_AGG_MODES:
-        fn = lambda z: rk.rspo_loss(  # noqa: E731
-            z, case["target_ids"], case["weights"], case["mask"], loss_agg_mode=mode,
+        fn = lambda z, mode=mode: rk.rspo_loss(  # noqa: E731
+            z,
+            case["target_ids"],
+            case["weights"],
+            case["mask"],
+            loss_agg_mode=mode,
             **loss_kwargs(case, clip_ratio_c=3.0),
         )
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)

@@ -48,8 +48,9 @@ def test_memory_benchmark_runs(tmp_path):
 def test_runner_reports_the_loss_memory_beside_the_throughput(tmp_path, capsys):
     from benchmarks import runner
 
-    status = runner.main(["--quick", "--budget", "0.001", "--no-slow", "--case", "ragged", "--loss-memory",
-                          "--out", str(tmp_path)])
+    status = runner.main(
+        ["--quick", "--budget", "0.001", "--no-slow", "--case", "ragged", "--loss-memory", "--out", str(tmp_path)]
+    )
     assert status in (0, 1)  # 1: the memory target missed (tiny shapes are noise)
     written = sorted(p.name for p in tmp_path.iterdir())
     assert any(n.endswith("-memory.json") for n in written) and len(written) == 2, written

@@ -102,8 +102,9 @@ def test_public_api_on_gpu_runs_triton_without_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync raises
     try:
-        loss, _ = crit(x, case["target_ids"], rewards, group_size=4, mask=case["mask"],
-                       old_logprobs=case["old_logprobs"])
+        loss, _ = crit(
+            x, case["target_ids"], rewards, group_size=4, mask=case["mask"], old_logprobs=case["old_logprobs"]
+        )
         loss.backward()
         rk.token_logprobs(case["logits"], case["target_ids"].clamp(min=0))
     finally:

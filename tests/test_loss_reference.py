@@ -217,8 +217,12 @@ def _one_token(weight: float, old_shift: float, **kw):
     logits = torch.zeros(1, 1, 2, dtype=torch.float64, requires_grad=True)
     old = torch.tensor([[math.log(0.5) - old_shift]], dtype=torch.float64)
     loss, stats = rspo_loss_reference(
-        logits, torch.tensor([[0]]), torch.tensor([weight], dtype=torch.float64), old_logprobs=old,
-        return_stats=True, **kw,
+        logits,
+        torch.tensor([[0]]),
+        torch.tensor([weight], dtype=torch.float64),
+        old_logprobs=old,
+        return_stats=True,
+        **kw,
     )
     (g,) = torch.autograd.grad(loss, logits)
     return loss.item(), g[0, 0], stats
@@ -274,7 +278,10 @@ def pack_case(case: dict, lengths: list[int]) -> tuple[dict, dict]:
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
     ids = torch.where(mask, case["target_ids"][:B, :T].clamp(min=0), torch.full((B, T), -100))
     padded = dict(
-        logits=case["logits"][:B, :T], target_ids=ids, weights=case["weights"][:B], mask=mask,
+        logits=case["logits"][:B, :T],
+        target_ids=ids,
+        weights=case["weights"][:B],
+        mask=mask,
         old_logprobs=None if case["old_logprobs"] is None else case["old_logprobs"][:B, :T],
         ref_logprobs=None if case["ref_logprobs"] is None else case["ref_logprobs"][:B, :T],
     )

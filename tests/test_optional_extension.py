@@ -129,7 +129,12 @@ def test_an_install_without_the_optional_extras_skips_instead_of_failing(tmp_pat
     assert "skipped" in summary, summary
     reasons = re.findall(r"^SKIPPED \[\d+\] (\S+?):\d+: (.*)$", out, flags=re.M)
     skipped_files = {path.split("/")[-1] for path, _ in reasons}
-    expected = {"test_cli.py", "test_loss_benchmarks.py", "test_triton_weights.py", "test_loss_backends.py",
-                "test_loss_kernels_gpu.py"}
+    expected = {
+        "test_cli.py",
+        "test_loss_benchmarks.py",
+        "test_triton_weights.py",
+        "test_loss_backends.py",
+        "test_loss_kernels_gpu.py",
+    }
     assert expected <= skipped_files, out
     assert all("matplotlib" in why or "triton" in why for _, why in reasons), reasons

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import reward_groups
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import rspo_kernels as rk
-from conftest import reward_groups
 
 
 def _w(r, k, objective="max@k", estimator="rspo"):

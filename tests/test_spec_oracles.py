@@ -6,14 +6,13 @@ import math
 from fractions import Fraction
 
 import numpy as np
+import oracles
 import pytest
-import torch
+from conftest import reward_groups
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import oracles
 import rspo_kernels as rk
-from conftest import reward_groups
 from rspo_kernels._dispatch import BACKEND_ENV
 
 ESTIMATORS = ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"]
@@ -70,8 +69,9 @@ def test_passk_training_std_worked_values():
     rho = 9 / 14
     denom = math.sqrt(rho * (1 - rho)) + 1e-6
     w = _spec("pass@k", [1, 0, 0, 1, 0, 0, 0, 0], 3, "passk_training_std")
-    np.testing.assert_allclose(w, [(1 - rho) / denom if x else (11 / 21 - rho) / denom for x in [1, 0, 0, 1, 0, 0, 0, 0]],
-                               rtol=1e-13)
+    np.testing.assert_allclose(
+        w, [(1 - rho) / denom if x else (11 / 21 - rho) / denom for x in [1, 0, 0, 1, 0, 0, 0, 0]], rtol=1e-13
+    )
     # All wrong or all correct: sigma = 0, and every advantage is exactly 0 (not 0/eps noise).
     assert not np.any(_spec("pass@k", [0] * 6, 2, "passk_training_std"))
     assert not np.any(_spec("pass@k", [1] * 6, 2, "passk_training_std"))
@@ -118,7 +118,9 @@ def test_worked_values_from_math_md():
 def test_plugin_pass_is_not_plugin_max_on_binary():
     """Eq. 7 uses P_< (others all wrong); eq. 11 approximates P_< by P_<=, so they differ."""
     r = np.array([[1.0, 0.0, 0.0, 1.0]])
-    assert not np.allclose(rk.pass_at_k_weights(r, 2, estimator="plugin"), rk.max_at_k_weights(r, 2, estimator="plugin"))
+    assert not np.allclose(
+        rk.pass_at_k_weights(r, 2, estimator="plugin"), rk.max_at_k_weights(r, 2, estimator="plugin")
+    )
 
 
 @pytest.mark.parametrize("big_first", [True, False])

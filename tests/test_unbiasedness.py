@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracles import expected_gradient
 
 import rspo_kernels as rk
-from oracles import expected_gradient
 from rspo_kernels._dispatch import BACKEND_ENV
 
 UNBIASED = ["rspo", "hitchhiking", "pkpo", "pkpo_loo"]
@@ -81,7 +81,10 @@ def test_max_at_k_estimators_are_unbiased(rewards, logits, n, k):
         if not _applicable(estimator, n, k):
             continue
         got = expected_gradient(
-            _softmax(logits), rewards, n, lambda r: rk.max_at_k_weights(r, k, estimator=estimator)
+            _softmax(logits),
+            rewards,
+            n,
+            lambda r, k=k, estimator=estimator: rk.max_at_k_weights(r, k, estimator=estimator),
         )
         np.testing.assert_allclose(got, target, rtol=0, atol=1e-10, err_msg=estimator)
 
@@ -93,7 +96,10 @@ def test_pass_at_k_estimators_are_unbiased(rewards, logits, n, k):
         if not _applicable(estimator, n, k):
             continue
         got = expected_gradient(
-            _softmax(logits), rewards, n, lambda r: rk.pass_at_k_weights(r, k, estimator=estimator)
+            _softmax(logits),
+            rewards,
+            n,
+            lambda r, k=k, estimator=estimator: rk.pass_at_k_weights(r, k, estimator=estimator),
         )
         np.testing.assert_allclose(got, target, rtol=0, atol=1e-10, err_msg=estimator)
 
@@ -136,12 +142,12 @@ def test_passk_training_std_is_biased():
         for k in range(1, n + 1):
             target = analytic_gradient(exact_pass_at_k, logits, rewards, k)
             got = expected_gradient(
-                _softmax(logits), rewards, n, lambda r: rk.pass_at_k_weights(r, k, estimator="passk_training_std")
+                _softmax(logits), rewards, n, lambda r, k=k: rk.pass_at_k_weights(r, k, estimator="passk_training_std")
             )
             alpha = float(got @ target / (target @ target))
             np.testing.assert_allclose(got, alpha * target, rtol=0, atol=1e-12)
             alphas[p_idx, k] = alpha
-            rspo = expected_gradient(_softmax(logits), rewards, n, lambda r: rk.pass_at_k_weights(r, k))
+            rspo = expected_gradient(_softmax(logits), rewards, n, lambda r, k=k: rk.pass_at_k_weights(r, k))
             np.testing.assert_allclose(rspo, target, rtol=0, atol=1e-10)  # same policy, unbiased
     for k in range(1, n):
         assert all(abs(alphas[p, k] - 1) > 0.15 for p in range(len(PASS_POLICIES))), alphas

@@ -50,7 +50,9 @@ def check_ids(target_ids: Any, shape: tuple[int, ...], device: torch.device) -> 
     if target_ids.dtype.is_floating_point or target_ids.dtype == torch.bool or target_ids.is_complex():
         raise TypeError(f"target_ids must be an integer tensor, got {target_ids.dtype}; use target_ids.long()")
     if tuple(target_ids.shape) != shape:
-        raise ValueError(f"target_ids must have shape {shape} (the logits' leading dims), got {tuple(target_ids.shape)}")
+        raise ValueError(
+            f"target_ids must have shape {shape} (the logits' leading dims), got {tuple(target_ids.shape)}"
+        )
     if target_ids.device != device:
         raise ValueError(f"target_ids is on {target_ids.device} but logits is on {device}; move them together")
 
@@ -83,8 +85,11 @@ def check_weights(weights: Any, token_shape: tuple[int, ...], n_seqs: int | None
         want = f"({token_shape[0]},) per response or {token_shape} per token"
     else:
         allowed = [token_shape] + ([(n_seqs,)] if n_seqs is not None else [])
-        want = f"{token_shape} per token" + (f" or ({n_seqs},) per sequence of cu_seqlens" if n_seqs is not None else
-                                             " (pass cu_seqlens for one weight per sequence)")
+        want = f"{token_shape} per token" + (
+            f" or ({n_seqs},) per sequence of cu_seqlens"
+            if n_seqs is not None
+            else " (pass cu_seqlens for one weight per sequence)"
+        )
     if shape not in allowed:
         raise ValueError(f"weights must have shape {want}, got {shape}")
     if weights.device != device:
@@ -96,7 +101,9 @@ def check_cu_seqlens(cu_seqlens: Any, n_tokens: int, device: torch.device) -> in
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
-        raise TypeError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+        raise TypeError(
+            f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
+        )
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold S + 1 >= 2 offsets [0, len_0, ..., N], got {cu_seqlens.numel()}")
     if cu_seqlens.device != device:

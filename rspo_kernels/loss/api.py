@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rspo_kernels._dispatch import implementation
 import rspo_kernels.loss._checks as _checks
+from rspo_kernels._dispatch import implementation
 from rspo_kernels.loss.layout import token_batch
 from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
 from rspo_kernels.loss.policy import policy_loss
@@ -258,9 +258,16 @@ def rspo_loss(
         max_response_length=max_response_length,
     )
     return rspo_loss_with_options(
-        logits, target_ids, weights, mask, options,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, cu_seqlens=cu_seqlens,
-        inplace_backward=inplace_backward, return_stats=return_stats,
+        logits,
+        target_ids,
+        weights,
+        mask,
+        options,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        cu_seqlens=cu_seqlens,
+        inplace_backward=inplace_backward,
+        return_stats=return_stats,
     )
 
 
@@ -292,8 +299,13 @@ def rspo_loss_with_options(
     _, fn = implementation("token_logprobs", logits.device.type, logits.dtype)
     kw = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
     logp, entropy = fn(
-        batch.rows, batch.ids, batch.live, temperature=options.temperature, with_entropy=return_stats,
-        inplace_backward=bool(inplace_backward) and torch.is_grad_enabled(), **kw,
+        batch.rows,
+        batch.ids,
+        batch.live,
+        temperature=options.temperature,
+        with_entropy=return_stats,
+        inplace_backward=bool(inplace_backward) and torch.is_grad_enabled(),
+        **kw,
     )
     return policy_loss(batch, logp, entropy, options, return_stats)
 
@@ -382,8 +394,15 @@ class RSPOLoss(nn.Module):
         if not isinstance(rewards, torch.Tensor):
             raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
         fn = pass_at_k_weights if self.objective == "pass@k" else max_at_k_weights
-        w = fn(rewards.detach(), self.k, group_size=group_size, group_ids=group_ids, estimator=self.estimator,
-               validate=False)
+        w = fn(
+            rewards.detach(),
+            self.k,
+            group_size=group_size,
+            group_ids=group_ids,
+            estimator=self.estimator,
+            validate=False,
+        )
+        assert isinstance(w, torch.Tensor)  # torch rewards in, torch weights out
         return w.reshape(-1)
 
     def forward(
@@ -426,11 +445,19 @@ class RSPOLoss(nn.Module):
         else:
             n_resp, what = logits.shape[0], "responses (B) in logits"
         if isinstance(rewards, torch.Tensor) and rewards.numel() != n_resp:
-            raise ValueError(f"rewards has {rewards.numel()} entries but there are {n_resp} {what}; "
-                             "pass one reward per response")
+            raise ValueError(
+                f"rewards has {rewards.numel()} entries but there are {n_resp} {what}; pass one reward per response"
+            )
         w = self.weights(rewards, group_size=group_size, group_ids=group_ids).to(logits.device)
         return rspo_loss_with_options(
-            logits, target_ids, w, mask, self.options,
-            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, cu_seqlens=cu_seqlens,
-            inplace_backward=self.inplace_backward, return_stats=self.return_stats,
+            logits,
+            target_ids,
+            w,
+            mask,
+            self.options,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            cu_seqlens=cu_seqlens,
+            inplace_backward=self.inplace_backward,
+            return_stats=self.return_stats,
         )

@@ -96,7 +96,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         logits: torch.Tensor,
         ids: torch.Tensor,
         live: torch.Tensor,
@@ -143,7 +143,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         ctx.consumed = False
 
     @staticmethod
-    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
         logits, ids, live = ctx.saved_tensors
@@ -184,8 +184,9 @@ def logits_grad(
         if sparse_ok and not bool(nonzero.all()):
             # Clipped and padded tokens are common in RL batches: compute only the others.
             idx = torch.nonzero(nonzero).squeeze(-1)
-            sub = _softmax_grad_rows(rows.index_select(0, idx), c_g[idx], c_ids[idx],
-                                     None if c_lse is None else c_lse[idx], temperature, cdt)
+            sub = _softmax_grad_rows(
+                rows.index_select(0, idx), c_g[idx], c_ids[idx], None if c_lse is None else c_lse[idx], temperature, cdt
+            )
             # After reading: with inplace, grad_rows are the logits.
             grad_rows.index_fill_(0, torch.nonzero(~nonzero).squeeze(-1), 0.0)
             grad_rows.index_copy_(0, idx, sub.to(grad_rows.dtype))
@@ -199,7 +200,11 @@ def logits_grad(
 
 
 def _softmax_grad_rows(
-    rows: torch.Tensor, g: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor | None, temperature: float,
+    rows: torch.Tensor,
+    g: torch.Tensor,
+    ids: torch.Tensor,
+    lse: torch.Tensor | None,
+    temperature: float,
     cdt: torch.dtype,
 ) -> torch.Tensor:
     """``g * (onehot(ids) - softmax(rows / T))`` for a block of rows, in a fresh ``cdt`` buffer."""
@@ -262,7 +267,12 @@ def fused_token_logprobs(
         ``(N,)`` entropies when asked.
     """
     logp, _, entropy = ChunkedTokenLogprobs.apply(
-        logits, ids, live, float(temperature), bool(with_entropy), bool(inplace_backward),
+        logits,
+        ids,
+        live,
+        float(temperature),
+        bool(with_entropy),
+        bool(inplace_backward),
         int(chunk_rows or default_chunk_rows(logits.shape[-1])),
     )
     return logp, (entropy if with_entropy else None)

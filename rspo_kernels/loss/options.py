@@ -108,9 +108,13 @@ class LossOptions:
         if not 0 <= self.epsilon_low < 1:
             raise ValueError(f"epsilon_low must lie in [0, 1), got {self.epsilon_low}")
         if self.epsilon_high is not None and not 0 <= self.epsilon_high < float("inf"):
-            raise ValueError(f"epsilon_high must be a finite number >= 0 (or None for epsilon_low), got {self.epsilon_high}")
+            raise ValueError(
+                f"epsilon_high must be a finite number >= 0 (or None for epsilon_low), got {self.epsilon_high}"
+            )
         if self.clip_ratio_c is not None and not 1 < self.clip_ratio_c < float("inf"):
-            raise ValueError(f"clip_ratio_c must be > 1 (verl uses 3.0) or None to turn dual-clip off, got {self.clip_ratio_c}")
+            raise ValueError(
+                f"clip_ratio_c must be > 1 (verl uses 3.0) or None to turn dual-clip off, got {self.clip_ratio_c}"
+            )
         if not 0 <= self.beta < float("inf"):
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
         if not isinstance(self.loss_agg_mode, str) or self.loss_agg_mode not in LOSS_AGG_MODES:

@@ -112,9 +112,12 @@ def fused_token_logprobs_reference(
     live2 = live.unsqueeze(-1)
     # Dead rows may hold NaN: replace them before the softmax so no NaN reaches the gradient.
     rows = torch.where(live2, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
-    out = token_logprobs_reference(rows, torch.where(live, ids, torch.zeros_like(ids)), temperature=temperature,
-                                   return_entropy=with_entropy)
-    logp, entropy = out if with_entropy else (out, None)
+    safe_ids = torch.where(live, ids, torch.zeros_like(ids))
+    entropy: torch.Tensor | None = None
+    if with_entropy:
+        logp, entropy = token_logprobs_reference(rows, safe_ids, temperature=temperature, return_entropy=True)
+    else:
+        logp = token_logprobs_reference(rows, safe_ids, temperature=temperature)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(live, logp, zero)
     return logp, None if entropy is None else torch.where(live, entropy.detach(), zero)
@@ -278,25 +281,26 @@ def rspo_loss_reference(
             weights = weights.repeat_interleave(lengths)
         m = torch.ones(N, dtype=torch.bool, device=logits.device) if mask is None else mask
         horizon = opts.max_response_length if opts.max_response_length is not None else 1
-        padded = {
-            "logits": _unpack(logits, cu),
-            "target_ids": _unpack(target_ids, cu),
-            "weights": _unpack(weights, cu),
-            "mask": _unpack(m, cu),
-            "old_logprobs": _unpack(old_logprobs, cu),
-            "ref_logprobs": _unpack(ref_logprobs, cu),
-        }
         kw = {k: getattr(opts, k) for k in LossOptions.field_names()} | {"max_response_length": horizon}
-        return rspo_loss_reference(  # type: ignore[return-value]
-            padded.pop("logits"), padded.pop("target_ids"), padded.pop("weights"), padded.pop("mask"),
-            **padded, return_stats=return_stats, **kw,
+        return rspo_loss_reference(
+            _unpack(logits, cu),  # type: ignore[arg-type]
+            _unpack(target_ids, cu),  # type: ignore[arg-type]
+            _unpack(weights, cu),  # type: ignore[arg-type]
+            _unpack(m, cu),
+            old_logprobs=_unpack(old_logprobs, cu),
+            ref_logprobs=_unpack(ref_logprobs, cu),
+            return_stats=return_stats,
+            **kw,
         )
     B, T, V = logits.shape
     cdt = compute_dtype(logits.dtype)
     m = torch.ones(B, T, dtype=cdt, device=logits.device) if mask is None else mask.to(cdt)
     live = m != 0
     logp, entropy = fused_token_logprobs_reference(
-        logits, target_ids.reshape(-1).long(), live.reshape(-1), temperature=opts.temperature,
+        logits,
+        target_ids.reshape(-1).long(),
+        live.reshape(-1),
+        temperature=opts.temperature,
         with_entropy=return_stats,
     )
     adv = weights.detach().to(cdt)

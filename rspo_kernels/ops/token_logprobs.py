@@ -15,8 +15,9 @@ pick block sizes and the grid, then the ``torch.autograd.Function``. One program
 Strides are left specialised (Triton keys them on divisibility by 16), so the loads along the
 vocabulary are 16-byte vector loads; only ``T``, which changes every step, is
 ``do_not_specialize``. The vocabulary size is a ``constexpr``: fixed per model, it gives the
-loop a constant trip count (and Triton 3.6's interpreter cannot loop to a runtime bound). The kernels use ``tl.exp``/``tl.log`` only (no libdevice), and run under
-``TRITON_INTERPRET=1`` with Triton 3.6 and 3.9.
+loop a constant trip count (and Triton 3.6's interpreter cannot loop to a runtime bound). The
+kernels use ``tl.exp``/``tl.log`` only (no libdevice), and run under ``TRITON_INTERPRET=1`` with
+Triton 3.6 and 3.9.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from rspo_kernels.loss.chunked import check_backward_mode, check_inplace_backward_once, default_chunk_rows, logits_grad
-from rspo_kernels.ops._softmax_helpers import lse_block_update, load_scaled_block, softmax_grad_block
+from rspo_kernels.ops._softmax_helpers import load_scaled_block, lse_block_update, softmax_grad_block
 
 __all__ = ["LAUNCH_ENV", "TritonTokenLogprobs", "fused_token_logprobs", "launch_config"]
 
@@ -143,15 +144,30 @@ def _launch_fwd(
     if N:
         block_v, num_warps = launch_config(V, dev)
         _token_logprobs_fwd_kernel[(N,)](
-            logits, ids, live.view(torch.uint8), logp, lse, entropy if with_entropy else logp,
-            T, logits.stride(0), logits.stride(1), 1.0 / temperature,
-            V=V, WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
+            logits,
+            ids,
+            live.view(torch.uint8),
+            logp,
+            lse,
+            entropy if with_entropy else logp,
+            T,
+            logits.stride(0),
+            logits.stride(1),
+            1.0 / temperature,
+            V=V,
+            WITH_ENTROPY=with_entropy,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
         )
     return logp, lse, entropy
 
 
 def _launch_bwd(
-    logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, g_logp: torch.Tensor, dlogits: torch.Tensor,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    lse: torch.Tensor,
+    g_logp: torch.Tensor,
+    dlogits: torch.Tensor,
     temperature: float,
 ) -> None:
     B, T, V = logits.shape
@@ -159,9 +175,20 @@ def _launch_bwd(
         return
     block_v, num_warps = launch_config(V, logits.device)
     _token_logprobs_bwd_kernel[(B * T,)](
-        logits, ids, lse, g_logp, dlogits, T,
-        logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1), 1.0 / temperature,
-        V=V, BLOCK_V=block_v, num_warps=num_warps,
+        logits,
+        ids,
+        lse,
+        g_logp,
+        dlogits,
+        T,
+        logits.stride(0),
+        logits.stride(1),
+        dlogits.stride(0),
+        dlogits.stride(1),
+        1.0 / temperature,
+        V=V,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
     )
 
 
@@ -173,7 +200,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         logits: torch.Tensor,
         ids: torch.Tensor,
         live: torch.Tensor,
@@ -194,16 +221,26 @@ class TritonTokenLogprobs(torch.autograd.Function):
         ctx.consumed = False
 
     @staticmethod
-    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
         logits, ids, live, lse = ctx.saved_tensors
         if torch._C._functorch.maybe_current_level() is not None:
             # torch.func wraps tensors that have no storage a kernel could read: same math in torch.
-            dlogits = logits_grad(logits, ids, live, lse, g_logp, ctx.temperature, default_chunk_rows(logits.shape[-1]),
-                                  ctx.inplace_backward)
+            dlogits = logits_grad(
+                logits,
+                ids,
+                live,
+                lse,
+                g_logp,
+                ctx.temperature,
+                default_chunk_rows(logits.shape[-1]),
+                ctx.inplace_backward,
+            )
             return dlogits, None, None, None, None, None
-        dlogits = logits if ctx.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        dlogits = (
+            logits if ctx.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        )
         # Dead tokens take no gradient, whatever reaches their (constant 0) log-prob.
         g = torch.where(live, g_logp.to(torch.float32), torch.zeros((), device=g_logp.device)).contiguous()
         _launch_bwd(logits, ids, lse, g, dlogits, ctx.temperature)

@@ -49,7 +49,7 @@ def _chunk_slots(i_c, p_offsets, p_chunks, BLOCK: tl.constexpr):
     i_b = tl.load(p_chunks + 2 * i_c + 1)
     start = tl.load(p_offsets + i_g)
     n = tl.load(p_offsets + i_g + 1) - start
-    o_slot = i_b * BLOCK + tl.arange(0, BLOCK)                                   # [BLOCK]
+    o_slot = i_b * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     return i_g, start, n, o_slot, o_slot < n
 
 
@@ -68,18 +68,27 @@ def _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS: tl.constexpr):
 def _rspo_chunk_sums_kernel(p_v, p_offsets, p_chunks, p_sums, p_lf, k, IS_PASS: tl.constexpr, BLOCK: tl.constexpr):
     i_c = tl.program_id(0)
     i_g, start, n, o_slot, m_slot = _chunk_slots(i_c, p_offsets, p_chunks, BLOCK)
-    b_t = _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS)         # [BLOCK]
+    b_t = _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS)  # [BLOCK]
     tl.store(p_sums + i_c, tl.sum(tl.where(m_slot, b_t, 0.0), axis=0))
 
 
 @triton.jit
 def _rspo_weights_kernel(
-    p_v, p_order, p_out, p_offsets, p_chunks, p_carry, p_total, p_lf, k,
-    IS_PASS: tl.constexpr, BLOCK: tl.constexpr,
+    p_v,
+    p_order,
+    p_out,
+    p_offsets,
+    p_chunks,
+    p_carry,
+    p_total,
+    p_lf,
+    k,
+    IS_PASS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     i_c = tl.program_id(0)
     i_g, start, n, o_slot, m_slot = _chunk_slots(i_c, p_offsets, p_chunks, BLOCK)
-    b_t = _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS)         # [BLOCK]
+    b_t = _chunk_terms(p_v, start, o_slot, n, k, p_lf, m_slot, IS_PASS)  # [BLOCK]
     if IS_PASS:
         # c is the group's number of correct answers; q(n - c) is one scalar per group.
         n_wrong = n - tl.load(p_total + i_g).to(tl.int64)
@@ -142,7 +151,9 @@ def _rspo_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
     v = v.contiguous()
     log_factorial = torch.lgamma(torch.arange(int(sizes.max()) + 2, dtype=torch.float64, device=device) + 1)
     sums = torch.empty(n_chunks, dtype=torch.float64, device=device)
-    _rspo_chunk_sums_kernel[(n_chunks,)](v, groups.offsets, chunks, sums, log_factorial, k, IS_PASS=is_pass, BLOCK=block)
+    _rspo_chunk_sums_kernel[(n_chunks,)](
+        v, groups.offsets, chunks, sums, log_factorial, k, IS_PASS=is_pass, BLOCK=block
+    )
     # Chunks are stored group after group, so per-group scans of `sums` are segment scans.
     chunk_group = chunks[:, 0]
     total = torch.zeros(groups.num_groups, dtype=torch.float64, device=device).index_add_(0, chunk_group, sums)
