@@ -17,6 +17,7 @@ backend_info
 from rspo_kernels._dispatch import backend_info
 from rspo_kernels.api import ESTIMATORS, max_at_k, max_at_k_weights, pass_at_k, pass_at_k_weights
 from rspo_kernels.loss import LOSS_AGG_MODES, LossOptions, RSPOLoss, rspo_loss, token_logprobs
+from rspo_kernels.loss import RSPOLinearLoss, rspo_linear_loss, token_logprobs_linear
 
 __version__ = "0.1.0"
 __all__ = [
@@ -33,3 +34,4 @@ __all__ = [
     "token_logprobs",
     "__version__",
 ]
+__all__ += ["RSPOLinearLoss", "rspo_linear_loss", "token_logprobs_linear"]
