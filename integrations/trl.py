@@ -19,6 +19,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings
+from rspo_kernels.integrations.trl_fused import FusedLinearLossMixin
 
 __all__ = ["RSPOConfig", "RSPOTrainer", "rspo_advantages"]
 
@@ -38,6 +39,9 @@ class RSPOConfig(GRPOConfig):
         Pass@k needs binary total rewards; Max@k takes graded ones.
     rspo_estimator : str, default "rspo"
         One of :data:`rspo_kernels.ESTIMATORS`.
+    use_fused_linear_loss : bool, default False
+        Compute the policy loss from the last hidden state and ``lm_head`` with
+        :func:`rspo_kernels.rspo_linear_loss`, never building the logits (see ``trl_fused``).
 
     Notes
     -----
@@ -50,6 +54,9 @@ class RSPOConfig(GRPOConfig):
     rspo_objective: str = field(default="pass@k", metadata={"help": "'pass@k' (binary rewards) or 'max@k'."})
     rspo_estimator: str = field(
         default="rspo", metadata={"help": "'rspo' (unbiased), 'plugin', 'hitchhiking', 'pkpo' or 'pkpo_loo'."}
+    )
+    use_fused_linear_loss: bool = field(
+        default=False, metadata={"help": "Policy loss from the last hidden state and lm_head, never the logits."}
     )
 
     def __post_init__(self) -> None:
@@ -105,7 +112,7 @@ def rspo_advantages(
     return weights, metrics
 
 
-class RSPOTrainer(GRPOTrainer):
+class RSPOTrainer(FusedLinearLossMixin, GRPOTrainer):
     """:class:`trl.GRPOTrainer` whose advantages are RSPO weights.
 
     The weights are computed on the rewards of all processes (a prompt's completions can be spread
