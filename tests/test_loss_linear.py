@@ -275,23 +275,30 @@ def test_retain_graph_and_grad_output():
 
 def test_no_grad_does_no_gradient_work(monkeypatch):
     """Item 4: under no_grad only the forward's blocks are computed, and nothing is saved."""
-    calls = []
-    real = linear_chunked._mm
-    monkeypatch.setattr(linear_chunked, "_mm", lambda *a: calls.append(1) or real(*a))
+    calls = {"logits": 0, "grad": 0}
+    real_logits, real_addmm = linear_chunked._block_logits, linear_chunked._addmm
+
+    def count(key, fn):
+        def wrapped(*a):
+            calls[key] += 1
+            return fn(*a)
+        return wrapped
+
+    monkeypatch.setattr(linear_chunked, "_block_logits", count("logits", real_logits))
+    monkeypatch.setattr(linear_chunked, "_addmm", count("grad", real_addmm))
     case = make_case(B=2, T=4, V=14)
-    case["mask"] = None
     h = case["hidden"].clone().requires_grad_()
+    run = lambda: rk.rspo_linear_loss(h, case["weight"], case["ids"].clamp(min=0), case["weights"],  # noqa: E731
+                                      chunk_rows=4, vocab_block=7)
     with torch.no_grad():
-        loss = rk.rspo_linear_loss(h, case["weight"], case["ids"].clamp(min=0), case["weights"], chunk_rows=4,
-                                   vocab_block=7)
+        loss = run()
     assert not loss.requires_grad
-    assert len(calls) == 2 * 2  # 2 token chunks x 2 vocabulary blocks, one matmul each
-    calls.clear()
-    loss = rk.rspo_linear_loss(h, case["weight"], case["ids"].clamp(min=0), case["weights"], chunk_rows=4,
-                               vocab_block=7)
-    assert len(calls) == 4
+    assert calls == {"logits": 2 * 2, "grad": 0}  # 2 token chunks x 2 vocabulary blocks, forward only
+    calls.update(logits=0)
+    loss = run()
+    assert calls == {"logits": 4, "grad": 0}  # the forward computes no gradient either
     loss.backward()
-    assert len(calls) == 4 + 2 * 4  # backward: recompute + dhidden per block (the weight needs no grad)
+    assert calls == {"logits": 4 + 4, "grad": 4}  # recompute, then dhidden only (the weight needs no grad)
 
 
 def test_create_graph_raises():

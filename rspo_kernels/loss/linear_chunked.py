@@ -75,6 +75,14 @@ def _mm(a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
     return a.to(cdt) @ b.to(cdt)
 
 
+def _addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype) -> None:
+    """``acc += a @ b``, in place when the operands already have the compute dtype (no temporary)."""
+    if a.dtype == cdt and b.dtype == cdt:
+        acc.addmm_(a, b)
+    else:
+        acc += _mm(a, b, cdt)
+
+
 def _rows(hidden: torch.Tensor, index: torch.Tensor | None, cdt: torch.dtype) -> torch.Tensor:
     """The ``(n, H)`` rows ``index`` of ``(B, T, H)`` hidden states (all rows when None), a view if possible."""
     B, T, H = hidden.shape
@@ -234,9 +242,9 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     x.scatter_add_(1, local.clamp(0, v1 - v0 - 1).unsqueeze(-1),
                                    torch.where(inside, c_g, torch.zeros((), dtype=cdt, device=dev)).unsqueeze(-1))
                     if need_h:
-                        acc_h[r0:r1] += _mm(x, w, cdt)
+                        _addmm(acc_h[r0:r1], x, w, cdt)
                     if need_w:
-                        acc_w += _mm(x.t(), h[r0:r1], cdt)
+                        _addmm(acc_w, x.t(), h[r0:r1], cdt)
                     if need_b:
                         grad_b[v0:v1] += x.sum(dim=0)
                     del x
