@@ -17,8 +17,12 @@ at full size (loading code paths, thread pools and Liger's compiled kernels), fr
 resets the kernel's high-water mark (``/proc/self/clear_refs``), reads the resident size
 (baseline), runs forward + backward once more and reads the high-water mark (``VmHWM``).
 ``extra = peak - baseline`` includes the gradients of hidden, weight and bias (the buffers every
-variant must produce). Then it times ``--repeats`` more runs; the table reports medians. Where
-``clear_refs`` is not writable the warm-up runs at a tiny shape instead, before the baseline.
+variant must produce). Where ``clear_refs`` is not writable the warm-up runs at a tiny shape
+instead, before the baseline.
+
+Time: one more process builds the inputs once, warms every variant up, then runs ``--repeats``
+rounds of one forward + backward per variant, round-robin, so that every variant meets the same
+machine load (the CPUs may be shared); the table reports medians.
 
 Usage
 -----
@@ -79,7 +83,7 @@ def _make_step(variant: str, smoke: bool):
             loss = rk.rspo_linear_loss(h, w, ids, adv, bias=b, old_logprobs=old, epsilon_low=EPS_LOW,
                                        epsilon_high=EPS_HIGH)
             loss.backward()
-            return float(loss)
+            return float(loss.detach())
 
         return step
     if variant == "unfused":
@@ -91,7 +95,7 @@ def _make_step(variant: str, smoke: bool):
             a = adv.unsqueeze(-1)
             loss = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH)).mean()
             loss.backward()
-            return float(loss)
+            return float(loss.detach())
 
         return step
     if variant == "liger":
@@ -104,50 +108,48 @@ def _make_step(variant: str, smoke: bool):
         def step(h, w, b, ids, adv, old):
             loss, _ = crit(h, w, ids, torch.ones_like(ids), adv, bias=b, old_per_token_logps=old)
             loss.backward()
-            return float(loss)
+            return float(loss.detach())
 
         return step
     raise ValueError(variant)
 
 
-def _child(variant: str, args: argparse.Namespace) -> dict:
+def _make_inputs(args: argparse.Namespace, tiny: bool = False) -> tuple:
+    """``(hidden, weight, bias, ids, advantages, old_logprobs)``, built in place (no temporaries)."""
     import torch
 
     dtype = getattr(torch, args.dtype)
-    step = _make_step(variant, args.smoke)
+    B, T, H, V = (1, 4, 8, 16) if tiny else (args.batch, args.n // args.batch, args.h, args.v)
+    g = torch.Generator().manual_seed(0)
+    h = torch.empty(B, T, H, dtype=dtype).normal_(generator=g).requires_grad_()
+    w = torch.empty(V, H, dtype=dtype).normal_(std=H**-0.5, generator=g).requires_grad_()
+    b = torch.empty(V, dtype=dtype).normal_(std=0.1, generator=g).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g)
+    adv = torch.empty(B).normal_(generator=g)
+    old = torch.empty(B, T).normal_(generator=g).mul_(0.3).sub_(torch.log(torch.tensor(float(V))))
+    return h, w, b, ids, adv, old
 
-    def make(B: int, T: int, H: int, V: int):
-        g = torch.Generator().manual_seed(0)
-        h = torch.empty(B, T, H, dtype=dtype).normal_(generator=g).requires_grad_()  # in place: no temporary
-        w = torch.empty(V, H, dtype=dtype).normal_(std=H**-0.5, generator=g).requires_grad_()
-        b = torch.empty(V, dtype=dtype).normal_(std=0.1, generator=g).requires_grad_()
-        ids = torch.randint(0, V, (B, T), generator=g)
-        adv = torch.empty(B).normal_(generator=g)
-        old = torch.empty(B, T).normal_(generator=g).mul_(0.3).sub_(torch.log(torch.tensor(float(V))))
-        return h, w, b, ids, adv, old
+
+def _child(variant: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    step = _make_step(variant, args.smoke)
 
     def clear(inputs) -> None:
         for t in inputs[:3]:
             t.grad = None
 
-    B, T = args.batch, args.n // args.batch
-    inputs = make(B, T, args.h, args.v)
+    inputs = _make_inputs(args)
     can_reset = _reset_peak()
     if can_reset:
         step(*inputs)  # full-size warm-up: code paths, thread pools, compiled kernels
         clear(inputs)
         _reset_peak()
     else:
-        step(*make(1, 4, 8, 16))
+        step(*_make_inputs(args, tiny=True))
     baseline = _status_kib("VmRSS")
     loss = step(*inputs)
     peak = _status_kib("VmHWM")
-    times = []
-    for _ in range(args.repeats):
-        clear(inputs)
-        t0 = time.perf_counter()
-        step(*inputs)
-        times.append(time.perf_counter() - t0)
     grad_mib = sum(t.numel() * t.element_size() for t in inputs[:3]) / 2**20
     return {
         "variant": variant,
@@ -156,14 +158,39 @@ def _child(variant: str, args: argparse.Namespace) -> dict:
         "peak_mib": peak / 1024,
         "extra_mib": (peak - baseline) / 1024,
         "gradients_mib": grad_mib,
-        "median_s": statistics.median(times) if times else None,
-        "times_s": times,
         "peak_reset": can_reset,
     }
 
 
+def _timing_child(variants: list[str], args: argparse.Namespace) -> dict:
+    """Median forward + backward time of each variant, round-robin in one process on the same inputs.
+
+    Interleaving the variants (one run of each per round) exposes them to the same machine load,
+    so their ratios hold on a shared machine where back-to-back blocks of runs would not.
+    """
+    inputs = _make_inputs(args)
+    steps = {}
+    for v in variants:
+        try:
+            steps[v] = _make_step(v, args.smoke)
+            steps[v](*inputs)  # warm-up (Liger compiles here)
+        except Exception as exc:  # an optional peer may be missing or fail; record why
+            steps.pop(v, None)
+            print(f"{v}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    for _ in range(args.repeats):
+        for v, step in steps.items():
+            for t in inputs[:3]:
+                t.grad = None
+            t0 = time.perf_counter()
+            step(*inputs)
+            times[v].append(time.perf_counter() - t0)
+    return {v: {"median_s": statistics.median(ts) if ts else None, "times_s": ts} for v, ts in times.items()}
+
+
 def _run_child(variant: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--n", str(args.n), "--h", str(args.h),
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--variants", args.variants,
+           "--n", str(args.n), "--h", str(args.h),
            "--v", str(args.v), "--batch", str(args.batch), "--dtype", args.dtype, "--repeats", str(args.repeats)] + (["--smoke"] if args.smoke else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", RSPO_KERNELS_BACKEND="")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; not a measurement")
     p.add_argument("--out", default=None, help="JSON path (the markdown table goes next to it)")
-    p.add_argument("--child", default=None, choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--child", default=None, choices=VARIANTS + ("timing",), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.n = args.n or (256 if args.smoke else 4096)
     args.h = args.h or (64 if args.smoke else 1024)
@@ -235,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
     if args.n % args.batch:
         p.error("--n must be a multiple of --batch")
+    if args.child == "timing":
+        print(json.dumps(_timing_child([v.strip() for v in args.variants.split(",") if v.strip()], args)))
+        return 0
     if args.child:
         print(json.dumps(_child(args.child, args)))
         return 0
@@ -246,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     rows = {v: _run_child(v, args) for v in variants}
+    timing = _run_child("timing", args) if args.repeats else {}
+    for v, r in rows.items():
+        r.update(timing.get(v, {"median_s": None, "times_s": []}))
     now = _dt.datetime.now(_dt.timezone.utc)
     report = {
         "benchmark": "rspo_linear_loss CPU forward+backward: peak extra RSS (VmHWM, one process per variant) and time",
