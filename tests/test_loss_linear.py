@@ -429,3 +429,12 @@ def test_packed_seq_modes_need_cu_seqlens_and_horizon():
     with pytest.raises(ValueError, match="pass max_response_length"):
         rk.rspo_linear_loss(c["hidden"], c["weight"], c["ids"], c["weights"], cu_seqlens=c["cu_seqlens"],
                             loss_agg_mode="seq-mean-token-sum-norm")
+
+
+def test_docstring_examples():
+    import doctest
+
+    from rspo_kernels.loss import linear
+
+    result = doctest.testmod(linear, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
