@@ -56,7 +56,7 @@ def make_case(B=3, T=5, H=8, V=37, dtype=torch.float32, packed=False, seed=0):
     return case
 
 
-def run_linear(case, dtype_grad=True, **kw):
+def run_linear(case, **kw):
     h = case["hidden"].clone().requires_grad_()
     w = case["weight"].clone().requires_grad_()
     b = case["bias"].clone().requires_grad_()
@@ -89,10 +89,6 @@ def assert_grad_close(got, want, dtype, what):
     tol = UNIT[dtype] * want.abs() + ACC[dtype] * scale + (2.0**-24 if dtype == torch.float16 else 0.0)
     err = (got - want).abs()
     assert bool((err <= tol).all()), f"{what}: max error {float(err.max()):.3e} (scale {scale:.3e}, {dtype})"
-
-
-def assert_value_close(got, want, what):
-    torch.testing.assert_close(got.double(), want.double(), rtol=ACC[torch.float32], atol=1e-6, msg=what)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
