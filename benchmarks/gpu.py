@@ -234,6 +234,105 @@ def _weights_section(device: torch.device, smoke: bool, repeats: int, warmup: in
     return {"rows": rows, "ok": all(r["max_err_over_max_weight"] < 1e-5 for r in rows)}
 
 
+# --------------------------------------------------------------------------- fused-linear loss
+def _linear_section(device: torch.device, smoke: bool, repeats: int, warmup: int) -> dict:
+    """``rspo_linear_loss`` forward + backward from bf16 hidden states and ``lm_head``, side by side.
+
+    Shape: 8192 tokens, H = 4096, V = 151936 (smoke: 64 x 32 x 512). Variants on the same inputs,
+    the token-mean clipped loss with old log-probs: rspo_kernels (blocks of logits, recomputed in
+    backward), unfused eager torch (``F.linear``, float32 ``log_softmax``, gather, loss, backward)
+    and Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (``loss_type="bnpo"`` = our token-mean) when
+    importable. Correctness: loss and the three gradients against the unfused float32 computation
+    on the same bf16 values. Memory: peak allocated beyond the inputs, the gradients of hidden,
+    weight and bias included (they are what every variant must produce).
+    """
+    import rspo_kernels as rk_api
+
+    B, T, H, V = (2, 32, 32, 512) if smoke else (16, 512, 4096, 151936)
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(2)
+    hidden = torch.randn(B, T, H, device=device, generator=g).to(dtype)
+    weight = (torch.randn(V, H, device=device, generator=g) * H**-0.5).to(dtype)
+    bias = (torch.randn(V, device=device, generator=g) * 0.1).to(dtype)
+    ids = torch.randint(0, V, (B, T), device=device, generator=g)
+    adv = torch.randn(B, device=device, generator=g)
+    old = torch.randn(B, T, device=device, generator=g) * 0.3 - math.log(V)
+    eps = dict(epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+
+    def leaves(dt=dtype):
+        return [t.to(dt).clone().requires_grad_() for t in (hidden, weight, bias)]
+
+    def ours(h, w, b):
+        loss = rk_api.rspo_linear_loss(h, w, ids, adv, bias=b, old_logprobs=old, **eps)
+        loss.backward()
+        return loss
+
+    def unfused(h, w, b):
+        logp = torch.log_softmax(torch.nn.functional.linear(h, w, b).float(), dim=-1)
+        logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
+        a = adv.unsqueeze(-1)
+        loss = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH)).mean()
+        loss.backward()
+        return loss
+
+    section: dict = {"shape": {"B": B, "T": T, "H": H, "V": V, "tokens": B * T, "dtype": str(dtype)}}
+    # 1. correctness: bf16 fused against float32 unfused on the same values.
+    fast, slow = leaves(), leaves(torch.float32)
+    loss_f, loss_s = ours(*fast), unfused(*slow)
+    section["correctness"] = {"loss": _close(loss_f, loss_s, 1e-5)}
+    for name, a_, b_ in zip(("d_hidden", "d_weight", "d_bias"), fast, slow):
+        section["correctness"][name] = _close(a_.grad, b_.grad, 2.0**-7)  # one bf16 rounding (+ fp32 sums)
+    section["correctness"]["ok"] = all(v["ok"] for v in section["correctness"].values())
+    del fast, slow
+    variants = {"rspo_kernels": ours, "torch_eager": unfused}
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        # compiled=True (its default) on the GPU; a CPU smoke run skips the compile time.
+        crit = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo", compiled=not smoke, **eps)
+
+        def liger(h, w, b):
+            loss, _ = crit(h, w, ids, torch.ones_like(ids), adv, bias=b, old_per_token_logps=old)
+            loss.backward()
+            return loss
+
+        variants["liger_fused_linear_grpo"] = liger
+    except Exception as exc:  # not installed, or an incompatible version
+        section["liger_error"] = f"{type(exc).__name__}: {exc}"
+    grad_bytes = sum(t.numel() * t.element_size() for t in (hidden, weight, bias))
+    rows = {}
+    for name, fn in variants.items():
+        try:
+            times = _time_ms(fn, leaves, device, repeats, warmup)
+            rows[name] = {"median_ms": statistics.median(times), "times_ms": times,
+                          "peak_extra_mib_incl_grads": (lambda e: None if e is None else e + grad_bytes / 2**20)(
+                              _peak_extra_mib(fn, leaves, device, 0) if device.type == "cuda" else None)}
+        except Exception as exc:
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ours_ms = rows.get("rspo_kernels", {}).get("median_ms")
+    for r in rows.values():
+        if ours_ms and "median_ms" in r:
+            r["time_vs_rspo_kernels"] = r["median_ms"] / ours_ms  # > 1: rspo_kernels is faster
+    section["fwd_bwd"] = rows
+    return section
+
+
+def _print_linear(section: dict) -> None:
+    s = section["shape"]
+    print(f"\nrspo_linear_loss fwd+bwd  tokens={s['tokens']} H={s['H']} V={s['V']} {s['dtype']}  "
+          f"correctness: {'OK' if section['correctness']['ok'] else 'FAILED'}")
+    print(f"{'variant':<26}{'median ms':>11}{'x ours':>9}{'extra MiB':>11}")
+    for name, r in section["fwd_bwd"].items():
+        if "error" in r:
+            print(f"{name:<26} error: {r['error'][:70]}")
+            continue
+        ex = "-" if r["peak_extra_mib_incl_grads"] is None else f"{r['peak_extra_mib_incl_grads']:.1f}"
+        print(f"{name:<26}{r['median_ms']:>11.3f}{r.get('time_vs_rspo_kernels', math.nan):>9.2f}{ex:>11}")
+
+
 # --------------------------------------------------------------------------- the benchmark
 def _contract_section(logits_full, ids, weights, mask, kw) -> dict:
     """The loss-v2 regression cases at the real shape: loss scaling, retain_graph, grad_output, no_grad."""
@@ -475,6 +574,7 @@ def main() -> int:
     }
     report["targets"] = targets
     report["weights"] = _weights_section(device, a.smoke, a.repeats, a.warmup)
+    report["linear_loss"] = _linear_section(device, a.smoke, a.repeats, a.warmup)
 
     # print and write ------------------------------------------------------------------------------
     print(f"device {report['device']}  backend {backend}  shape B={B} T={T} V={V} {dtype}  (smoke={a.smoke})")
@@ -516,6 +616,7 @@ def main() -> int:
             f"{r['case'] + ' ' + r['objective']:<30}{t['triton']:>11.3f}{t['api']:>9.3f}{t['spec']:>9.3f}"
             f"{t['floor']:>10.3f}{r['triton_over_floor']:>9.2f}{r['max_err_over_max_weight']:>9.1e}"
         )
+    _print_linear(report["linear_loss"])
     print("\ntargets: " + ", ".join(f"{k}={v}" for k, v in targets.items()))
 
     if a.out:

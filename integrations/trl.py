@@ -25,6 +25,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import rspo_kernels as rk
 from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings
+from rspo_kernels.integrations.trl_fused import FusedLinearLossMixin
 
 __all__ = ["RSPOConfig", "RSPOTrainer", "rspo_advantages"]
 
@@ -57,6 +58,9 @@ class RSPOConfig(GRPOConfig):
     ValueError
         On creation, before any model loads: an invalid ``rspo_*`` value, or one that groups of
         ``num_generations`` (or ``num_generations_eval``) completions cannot serve.
+    use_fused_linear_loss : bool, default False
+        Compute the policy loss from the last hidden state and ``lm_head`` with
+        :func:`rspo_kernels.rspo_linear_loss`, never building the logits (see ``trl_fused``).
 
     Notes
     -----
@@ -71,6 +75,9 @@ class RSPOConfig(GRPOConfig):
     loss_type: str = field(default="dr_grpo", metadata={"help": "GRPO's loss_type; RSPO's weights need 'dr_grpo'."})
     if _RENAMED_CHECKPOINTING:
         gradient_checkpointing: bool | None = None  # TRL's default goes onto the new name below
+    use_fused_linear_loss: bool = field(
+        default=False, metadata={"help": "Policy loss from the last hidden state and lm_head, never the logits."}
+    )
 
     def __post_init__(self) -> None:
         if _RENAMED_CHECKPOINTING and self.gradient_checkpointing is None and self.activation_checkpointing is None:
@@ -135,7 +142,7 @@ def rspo_advantages(
     return weights, metrics
 
 
-class RSPOTrainer(GRPOTrainer):
+class RSPOTrainer(FusedLinearLossMixin, GRPOTrainer):
     """:class:`trl.GRPOTrainer` whose advantages are RSPO weights.
 
     The weights are computed on the rewards of all processes (a prompt's completions can be spread

@@ -1,0 +1,324 @@
+"""Peak extra CPU memory and time of the fused-linear RSPO loss, forward + backward, side by side.
+
+Variants, on the same inputs (hidden states ``(B, T, H)``, ``lm_head`` weight ``(V, H)`` and bias,
+float32 by default; the token-mean clipped loss with old log-probs):
+
+- ``rspo_linear``: :func:`rspo_kernels.rspo_linear_loss` (blocks of logits, recomputed in backward);
+- ``unfused``: eager torch: ``F.linear``, ``log_softmax``, ``gather``, the clipped loss, backward;
+- ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (``loss_type="bnpo"``, which is our
+  ``token-mean``) with its defaults (``chunk_size=1``, ``compiled=True``), when installed.
+
+Method
+------
+Each variant runs in its own fresh Python process with ``MALLOC_MMAP_THRESHOLD_=65536``, so every
+large buffer is ``mmap``-ed and returned to the OS when freed, and the resident set size tracks
+what is alive. The child builds the inputs in place (no temporaries), runs forward + backward once
+at full size (loading code paths, thread pools and Liger's compiled kernels), frees the gradients,
+resets the kernel's high-water mark (``/proc/self/clear_refs``), reads the resident size
+(baseline), runs forward + backward once more and reads the high-water mark (``VmHWM``).
+``extra = peak - baseline`` includes the gradients of hidden, weight and bias (the buffers every
+variant must produce). Where ``clear_refs`` is not writable the warm-up runs at a tiny shape
+instead, before the baseline.
+
+Time: one more process builds the inputs once, warms every variant up, then runs ``--repeats``
+rounds of one forward + backward per variant, round-robin, so that every variant meets the same
+machine load (the CPUs may be shared); the table reports medians.
+
+Usage
+-----
+``python benchmarks/linear_memory.py`` (4096 tokens, H = 1024, V = 32000, float32) prints a
+table and writes ``benchmarks/results/cpu-linear-<date>.json`` and ``.md`` (``--out`` picks the
+JSON path). ``--smoke`` runs tiny shapes in a few seconds and writes to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = ("rspo_linear", "unfused", "liger")
+# The issue's targets, each a ratio of rspo_linear to another variant.
+TARGETS = {
+    "memory_vs_unfused": 1 / 8,
+    "memory_vs_liger": 0.6,
+    "time_vs_liger": 1.0,
+    "time_vs_unfused": 2.0,
+}
+EPS_LOW, EPS_HIGH = 0.2, 0.28
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _make_step(variant: str, smoke: bool):
+    """``step(inputs)``: one forward + backward of ``variant``; returns the loss value."""
+    import torch
+
+    if variant == "rspo_linear":
+        import rspo_kernels as rk
+
+        def step(h, w, b, ids, adv, old):
+            loss = rk.rspo_linear_loss(h, w, ids, adv, bias=b, old_logprobs=old, epsilon_low=EPS_LOW,
+                                       epsilon_high=EPS_HIGH)
+            loss.backward()
+            return float(loss.detach())
+
+        return step
+    if variant == "unfused":
+
+        def step(h, w, b, ids, adv, old):
+            logits = torch.nn.functional.linear(h, w, b).float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
+            a = adv.unsqueeze(-1)
+            loss = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH)).mean()
+            loss.backward()
+            return float(loss.detach())
+
+        return step
+    if variant == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        # compiled=True is Liger's default; compiling takes longer than a smoke run may.
+        crit = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo", epsilon_low=EPS_LOW,
+                                        epsilon_high=EPS_HIGH, compiled=not smoke)
+
+        def step(h, w, b, ids, adv, old):
+            loss, _ = crit(h, w, ids, torch.ones_like(ids), adv, bias=b, old_per_token_logps=old)
+            loss.backward()
+            return float(loss.detach())
+
+        return step
+    raise ValueError(variant)
+
+
+def _make_inputs(args: argparse.Namespace, tiny: bool = False) -> tuple:
+    """``(hidden, weight, bias, ids, advantages, old_logprobs)``, built in place (no temporaries)."""
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    B, T, H, V = (1, 4, 8, 16) if tiny else (args.batch, args.n // args.batch, args.h, args.v)
+    g = torch.Generator().manual_seed(0)
+    h = torch.empty(B, T, H, dtype=dtype).normal_(generator=g).requires_grad_()
+    w = torch.empty(V, H, dtype=dtype).normal_(std=H**-0.5, generator=g).requires_grad_()
+    b = torch.empty(V, dtype=dtype).normal_(std=0.1, generator=g).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g)
+    adv = torch.empty(B).normal_(generator=g)
+    old = torch.empty(B, T).normal_(generator=g).mul_(0.3).sub_(torch.log(torch.tensor(float(V))))
+    return h, w, b, ids, adv, old
+
+
+def _child(variant: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    step = _make_step(variant, args.smoke)
+
+    def clear(inputs) -> None:
+        for t in inputs[:3]:
+            t.grad = None
+
+    inputs = _make_inputs(args)
+    can_reset = _reset_peak()
+    if can_reset:
+        step(*inputs)  # full-size warm-up: code paths, thread pools, compiled kernels
+        clear(inputs)
+        _reset_peak()
+    else:
+        step(*_make_inputs(args, tiny=True))
+    baseline = _status_kib("VmRSS")
+    loss = step(*inputs)
+    peak = _status_kib("VmHWM")
+    grad_mib = sum(t.numel() * t.element_size() for t in inputs[:3]) / 2**20
+    return {
+        "variant": variant,
+        "loss": loss,
+        "baseline_mib": baseline / 1024,
+        "peak_mib": peak / 1024,
+        "extra_mib": (peak - baseline) / 1024,
+        "gradients_mib": grad_mib,
+        "peak_reset": can_reset,
+    }
+
+
+def _timing_child(variants: list[str], args: argparse.Namespace) -> dict:
+    """Median forward + backward time of each variant, round-robin in one process on the same inputs.
+
+    Interleaving the variants (one run of each per round) exposes them to the same machine load,
+    so their ratios hold on a shared machine where back-to-back blocks of runs would not.
+    """
+    inputs = _make_inputs(args)
+    steps = {}
+    for v in variants:
+        try:
+            steps[v] = _make_step(v, args.smoke)
+            steps[v](*inputs)  # warm-up (Liger compiles here)
+        except Exception as exc:  # an optional peer may be missing or fail; record why
+            steps.pop(v, None)
+            print(f"{v}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    for _ in range(args.repeats):
+        for v, step in steps.items():
+            for t in inputs[:3]:
+                t.grad = None
+            t0 = time.perf_counter()
+            step(*inputs)
+            times[v].append(time.perf_counter() - t0)
+    return {v: {"median_s": statistics.median(ts) if ts else None, "times_s": ts} for v, ts in times.items()}
+
+
+def _run_child(variant: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--variants", args.variants,
+           "--n", str(args.n), "--h", str(args.h),
+           "--v", str(args.v), "--batch", str(args.batch), "--dtype", args.dtype, "--repeats", str(args.repeats)] + (["--smoke"] if args.smoke else [])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", RSPO_KERNELS_BACKEND="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"variant": variant, "error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ratios(rows: dict) -> dict:
+    ours = rows.get("rspo_linear", {})
+
+    def ratio(key: str, other: str):
+        o = rows.get(other, {})
+        if key not in ours or key not in o or not o[key]:
+            return None
+        return ours[key] / o[key]
+
+    got = {
+        "memory_vs_unfused": ratio("extra_mib", "unfused"),
+        "memory_vs_liger": ratio("extra_mib", "liger"),
+        "time_vs_liger": ratio("median_s", "liger"),
+        "time_vs_unfused": ratio("median_s", "unfused"),
+    }
+    return {k: {"ratio": v, "target": TARGETS[k], "met": None if v is None else v <= TARGETS[k]} for k, v in got.items()}
+
+
+def markdown(report: dict) -> str:
+    s = report["shape"]
+    lines = [
+        f"Fused-linear RSPO loss, forward + backward, CPU {s['dtype']}, {s['tokens']} tokens, H={s['hidden']}, "
+        f"V={s['vocab']} ({report['date_utc'][:10]}, {report['machine']['cpus']} CPUs; median of "
+        f"{report['repeats']} runs). Extra memory: peak RSS above the inputs, gradients included.",
+        "",
+        "| variant | extra MiB | of which gradients | time (s) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | error: {' '.join(r['error'])[:60]} | | |")
+            continue
+        t = "-" if r["median_s"] is None else f"{r['median_s']:.3f}"
+        lines.append(f"| {r['variant']} | {r['extra_mib']:.1f} | {r['gradients_mib']:.1f} | {t} |")
+    lines += ["", "| rspo_linear vs | ratio | target | met |", "|---|---:|---:|---|"]
+    for k, v in report["ratios"].items():
+        ratio = "-" if v["ratio"] is None else f"{v['ratio']:.3f}"
+        lines.append(f"| {k.replace('_vs_', ' vs ')} | {ratio} | <= {v['target']:.3g} | {v['met']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=None, help="tokens B * T (default 4096; smoke 256)")
+    p.add_argument("--h", type=int, default=None, help="hidden size (default 1024; smoke 64)")
+    p.add_argument("--v", type=int, default=None, help="vocabulary size (default 32000; smoke 1000)")
+    p.add_argument("--batch", type=int, default=None, help="B, T = n / B (default 8; smoke 2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 5; smoke 1)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; not a measurement")
+    p.add_argument("--out", default=None, help="JSON path (the markdown table goes next to it)")
+    p.add_argument("--child", default=None, choices=VARIANTS + ("timing",), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.n = args.n or (256 if args.smoke else 4096)
+    args.h = args.h or (64 if args.smoke else 1024)
+    args.v = args.v or (1000 if args.smoke else 32000)
+    args.batch = args.batch or (2 if args.smoke else 8)
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
+    if args.n % args.batch:
+        p.error("--n must be a multiple of --batch")
+    if args.child == "timing":
+        print(json.dumps(_timing_child([v.strip() for v in args.variants.split(",") if v.strip()], args)))
+        return 0
+    if args.child:
+        print(json.dumps(_child(args.child, args)))
+        return 0
+
+    import torch
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    rows = {v: _run_child(v, args) for v in variants}
+    timing = _run_child("timing", args) if args.repeats else {}
+    for v, r in rows.items():
+        r.update(timing.get(v, {"median_s": None, "times_s": []}))
+    now = _dt.datetime.now(_dt.timezone.utc)
+    report = {
+        "benchmark": "rspo_linear_loss CPU forward+backward: peak extra RSS (VmHWM, one process per variant) and time",
+        "date_utc": now.isoformat(timespec="seconds"),
+        "smoke": args.smoke,
+        "machine": {"host": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "liger_kernel": _version("liger_kernel")},
+        "shape": {"tokens": args.n, "hidden": args.h, "vocab": args.v, "batch": args.batch, "dtype": args.dtype},
+        "allocator": {"MALLOC_MMAP_THRESHOLD_": "65536"},
+        "repeats": args.repeats,
+        "results": list(rows.values()),
+        "ratios": _ratios(rows),
+    }
+    table = markdown(report)
+    print(table, end="")
+    if args.out:
+        out = args.out
+    else:
+        folder = tempfile.mkdtemp() if args.smoke else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        out = os.path.join(folder, f"cpu-linear-{now:%Y-%m-%d}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(table)
+    print(f"wrote {out}")
+    failed = [r["variant"] for r in rows.values() if "error" in r and r["variant"] != "liger"]
+    return 1 if failed else 0
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module.replace("_", "-"))
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The RSPO loss from hidden states and the ``lm_head``: ``rspo_linear_loss``, ``token_logprobs_linear``, ``RSPOLinearLoss``.
+
+``logits = (hidden @ lm_head_weight.T + bias) / temperature`` is never materialised for all tokens:
+:class:`~rspo_kernels.loss.linear_chunked.LinearTokenLogprobs` computes the log-probs block by block
+and recomputes each block in backward. Inputs are validated here, once, and normalised into the
+same :class:`~rspo_kernels.loss.layout.TokenBatch` as the logits loss; the O(tokens) rest of the
+loss is :func:`~rspo_kernels.loss.policy.policy_loss`, shared with :func:`rspo_kernels.rspo_loss`.
+``RSPO_KERNELS_BACKEND=reference`` computes the logits unfused instead (for debugging, and for
+second derivatives).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rspo_kernels._dispatch import implementation
+from rspo_kernels.loss import _checks
+from rspo_kernels.loss.api import RSPOLoss, _validate_loss_inputs
+from rspo_kernels.loss.layout import compute_dtype, token_batch
+from rspo_kernels.loss.linear_chunked import linear_token_logprobs
+from rspo_kernels.loss.options import LossOptions
+from rspo_kernels.loss.policy import policy_loss
+
+__all__ = ["RSPOLinearLoss", "rspo_linear_loss", "rspo_linear_loss_with_options", "token_logprobs_linear"]
+
+
+def _check_head(hidden: torch.Tensor, weight: Any, bias: Any) -> None:
+    """``weight`` ``(V, H)`` and ``bias`` ``(V,)`` agree with ``hidden`` in size, dtype and device."""
+    H = hidden.shape[-1]
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"lm_head_weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(
+            f"lm_head_weight must be (V, H) = (vocab, {H}) to match hidden's last dimension H={H}, got shape "
+            f"{tuple(weight.shape)} (pass lm_head.weight, not its transpose)"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"lm_head_weight is {weight.dtype} but hidden is {hidden.dtype}; cast one to the other "
+            "(e.g. hidden.to(lm_head_weight.dtype)) so the logits are computed in one dtype"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"lm_head_weight is on {weight.device} but hidden is on {hidden.device}; move them together")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be (V,) = ({weight.shape[0]},) like lm_head_weight's rows, got {tuple(bias.shape)}")
+    if bias.dtype != hidden.dtype:
+        raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; cast it with bias.to(hidden.dtype)")
+    if bias.device != hidden.device:
+        raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}; move them together")
+
+
+def _check_blocks(chunk_rows: Any, vocab_block: Any) -> None:
+    for name, v in (("chunk_rows", chunk_rows), ("vocab_block", vocab_block)):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int or None, got {v!r}")
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1 (or None for the default block shape), got {v}")
+
+
+def _logprobs(
+    hidden3: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    live: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    chunk_rows: int | None,
+    vocab_block: int | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flat ``(N,)`` log-probs (and entropies) of ``(B, T, H)`` hidden states, blocked or, when forced, unfused."""
+    backend, reference = implementation("token_logprobs", hidden3.device.type, hidden3.dtype)
+    if backend == "reference":
+        cdt = compute_dtype(hidden3.dtype)
+        # Dead rows may hold NaN: 0 * NaN in dW = G^T hidden would leak it, so they become zeros.
+        h = torch.where(live.view(hidden3.shape[:-1]).unsqueeze(-1), hidden3, torch.zeros((), dtype=hidden3.dtype))
+        logits = torch.nn.functional.linear(h.to(cdt), weight.to(cdt), None if bias is None else bias.to(cdt))
+        return reference(logits, ids, live, temperature=temperature, with_entropy=with_entropy)
+    return linear_token_logprobs(
+        hidden3, weight, bias, ids, live, temperature=temperature, with_entropy=with_entropy,
+        chunk_rows=chunk_rows, vocab_block=vocab_block,
+    )
+
+
+def token_logprobs_linear(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    mask: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+    vocab_block: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``target_ids`` under ``softmax((hidden @ W.T + bias) / temperature)``.
+
+    The logits are computed block by block and never exist for all tokens at once. Unlike
+    :func:`rspo_kernels.token_logprobs`, the result is differentiable in ``hidden``,
+    ``lm_head_weight`` and ``bias`` (the backward recomputes the blocks), so a custom actor can
+    feed it to its own policy loss.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        ``(B, T, H)`` padded or ``(N, H)`` packed last hidden states (after the final norm);
+        float16, bfloat16, float32 or float64. Strided views such as ``hidden[:, :-1]`` are read
+        row by row, never copied whole.
+    lm_head_weight : torch.Tensor
+        ``(V, H)`` (``lm_head.weight``; may be tied to the input embedding), the dtype and device
+        of ``hidden``.
+    target_ids : torch.Tensor
+        ``hidden.shape[:-1]`` integer ids in ``[0, V)`` (wherever ``mask`` is nonzero).
+    bias : torch.Tensor, optional
+        ``(V,)`` output bias.
+    temperature : float, default 1.0
+        Divides the logits (use the sampling temperature).
+    return_entropy : bool, default False
+        Also return each token's entropy (not differentiable).
+    mask : torch.Tensor, optional
+        ``hidden.shape[:-1]``; tokens where it is 0 are skipped (log-prob 0, zero gradient) and
+        may hold any id and any hidden state.
+    chunk_rows, vocab_block : int, optional
+        Block shape (tokens x vocabulary entries) of the logits; by default about 8 MiB of
+        float32 on a CPU (512 x 4096) and 256 MiB on a GPU.
+
+    Returns
+    -------
+    torch.Tensor or tuple of torch.Tensor
+        ``hidden.shape[:-1]`` float32 log-probabilities (float64 for float64 inputs), and the
+        entropies when asked.
+
+    Raises
+    ------
+    TypeError
+        Non-tensor inputs, non-float ``hidden``, a weight or bias of another dtype.
+    ValueError
+        Mismatched shapes or devices, ``temperature <= 0``, ids out of range (checked on CPU; on a
+        GPU an out-of-range id gives NaN).
+
+    Notes
+    -----
+    Logits are accumulated in float32 for float16 / bfloat16 inputs. Each block is recomputed in
+    backward, so the op costs one more ``N x V x H`` matmul than an unfused linear layer (see
+    :mod:`rspo_kernels.loss.linear_chunked`). ``create_graph=True`` raises in backward; use
+    ``RSPO_KERNELS_BACKEND=reference`` for second derivatives.
+
+    Examples
+    --------
+    >>> import torch, rspo_kernels as rk
+    >>> hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> W = torch.tensor([[0.0, 0.0], [0.0, 2.0]])  # logits [0, 0] and [0, 2]
+    >>> rk.token_logprobs_linear(hidden, W, torch.tensor([0, 1]))
+    tensor([-0.6931, -0.1269])
+    """
+    _checks.check_logits("hidden", hidden)
+    _checks.check_ids(target_ids, tuple(hidden.shape[:-1]), hidden.device)
+    _check_head(hidden, lm_head_weight, bias)
+    _check_blocks(chunk_rows, vocab_block)
+    temperature = LossOptions(temperature=temperature).temperature
+    if mask is not None:
+        _checks.check_token_tensor("mask", mask, tuple(hidden.shape[:-1]), hidden.device, floating=False)
+    _checks.check_ids_in_range(target_ids, lm_head_weight.shape[0], mask)
+    hidden3 = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
+    ids = target_ids.reshape(-1).long()
+    live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else (mask != 0).reshape(-1)
+    logp, entropy = _logprobs(hidden3, lm_head_weight, bias, ids, live, temperature, return_entropy,
+                              chunk_rows, vocab_block)
+    shape = tuple(target_ids.shape)
+    if return_entropy:
+        return logp.view(shape), entropy.view(shape)
+    return logp.view(shape)
+
+
+def rspo_linear_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    clip_ratio_c: float | None = None,
+    beta: float = 0.0,
+    loss_agg_mode: str = "token-mean",
+    max_response_length: int | None = None,
+    return_stats: bool = False,
+    chunk_rows: int | None = None,
+    vocab_block: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped RSPO policy loss from the last hidden states and the ``lm_head``, never building the logits.
+
+    Equals ``rspo_loss(hidden @ lm_head_weight.T + bias, ...)`` while keeping only about one
+    block of logits (512 x 4096 float32 on a CPU) alive at a time; gradients flow to ``hidden``,
+    ``lm_head_weight`` and ``bias``.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        ``(B, T, H)`` padded or ``(N, H)`` packed last hidden states (after the final norm) at
+        the positions that predict ``target_ids``; float16, bfloat16, float32 or float64.
+    lm_head_weight : torch.Tensor
+        ``(V, H)`` output projection (``lm_head.weight``, possibly tied to the embedding), the
+        dtype and device of ``hidden``.
+    target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens
+        As in :func:`rspo_kernels.rspo_loss`, with ``hidden.shape[:-1]`` as the token shape.
+        Masked tokens contribute nothing: their hidden states are never read.
+    bias : torch.Tensor, optional
+        ``(V,)`` output bias.
+    temperature, epsilon_low, epsilon_high, clip_ratio_c, beta, loss_agg_mode, max_response_length
+        Hyper-parameters; see :class:`rspo_kernels.loss.LossOptions`.
+    return_stats : bool, default False
+        Also return the statistics dict of :func:`rspo_kernels.rspo_loss`.
+    chunk_rows, vocab_block : int, optional
+        Block shape of the logits (tokens x vocabulary entries); picked from the shapes when
+        absent (:func:`rspo_kernels.loss.linear_chunked.default_blocks`).
+
+    Returns
+    -------
+    torch.Tensor or tuple
+        The 0-d loss (float32; float64 for float64 inputs), and the stats dict when asked.
+
+    Raises
+    ------
+    TypeError
+        Non-tensor inputs or wrong dtypes (``lm_head_weight`` and ``bias`` must share
+        ``hidden``'s dtype), non-numeric hyper-parameters.
+    ValueError
+        Shapes, devices or hyper-parameters out of range; each message names the argument.
+    RuntimeError
+        In backward with ``create_graph=True`` (use ``RSPO_KERNELS_BACKEND=reference``).
+
+    Notes
+    -----
+    Forward computes each block of logits (float32 accumulation for half inputs), its
+    log-sum-exp and the target logits, and keeps only the ``(N,)`` log-sum-exp. Backward
+    recomputes each block, forms ``G = dL/dlogp (onehot - softmax) / T`` and accumulates
+    ``dhidden = G W``, ``dW = G^T hidden``, ``db = sum G`` (docs/math.md, "The loss"). Recomputing
+    costs one extra logits matmul per step (four instead of three) and keeps autograd's contract:
+    gradients scale exactly with grad_output (loss scaling in float16), ``retain_graph`` repeats,
+    ``no_grad`` does no gradient work. The per-token objective and the aggregation are those of
+    :func:`rspo_kernels.rspo_loss`.
+
+    Examples
+    --------
+    >>> import torch, rspo_kernels as rk
+    >>> hidden = torch.zeros(1, 2, 3, requires_grad=True)
+    >>> W = torch.randn(4, 3, requires_grad=True)
+    >>> loss = rk.rspo_linear_loss(hidden, W, torch.tensor([[0, 1]]), torch.tensor([2.0]))
+    >>> loss  # -2 * 1: on-policy ratio = 1
+    tensor(-2., grad_fn=<SumBackward0>)
+    >>> loss.backward(); W.grad.shape
+    torch.Size([4, 3])
+    """
+    options = LossOptions(
+        temperature=temperature,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        clip_ratio_c=clip_ratio_c,
+        beta=beta,
+        loss_agg_mode=loss_agg_mode,
+        max_response_length=max_response_length,
+    )
+    return rspo_linear_loss_with_options(
+        hidden, lm_head_weight, target_ids, weights, mask, options, bias=bias,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, cu_seqlens=cu_seqlens,
+        return_stats=return_stats, chunk_rows=chunk_rows, vocab_block=vocab_block,
+    )
+
+
+def rspo_linear_loss_with_options(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor | None,
+    options: LossOptions,
+    *,
+    bias: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    return_stats: bool = False,
+    chunk_rows: int | None = None,
+    vocab_block: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`rspo_linear_loss` with its hyper-parameters in one :class:`LossOptions` (what ``RSPOLinearLoss`` calls)."""
+    if not isinstance(options, LossOptions):
+        raise TypeError(f"options must be a rspo_kernels.loss.LossOptions, got {type(options).__name__}")
+    _checks.check_logits("hidden", hidden)
+    _check_head(hidden, lm_head_weight, bias)
+    _check_blocks(chunk_rows, vocab_block)
+    _validate_loss_inputs(
+        hidden, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options,
+        lm_head_weight.shape[0], name="hidden",
+    )
+    batch = token_batch(hidden, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options)
+    logp, entropy = _logprobs(batch.rows, lm_head_weight, bias, batch.ids, batch.live, options.temperature,
+                              return_stats, chunk_rows, vocab_block)
+    return policy_loss(batch, logp, entropy, options, return_stats)
+
+
+class RSPOLinearLoss(RSPOLoss):
+    """Rewards in, RSPO-weighted policy loss out, from hidden states and the ``lm_head``.
+
+    :class:`rspo_kernels.RSPOLoss` for :func:`rspo_linear_loss`: the same weights, options and
+    validation at construction.
+
+    Parameters
+    ----------
+    objective : {"pass@k", "max@k"}, default "pass@k"
+        Which objective's gradient the weights estimate.
+    k : int, default 4
+        Sample size of the objective.
+    estimator : str, default "rspo"
+        Weight estimator (see :data:`rspo_kernels.ESTIMATORS`).
+    chunk_rows, vocab_block : int, optional
+        Block shape of the logits (see :func:`rspo_linear_loss`).
+    **loss_kwargs
+        The :class:`LossOptions` fields and ``return_stats``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        At construction: an unknown keyword (``inplace_backward`` has no meaning here), objective
+        or estimator, a bad ``k``, block size or hyper-parameter.
+
+    Examples
+    --------
+    >>> import torch, rspo_kernels as rk
+    >>> crit = rk.RSPOLinearLoss("pass@k", k=2)
+    >>> hidden = torch.zeros(4, 3, 8, requires_grad=True)
+    >>> W = torch.randn(5, 8, requires_grad=True)
+    >>> rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])  # one group of 4 responses
+    >>> crit(hidden, W, torch.zeros(4, 3, dtype=torch.long), rewards, group_size=4)
+    tensor(-0.5000, grad_fn=<SumBackward0>)
+    """
+
+    def __init__(
+        self,
+        objective: str = "pass@k",
+        k: int = 4,
+        estimator: str = "rspo",
+        *,
+        chunk_rows: int | None = None,
+        vocab_block: int | None = None,
+        **loss_kwargs: Any,
+    ):
+        if "inplace_backward" in loss_kwargs:
+            raise TypeError("RSPOLinearLoss has no inplace_backward: the logits it would overwrite never exist")
+        _check_blocks(chunk_rows, vocab_block)
+        super().__init__(objective, k, estimator, **loss_kwargs)
+        self.chunk_rows = chunk_rows
+        self.vocab_block = vocab_block
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden: torch.Tensor,
+        lm_head_weight: torch.Tensor,
+        target_ids: torch.Tensor,
+        rewards: torch.Tensor,
+        *,
+        bias: torch.Tensor | None = None,
+        group_size: int | None = None,
+        group_ids: Any = None,
+        mask: torch.Tensor | None = None,
+        old_logprobs: torch.Tensor | None = None,
+        ref_logprobs: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for one reward per response.
+
+        Parameters
+        ----------
+        hidden, lm_head_weight, target_ids, bias, mask, old_logprobs, ref_logprobs, cu_seqlens
+            As in :func:`rspo_linear_loss`.
+        rewards : torch.Tensor
+            One reward per response (``B`` padded, ``S`` packed), as in :class:`rspo_kernels.RSPOLoss`.
+        group_size, group_ids
+            Group layout, as in :func:`rspo_kernels.pass_at_k_weights`.
+
+        Returns
+        -------
+        torch.Tensor or tuple
+            What :func:`rspo_linear_loss` returns.
+        """
+        _checks.check_logits("hidden", hidden)
+        if hidden.dim() == 2:
+            if cu_seqlens is None:
+                raise ValueError("packed (N, H) hidden states need cu_seqlens to map one reward to each sequence")
+            n_resp, what = cu_seqlens.numel() - 1, "sequences in cu_seqlens"
+        else:
+            n_resp, what = hidden.shape[0], "responses (B) in hidden"
+        if isinstance(rewards, torch.Tensor) and rewards.numel() != n_resp:
+            raise ValueError(f"rewards has {rewards.numel()} entries but there are {n_resp} {what}; "
+                             "pass one reward per response")
+        w = self.weights(rewards, group_size=group_size, group_ids=group_ids).to(hidden.device)
+        return rspo_linear_loss_with_options(
+            hidden, lm_head_weight, target_ids, w, mask, self.options, bias=bias,
+            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, cu_seqlens=cu_seqlens,
+            return_stats=self.return_stats, chunk_rows=self.chunk_rows, vocab_block=self.vocab_block,
+        )

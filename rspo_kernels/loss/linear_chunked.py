@@ -1,0 +1,307 @@
+"""Token log-probs from hidden states and the ``lm_head``, in blocks: the logits never exist whole.
+
+:class:`LinearTokenLogprobs` maps hidden states ``h`` ``(B, T, H)``, the ``lm_head`` weight ``W``
+``(V, H)`` and an optional bias ``b`` ``(V,)`` to ``(N,)`` target log-probs under
+``softmax((h W^T + b) / T)``. The work runs over blocks of ``chunk_rows`` tokens by
+``vocab_block`` vocabulary entries, vocabulary outermost (each block of ``W`` is read, and for
+half types up-cast, once per pass):
+
+- forward: each block of logits, accumulated in float32 (float64 for float64 inputs), updates a
+  running per-token log-sum-exp (and entropy) and yields the target logits that fall inside it;
+  then it is freed. Only the ``(N,)`` log-sum-exp is saved.
+- backward: each block is recomputed, turned into ``G = g (onehot - softmax) / T`` in place
+  (``g = dL/dlogp``, grad_output included), and contributes ``G W_blk`` to ``dh``, ``G^T h`` to
+  ``dW[blk]`` and ``G.sum(0)`` to ``db[blk]`` (docs/math.md, "The loss").
+
+Only tokens that matter are touched: the forward reads the rows of live tokens, the backward those
+with ``g != 0``, gathered once into a compact ``(n, H)`` matrix, so masked rows (padding, NaN
+hidden states) never enter a matmul and get an exact zero gradient. Gathering costs one host
+synchronisation per pass on a GPU.
+
+The choice: recompute in backward rather than compute the gradients during forward (Liger-Kernel's
+fused-linear losses). It costs one more logits matmul (four ``N x V x H`` matmuls per step instead of
+three, about a third more matmul work), and buys the autograd contract: backward multiplies by the
+real grad_output (loss scaling exact, ``retain_graph`` repeats, ``no_grad`` does no gradient work,
+and no ``(V, H)`` gradient buffer is held between forward and backward).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rspo_kernels.loss.chunked import check_backward_mode
+from rspo_kernels.loss.layout import compute_dtype
+
+__all__ = ["DEFAULT_VOCAB_BLOCK", "LinearTokenLogprobs", "default_blocks", "linear_token_logprobs"]
+
+DEFAULT_VOCAB_BLOCK = 4096
+# Bytes of one float32 logits block: with the softmax computed in place, a block, its matmul output
+# and the up-cast weight block are the whole working set. 512 x 4096 on a CPU (measured to fit the
+# memory target at V = 32000; 2048 x 4096 does not); a GPU affords larger blocks.
+_BLOCK_BYTES = {"cpu": 8 << 20}
+_BLOCK_BYTES_DEFAULT = 256 << 20
+
+
+def default_blocks(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """``(chunk_rows, vocab_block)`` for ``n_tokens`` rows and a vocabulary of ``vocab``.
+
+    A block of logits is ``chunk_rows x vocab_block`` float32 values, about 8 MiB on a CPU
+    (512 x 4096) and 256 MiB on a GPU. The vocabulary is split into equal blocks of at most
+    :data:`DEFAULT_VOCAB_BLOCK`, so the last block is not a sliver.
+    """
+    n_blocks = max(1, -(-vocab // DEFAULT_VOCAB_BLOCK))
+    vocab_block = max(1, -(-vocab // n_blocks))
+    budget = _BLOCK_BYTES.get(device.type, _BLOCK_BYTES_DEFAULT)
+    rows = budget // (4 * vocab_block)
+    rows = rows - rows % 64 if rows >= 64 else max(rows, 1)  # whole multiples of 64 suit the matmul kernels
+    return min(max(n_tokens, 1), rows), vocab_block
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in the compute dtype, products accumulated in it.
+
+    Half inputs on a GPU use the half tensor cores with a float32 output; elsewhere both operands
+    are up-cast (on a CPU a half matmul would round its output to half).
+    """
+    if a.dtype == cdt and b.dtype == cdt:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a.to(b.dtype), b, out_dtype=cdt)
+        except (RuntimeError, TypeError):  # torch without mm(out_dtype=): up-cast instead
+            pass
+    return a.to(cdt) @ b.to(cdt)
+
+
+def _addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype) -> None:
+    """``acc += a @ b``, in place when the operands already have the compute dtype (no temporary)."""
+    if a.dtype == cdt and b.dtype == cdt:
+        acc.addmm_(a, b)
+    else:
+        acc += _mm(a, b, cdt)
+
+
+def _rows(hidden: torch.Tensor, index: torch.Tensor | None, cdt: torch.dtype) -> torch.Tensor:
+    """The ``(n, H)`` rows ``index`` of ``(B, T, H)`` hidden states (all rows when None), a view if possible."""
+    B, T, H = hidden.shape
+    if index is None:
+        flat = hidden.reshape(B * T, H)
+    else:
+        # Advanced indexing reads only the selected rows, even of a strided hidden[:, :-1] view.
+        flat = hidden[index // T, index % T]
+    # Half types stay half on a GPU (the matmuls take them with a float32 output).
+    return flat if flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16) else flat.to(cdt)
+
+
+def _block_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, temperature: float,
+                  cdt: torch.dtype) -> torch.Tensor:
+    """``(h w^T + b) / T``, ``[n, vb]`` in the compute dtype."""
+    x = _mm(h, w.t(), cdt)
+    if b is not None:
+        x.add_(b.to(cdt))
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x
+
+
+def _active(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the true entries of ``mask``; None when every entry is true (no gather needed)."""
+    if mask.numel() == 0 or bool(mask.all()):
+        return None
+    return torch.nonzero(mask).squeeze(-1)
+
+
+class LinearTokenLogprobs(torch.autograd.Function):
+    """``(hidden, weight, bias, ids, live) -> (logp, lse, entropy)``; only ``logp`` is differentiable.
+
+    Outputs are flat ``(N,)`` in the compute dtype (float32; float64 for float64 inputs). Tokens
+    that are not ``live`` get 0 everywhere and zero gradient rows, whatever their hidden states
+    hold; they add nothing to the weight's or bias's gradient. ``entropy`` is empty unless asked
+    for. A live id outside ``[0, V)`` gives a NaN log-prob.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        ids: torch.Tensor,
+        live: torch.Tensor,
+        temperature: float,
+        with_entropy: bool,
+        chunk_rows: int,
+        vocab_block: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = hidden.shape
+        N, V = B * T, weight.shape[0]
+        cdt = compute_dtype(hidden.dtype)
+        dev = hidden.device
+        index = _active(live)
+        n = N if index is None else index.numel()
+        act_ids = ids if index is None else ids[index]
+        valid = (act_ids >= 0) & (act_ids < V)
+        lse = torch.full((n,), float("-inf"), dtype=cdt, device=dev)
+        target = torch.zeros(n, dtype=cdt, device=dev)
+        mean_x = torch.zeros(n, dtype=cdt, device=dev) if with_entropy else None
+        with torch.autocast(dev.type, enabled=False):
+            h = _rows(hidden, index, cdt) if n else hidden.new_empty(0, hidden.shape[-1], dtype=cdt)
+            for v0 in range(0, V, vocab_block):
+                v1 = min(v0 + vocab_block, V)
+                w = weight[v0:v1]
+                w = w if w.is_cuda else w.to(cdt)
+                b = None if bias is None else bias[v0:v1]
+                for r0 in range(0, n, chunk_rows):
+                    r1 = min(r0 + chunk_rows, n)
+                    x = _block_logits(h[r0:r1], w, b, temperature, cdt)  # [n, vb]
+                    local = act_ids[r0:r1] - v0
+                    inside = (local >= 0) & (local < v1 - v0)
+                    hit = x.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(-1)).squeeze(-1)
+                    target[r0:r1] = torch.where(inside, hit, target[r0:r1])
+                    blk_lse = torch.logsumexp(x, dim=-1)  # [n]
+                    new_lse = torch.logaddexp(lse[r0:r1], blk_lse)
+                    if mean_x is not None:
+                        # Running E_p[x]: each block's mean under its own softmax, reweighted by
+                        # exp(lse_blk - lse). A -inf logit has p = 0 and adds nothing (not 0 * -inf).
+                        p = x.sub(blk_lse.unsqueeze(-1)).exp_()
+                        blk_mean = p.mul_(x.masked_fill_(x == float("-inf"), 0.0)).sum(dim=-1)
+                        finite = new_lse > float("-inf")
+                        w_old = torch.where(finite, (lse[r0:r1] - new_lse).exp(), 0.0)
+                        w_blk = torch.where(finite, (blk_lse - new_lse).exp(), 0.0)
+                        mean_x[r0:r1] = w_old * mean_x[r0:r1] + w_blk * blk_mean
+                    lse[r0:r1] = new_lse
+                    del x
+        logp_act = torch.where(valid, target - lse, torch.full((), float("nan"), dtype=cdt, device=dev))
+
+        def scatter(v: torch.Tensor) -> torch.Tensor:
+            if index is None:
+                return v
+            return torch.zeros(N, dtype=cdt, device=dev).index_copy_(0, index, v)
+
+        entropy = scatter(lse - mean_x) if mean_x is not None else lse.new_empty(0)
+        return scatter(logp_act), scatter(lse), entropy
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        hidden, weight, bias, ids, live, temperature, _, chunk_rows, vocab_block = inputs
+        _, lse, entropy = output
+        ctx.mark_non_differentiable(lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, ids, live, lse)
+        ctx.temperature = temperature
+        ctx.chunk_rows = chunk_rows
+        ctx.vocab_block = vocab_block
+
+    @staticmethod
+    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:  # type: ignore[override]
+        check_backward_mode("rspo_linear_loss")
+        hidden, weight, bias, ids, live, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        B, T, H = hidden.shape
+        N, V = B * T, weight.shape[0]
+        cdt = lse.dtype
+        dev = hidden.device
+        temperature = ctx.temperature
+        # g / T: the gradient with respect to the logits before the temperature. Dead tokens take
+        # none, whatever reaches their constant 0 log-prob; a NaN g at a live token stays NaN.
+        g = torch.where(live, g_logp.to(cdt) / temperature, torch.zeros((), dtype=cdt, device=dev))
+        index = _active(g != 0)
+        n = N if index is None else index.numel()
+        grad_h = grad_w = grad_b = None
+        if need_h:
+            grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev)
+        if need_w:
+            grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=dev)
+        if need_b:
+            grad_b = torch.zeros(V, dtype=cdt, device=dev)
+        if n == 0:
+            return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 6)
+        act = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
+        a_ids, a_lse, a_g = act(ids), act(lse), act(g)
+        # Accumulate dh in the compute dtype: directly into the result when it already is one.
+        direct_h = need_h and index is None and hidden.dtype == cdt and grad_h.is_contiguous()
+        acc_h = grad_h.view(N, H) if direct_h else (torch.zeros(n, H, dtype=cdt, device=dev) if need_h else None)
+        with torch.autocast(dev.type, enabled=False):
+            h = _rows(hidden, index, cdt)
+            for v0 in range(0, V, ctx.vocab_block):
+                v1 = min(v0 + ctx.vocab_block, V)
+                w = weight[v0:v1]
+                w = w if w.is_cuda else w.to(cdt)
+                b = None if bias is None else bias[v0:v1]
+                acc_w = None
+                if need_w:
+                    acc_w = grad_w[v0:v1] if weight.dtype == cdt else torch.zeros(v1 - v0, H, dtype=cdt, device=dev)
+                for r0 in range(0, n, ctx.chunk_rows):
+                    r1 = min(r0 + ctx.chunk_rows, n)
+                    c_g = a_g[r0:r1]
+                    x = _block_logits(h[r0:r1], w, b, temperature, cdt)  # [n, vb]
+                    # G = g (onehot - softmax), in place.
+                    x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))
+                    local = a_ids[r0:r1] - v0
+                    inside = (local >= 0) & (local < v1 - v0)
+                    x.scatter_add_(1, local.clamp(0, v1 - v0 - 1).unsqueeze(-1),
+                                   torch.where(inside, c_g, torch.zeros((), dtype=cdt, device=dev)).unsqueeze(-1))
+                    if need_h:
+                        _addmm(acc_h[r0:r1], x, w, cdt)
+                    if need_w:
+                        _addmm(acc_w, x.t(), h[r0:r1], cdt)
+                    if need_b:
+                        grad_b[v0:v1] += x.sum(dim=0)
+                    del x
+                if need_w and acc_w.data_ptr() != grad_w[v0:v1].data_ptr():
+                    grad_w[v0:v1] = acc_w  # one rounding to the weight's dtype per entry
+        if need_h and not direct_h:
+            flat = grad_h.view(N, H)
+            if index is None:
+                flat.copy_(acc_h)
+            else:
+                flat.index_copy_(0, index, acc_h.to(hidden.dtype))
+        return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    live: torch.Tensor,
+    *,
+    temperature: float,
+    with_entropy: bool,
+    chunk_rows: int | None = None,
+    vocab_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Blocked log-probs of ``ids`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        ``(B, T, H)``, any float dtype and strides (validated inputs; see :func:`rspo_linear_loss`).
+    weight : torch.Tensor
+        ``(V, H)``, the dtype of ``hidden``.
+    bias : torch.Tensor or None
+        ``(V,)``.
+    ids, live : torch.Tensor
+        ``(N,)`` int64 target ids (read only where ``live``) and bool live tokens, ``N = B * T``.
+    temperature : float
+        Divides the logits.
+    with_entropy : bool
+        Also compute the (non-differentiable) entropies.
+    chunk_rows, vocab_block : int, optional
+        Block shape; :func:`default_blocks` when absent.
+
+    Returns
+    -------
+    logp : torch.Tensor
+        ``(N,)`` float32 (float64 for float64 inputs), differentiable in ``hidden``, ``weight`` and
+        ``bias``; 0 where not ``live``.
+    entropy : torch.Tensor or None
+        ``(N,)`` entropies when asked.
+    """
+    B, T, _ = hidden.shape
+    d_rows, d_vb = default_blocks(B * T, weight.shape[0], hidden.device)
+    logp, _, entropy = LinearTokenLogprobs.apply(
+        hidden, weight, bias, ids, live, float(temperature), bool(with_entropy),
+        int(chunk_rows or d_rows), int(vocab_block or d_vb),
+    )
+    return logp, (entropy if with_entropy else None)

@@ -1,0 +1,33 @@
+"""Smoke test of ``benchmarks/linear_memory.py``: it runs end to end and compares like with like."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from benchmarks import linear_memory  # noqa: E402
+
+
+def test_linear_memory_smoke_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "cpu-linear.json"
+    assert linear_memory.main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == set(linear_memory.VARIANTS)
+    for name in ("rspo_linear", "unfused"):
+        r = rows[name]
+        assert r["extra_mib"] >= r["gradients_mib"] > 0 and r["median_s"] > 0, r
+    # Every variant computes the same loss on the same inputs: the comparison is fair.
+    assert rows["rspo_linear"]["loss"] == pytest.approx(rows["unfused"]["loss"], rel=1e-5, abs=1e-6)
+    if "error" not in rows["liger"]:
+        assert rows["liger"]["loss"] == pytest.approx(rows["unfused"]["loss"], rel=1e-5, abs=1e-6)
+    assert set(report["ratios"]) == set(linear_memory.TARGETS)
+    assert (tmp_path / "cpu-linear.md").read_text().startswith("Fused-linear RSPO loss")
+    assert "| rspo_linear |" in capsys.readouterr().out
