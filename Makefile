@@ -46,8 +46,8 @@ setup: $(VENV)/.installed
 # The extras' requirements are read from the installed metadata and installed on their own, so
 # this does not reinstall rspo_kernels (and does not recompile the C++ extension).
 $(VENV)/.frameworks: $(VENV)/.installed
-	$(call STEP,[1/2] verl and TRL with their dependencies (about 1 GB; 2-5 min))
-	@$(call EXTRA_REQS,verl|trl) > $(VENV)/frameworks.txt
+	$(call STEP,[1/2] verl + TRL + the peer kernels Liger-Kernel and cut-cross-entropy with their dependencies (about 1 GB; 2-5 min))
+	@$(call EXTRA_REQS,verl|trl|peers) > $(VENV)/frameworks.txt
 	@$(call TIMED,$(PY) -m pip install -q "$(TORCH_PIN)" -r $(VENV)/frameworks.txt)
 	$(call STEP,[2/2] deepspeed and OpenRLHF (--no-deps) (about 20 MB; under a minute))
 	@$(call TIMED,$(PY) -m pip install -q "$(TORCH_PIN)" "deepspeed==0.19.6" && \
