@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -210,11 +211,16 @@ def _weights_section(device: torch.device, smoke: bool, repeats: int, warmup: in
             ref = estimators.grouped_weights(groups, k, objective, "rspo")
             scale = ref.abs().max().clamp_min(1e-30)
             api = rk_api.pass_at_k_weights if objective == "pass@k" else rk_api.max_at_k_weights
+            floor = (
+                functools.partial(torch.sort, values, dim=-1)
+                if objective == "max@k"
+                else functools.partial(values.sum, -1)
+            )
             variants = {
-                "triton": lambda: triton_weights.grouped_weights(groups, k, objective, "rspo"),
-                "api": lambda: api(values, k, validate=False, **api_layout),
-                "spec": lambda: estimators.grouped_weights(groups, k, objective, "rspo"),
-                "floor": (lambda: torch.sort(values, dim=-1)) if objective == "max@k" else (lambda: values.sum(-1)),
+                "triton": functools.partial(triton_weights.grouped_weights, groups, k, objective, "rspo"),
+                "api": functools.partial(api, values, k, validate=False, **api_layout),
+                "spec": functools.partial(estimators.grouped_weights, groups, k, objective, "rspo"),
+                "floor": floor,
             }
             times = {
                 name: statistics.median(_time_ms(fn, lambda: (), device, repeats, warmup))
@@ -281,7 +287,7 @@ def _linear_section(device: torch.device, smoke: bool, repeats: int, warmup: int
     fast, slow = leaves(), leaves(torch.float32)
     loss_f, loss_s = ours(*fast), unfused(*slow)
     section["correctness"] = {"loss": _close(loss_f, loss_s, 1e-5)}
-    for name, a_, b_ in zip(("d_hidden", "d_weight", "d_bias"), fast, slow):
+    for name, a_, b_ in zip(("d_hidden", "d_weight", "d_bias"), fast, slow, strict=False):
         section["correctness"][name] = _close(a_.grad, b_.grad, 2.0**-7)  # one bf16 rounding (+ fp32 sums)
     section["correctness"]["ok"] = all(v["ok"] for v in section["correctness"].values())
     del fast, slow
@@ -305,9 +311,13 @@ def _linear_section(device: torch.device, smoke: bool, repeats: int, warmup: int
     for name, fn in variants.items():
         try:
             times = _time_ms(fn, leaves, device, repeats, warmup)
-            rows[name] = {"median_ms": statistics.median(times), "times_ms": times,
-                          "peak_extra_mib_incl_grads": (lambda e: None if e is None else e + grad_bytes / 2**20)(
-                              _peak_extra_mib(fn, leaves, device, 0) if device.type == "cuda" else None)}
+            rows[name] = {
+                "median_ms": statistics.median(times),
+                "times_ms": times,
+                "peak_extra_mib_incl_grads": (lambda e: None if e is None else e + grad_bytes / 2**20)(
+                    _peak_extra_mib(fn, leaves, device, 0) if device.type == "cuda" else None
+                ),
+            }
         except Exception as exc:
             rows[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
         if device.type == "cuda":
@@ -322,8 +332,10 @@ def _linear_section(device: torch.device, smoke: bool, repeats: int, warmup: int
 
 def _print_linear(section: dict) -> None:
     s = section["shape"]
-    print(f"\nrspo_linear_loss fwd+bwd  tokens={s['tokens']} H={s['H']} V={s['V']} {s['dtype']}  "
-          f"correctness: {'OK' if section['correctness']['ok'] else 'FAILED'}")
+    print(
+        f"\nrspo_linear_loss fwd+bwd  tokens={s['tokens']} H={s['H']} V={s['V']} {s['dtype']}  "
+        f"correctness: {'OK' if section['correctness']['ok'] else 'FAILED'}"
+    )
     print(f"{'variant':<26}{'median ms':>11}{'x ours':>9}{'extra MiB':>11}")
     for name, r in section["fwd_bwd"].items():
         if "error" in r:
@@ -401,7 +413,12 @@ def main() -> int:
         "warmup": a.warmup,
     }
     kw = dict(
-        old_logprobs=old, ref_logprobs=ref, beta=0.04, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, clip_ratio_c=3.0,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        beta=0.04,
+        epsilon_low=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        clip_ratio_c=3.0,
         return_stats=True,
     )
 
@@ -609,7 +626,8 @@ def main() -> int:
                 f"{cfg:<26}{r['token_logprobs_ms']:>12.3f}{r['token_logprobs_fraction_of_copy']:>9.2f}"
                 f"{r['rspo_loss_fwd_bwd_ms']:>10.3f}"
             )
-    print(f"\n{'RSPO weights':<30}{'triton ms':>11}{'api ms':>9}{'spec ms':>9}{'floor ms':>10}{'vs floor':>9}{'rel err':>9}")
+    heads = f"{'triton ms':>11}{'api ms':>9}{'spec ms':>9}{'floor ms':>10}{'vs floor':>9}{'rel err':>9}"
+    print(f"\n{'RSPO weights':<30}{heads}")
     for r in report["weights"]["rows"]:
         t = r["median_ms"]
         print(
@@ -633,7 +651,8 @@ def main() -> int:
     with open(out, "w") as f:
         json.dump(report, f, indent=2, default=str)
     print(f"wrote {out}")
-    return 0 if correct["ok"] else 1
+    linear_ok = report["linear_loss"].get("correctness", {}).get("ok", True)
+    return 0 if correct["ok"] and report["weights"]["ok"] and linear_ok else 1
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ def _make_step(variant: str, smoke: bool):
         import rspo_kernels as rk
 
         def step(h, w, b, ids, adv, old):
-            loss = rk.rspo_linear_loss(h, w, ids, adv, bias=b, old_logprobs=old, epsilon_low=EPS_LOW,
-                                       epsilon_high=EPS_HIGH)
+            loss = rk.rspo_linear_loss(
+                h, w, ids, adv, bias=b, old_logprobs=old, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH
+            )
             loss.backward()
             return float(loss.detach())
 
@@ -102,8 +103,14 @@ def _make_step(variant: str, smoke: bool):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         # compiled=True is Liger's default; compiling takes longer than a smoke run may.
-        crit = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo", epsilon_low=EPS_LOW,
-                                        epsilon_high=EPS_HIGH, compiled=not smoke)
+        crit = LigerFusedLinearGRPOLoss(
+            beta=0.0,
+            use_ref_model=False,
+            loss_type="bnpo",
+            epsilon_low=EPS_LOW,
+            epsilon_high=EPS_HIGH,
+            compiled=not smoke,
+        )
 
         def step(h, w, b, ids, adv, old):
             loss, _ = crit(h, w, ids, torch.ones_like(ids), adv, bias=b, old_per_token_logps=old)
@@ -131,7 +138,6 @@ def _make_inputs(args: argparse.Namespace, tiny: bool = False) -> tuple:
 
 
 def _child(variant: str, args: argparse.Namespace) -> dict:
-    import torch
 
     step = _make_step(variant, args.smoke)
 
@@ -189,9 +195,26 @@ def _timing_child(variants: list[str], args: argparse.Namespace) -> dict:
 
 
 def _run_child(variant: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--variants", args.variants,
-           "--n", str(args.n), "--h", str(args.h),
-           "--v", str(args.v), "--batch", str(args.batch), "--dtype", args.dtype, "--repeats", str(args.repeats)] + (["--smoke"] if args.smoke else [])
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        variant,
+        "--variants",
+        args.variants,
+        "--n",
+        str(args.n),
+        "--h",
+        str(args.h),
+        "--v",
+        str(args.v),
+        "--batch",
+        str(args.batch),
+        "--dtype",
+        args.dtype,
+        "--repeats",
+        str(args.repeats),
+    ] + (["--smoke"] if args.smoke else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", RSPO_KERNELS_BACKEND="")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -216,7 +239,9 @@ def _ratios(rows: dict) -> dict:
         "time_vs_liger": ratio("median_s", "liger"),
         "time_vs_unfused": ratio("median_s", "unfused"),
     }
-    return {k: {"ratio": v, "target": TARGETS[k], "met": None if v is None else v <= TARGETS[k]} for k, v in got.items()}
+    return {
+        k: {"ratio": v, "target": TARGETS[k], "met": None if v is None else v <= TARGETS[k]} for k, v in got.items()
+    }
 
 
 def markdown(report: dict) -> str:
@@ -284,10 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "rspo_linear_loss CPU forward+backward: peak extra RSS (VmHWM, one process per variant) and time",
         "date_utc": now.isoformat(timespec="seconds"),
         "smoke": args.smoke,
-        "machine": {"host": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "liger_kernel": _version("liger_kernel")},
+        "machine": {
+            "host": platform.node(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "loadavg": os.getloadavg(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "liger_kernel": _version("liger_kernel"),
+        },
         "shape": {"tokens": args.n, "hidden": args.h, "vocab": args.v, "batch": args.batch, "dtype": args.dtype},
         "allocator": {"MALLOC_MMAP_THRESHOLD_": "65536"},
         "repeats": args.repeats,
@@ -299,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = args.out
     else:
-        folder = tempfile.mkdtemp() if args.smoke else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        folder = (
+            tempfile.mkdtemp() if args.smoke else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        )
         out = os.path.join(folder, f"cpu-linear-{now:%Y-%m-%d}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -28,8 +28,7 @@ from rspo_kernels.loss.linear import rspo_linear_loss
 
 __all__ = ["FusedLinearLossMixin", "fused_linear_loss_settings"]
 
-_AGG = {"bnpo": "token-mean", "grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-        "dapo": "token-sum"}
+_AGG = {"bnpo": "token-mean", "grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-sum"}
 
 
 def fused_linear_loss_settings(trainer: Any) -> dict[str, Any]:
@@ -43,16 +42,18 @@ def fused_linear_loss_settings(trainer: Any) -> dict[str, Any]:
         "off_policy_mask_threshold": getattr(trainer, "off_policy_mask_threshold", None) is not None,
         "entropy_coef (entropy bonus)": bool(getattr(trainer, "_entropy_bonus_enabled", False)),
         "delta (two-sided clipping)": getattr(args, "delta", None) is not None,
-        "use_bias_correction_kl with beta > 0": trainer.beta != 0.0 and bool(getattr(args, "use_bias_correction_kl",
-                                                                                      False)),
+        "use_bias_correction_kl with beta > 0": trainer.beta != 0.0
+        and bool(getattr(args, "use_bias_correction_kl", False)),
         "vLLM importance-sampling correction": bool(getattr(trainer, "use_vllm", False))
         and bool(getattr(trainer, "vllm_importance_sampling_correction", False)),
         "a MoE router auxiliary loss": bool(getattr(trainer, "aux_loss_enabled", False)),
     }
     bad = [name for name, on in unsupported.items() if on]
     if bad:
-        raise ValueError(f"use_fused_linear_loss=True does not support {', '.join(bad)}; turn it off or set "
-                         "use_fused_linear_loss=False")
+        raise ValueError(
+            f"use_fused_linear_loss=True does not support {', '.join(bad)}; turn it off or set "
+            "use_fused_linear_loss=False"
+        )
     return {
         "temperature": trainer.temperature,
         "epsilon_low": trainer.epsilon_low,
@@ -66,11 +67,12 @@ def fused_linear_loss_settings(trainer: Any) -> dict[str, Any]:
 def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.get_text_config()
-    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                 "logits_scaling"):
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
         if getattr(config, name, None) not in (None, 1.0):
-            raise ValueError(f"use_fused_linear_loss=True computes hidden @ lm_head.weight.T (+ bias); this model's "
-                             f"config sets {name}={getattr(config, name)!r}, which it does not apply")
+            raise ValueError(
+                f"use_fused_linear_loss=True computes hidden @ lm_head.weight.T (+ bias); this model's "
+                f"config sets {name}={getattr(config, name)!r}, which it does not apply"
+            )
     return base.base_model, base.get_output_embeddings()
 
 
@@ -91,18 +93,27 @@ class FusedLinearLossMixin:
         n_completion = completion_ids.size(1)
         backbone, lm_head = _backbone_and_head(self.accelerator.unwrap_model(model))
         with self.accelerator.autocast():
-            out = backbone(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-                           attention_mask=torch.cat([prompt_mask, completion_mask], dim=1), use_cache=False)
+            out = backbone(
+                input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+                attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+                use_cache=False,
+            )
         # Position t predicts token t + 1: these rows predict the completion tokens.
         hidden = out.last_hidden_state[:, -n_completion - 1 : -1]
         weight = lm_head.weight
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         advantages = inputs["advantages"]
         loss, stats = rspo_linear_loss(
-            hidden, weight, completion_ids, advantages.float(), mask, bias=lm_head.bias,
+            hidden,
+            weight,
+            completion_ids,
+            advantages.float(),
+            mask,
+            bias=lm_head.bias,
             old_logprobs=inputs.get("old_per_token_logps"),
             ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-            return_stats=True, **settings,
+            return_stats=True,
+            **settings,
         )
         mode = "train" if self.model.training else "eval"
         n_rows = mask.size(0)

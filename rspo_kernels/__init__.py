@@ -16,8 +16,16 @@ backend_info
 
 from rspo_kernels._dispatch import backend_info, warn_if_extension_missing
 from rspo_kernels.api import ESTIMATORS, max_at_k, max_at_k_weights, pass_at_k, pass_at_k_weights
-from rspo_kernels.loss import LOSS_AGG_MODES, LossOptions, RSPOLoss, rspo_loss, token_logprobs
-from rspo_kernels.loss import RSPOLinearLoss, rspo_linear_loss, token_logprobs_linear
+from rspo_kernels.loss import (
+    LOSS_AGG_MODES,
+    LossOptions,
+    RSPOLinearLoss,
+    RSPOLoss,
+    rspo_linear_loss,
+    rspo_loss,
+    token_logprobs,
+    token_logprobs_linear,
+)
 
 # The C++ extension is optional at install time; say so once, here, rather than on every call.
 warn_if_extension_missing()

@@ -8,14 +8,15 @@ path must be the same loss, only without the logits.
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 pytest.importorskip("trl")
-from test_integration_trl import NUM_GENERATIONS, WORDS, _model, _tokenizer  # noqa: E402
-
 from datasets import Dataset  # noqa: E402
+from test_integration_trl import NUM_GENERATIONS, WORDS, _model, _tokenizer  # noqa: E402
 
 from rspo_kernels.integrations.trl import RSPOConfig, RSPOTrainer  # noqa: E402
 from rspo_kernels.integrations.trl_fused import fused_linear_loss_settings  # noqa: E402
@@ -44,6 +45,32 @@ class _Compare(RSPOTrainer):
         return fused
 
 
+def _config(tmp_path, loss_type, beta, max_steps):
+    return RSPOConfig(
+        output_dir=str(tmp_path),
+        rspo_k=2,
+        num_generations=NUM_GENERATIONS,
+        per_device_train_batch_size=4,
+        steps_per_generation=2,
+        max_completion_length=6,
+        max_steps=max_steps,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_fused_linear_loss=True,
+        loss_type=loss_type,
+        beta=beta,
+        use_bias_correction_kl=False,
+        num_iterations=2,  # old log-probs differ from the current ones on the second pass: the ratio is clipped
+    )
+
+
 def _train(tmp_path, loss_type, beta=0.0, max_steps=4, trainer_cls=_Compare, run=True):
     tokenizer = _tokenizer()
     prompts = [" ".join(WORDS[i : i + 3]) for i in range(0, 24, 3)]
@@ -51,19 +78,22 @@ def _train(tmp_path, loss_type, beta=0.0, max_steps=4, trainer_cls=_Compare, run
     def reward_fn(completion_ids, **kwargs):
         return [float(sum((i + 1) * t for i, t in enumerate(ids)) % 2) for ids in completion_ids]
 
-    args = RSPOConfig(
-        output_dir=str(tmp_path), rspo_k=2, num_generations=NUM_GENERATIONS, per_device_train_batch_size=4,
-        steps_per_generation=2, max_completion_length=6, max_steps=max_steps, learning_rate=1e-3, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0,
-        disable_tqdm=True, use_fused_linear_loss=True, loss_type=loss_type, beta=beta, use_bias_correction_kl=False,
-        num_iterations=2,  # old log-probs differ from the current ones on the second pass: the ratio is clipped
-    )
+    # Any loss_type other than dr_grpo warns (the RSPO weights want a constant normaliser); the
+    # fused path must still equal GRPO's own loss for each of them.
+    expect = pytest.warns(UserWarning, match="only loss_type='dr_grpo'") if loss_type != "dr_grpo" else nullcontext()
+    with expect:
+        args = _config(tmp_path, loss_type, beta, max_steps)
     model = _model(tokenizer)
     if beta != 0.0:  # TRL loads the reference model by name: save the tiny model and pass its path
         model.save_pretrained(tmp_path / "model")
         model = str(tmp_path / "model")
-    trainer = trainer_cls(model=model, reward_funcs=reward_fn, args=args,
-                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=reward_fn,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+    )
     if run:
         trainer.train()
     return trainer
@@ -76,7 +106,7 @@ def test_fused_linear_loss_trains_and_equals_grpo_loss(tmp_path, loss_type, beta
     assert any(float(f) != 0 for f, *_ in trainer.compared)  # the run had signal
     for fused, plain, g_fused, g_plain in trainer.compared:
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-7)
-        for gf, gp in zip(g_fused, g_plain):
+        for gf, gp in zip(g_fused, g_plain, strict=False):
             torch.testing.assert_close(gf, gp, rtol=1e-4, atol=1e-7)
     logged = [h for h in trainer.state.log_history if "loss" in h and "entropy" in h]
     assert logged and all(math.isfinite(h["loss"]) and h["entropy"] > 0 for h in logged)
@@ -85,7 +115,7 @@ def test_fused_linear_loss_trains_and_equals_grpo_loss(tmp_path, loss_type, beta
 def test_fused_linear_loss_changes_the_model(tmp_path):
     trainer = _train(tmp_path, "dapo", trainer_cls=RSPOTrainer)
     fresh = _model(_tokenizer())
-    moved = [not torch.equal(a, b) for a, b in zip(trainer.model.parameters(), fresh.parameters())]
+    moved = [not torch.equal(a, b) for a, b in zip(trainer.model.parameters(), fresh.parameters(), strict=False)]
     assert all(moved)
 
 
@@ -110,8 +140,19 @@ def test_unsupported_grpo_options_are_named(options, match):
             self.temperature, self.epsilon_low, self.epsilon_high = args.temperature, args.epsilon, args.epsilon
             self.max_completion_length = args.max_completion_length
 
-    args = RSPOConfig(output_dir="unused", num_generations=4, per_device_train_batch_size=4, report_to="none",
-                      use_cpu=True, bf16=False, rspo_k=2, use_fused_linear_loss=True, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # loss_type='cispo' also warns: not what this test checks
+        args = RSPOConfig(
+            output_dir="unused",
+            num_generations=4,
+            per_device_train_batch_size=4,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            rspo_k=2,
+            use_fused_linear_loss=True,
+            **options,
+        )
     with pytest.raises(ValueError, match=match):
         fused_linear_loss_settings(_Stub(args))
 
@@ -127,13 +168,16 @@ def test_fully_masked_completion_equals_grpo_loss(tmp_path, loss_type):
     mask[1] = 0
     mask[2, 3:] = 0
     inputs = {
-        "prompt_ids": torch.randint(3, V, (B, P), generator=g), "prompt_mask": torch.ones(B, P, dtype=torch.long),
-        "completion_ids": torch.randint(3, V, (B, C), generator=g), "completion_mask": mask,
-        "advantages": torch.randn(B, generator=g), "num_items_in_batch": torch.tensor(17.0),
+        "prompt_ids": torch.randint(3, V, (B, P), generator=g),
+        "prompt_mask": torch.ones(B, P, dtype=torch.long),
+        "completion_ids": torch.randint(3, V, (B, C), generator=g),
+        "completion_mask": mask,
+        "advantages": torch.randn(B, generator=g),
+        "num_items_in_batch": torch.tensor(17.0),
     }
     trainer.model.train()
     trainer._compute_loss(trainer.model, inputs)
-    (fused, plain, g_fused, g_plain), = trainer.compared
+    ((fused, plain, g_fused, g_plain),) = trainer.compared
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-7)
-    for gf, gp in zip(g_fused, g_plain):
+    for gf, gp in zip(g_fused, g_plain, strict=False):
         torch.testing.assert_close(gf, gp, rtol=1e-4, atol=1e-7)

@@ -49,8 +49,14 @@ def make_case(B=3, T=5, H=8, V=37, dtype=torch.float32, packed=False, seed=0):
         lengths = mask.sum(1)
         keep = mask.reshape(-1)
         case = dict(
-            hidden=hidden.reshape(B * T, H)[keep], weight=weight, bias=bias, ids=ids.reshape(-1)[keep],
-            mask=None, weights=weights, old=old.reshape(-1)[keep], ref=ref.reshape(-1)[keep],
+            hidden=hidden.reshape(B * T, H)[keep],
+            weight=weight,
+            bias=bias,
+            ids=ids.reshape(-1)[keep],
+            mask=None,
+            weights=weights,
+            old=old.reshape(-1)[keep],
+            ref=ref.reshape(-1)[keep],
             cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
         )
     return case
@@ -61,8 +67,16 @@ def run_linear(case, **kw):
     w = case["weight"].clone().requires_grad_()
     b = case["bias"].clone().requires_grad_()
     out = rk.rspo_linear_loss(
-        h, w, case["ids"], case["weights"], case["mask"], bias=b, old_logprobs=case["old"],
-        ref_logprobs=case["ref"], cu_seqlens=case.get("cu_seqlens"), **kw,
+        h,
+        w,
+        case["ids"],
+        case["weights"],
+        case["mask"],
+        bias=b,
+        old_logprobs=case["old"],
+        ref_logprobs=case["ref"],
+        cu_seqlens=case.get("cu_seqlens"),
+        **kw,
     )
     loss = out[0] if isinstance(out, tuple) else out
     loss.backward()
@@ -74,8 +88,14 @@ def run_reference(case, **kw):
     w = case["weight"].double().requires_grad_()
     b = case["bias"].double().requires_grad_()
     out = rspo_loss_reference(
-        h @ w.T + b, case["ids"], case["weights"].double(), case["mask"], old_logprobs=case["old"].double(),
-        ref_logprobs=case["ref"].double(), cu_seqlens=case.get("cu_seqlens"), **kw,
+        h @ w.T + b,
+        case["ids"],
+        case["weights"].double(),
+        case["mask"],
+        old_logprobs=case["old"].double(),
+        ref_logprobs=case["ref"].double(),
+        cu_seqlens=case.get("cu_seqlens"),
+        **kw,
     )
     loss = out[0] if isinstance(out, tuple) else out
     loss.backward()
@@ -109,7 +129,7 @@ def test_values_and_gradients_match_float64_reference(dtype, packed, mode):
     for k in stats_r:
         torch.testing.assert_close(stats[k].double(), stats_r[k].double(), rtol=tol, atol=tol, msg=k)
     assert 0 < stats_r["clip_fraction"] < 1 and stats_r["dual_clip_fraction"] > 0  # every branch is exercised
-    for name, g, g_r in zip(("hidden", "weight", "bias"), grads, grads_r):
+    for name, g, g_r in zip(("hidden", "weight", "bias"), grads, grads_r, strict=False):
         assert g.dtype == dtype
         assert_grad_close(g, g_r, dtype, f"d{name} {mode}")
     if not packed:  # the fully masked response: exactly zero gradient rows
@@ -123,7 +143,7 @@ def test_block_shape_does_not_change_the_result(chunk_rows, vocab_block):
     loss, grads = run_linear(case, chunk_rows=chunk_rows, vocab_block=vocab_block, **kw)
     loss_r, grads_r = run_reference(case, **kw)
     torch.testing.assert_close(loss, loss_r, rtol=1e-12, atol=1e-12)
-    for g, g_r in zip(grads, grads_r):
+    for g, g_r in zip(grads, grads_r, strict=False):
         torch.testing.assert_close(g, g_r, rtol=1e-10, atol=1e-12)
 
 
@@ -162,8 +182,9 @@ def test_token_logprobs_linear_matches_logits_version_and_is_differentiable():
     case = make_case(dtype=torch.float64)
     mask = case["mask"]
     h = case["hidden"].clone().requires_grad_()
-    lp, ent = rk.token_logprobs_linear(h, case["weight"], case["ids"], bias=case["bias"], temperature=0.7,
-                                       return_entropy=True, mask=mask, **BLOCKS)
+    lp, ent = rk.token_logprobs_linear(
+        h, case["weight"], case["ids"], bias=case["bias"], temperature=0.7, return_entropy=True, mask=mask, **BLOCKS
+    )
     logits = case["hidden"] @ case["weight"].T + case["bias"]
     lp_r, ent_r = token_logprobs_reference(logits, case["ids"].clamp(min=0), temperature=0.7, return_entropy=True)
     torch.testing.assert_close(lp[mask], lp_r[mask], rtol=1e-12, atol=1e-12)
@@ -171,8 +192,16 @@ def test_token_logprobs_linear_matches_logits_version_and_is_differentiable():
     assert torch.all(lp[~mask] == 0) and torch.all(ent[~mask] == 0)
     assert lp.requires_grad and not ent.requires_grad
     # gradcheck in float64 over all three inputs, with a random grad_output per token.
-    fn = lambda hh, ww, bb: rk.token_logprobs_linear(hh, ww, case["ids"], bias=bb, mask=mask, temperature=0.7,  # noqa: E731
-                                                     chunk_rows=3, vocab_block=5)
+    fn = lambda hh, ww, bb: rk.token_logprobs_linear(  # noqa: E731
+        hh,
+        ww,
+        case["ids"],
+        bias=bb,
+        mask=mask,
+        temperature=0.7,  # noqa: E731
+        chunk_rows=3,
+        vocab_block=5,
+    )
     small = [t[:, :, :4] if t.dim() == 3 else t for t in (case["hidden"],)]
     w, b = case["weight"][:, :4].clone(), case["bias"].clone()
     assert torch.autograd.gradcheck(fn, (small[0].clone().requires_grad_(), w.requires_grad_(), b.requires_grad_()))
@@ -183,9 +212,21 @@ def test_gradcheck_of_the_loss():
     h, w, b = (case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
 
     def fn(hh, ww, bb):
-        return rk.rspo_linear_loss(hh, ww, case["ids"], case["weights"].double(), case["mask"], bias=bb,
-                                   old_logprobs=case["old"].double(), ref_logprobs=case["ref"].double(), beta=0.1,
-                                   temperature=0.7, loss_agg_mode="seq-mean-token-mean", chunk_rows=2, vocab_block=3)
+        return rk.rspo_linear_loss(
+            hh,
+            ww,
+            case["ids"],
+            case["weights"].double(),
+            case["mask"],
+            bias=bb,
+            old_logprobs=case["old"].double(),
+            ref_logprobs=case["ref"].double(),
+            beta=0.1,
+            temperature=0.7,
+            loss_agg_mode="seq-mean-token-mean",
+            chunk_rows=2,
+            vocab_block=3,
+        )
 
     assert torch.autograd.gradcheck(fn, (h, w, b))
 
@@ -206,8 +247,9 @@ def test_packed_equals_padded():
 
 def _grads(case, scale=None, **kw):
     h, w, b = (case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
-    loss = rk.rspo_linear_loss(h, w, case["ids"], case["weights"], case["mask"], bias=b, old_logprobs=case["old"],
-                               **BLOCKS, **kw)
+    loss = rk.rspo_linear_loss(
+        h, w, case["ids"], case["weights"], case["mask"], bias=b, old_logprobs=case["old"], **BLOCKS, **kw
+    )
     (loss if scale is None else loss * scale).backward()
     return h.grad, w.grad, b.grad
 
@@ -220,7 +262,7 @@ def test_loss_scaling_scales_the_gradient_exactly(dtype):
     plain = _grads(case)
     scaled = _grads(case, scale=65536.0)
     _, grads_r = run_reference(case)
-    for name, g, s, r in zip(("hidden", "weight", "bias"), plain, scaled, grads_r):
+    for name, g, s, r in zip(("hidden", "weight", "bias"), plain, scaled, grads_r, strict=False):
         assert torch.isfinite(s).all(), name
         if dtype == torch.float16:
             # fp16 subnormals: the unscaled gradient may round where the scaled one cannot; the
@@ -240,10 +282,11 @@ def test_fp16_scaled_gradient_keeps_what_the_unfused_path_keeps():
     scale = 32768.0
     fused = _grads(case, scale=scale)
     h, w, b = (case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
-    loss = rspo_loss_reference(torch.nn.functional.linear(h, w, b), case["ids"], case["weights"], case["mask"],
-                               old_logprobs=case["old"])
+    loss = rspo_loss_reference(
+        torch.nn.functional.linear(h, w, b), case["ids"], case["weights"], case["mask"], old_logprobs=case["old"]
+    )
     (loss * scale).backward()
-    for name, g, u in zip(("hidden", "weight", "bias"), fused, (h.grad, w.grad, b.grad)):
+    for name, g, u in zip(("hidden", "weight", "bias"), fused, (h.grad, w.grad, b.grad), strict=False):
         assert int((g == 0).sum()) <= int((u == 0).sum()), name
 
 
@@ -251,21 +294,23 @@ def test_retain_graph_and_grad_output():
     """Items 3 and 9: two backwards over a retained graph add up; grad_output scales in one pass."""
     case = make_case()
     h, w, b = (case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
-    loss = rk.rspo_linear_loss(h, w, case["ids"], case["weights"], case["mask"], bias=b, old_logprobs=case["old"],
-                               **BLOCKS)
+    loss = rk.rspo_linear_loss(
+        h, w, case["ids"], case["weights"], case["mask"], bias=b, old_logprobs=case["old"], **BLOCKS
+    )
     loss.backward(retain_graph=True)
     once = [t.grad.clone() for t in (h, w, b)]
     loss.backward(retain_graph=True)
-    for t, g1 in zip((h, w, b), once):
+    for t, g1 in zip((h, w, b), once, strict=False):
         assert torch.equal(t.grad, 2 * g1)
     loss.backward(torch.tensor(3.0))  # a second backward with grad_output != 1: 2x + 3x
-    for t, g1 in zip((h, w, b), once):
+    for t, g1 in zip((h, w, b), once, strict=False):
         torch.testing.assert_close(t.grad, 5 * g1)
     h2, w2, b2 = (case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
-    loss2 = rk.rspo_linear_loss(h2, w2, case["ids"], case["weights"], case["mask"], bias=b2,
-                                old_logprobs=case["old"], **BLOCKS)
+    loss2 = rk.rspo_linear_loss(
+        h2, w2, case["ids"], case["weights"], case["mask"], bias=b2, old_logprobs=case["old"], **BLOCKS
+    )
     (3 * loss2).backward()
-    for t, g1 in zip((h2, w2, b2), once):
+    for t, g1 in zip((h2, w2, b2), once, strict=False):
         torch.testing.assert_close(t.grad, 3 * g1)
 
 
@@ -278,14 +323,21 @@ def test_no_grad_does_no_gradient_work(monkeypatch):
         def wrapped(*a):
             calls[key] += 1
             return fn(*a)
+
         return wrapped
 
     monkeypatch.setattr(linear_chunked, "_block_logits", count("logits", real_logits))
     monkeypatch.setattr(linear_chunked, "_addmm", count("grad", real_addmm))
     case = make_case(B=2, T=4, V=14)
     h = case["hidden"].clone().requires_grad_()
-    run = lambda: rk.rspo_linear_loss(h, case["weight"], case["ids"].clamp(min=0), case["weights"],  # noqa: E731
-                                      chunk_rows=4, vocab_block=7)
+    run = lambda: rk.rspo_linear_loss(  # noqa: E731
+        h,
+        case["weight"],
+        case["ids"].clamp(min=0),
+        case["weights"],  # noqa: E731
+        chunk_rows=4,
+        vocab_block=7,
+    )
     with torch.no_grad():
         loss = run()
     assert not loss.requires_grad
@@ -310,14 +362,16 @@ def test_reference_backend_supports_double_backward(monkeypatch):
     monkeypatch.setenv("RSPO_KERNELS_BACKEND", "reference")
     case = make_case(dtype=torch.float64)
     h = case["hidden"].clone().requires_grad_()
-    loss = rk.rspo_linear_loss(h, case["weight"], case["ids"], case["weights"], case["mask"], bias=case["bias"],
-                               temperature=0.7)
+    loss = rk.rspo_linear_loss(
+        h, case["weight"], case["ids"], case["weights"], case["mask"], bias=case["bias"], temperature=0.7
+    )
     (g,) = torch.autograd.grad(loss, h, create_graph=True)
     (g * g).sum().backward()
     assert h.grad is not None and torch.isfinite(h.grad).all()
     monkeypatch.delenv("RSPO_KERNELS_BACKEND")
-    fused = rk.rspo_linear_loss(h.detach(), case["weight"], case["ids"], case["weights"], case["mask"],
-                                bias=case["bias"], temperature=0.7)
+    fused = rk.rspo_linear_loss(
+        h.detach(), case["weight"], case["ids"], case["weights"], case["mask"], bias=case["bias"], temperature=0.7
+    )
     torch.testing.assert_close(fused, loss.detach(), rtol=1e-12, atol=1e-12)
 
 
@@ -329,7 +383,7 @@ def test_masked_rows_with_nan_hidden_get_zero_gradient(dtype):
     dirty = dict(case, hidden=case["hidden"].masked_fill(~case["mask"].unsqueeze(-1), float("nan")))
     h, w, b = _grads(dirty)
     assert torch.all(h[~case["mask"]] == 0)
-    for got, want in zip((h, w, b), clean):
+    for got, want in zip((h, w, b), clean, strict=False):
         assert torch.equal(got, want)
 
 
@@ -339,8 +393,14 @@ def test_zero_weight_token_with_minus_inf_old_logprob_stays_finite():
     case["weights"] = torch.tensor([0.0, 1.0, -1.0])
     case["old"] = case["old"].clone()
     case["old"][0, 0] = float("-inf")
-    loss = rk.rspo_linear_loss(case["hidden"], case["weight"].requires_grad_(), case["ids"], case["weights"],
-                               case["mask"], old_logprobs=case["old"])
+    loss = rk.rspo_linear_loss(
+        case["hidden"],
+        case["weight"].requires_grad_(),
+        case["ids"],
+        case["weights"],
+        case["mask"],
+        old_logprobs=case["old"],
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(case["weight"].grad).all()
 
@@ -366,11 +426,28 @@ def test_rspo_linear_loss_module_matches_the_function():
     case = make_case()
     rewards = torch.tensor([1.0, 0.0, 1.0])
     crit = rk.RSPOLinearLoss("pass@k", k=2, loss_agg_mode="seq-mean-token-mean", return_stats=True, **BLOCKS)
-    loss, stats = crit(case["hidden"], case["weight"], case["ids"], rewards, bias=case["bias"], group_size=3,
-                       mask=case["mask"], old_logprobs=case["old"])
+    loss, stats = crit(
+        case["hidden"],
+        case["weight"],
+        case["ids"],
+        rewards,
+        bias=case["bias"],
+        group_size=3,
+        mask=case["mask"],
+        old_logprobs=case["old"],
+    )
     w = rk.pass_at_k_weights(rewards[None], 2)[0]
-    want, _ = rk.rspo_linear_loss(case["hidden"], case["weight"], case["ids"], w, case["mask"], bias=case["bias"],
-                                  old_logprobs=case["old"], loss_agg_mode="seq-mean-token-mean", return_stats=True)
+    want, _ = rk.rspo_linear_loss(
+        case["hidden"],
+        case["weight"],
+        case["ids"],
+        w,
+        case["mask"],
+        bias=case["bias"],
+        old_logprobs=case["old"],
+        loss_agg_mode="seq-mean-token-mean",
+        return_stats=True,
+    )
     torch.testing.assert_close(loss, want)
     assert "clip_fraction" in stats
 
@@ -399,10 +476,16 @@ def test_module_accepts_numpy_integers():
 @pytest.mark.parametrize(
     "change,exc,match",
     [
-        (lambda c: dict(c, weight=c["weight"].T.contiguous()), ValueError,
-         r"lm_head_weight must be \(V, H\) = \(vocab, 8\).*not its transpose"),
-        (lambda c: dict(c, weight=c["weight"].double()), TypeError,
-         r"lm_head_weight is torch.float64 but hidden is torch.float32"),
+        (
+            lambda c: dict(c, weight=c["weight"].T.contiguous()),
+            ValueError,
+            r"lm_head_weight must be \(V, H\) = \(vocab, 8\).*not its transpose",
+        ),
+        (
+            lambda c: dict(c, weight=c["weight"].double()),
+            TypeError,
+            r"lm_head_weight is torch.float64 but hidden is torch.float32",
+        ),
         (lambda c: dict(c, bias=c["bias"][:-1]), ValueError, r"bias must be \(V,\) = \(37,\)"),
         (lambda c: dict(c, bias=c["bias"].half()), TypeError, r"bias is torch.float16 but hidden is torch.float32"),
         (lambda c: dict(c, weight=c["weight"].to("meta")), ValueError, r"lm_head_weight is on meta"),
@@ -423,8 +506,14 @@ def test_packed_seq_modes_need_cu_seqlens_and_horizon():
     with pytest.raises(ValueError, match=r"packed \(N, D\) inputs need cu_seqlens"):
         rk.rspo_linear_loss(c["hidden"], c["weight"], c["ids"], c["old"] * 0 + 1, loss_agg_mode="seq-mean-token-sum")
     with pytest.raises(ValueError, match="pass max_response_length"):
-        rk.rspo_linear_loss(c["hidden"], c["weight"], c["ids"], c["weights"], cu_seqlens=c["cu_seqlens"],
-                            loss_agg_mode="seq-mean-token-sum-norm")
+        rk.rspo_linear_loss(
+            c["hidden"],
+            c["weight"],
+            c["ids"],
+            c["weights"],
+            cu_seqlens=c["cu_seqlens"],
+            loss_agg_mode="seq-mean-token-sum-norm",
+        )
 
 
 def test_docstring_examples():

@@ -77,9 +77,23 @@ def _leaves(c):
 def _ours(c, mode):
     h, w, b = _leaves(c)
     loss, stats = rk.rspo_linear_loss(
-        h, w, c["ids"], c["adv"], c["mask"], bias=b, old_logprobs=c["old"], ref_logprobs=c["ref"], beta=0.05,
-        temperature=0.7, epsilon_low=0.2, epsilon_high=0.28, loss_agg_mode=mode, max_response_length=T,
-        return_stats=True, chunk_rows=5, vocab_block=10,
+        h,
+        w,
+        c["ids"],
+        c["adv"],
+        c["mask"],
+        bias=b,
+        old_logprobs=c["old"],
+        ref_logprobs=c["ref"],
+        beta=0.05,
+        temperature=0.7,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        loss_agg_mode=mode,
+        max_response_length=T,
+        return_stats=True,
+        chunk_rows=5,
+        vocab_block=10,
     )
     loss.backward()
     return loss, stats, (h.grad, w.grad, b.grad)
@@ -88,12 +102,20 @@ def _ours(c, mode):
 def _liger(c, loss_type):
     liger = pytest.importorskip("liger_kernel.chunked_loss")
     crit = liger.LigerFusedLinearGRPOLoss(
-        beta=0.05, compiled=False, use_ref_model=True, chunk_size=2, epsilon_low=0.2, epsilon_high=0.28,
-        loss_type=loss_type, max_completion_length=T, temperature=0.7,
+        beta=0.05,
+        compiled=False,
+        use_ref_model=True,
+        chunk_size=2,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        loss_type=loss_type,
+        max_completion_length=T,
+        temperature=0.7,
     )
     h, w, b = _leaves(c)
-    loss, metrics = crit(h, w, c["ids"], c["mask"].long(), c["adv"], bias=b, ref_per_token_logps=c["ref"],
-                         old_per_token_logps=c["old"])
+    loss, metrics = crit(
+        h, w, c["ids"], c["mask"].long(), c["adv"], bias=b, ref_per_token_logps=c["ref"], old_per_token_logps=c["old"]
+    )
     loss.backward()
     return loss, metrics, (h.grad, w.grad, b.grad)
 
@@ -107,19 +129,20 @@ def test_matches_liger_fused_linear_grpo(loss_type, mode):
     torch.testing.assert_close(stats["ref_kl"], kl_l)
     torch.testing.assert_close(stats["clip_fraction"], clip_l)
     assert 0 < float(clip_l) < 1  # clipping happens on both sides of the range
-    for name, g, g_l in zip(("hidden", "weight", "bias"), grads, grads_l):
+    for name, g, g_l in zip(("hidden", "weight", "bias"), grads, grads_l, strict=False):
         torch.testing.assert_close(g, g_l, msg=name)
 
 
-@pytest.mark.parametrize("loss_type,mode", [("grpo", "seq-mean-token-mean"), ("dr_grpo", "seq-mean-token-sum-norm"),
-                                            ("bnpo", "token-mean")])
+@pytest.mark.parametrize(
+    "loss_type,mode", [("grpo", "seq-mean-token-mean"), ("dr_grpo", "seq-mean-token-sum-norm"), ("bnpo", "token-mean")]
+)
 def test_fully_masked_rows_liger_divides_by_all_rows(loss_type, mode):
     c = _case(seed=1, fully_masked_row=True)
     loss, _, grads = _ours(c, mode)
     loss_l, _, grads_l = _liger(c, loss_type)
     factor = 1.0 if loss_type == "bnpo" else (B - 1) / B  # G = 3 non-empty rows of B = 4
     torch.testing.assert_close(loss * factor, loss_l)
-    for g, g_l in zip(grads, grads_l):
+    for g, g_l in zip(grads, grads_l, strict=False):
         torch.testing.assert_close(g * factor, g_l)
 
 

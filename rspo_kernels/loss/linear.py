@@ -1,4 +1,6 @@
-"""The RSPO loss from hidden states and the ``lm_head``: ``rspo_linear_loss``, ``token_logprobs_linear``, ``RSPOLinearLoss``.
+"""The RSPO loss from hidden states and the ``lm_head``.
+
+``rspo_linear_loss``, ``token_logprobs_linear``, ``RSPOLinearLoss``.
 
 ``logits = (hidden @ lm_head_weight.T + bias) / temperature`` is never materialised for all tokens:
 :class:`~rspo_kernels.loss.linear_chunked.LinearTokenLogprobs` computes the log-probs block by block
@@ -15,8 +17,8 @@ from typing import Any
 
 import torch
 
+import rspo_kernels.loss._checks as _checks
 from rspo_kernels._dispatch import implementation
-from rspo_kernels.loss import _checks
 from rspo_kernels.loss.api import RSPOLoss, _validate_loss_inputs
 from rspo_kernels.loss.layout import compute_dtype, token_batch
 from rspo_kernels.loss.linear_chunked import linear_token_logprobs
@@ -48,7 +50,9 @@ def _check_head(hidden: torch.Tensor, weight: Any, bias: Any) -> None:
     if not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be (V,) = ({weight.shape[0]},) like lm_head_weight's rows, got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must be (V,) = ({weight.shape[0]},) like lm_head_weight's rows, got {tuple(bias.shape)}"
+        )
     if bias.dtype != hidden.dtype:
         raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; cast it with bias.to(hidden.dtype)")
     if bias.device != hidden.device:
@@ -85,8 +89,15 @@ def _logprobs(
         logits = torch.nn.functional.linear(h.to(cdt), weight.to(cdt), None if bias is None else bias.to(cdt))
         return reference(logits, ids, live, temperature=temperature, with_entropy=with_entropy)
     return linear_token_logprobs(
-        hidden3, weight, bias, ids, live, temperature=temperature, with_entropy=with_entropy,
-        chunk_rows=chunk_rows, vocab_block=vocab_block,
+        hidden3,
+        weight,
+        bias,
+        ids,
+        live,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        chunk_rows=chunk_rows,
+        vocab_block=vocab_block,
     )
 
 
@@ -173,10 +184,12 @@ def token_logprobs_linear(
     hidden3 = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
     ids = target_ids.reshape(-1).long()
     live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else (mask != 0).reshape(-1)
-    logp, entropy = _logprobs(hidden3, lm_head_weight, bias, ids, live, temperature, return_entropy,
-                              chunk_rows, vocab_block)
+    logp, entropy = _logprobs(
+        hidden3, lm_head_weight, bias, ids, live, temperature, return_entropy, chunk_rows, vocab_block
+    )
     shape = tuple(target_ids.shape)
     if return_entropy:
+        assert entropy is not None
         return logp.view(shape), entropy.view(shape)
     return logp.view(shape)
 
@@ -277,9 +290,19 @@ def rspo_linear_loss(
         max_response_length=max_response_length,
     )
     return rspo_linear_loss_with_options(
-        hidden, lm_head_weight, target_ids, weights, mask, options, bias=bias,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, cu_seqlens=cu_seqlens,
-        return_stats=return_stats, chunk_rows=chunk_rows, vocab_block=vocab_block,
+        hidden,
+        lm_head_weight,
+        target_ids,
+        weights,
+        mask,
+        options,
+        bias=bias,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        cu_seqlens=cu_seqlens,
+        return_stats=return_stats,
+        chunk_rows=chunk_rows,
+        vocab_block=vocab_block,
     )
 
 
@@ -299,19 +322,39 @@ def rspo_linear_loss_with_options(
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`rspo_linear_loss` with its hyper-parameters in one :class:`LossOptions` (what ``RSPOLinearLoss`` calls)."""
+    """:func:`rspo_linear_loss` with its hyper-parameters in one :class:`LossOptions`.
+
+    What :class:`RSPOLinearLoss` calls.
+    """
     if not isinstance(options, LossOptions):
         raise TypeError(f"options must be a rspo_kernels.loss.LossOptions, got {type(options).__name__}")
     _checks.check_logits("hidden", hidden)
     _check_head(hidden, lm_head_weight, bias)
     _check_blocks(chunk_rows, vocab_block)
     _validate_loss_inputs(
-        hidden, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options,
-        lm_head_weight.shape[0], name="hidden",
+        hidden,
+        target_ids,
+        weights,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        cu_seqlens,
+        options,
+        lm_head_weight.shape[0],
+        name="hidden",
     )
     batch = token_batch(hidden, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options)
-    logp, entropy = _logprobs(batch.rows, lm_head_weight, bias, batch.ids, batch.live, options.temperature,
-                              return_stats, chunk_rows, vocab_block)
+    logp, entropy = _logprobs(
+        batch.rows,
+        lm_head_weight,
+        bias,
+        batch.ids,
+        batch.live,
+        options.temperature,
+        return_stats,
+        chunk_rows,
+        vocab_block,
+    )
     return policy_loss(batch, logp, entropy, options, return_stats)
 
 
@@ -407,11 +450,22 @@ class RSPOLinearLoss(RSPOLoss):
         else:
             n_resp, what = hidden.shape[0], "responses (B) in hidden"
         if isinstance(rewards, torch.Tensor) and rewards.numel() != n_resp:
-            raise ValueError(f"rewards has {rewards.numel()} entries but there are {n_resp} {what}; "
-                             "pass one reward per response")
+            raise ValueError(
+                f"rewards has {rewards.numel()} entries but there are {n_resp} {what}; pass one reward per response"
+            )
         w = self.weights(rewards, group_size=group_size, group_ids=group_ids).to(hidden.device)
         return rspo_linear_loss_with_options(
-            hidden, lm_head_weight, target_ids, w, mask, self.options, bias=bias,
-            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, cu_seqlens=cu_seqlens,
-            return_stats=self.return_stats, chunk_rows=self.chunk_rows, vocab_block=self.vocab_block,
+            hidden,
+            lm_head_weight,
+            target_ids,
+            w,
+            mask,
+            self.options,
+            bias=bias,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            cu_seqlens=cu_seqlens,
+            return_stats=self.return_stats,
+            chunk_rows=self.chunk_rows,
+            vocab_block=self.vocab_block,
         )

@@ -95,8 +95,9 @@ def _rows(hidden: torch.Tensor, index: torch.Tensor | None, cdt: torch.dtype) ->
     return flat if flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16) else flat.to(cdt)
 
 
-def _block_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, temperature: float,
-                  cdt: torch.dtype) -> torch.Tensor:
+def _block_logits(
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, temperature: float, cdt: torch.dtype
+) -> torch.Tensor:
     """``(h w^T + b) / T``, ``[n, vb]`` in the compute dtype."""
     x = _mm(h, w.t(), cdt)
     if b is not None:
@@ -123,7 +124,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -193,7 +194,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         ctx.vocab_block = vocab_block
 
     @staticmethod
-    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:
         check_backward_mode("rspo_linear_loss")
         hidden, weight, bias, ids, live, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -207,7 +208,10 @@ class LinearTokenLogprobs(torch.autograd.Function):
         g = torch.where(live, g_logp.to(cdt) / temperature, torch.zeros((), dtype=cdt, device=dev))
         index = _active(g != 0)
         n = N if index is None else index.numel()
-        grad_h = grad_w = grad_b = None
+        # Optional buffers, each present exactly when its gradient is needed (Any: mypy cannot see that).
+        grad_h: Any = None
+        grad_w: Any = None
+        grad_b: Any = None
         if need_h:
             grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev)
         if need_w:
@@ -220,7 +224,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         a_ids, a_lse, a_g = act(ids), act(lse), act(g)
         # Accumulate dh in the compute dtype: directly into the result when it already is one.
         direct_h = need_h and index is None and hidden.dtype == cdt and grad_h.is_contiguous()
-        acc_h = grad_h.view(N, H) if direct_h else (torch.zeros(n, H, dtype=cdt, device=dev) if need_h else None)
+        acc_h: Any = grad_h.view(N, H) if direct_h else (torch.zeros(n, H, dtype=cdt, device=dev) if need_h else None)
         with torch.autocast(dev.type, enabled=False):
             h = _rows(hidden, index, cdt)
             for v0 in range(0, V, ctx.vocab_block):
@@ -228,7 +232,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 w = weight[v0:v1]
                 w = w if w.is_cuda else w.to(cdt)
                 b = None if bias is None else bias[v0:v1]
-                acc_w = None
+                acc_w: Any = None
                 if need_w:
                     acc_w = grad_w[v0:v1] if weight.dtype == cdt else torch.zeros(v1 - v0, H, dtype=cdt, device=dev)
                 for r0 in range(0, n, ctx.chunk_rows):
@@ -239,8 +243,11 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))
                     local = a_ids[r0:r1] - v0
                     inside = (local >= 0) & (local < v1 - v0)
-                    x.scatter_add_(1, local.clamp(0, v1 - v0 - 1).unsqueeze(-1),
-                                   torch.where(inside, c_g, torch.zeros((), dtype=cdt, device=dev)).unsqueeze(-1))
+                    x.scatter_add_(
+                        1,
+                        local.clamp(0, v1 - v0 - 1).unsqueeze(-1),
+                        torch.where(inside, c_g, torch.zeros((), dtype=cdt, device=dev)).unsqueeze(-1),
+                    )
                     if need_h:
                         _addmm(acc_h[r0:r1], x, w, cdt)
                     if need_w:
@@ -301,7 +308,14 @@ def linear_token_logprobs(
     B, T, _ = hidden.shape
     d_rows, d_vb = default_blocks(B * T, weight.shape[0], hidden.device)
     logp, _, entropy = LinearTokenLogprobs.apply(
-        hidden, weight, bias, ids, live, float(temperature), bool(with_entropy),
-        int(chunk_rows or d_rows), int(vocab_block or d_vb),
+        hidden,
+        weight,
+        bias,
+        ids,
+        live,
+        float(temperature),
+        bool(with_entropy),
+        int(chunk_rows or d_rows),
+        int(vocab_block or d_vb),
     )
     return logp, (entropy if with_entropy else None)
