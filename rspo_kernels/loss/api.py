@@ -405,6 +405,29 @@ class RSPOLoss(nn.Module):
         assert isinstance(w, torch.Tensor)  # torch rewards in, torch weights out
         return w.reshape(-1)
 
+    def response_weights(
+        self,
+        name: str,
+        rows: torch.Tensor,
+        rewards: torch.Tensor,
+        group_size: int | None,
+        group_ids: Any,
+        cu_seqlens: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The weights of one reward per response of ``rows`` (``(B, T, D)``, or ``(N, D)`` with ``cu_seqlens``)."""
+        _checks.check_logits(name, rows)
+        if rows.dim() == 2:
+            if cu_seqlens is None:
+                raise ValueError(f"packed (N, D) {name} need cu_seqlens to map one reward to each sequence")
+            n_resp, what = cu_seqlens.numel() - 1, "sequences in cu_seqlens"
+        else:
+            n_resp, what = rows.shape[0], f"responses (B) in {name}"
+        if isinstance(rewards, torch.Tensor) and rewards.numel() != n_resp:
+            raise ValueError(
+                f"rewards has {rewards.numel()} entries but there are {n_resp} {what}; pass one reward per response"
+            )
+        return self.weights(rewards, group_size=group_size, group_ids=group_ids).to(rows.device)
+
     def forward(
         self,
         logits: torch.Tensor,
@@ -437,18 +460,7 @@ class RSPOLoss(nn.Module):
         torch.Tensor or tuple
             What :func:`rspo_loss` returns.
         """
-        _checks.check_logits("logits", logits)
-        if logits.dim() == 2:
-            if cu_seqlens is None:
-                raise ValueError("packed (N, V) logits need cu_seqlens to map one reward to each sequence")
-            n_resp, what = cu_seqlens.numel() - 1, "sequences in cu_seqlens"
-        else:
-            n_resp, what = logits.shape[0], "responses (B) in logits"
-        if isinstance(rewards, torch.Tensor) and rewards.numel() != n_resp:
-            raise ValueError(
-                f"rewards has {rewards.numel()} entries but there are {n_resp} {what}; pass one reward per response"
-            )
-        w = self.weights(rewards, group_size=group_size, group_ids=group_ids).to(logits.device)
+        w = self.response_weights("logits", logits, rewards, group_size, group_ids, cu_seqlens)
         return rspo_loss_with_options(
             logits,
             target_ids,

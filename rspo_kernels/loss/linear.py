@@ -442,18 +442,7 @@ class RSPOLinearLoss(RSPOLoss):
         torch.Tensor or tuple
             What :func:`rspo_linear_loss` returns.
         """
-        _checks.check_logits("hidden", hidden)
-        if hidden.dim() == 2:
-            if cu_seqlens is None:
-                raise ValueError("packed (N, H) hidden states need cu_seqlens to map one reward to each sequence")
-            n_resp, what = cu_seqlens.numel() - 1, "sequences in cu_seqlens"
-        else:
-            n_resp, what = hidden.shape[0], "responses (B) in hidden"
-        if isinstance(rewards, torch.Tensor) and rewards.numel() != n_resp:
-            raise ValueError(
-                f"rewards has {rewards.numel()} entries but there are {n_resp} {what}; pass one reward per response"
-            )
-        w = self.weights(rewards, group_size=group_size, group_ids=group_ids).to(hidden.device)
+        w = self.response_weights("hidden", hidden, rewards, group_size, group_ids, cu_seqlens)
         return rspo_linear_loss_with_options(
             hidden,
             lm_head_weight,
