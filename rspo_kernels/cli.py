@@ -161,6 +161,8 @@ def _compute_weights(
     except (ValueError, TypeError) as exc:
         # The library names the offending element by input index; users think in file lines.
         message = re.sub(r"input index (\d+)", lambda m: f"line {lines[int(m.group(1))]}", str(exc))
+        # ... and in columns and flags, not in the library's argument names.
+        message = message.replace("group_ids", f"the {group_col!r} column (--group-col)")
         raise UsageError(message) from None
     return [float(w) for w in weights]
 

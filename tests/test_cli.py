@@ -433,3 +433,15 @@ def test_pass_at_k_training_trains_beside_rspo_for_pass_at_k_only():
     passk = {m.name: m for m in methods((2, 4), "pass@k")}
     assert passk["PassK-Training k=4"].estimator == "passk_training_std" and passk["PassK-Training k=4"].k == 4
     assert not any(m.estimator == "passk_training_std" for m in methods((2, 4), "max@k"))
+
+
+def test_jsonl_ids_1_true_and_1_0_are_refused_naming_the_group_column(capsys, tmp_path):
+    """Python's 1 == True == 1.0 would merge three labels into one group: the CLI refuses, by column."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"g": 1, "r": 1}\n{"g": 1, "r": 0}\n{"g": 1.0, "r": 0}\n{"g": 1.0, "r": 1}\n')
+    assert main(["weights", str(path), "-k", "2", "--group-col", "g", "--reward-col", "r"]) == 2
+    err = capsys.readouterr().err
+    assert "line 3" in err and "'g' column (--group-col)" in err and "group_ids" not in err, err
+    path.write_text('{"g": 1, "r": 1}\n{"g": 1, "r": 0}\n{"g": true, "r": 0}\n{"g": true, "r": 1}\n')
+    assert main(["weights", str(path), "-k", "2", "--group-col", "g", "--reward-col", "r"]) == 2
+    assert "(--group-col)" in capsys.readouterr().err
