@@ -322,12 +322,17 @@ def _linear_section(device: torch.device, smoke: bool, repeats: int, warmup: int
             rows[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    _add_time_vs_ours(rows)
+    section["fwd_bwd"] = rows
+    return section
+
+
+def _add_time_vs_ours(rows: dict) -> None:
+    """Each timed row's median over the ``rspo_kernels`` row's (> 1: rspo_kernels is faster)."""
     ours_ms = rows.get("rspo_kernels", {}).get("median_ms")
     for r in rows.values():
         if ours_ms and "median_ms" in r:
-            r["time_vs_rspo_kernels"] = r["median_ms"] / ours_ms  # > 1: rspo_kernels is faster
-    section["fwd_bwd"] = rows
-    return section
+            r["time_vs_rspo_kernels"] = r["median_ms"] / ours_ms
 
 
 def _print_linear(section: dict) -> None:
@@ -541,10 +546,7 @@ def main() -> int:
             rows[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    ours_ms = rows.get("rspo_kernels", {}).get("median_ms")
-    for r in rows.values():
-        if ours_ms and "median_ms" in r:
-            r["time_vs_rspo_kernels"] = r["median_ms"] / ours_ms  # > 1: rspo_kernels is faster
+    _add_time_vs_ours(rows)
     report["rspo_loss_fwd_bwd"] = rows
 
     # 5. optional launch-config sweep (sets the kernels' override variable, then restores it) ------

@@ -79,13 +79,10 @@ def _rows(batch) -> list[tuple]:
     ]
 
 
-def _train(tmp_path, reward_fn, objective, k, max_steps=4):
-    tokenizer = _tokenizer()
-    prompts = [" ".join(WORDS[i : i + 3]) for i in range(0, 24, 3)]
-    args = RSPOConfig(
+def tiny_run(tmp_path, max_steps: int) -> dict:
+    """RSPOConfig keywords of a few CPU steps on the tiny model (shared with the fused-linear tests)."""
+    return dict(
         output_dir=str(tmp_path),
-        rspo_k=k,
-        rspo_objective=objective,
         num_generations=NUM_GENERATIONS,
         per_device_train_batch_size=4,
         steps_per_generation=2,  # 2 prompts per generation, shuffled over 2 loss steps
@@ -101,11 +98,19 @@ def _train(tmp_path, reward_fn, objective, k, max_steps=4):
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+
+
+PROMPTS = [" ".join(WORDS[i : i + 3]) for i in range(0, 24, 3)]
+
+
+def _train(tmp_path, reward_fn, objective, k, max_steps=4):
+    tokenizer = _tokenizer()
+    args = RSPOConfig(**tiny_run(tmp_path, max_steps), rspo_k=k, rspo_objective=objective)
     trainer = _Recorder(
         model=_model(tokenizer),
         reward_funcs=reward_fn,
         args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         processing_class=tokenizer,
     )
     trainer.train()

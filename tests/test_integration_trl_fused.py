@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from test_integration_trl import NUM_GENERATIONS, WORDS, _model, _tokenizer  # noqa: E402
+from test_integration_trl import PROMPTS, _model, _tokenizer, tiny_run  # noqa: E402
 
 from rspo_kernels.integrations.trl import RSPOConfig, RSPOTrainer  # noqa: E402
 from rspo_kernels.integrations.trl_fused import fused_linear_loss_settings  # noqa: E402
@@ -47,22 +47,8 @@ class _Compare(RSPOTrainer):
 
 def _config(tmp_path, loss_type, beta, max_steps):
     return RSPOConfig(
-        output_dir=str(tmp_path),
+        **tiny_run(tmp_path, max_steps),
         rspo_k=2,
-        num_generations=NUM_GENERATIONS,
-        per_device_train_batch_size=4,
-        steps_per_generation=2,
-        max_completion_length=6,
-        max_steps=max_steps,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         use_fused_linear_loss=True,
         loss_type=loss_type,
         beta=beta,
@@ -73,7 +59,6 @@ def _config(tmp_path, loss_type, beta, max_steps):
 
 def _train(tmp_path, loss_type, beta=0.0, max_steps=4, trainer_cls=_Compare, run=True):
     tokenizer = _tokenizer()
-    prompts = [" ".join(WORDS[i : i + 3]) for i in range(0, 24, 3)]
 
     def reward_fn(completion_ids, **kwargs):
         return [float(sum((i + 1) * t for i, t in enumerate(ids)) % 2) for ids in completion_ids]
@@ -91,7 +76,7 @@ def _train(tmp_path, loss_type, beta=0.0, max_steps=4, trainer_cls=_Compare, run
         model=model,
         reward_funcs=reward_fn,
         args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         processing_class=tokenizer,
     )
     if run:

@@ -104,8 +104,6 @@ class TokenBatch:
         Behaviour and reference log-probs, compute dtype.
     coef : torch.Tensor
         Coefficient of each token in the aggregated loss (:func:`aggregation_coefficients`).
-    out_shape : tuple of int
-        Shape of per-token outputs: ``(B, T)`` padded, ``(N,)`` packed.
     """
 
     rows: torch.Tensor
@@ -116,7 +114,6 @@ class TokenBatch:
     old: torch.Tensor | None
     ref: torch.Tensor | None
     coef: torch.Tensor
-    out_shape: tuple[int, ...]
 
 
 def token_batch(
@@ -169,5 +166,4 @@ def token_batch(
         old=flat(old_logprobs),
         ref=flat(ref_logprobs),
         coef=aggregation_coefficients(m, seq, n_seqs, options.loss_agg_mode, horizon),
-        out_shape=(N,) if packed else (B, T),
     )

@@ -195,7 +195,8 @@ def _launch_bwd(
 class TritonTokenLogprobs(torch.autograd.Function):
     """``(logits, ids, live) -> (logp, lse, entropy)``; only ``logp`` is differentiable.
 
-    The contract of :class:`rspo_kernels.loss.chunked.ChunkedTokenLogprobs`, for float16,
+    The contract of :class:`rspo_kernels.loss.chunked.ChunkedTokenLogprobs` (plus the saved
+    log-sum-exp, which the backward kernel reads instead of recomputing it), for float16,
     bfloat16 and float32 logits whose last dimension is contiguous.
     """
 
