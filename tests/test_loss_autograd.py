@@ -143,6 +143,18 @@ def test_inplace_backward_with_a_second_consumer_is_right_or_raises(backend, sec
     assert_matches(base.grad, expected, torch.float32)
 
 
+@pytest.mark.parametrize("second_first", [False, True])
+def test_a_second_consumer_of_the_logits_gets_its_gradient_added(backend, second_first):
+    """Without inplace_backward a second consumer is always right, in either order."""
+    case = _case()
+    base = _leaf(case)
+    logits = base * 1.0
+    extra = lambda: 1e-3 * (logits.float() ** 2).sum()  # noqa: E731
+    loss = extra() + _loss(logits, case) if second_first else _loss(logits, case) + extra()
+    loss.backward()
+    assert_matches(base.grad, _reference_grad(case) + 2e-3 * case["logits"].double(), torch.float32)
+
+
 def test_inplace_backward_saves_the_buffer_and_refuses_a_second_backward(backend):
     case = _case()
     base = _leaf(case)

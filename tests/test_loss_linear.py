@@ -178,6 +178,43 @@ def test_tied_weight_gets_both_gradients():
     assert_grad_close(grads(True, torch.float32), grads(False, torch.float64), torch.float32, "tied embedding")
 
 
+def test_hidden_states_with_a_second_consumer_get_both_gradients():
+    """The hidden states also feed a value head (the loss runs first, then the other term, and the
+    other order): the fused loss's dh is added to the head's, as autograd does for any op."""
+    case = make_case(dtype=torch.float64)
+    head = torch.randn(case["hidden"].shape[-1], dtype=torch.float64)
+
+    def grads(fused: bool, loss_first: bool):
+        h = case["hidden"].clone().requires_grad_()
+        other = lambda: (h @ head).pow(2).sum()  # noqa: E731  (saves h for its own backward)
+        value = None if loss_first else other()
+        if fused:
+            loss = rk.rspo_linear_loss(
+                h,
+                case["weight"],
+                case["ids"],
+                case["weights"],
+                case["mask"],
+                bias=case["bias"],
+                old_logprobs=case["old"],
+                **BLOCKS,
+            )
+        else:
+            loss = rspo_loss_reference(
+                h @ case["weight"].T + case["bias"],
+                case["ids"],
+                case["weights"],
+                case["mask"],
+                old_logprobs=case["old"].double(),
+            )
+        (loss + (other() if loss_first else value)).backward()
+        return h.grad
+
+    expected = grads(False, True)
+    for loss_first in (True, False):
+        torch.testing.assert_close(grads(True, loss_first), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_token_logprobs_linear_matches_logits_version_and_is_differentiable():
     case = make_case(dtype=torch.float64)
     mask = case["mask"]
