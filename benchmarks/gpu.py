@@ -184,9 +184,9 @@ def _weights_section(device: torch.device, smoke: bool, repeats: int, warmup: in
     import numpy as np
 
     import rspo_kernels as rk_api
-    from rspo_kernels import estimators
-    from rspo_kernels._layout import to_groups
     from rspo_kernels.ops import weights as triton_weights
+    from rspo_kernels.weights import estimators
+    from rspo_kernels.weights._layout import to_groups
 
     g = torch.Generator(device=device).manual_seed(1)
     dense = [(8, 16, 4), (2, 300, 8)] if smoke else [(4096, 16, 4), (1024, 64, 8), (64, 1024, 16), (1, 2**20, 64)]

@@ -5,9 +5,9 @@ interleaving the rows round by round, and reports medians:
 
 - ``floor``: a bare ``torch.sort`` of the same rewards (Max@k) or ``rewards.sum(-1)`` (Pass@k; a
   segment sum ``index_add_`` for ragged groups) -- what any implementation must at least pay;
-- ``cpp``: the C++ backend on the canonical layout (``rspo_kernels._cpu_backend``);
+- ``cpp``: the C++ backend on the canonical layout (``rspo_kernels.weights._cpu_backend``);
 - ``api``: the public function end to end (validation, layout, dispatch; C++ on CPU);
-- ``spec``: the torch specification on the canonical layout (``rspo_kernels.estimators``);
+- ``spec``: the torch specification on the canonical layout (``rspo_kernels.weights.estimators``);
 - ``numpy-loop``: a per-group numpy loop, what a user would write (``baselines.py``);
 - ``algorithm-2``: the paper's Algorithm 2 (n <= 64 only, O(n^2 k)); timed on a few groups and
   scaled linearly to the whole batch (its cost is exactly linear in the number of groups).
@@ -96,9 +96,9 @@ def _ragged_ids(total: int, k: int, rng: np.random.Generator) -> np.ndarray:
 def build_rows(case: Case, objective: str, seed: int = 0, with_slow: bool = True) -> dict[str, Callable[[], object]]:
     """The callables timed for one case and objective, all on the same float32 rewards."""
     from benchmarks import baselines
-    from rspo_kernels import _cpu_backend, api
-    from rspo_kernels import estimators as spec
-    from rspo_kernels._layout import to_groups
+    from rspo_kernels.weights import _cpu_backend, api
+    from rspo_kernels.weights import estimators as spec
+    from rspo_kernels.weights._layout import to_groups
 
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -70,7 +70,7 @@ def true_gradient(policy: Policy, k: int) -> np.ndarray:
 
 
 def _weights(policy: Policy, rewards: np.ndarray, k: int, estimator: str) -> np.ndarray:
-    from rspo_kernels import api
+    from rspo_kernels.weights import api
 
     fn = api.pass_at_k_weights if policy.objective == "pass@k" else api.max_at_k_weights
     return np.asarray(fn(rewards, k, estimator=estimator, validate=False))

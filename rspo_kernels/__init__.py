@@ -15,7 +15,6 @@ backend_info
 """
 
 from rspo_kernels._dispatch import backend_info, warn_if_extension_missing
-from rspo_kernels.api import ESTIMATORS, max_at_k, max_at_k_weights, pass_at_k, pass_at_k_weights
 from rspo_kernels.loss import (
     LOSS_AGG_MODES,
     LossOptions,
@@ -26,6 +25,7 @@ from rspo_kernels.loss import (
     token_logprobs,
     token_logprobs_linear,
 )
+from rspo_kernels.weights.api import ESTIMATORS, max_at_k, max_at_k_weights, pass_at_k, pass_at_k_weights
 
 # The C++ extension is optional at install time; say so once, here, rather than on every call.
 warn_if_extension_missing()

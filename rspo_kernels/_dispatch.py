@@ -29,19 +29,19 @@ UNAVAILABLE_TRITON = "unavailable (no CUDA / triton not installed)"
 
 # (operation, backend) -> "module:function". Every fast backend is tested against "reference".
 _IMPLEMENTATIONS: dict[tuple[str, str], str] = {
-    ("weights", "reference"): "rspo_kernels.estimators:grouped_weights",
-    ("pass_at_k", "reference"): "rspo_kernels.estimators:grouped_pass_at_k",
-    ("max_at_k", "reference"): "rspo_kernels.estimators:grouped_max_at_k",
-    ("first_invalid", "reference"): "rspo_kernels._validation:first_invalid",
-    ("first_invalid", "cpp"): "rspo_kernels._cpu_backend:first_invalid",
+    ("weights", "reference"): "rspo_kernels.weights.estimators:grouped_weights",
+    ("pass_at_k", "reference"): "rspo_kernels.weights.estimators:grouped_pass_at_k",
+    ("max_at_k", "reference"): "rspo_kernels.weights.estimators:grouped_max_at_k",
+    ("first_invalid", "reference"): "rspo_kernels.weights._validation:first_invalid",
+    ("first_invalid", "cpp"): "rspo_kernels.weights._cpu_backend:first_invalid",
     ("weights", "triton"): "rspo_kernels.ops.weights:grouped_weights",
     # The fused log-prob op behind token_logprobs and every loss: (B, T, V) rows -> (N,) log-probs.
     ("token_logprobs", "triton"): "rspo_kernels.ops.token_logprobs:fused_token_logprobs",
     ("token_logprobs", "torch"): "rspo_kernels.loss.chunked:fused_token_logprobs",
     ("token_logprobs", "reference"): "rspo_kernels.loss.reference:fused_token_logprobs_reference",
-    ("weights", "cpp"): "rspo_kernels._cpu_backend:grouped_weights",
-    ("pass_at_k", "cpp"): "rspo_kernels._cpu_backend:grouped_pass_at_k",
-    ("max_at_k", "cpp"): "rspo_kernels._cpu_backend:grouped_max_at_k",
+    ("weights", "cpp"): "rspo_kernels.weights._cpu_backend:grouped_weights",
+    ("pass_at_k", "cpp"): "rspo_kernels.weights._cpu_backend:grouped_pass_at_k",
+    ("max_at_k", "cpp"): "rspo_kernels.weights._cpu_backend:grouped_max_at_k",
 }
 
 # Backends tried in order for tensors on each device type.

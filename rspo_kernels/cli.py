@@ -237,7 +237,7 @@ def _weights(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
-    from rspo_kernels import demo
+    from rspo_kernels.demo import run as demo
 
     base = demo.QUICK if args.quick else demo.DemoConfig()
     overrides: dict[str, Any] = {}
@@ -270,7 +270,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write to {str(out_dir)!r} (--out): {exc.strerror or exc}") from None
     print(demo.format_report(result))
     print(f"\nwrote {json_path}")
-    from rspo_kernels._demo_plot import plot_demo
+    from rspo_kernels.demo.plot import plot_demo
 
     try:
         print(f"wrote {plot_demo(result, out_dir / 'results.png')}")

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import rspo_kernels as rk
-from rspo_kernels import demo
 from rspo_kernels.cli import main
+from rspo_kernels.demo import run as demo
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]
@@ -428,7 +428,7 @@ def test_bench_without_a_source_checkout_says_so(monkeypatch, capsys):
 
 
 def test_pass_at_k_training_trains_beside_rspo_for_pass_at_k_only():
-    from rspo_kernels._demo_config import methods
+    from rspo_kernels.demo.config import methods
 
     passk = {m.name: m for m in methods((2, 4), "pass@k")}
     assert passk["PassK-Training k=4"].estimator == "passk_training_std" and passk["PassK-Training k=4"].k == 4

@@ -1,7 +1,7 @@
 """The C++ CPU backend (``rspo_kernels._cpu``) against the torch specification and brute force.
 
 Every estimator x objective x dtype x layout (dense, ragged) is compared with
-``rspo_kernels.estimators`` on hypothesis-generated groups that contain ties on purpose; small
+``rspo_kernels.weights.estimators`` on hypothesis-generated groups that contain ties on purpose; small
 groups are also compared with subset enumeration (``oracles.py``). Tolerances come from the dtype:
 the backend computes in float64 and rounds once, the specification uses float64 log-factorials
 whose relative error grows like ``eps64 * log(n!)``.
@@ -19,9 +19,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rspo_kernels as rk
-from rspo_kernels import _cpu, _cpu_backend, _dispatch, api
-from rspo_kernels import estimators as spec
-from rspo_kernels._layout import Groups
+from rspo_kernels import _cpu, _dispatch
+from rspo_kernels.weights import _cpu_backend, api
+from rspo_kernels.weights import estimators as spec
+from rspo_kernels.weights._layout import Groups
 
 ESTIMATORS = ("rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo")
 OBJECTIVES = ("pass@k", "max@k")
@@ -339,7 +340,7 @@ def test_first_invalid_matches_numpy(dtype, n, bad, binary_input):
 @given(data=st.data())
 def test_first_invalid_matches_reference(dtype, binary, data):
     """The validation scan finds the same first bad value as the torch reference."""
-    from rspo_kernels import _validation
+    from rspo_kernels.weights import _validation
 
     n = data.draw(st.integers(0, 5000))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))

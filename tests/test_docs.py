@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import rspo_kernels._dispatch
-import rspo_kernels.api
 import rspo_kernels.loss.api
+import rspo_kernels.weights.api
 
 _ROOT = Path(__file__).resolve().parents[1]
 _MATH = _ROOT / "docs" / "math.md"
@@ -20,7 +20,7 @@ _SOURCES = [
 _TEXT = {p: p.read_text(encoding="utf-8") for p in _SOURCES if p.suffix in (".py", ".md", ".cpp", ".hpp")}
 
 
-@pytest.mark.parametrize("module", [rspo_kernels.api, rspo_kernels._dispatch, rspo_kernels.loss.api])
+@pytest.mark.parametrize("module", [rspo_kernels.weights.api, rspo_kernels._dispatch, rspo_kernels.loss.api])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
@@ -72,5 +72,5 @@ def test_rspo_weights_follow_the_sign_rules_docs_math_states():
     import numpy as np
 
     r = np.array([[-1.0, -2.0, 3.0, -0.5]])
-    np.testing.assert_array_equal(rspo_kernels.api.max_at_k_weights(r, 1), r)
-    assert (rspo_kernels.api.max_at_k_weights(r, 2) >= 0).all()
+    np.testing.assert_array_equal(rspo_kernels.weights.api.max_at_k_weights(r, 1), r)
+    assert (rspo_kernels.weights.api.max_at_k_weights(r, 2) >= 0).all()

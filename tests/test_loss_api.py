@@ -125,7 +125,7 @@ def test_options_object_is_frozen_and_validated_at_construction():
 
 # --------------------------------------------------------------------------- RSPOLoss
 def test_rspo_loss_module_matches_functional(monkeypatch):
-    from rspo_kernels import api
+    from rspo_kernels.weights import api
 
     seen = {}
     real = api.pass_at_k_weights

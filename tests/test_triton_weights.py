@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from rspo_kernels import estimators  # noqa: E402
-from rspo_kernels._layout import to_groups  # noqa: E402
 from rspo_kernels.ops import weights as triton_weights  # noqa: E402
+from rspo_kernels.weights import estimators  # noqa: E402
+from rspo_kernels.weights._layout import to_groups  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=2e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}

@@ -350,7 +350,7 @@ class RSPOLoss(nn.Module):
 
     def __init__(self, objective: str = "pass@k", k: int = 4, estimator: str = "rspo", **loss_kwargs: Any):
         super().__init__()
-        from rspo_kernels.api import ESTIMATORS
+        from rspo_kernels.weights.api import ESTIMATORS
 
         if objective not in ("pass@k", "max@k"):
             raise ValueError(f"objective must be 'pass@k' or 'max@k', got {objective!r}")
@@ -389,7 +389,7 @@ class RSPOLoss(nn.Module):
         Float64 for float64 rewards, float32 otherwise (the dtype
         :func:`rspo_kernels.pass_at_k_weights` returns).
         """
-        from rspo_kernels.api import max_at_k_weights, pass_at_k_weights
+        from rspo_kernels.weights.api import max_at_k_weights, pass_at_k_weights
 
         if not isinstance(rewards, torch.Tensor):
             raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")

@@ -8,7 +8,7 @@ grid runs over chunks, so one huge group and many small ones both fill the devic
 * glue (torch, O(#chunks)): per-group totals and exclusive per-group carries of those sums;
 * pass 2 (``_rspo_weights_kernel``): each chunk rebuilds its terms and writes the weights.
 
-Max@k uses Theorem C.4 summed by parts (see :mod:`rspo_kernels.estimators`): on the ascending
+Max@k uses Theorem C.4 summed by parts (see :mod:`rspo_kernels.weights.estimators`): on the ascending
 sort ``w = k * cumsum_j q(j) (v[j] - v[j-1])`` with ``q(j) = C(j, k-1) / C(n-1, k-1)``; gaps
 vanish inside tie runs, so ties need no extra pass. Pass@k (Theorem 4.3) needs no sort:
 ``w = k q(n - c) R`` with ``c`` the group's total. ``q`` comes from a host-computed float64
@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rspo_kernels import estimators
-from rspo_kernels._layout import Groups, sort_within_groups
+import rspo_kernels.weights.estimators as estimators
+from rspo_kernels.weights._layout import Groups, sort_within_groups
 
 __all__ = ["grouped_weights", "prepare_chunks"]
 

@@ -1,4 +1,4 @@
-"""The C++ CPU backend: :class:`~rspo_kernels._layout.Groups` in, tensors out, via ``rspo_kernels._cpu``.
+"""The C++ CPU backend: :class:`~rspo_kernels.weights._layout.Groups` in, tensors out, via ``rspo_kernels._cpu``.
 
 The kernels (``csrc/``) read the grouped rewards and write the result through zero-copy numpy views
 of torch tensors, in float32 or float64 like the input, with all arithmetic in float64. Inputs are
@@ -30,7 +30,7 @@ except ImportError:
         raise  # built, but broken (e.g. a torch/ABI mismatch): let the dispatcher report the real error
     raise ModuleNotFoundError("the C++ extension rspo_kernels._cpu is not built", name="rspo_kernels._cpu") from None
 
-from rspo_kernels._layout import Groups, InvalidRewardError
+from rspo_kernels.weights._layout import Groups, InvalidRewardError
 
 __all__ = ["grouped_weights", "grouped_pass_at_k", "grouped_max_at_k", "first_invalid"]
 
@@ -49,7 +49,7 @@ def grouped_weights(groups: Groups, k: int, objective: str, estimator: str, *, v
     """``(N,)`` weights of ``estimator`` for ``objective`` in the grouped order, dtype of the values.
 
     With ``validate``, the kernel also checks the rewards (finite; exactly 0 or 1 for Pass@k, in
-    the same read that counts them) and raises :class:`~rspo_kernels._layout.InvalidRewardError`
+    the same read that counts them) and raises :class:`~rspo_kernels.weights._layout.InvalidRewardError`
     at the first bad one.
     """
     values, v, offsets = _arrays(groups)

@@ -1,7 +1,7 @@
 """What determines a demo run: its configuration and the training rules it compares.
 
 Kept apart from :mod:`rspo_kernels.demo` (the task and the training) and
-:mod:`rspo_kernels._demo_report` (the verdicts and the printed report), which both need it, so
+:mod:`rspo_kernels.demo.report` (the verdicts and the printed report), which both need it, so
 that neither imports the other.
 """
 

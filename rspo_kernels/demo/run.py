@@ -60,8 +60,8 @@ import numpy as np
 import torch
 
 import rspo_kernels as rk
-from rspo_kernels._demo_config import OBJECTIVES, QUICK, DemoConfig, Method, methods
-from rspo_kernels._demo_report import check_claims, format_report, json_record
+from rspo_kernels.demo.config import OBJECTIVES, QUICK, DemoConfig, Method, methods
+from rspo_kernels.demo.report import check_claims, format_report, json_record
 
 __all__ = [
     "torch_threads",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from rspo_kernels._demo_config import DemoConfig
+from rspo_kernels.demo.config import DemoConfig
 
 __all__ = ["check_claims", "json_record", "format_report"]
 
@@ -151,7 +151,7 @@ def format_report(result: dict[str, Any]) -> str:
                 "tests/test_unbiasedness.py and benchmarks/variance.py"
             )
         lines.append("")
-    lines.append("Paper claims, checked on the means (criteria: rspo_kernels/_demo_report.py, check_claims):")
+    lines.append("Paper claims, checked on the means (criteria: rspo_kernels/demo/report.py, check_claims):")
     for claim in result["claims"]:
         lines.append(
             f"  [{claim['objective']}] {claim['claim']}: {claim['holds']} ({claim['passed']}/{claim['checked']})"

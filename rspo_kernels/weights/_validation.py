@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from rspo_kernels._dispatch import implementation
-from rspo_kernels._layout import Groups, Restore
-from rspo_kernels.estimators import BINARY_ONLY_ESTIMATORS, ESTIMATORS
+from rspo_kernels.weights._layout import Groups, Restore
+from rspo_kernels.weights.estimators import BINARY_ONLY_ESTIMATORS, ESTIMATORS
 
 __all__ = [
     "as_reward_tensor",

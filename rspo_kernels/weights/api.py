@@ -1,7 +1,7 @@
 """Public Pass@k / Max@k weights and metrics.
 
 Each function validates its input once, normalises the layout into
-:class:`~rspo_kernels._layout.Groups`, asks :mod:`rspo_kernels._dispatch` for a backend, and
+:class:`~rspo_kernels.weights._layout.Groups`, asks :mod:`rspo_kernels._dispatch` for a backend, and
 hands the result back in the caller's shape, order and container.
 """
 
@@ -12,10 +12,10 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 import torch
 
-from rspo_kernels import _validation as check
+import rspo_kernels.weights._validation as check
 from rspo_kernels._dispatch import implementation
-from rspo_kernels._layout import Groups, InvalidRewardError, Restore, to_groups
-from rspo_kernels.estimators import ESTIMATORS
+from rspo_kernels.weights._layout import Groups, InvalidRewardError, Restore, to_groups
+from rspo_kernels.weights.estimators import ESTIMATORS
 
 __all__ = ["pass_at_k_weights", "max_at_k_weights", "pass_at_k", "max_at_k", "ESTIMATORS"]
 

@@ -1,6 +1,6 @@
 """Pass@k / Max@k weights and metrics in plain torch: the readable specification.
 
-Every function here takes the canonical layout :class:`~rspo_kernels._layout.Groups` (values
+Every function here takes the canonical layout :class:`~rspo_kernels.weights._layout.Groups` (values
 stored group after group) and trusts that the public API validated it. All arithmetic is float64
 whatever the input dtype; results come back in ``groups.values.dtype``. Every fast backend (C++,
 Triton) is tested against this module, and this module is tested against brute force (subset
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from rspo_kernels._layout import Groups, sort_within_groups
+from rspo_kernels.weights._layout import Groups, sort_within_groups
 
 __all__ = [
     "ESTIMATORS",
