@@ -101,8 +101,15 @@ def _load(op: str, backend: str) -> Callable | None:
     return func
 
 
+_warned_extension_missing = False
+
+
 def warn_if_extension_missing() -> None:
-    """Warn (once, from ``import rspo_kernels``) that the C++ extension was not built, and how to get it."""
+    """Warn (once per process, when ``rspo_kernels`` is first used) that the C++ extension was not built."""
+    global _warned_extension_missing
+    if _warned_extension_missing:
+        return
+    _warned_extension_missing = True
     if importlib.util.find_spec(EXTENSION) is not None:
         return
     if os.environ.get(BACKEND_ENV, "").strip().lower() in ("reference", "torch", "triton"):
@@ -114,7 +121,7 @@ def warn_if_extension_missing() -> None:
         "xcode-select --install; Windows: Visual Studio Build Tools) and reinstall rspo_kernels. "
         f"Set {BACKEND_ENV}=reference to silence this.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=3,  # the user's line that first touched an ``rspo_kernels`` name
     )
 
 

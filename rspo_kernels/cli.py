@@ -39,10 +39,18 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------- weights: reading
-def _parse_reward(value: Any, line: int, column: str) -> float:
-    """A finite float from a CSV string or a JSON number; anything else names its line."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise UsageError(f"line {line}: {column!r} must be a number, got {json.dumps(value)}")
+def _parse_reward(value: Any, line: int, column: str, fmt: str) -> float:
+    """A finite float from a CSV cell or a JSON number; anything else names its line.
+
+    JSONL rewards must be JSON numbers: a string (``"1"``) and a boolean (``true``) are both
+    refused, so that no reward is read by guessing what its type meant.
+    """
+    if fmt == "jsonl" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        kind = "a boolean" if isinstance(value, bool) else "a string" if isinstance(value, str) else "not a number"
+        raise UsageError(
+            f"line {line}: {column!r} must be a JSON number (such as 1 or 0.5), got {json.dumps(value)}, "
+            f"which is {kind}; write rewards as numbers"
+        )
     try:
         number = float(value)
     except ValueError:
@@ -88,9 +96,12 @@ def _read_jsonl(stream: TextIO, group_col: str, reward_col: str) -> tuple[list[d
             raise UsageError(f"line {line}: invalid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(row, dict):
             raise UsageError(f"line {line}: expected a JSON object, got {type(row).__name__}")
-        for column in (group_col, reward_col):
+        for column, flag in ((group_col, "--group-col"), (reward_col, "--reward-col")):
             if column not in row:
-                raise UsageError(f"line {line}: missing field {column!r}")
+                fields = ", ".join(map(repr, row)) or "none"
+                raise UsageError(
+                    f"line {line}: missing field {column!r} (fields: {fields}); choose the field with {flag}"
+                )
         group = row[group_col]
         if group is None or not isinstance(group, (str, int, float, bool)):
             raise UsageError(f"line {line}: {group_col!r} must be a string or a number, got {json.dumps(group)}")
@@ -135,6 +146,7 @@ def _compute_weights(
     objective: str,
     k: int,
     estimator: str,
+    fmt: str,
 ) -> list[float]:
     """Per-row weights, grouping rows by their group label (groups need not be contiguous).
 
@@ -149,10 +161,10 @@ def _compute_weights(
     import rspo_kernels as rk
 
     rewards = np.array(
-        [_parse_reward(row[reward_col], line, reward_col) for row, line in zip(rows, lines, strict=True)]
+        [_parse_reward(row[reward_col], line, reward_col, fmt) for row, line in zip(rows, lines, strict=True)]
     )
-    if not rows:
-        return []
+    if estimator not in rk.ESTIMATORS:
+        raise UsageError(f"--estimator {estimator!r} is not an estimator; choose one of {', '.join(rk.ESTIMATORS)}")
     groups: list[Hashable] = [row[group_col] for row in rows]
     _check_against_flags(groups, rewards, lines, objective, k, estimator)
     weight_fn = rk.pass_at_k_weights if objective == "pass@k" else rk.max_at_k_weights
@@ -210,14 +222,21 @@ def _check_against_flags(
 
 def _weights(args: argparse.Namespace) -> int:
     text = _read_text(args.input)
+    source = "stdin" if args.input == "-" else repr(args.input)
+    if not text.strip():
+        raise UsageError(f"{source} is empty: nothing to weigh")
     fmt = _input_format(args.input, args.format, text)
     reader = _read_csv if fmt == "csv" else _read_jsonl
     rows, header, lines = reader(io.StringIO(text, newline=""), args.group_col, args.reward_col)
+    if not rows:
+        raise UsageError(f"{source} has a header but no rows: nothing to weigh")
     if args.weight_col in header or any(args.weight_col in row for row in rows):
         raise UsageError(
             f"the input already has a {args.weight_col!r} column; name the output column with --weight-col"
         )
-    weights = _compute_weights(rows, lines, args.group_col, args.reward_col, args.objective, args.k, args.estimator)
+    weights = _compute_weights(
+        rows, lines, args.group_col, args.reward_col, args.objective, args.k, args.estimator, fmt
+    )
     out = io.StringIO(newline="")
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=[*header, args.weight_col], lineterminator="\n")
@@ -312,8 +331,8 @@ def _bench(argv: list[str]) -> int:
 
 # --------------------------------------------------------------------------- parser
 def _parser() -> argparse.ArgumentParser:
-    import rspo_kernels as rk
-
+    # Nothing here imports torch (neither does ``import rspo_kernels``): --help and usage errors
+    # answer at once. The estimator names are checked when the weights are computed.
     parser = argparse.ArgumentParser(prog=_PROG, description="Risk-seeking (Pass@k / Max@k) policy-gradient weights.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,weights,bench}")
 
@@ -359,7 +378,12 @@ def _parser() -> argparse.ArgumentParser:
         default="pass@k",
         help="default: %(default)s (binary rewards)",
     )
-    weights.add_argument("--estimator", choices=rk.ESTIMATORS, default="rspo", help="default: %(default)s")
+    weights.add_argument(
+        "--estimator",
+        default="rspo",
+        metavar="NAME",
+        help="a name in rspo_kernels.ESTIMATORS, such as plugin, hitchhiking or pkpo_loo (default: %(default)s)",
+    )
     weights.add_argument(
         "--format", choices=("csv", "jsonl"), help="input and output format (default: from the extension)"
     )

@@ -445,3 +445,93 @@ def test_jsonl_ids_1_true_and_1_0_are_refused_naming_the_group_column(capsys, tm
     path.write_text('{"g": 1, "r": 1}\n{"g": 1, "r": 0}\n{"g": true, "r": 0}\n{"g": true, "r": 1}\n')
     assert main(["weights", str(path), "-k", "2", "--group-col", "g", "--reward-col", "r"]) == 2
     assert "(--group-col)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the front door (issue 23)
+_NO_TORCH = """
+import sys
+from rspo_kernels.cli import main
+for argv in ({argvs}):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(sorted(m for m in ("torch", "numpy") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "argvs",
+    [
+        [["--help"]],
+        [["weights", "--help"], ["demo", "--help"]],
+        [[], ["weights", "rewards.csv"], ["weights", "-k", "x"], ["nope"]],  # usage errors
+    ],
+)
+def test_help_and_usage_errors_do_not_import_torch(argvs):
+    """`rspo-kernels --help` answers at once: torch (4 s to import) is only imported to compute."""
+    code = _NO_TORCH.format(argvs=", ".join(map(repr, argvs)) + ",")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "what"),
+    [
+        ("empty.csv", "", "is empty"),
+        ("header.csv", "group,reward\n", "has a header but no rows"),
+        ("empty.jsonl", "\n\n", "is empty"),
+        ("spaces.jsonl", " \n", "is empty"),
+    ],
+)
+def test_weights_empty_input_is_an_error_naming_the_file(capsys, tmp_path, name, text, what):
+    path = tmp_path / name
+    path.write_text(text)
+    assert main(["weights", str(path), "-k", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"{str(path)!r} {what}: nothing to weigh" in captured.err, captured.err
+
+
+def test_weights_empty_stdin_is_an_error(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["weights", "-k", "1"]) == 2
+    assert "stdin is empty" in capsys.readouterr().err
+
+
+def test_jsonl_missing_group_field_lists_the_fields_and_suggests_group_col(capsys, tmp_path):
+    path = tmp_path / "rewards.jsonl"
+    path.write_text('{"prompt": "a", "reward": 1}\n')
+    assert main(["weights", str(path), "-k", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "line 1: missing field 'group' (fields: 'prompt', 'reward'); choose the field with --group-col" in err, err
+    assert main(["weights", str(path), "-k", "1", "--group-col", "prompt", "--reward-col", "score"]) == 2
+    assert "missing field 'score' (fields: 'prompt', 'reward'); choose the field with --reward-col" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(("value", "kind"), [('"1"', "a string"), ("true", "a boolean"), ("null", "not a number")])
+def test_jsonl_rewards_must_be_json_numbers(capsys, tmp_path, value, kind):
+    """A string "1" and a boolean true are refused alike (docs/cli.md says so)."""
+    path = tmp_path / "rewards.jsonl"
+    path.write_text(f'{{"group": "a", "reward": 1}}\n{{"group": "a", "reward": {value}}}\n')
+    assert main(["weights", str(path), "-k", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"line 2: 'reward' must be a JSON number (such as 1 or 0.5), got {value}, which is {kind}" in err, err
+
+
+def test_csv_rewards_are_text_and_parsed_as_numbers(capsys, tmp_path):
+    path = tmp_path / "rewards.csv"
+    path.write_text("group,reward\na,1\na,0.0\n")
+    assert main(["weights", str(path), "-k", "1"]) == 0
+    assert capsys.readouterr().out == "group,reward,weight\na,1,1.0\na,0.0,0.0\n"
+
+
+def test_unknown_estimator_names_the_choices(capsys):
+    argv = ["weights", str(FIXTURES / "graded_rewards.csv"), "--group-col", "prompt_id", "--reward-col", "score"]
+    assert main([*argv, "-k", "2", "--objective", "max@k", "--estimator", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--estimator 'nope' is not an estimator; choose one of " + ", ".join(rk.ESTIMATORS) in err, err
