@@ -12,9 +12,10 @@ interleaving the rows round by round, and reports medians:
 - ``algorithm-2``: the paper's Algorithm 2 (n <= 64 only, O(n^2 k)); timed on a few groups and
   scaled linearly to the whole batch (its cost is exactly linear in the number of groups).
 
-It prints a table and writes ``<machine>-<date>.json`` (into the current directory, or ``--out``)
-with the machine, versions, date, every median and the ratios checked against the targets. The
-results the README quotes were moved into ``benchmarks/results/`` by hand.
+It prints a table and writes ``<machine>-<date>.json`` (into ``benchmarks/results/local/``, a
+folder git ignores, or ``--out``) with the machine, versions, date, every median and the ratios
+checked against the targets. The results the docs quote were moved into ``benchmarks/results/`` by
+hand.
 """
 
 from __future__ import annotations
@@ -300,10 +301,13 @@ def print_table(results: list[dict], checks: list[dict], file=None) -> None:
         ratios = [
             t["cpp"]["median_s"] / t["floor"]["median_s"],
             t["spec"]["median_s"] / cpp,
-            t["numpy-loop"]["median_s"] / cpp if "numpy-loop" in t else float("nan"),
+            t["numpy-loop"]["median_s"] / cpp if "numpy-loop" in t else None,  # --no-slow skips it
         ]
         print(
-            f"{r['case']:<16} {r['objective']:<7} " + " ".join(cells) + " " + " ".join(f"{x:>8.2f}x" for x in ratios),
+            f"{r['case']:<16} {r['objective']:<7} "
+            + " ".join(cells)
+            + " "
+            + " ".join(f"{x:>8.2f}x" if x is not None else f"{'-':>9}" for x in ratios),
             file=file,
         )
     print("(* algorithm-2 timed on a few groups and scaled linearly to the batch)", file=file)
@@ -327,6 +331,10 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+# Beside the committed results, but ignored by git (.gitignore), so `make bench` leaves the clone clean.
+_DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results" / "local"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rspo-kernels bench", description="Throughput benchmarks (CPU).")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets (smoke test)")
@@ -334,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=_positive_seconds, default=None, help="seconds of samples per row (default 1.0)"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="output JSON file or directory (default ./<machine>-<date>.json)"
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output JSON file or directory (default {_DEFAULT_OUT_DIR.relative_to(_DEFAULT_OUT_DIR.parents[2])}/, "
+        "which git ignores)",
     )
     parser.add_argument("--no-slow", action="store_true", help="skip the numpy loop and Algorithm 2")
     parser.add_argument("--case", action="append", default=None, help="only cases whose name contains this")
@@ -393,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     name = f"{machine_slug(info)}-{started.date().isoformat()}{'-quick' if args.quick else ''}.json"
     if out is None:
-        out = Path.cwd() / name  # not benchmarks/results/: a run must not dirty the user's clone
+        out = _DEFAULT_OUT_DIR / name  # ignored by git: a run must not dirty the user's clone
     elif out.suffix != ".json":
         out = out / name
     out.parent.mkdir(parents=True, exist_ok=True)
