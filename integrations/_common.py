@@ -9,11 +9,12 @@ so that a process that never needs that module never pays for (or fails on) its 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import numbers
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -212,3 +213,23 @@ def unwrap(owner: Any, name: str) -> None:
     original = getattr(getattr(owner, name, None), "_rspo_original", None)
     if original is not None:
         setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def framework_import(adapter: str, extra: str) -> Iterator[None]:
+    """Around an adapter's framework imports: a missing module names the extra that installs it.
+
+    Without it a user sees ``No module named 'verl'`` (or ``'cachetools'``, which verl imports
+    without declaring) and has to guess what to install. The error stays a
+    ``ModuleNotFoundError`` with the same ``name``, so ``pytest.importorskip`` and
+    ``except ImportError`` behave as before.
+    """
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"rspo_kernels.integrations.{adapter} needs the {extra!r} extra, which is not fully installed "
+            f"(No module named {exc.name!r}): from a checkout of rspo_kernels run "
+            f'pip install -e ".[{extra}]" (see docs/install.md)',
+            name=exc.name,
+        ) from exc

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
-from trl import GRPOConfig, GRPOTrainer
 
 import rspo_kernels as rk
-from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings
+from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, framework_import
 from rspo_kernels.integrations.trl_fused import FusedLinearLossMixin
+
+with framework_import("trl", "trl"):
+    from transformers import TrainingArguments
+    from trl import GRPOConfig, GRPOTrainer
 
 __all__ = ["RSPOConfig", "RSPOTrainer", "rspo_advantages"]
 

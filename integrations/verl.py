@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from verl.trainer.config import AlgoConfig
-from verl.trainer.ppo import core_algos
 
-from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, when_imported, wrap
+from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, framework_import, when_imported, wrap
+
+with framework_import("verl", "verl"):
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo import core_algos
 
 __all__ = [
     "ESTIMATOR_NAME",
