@@ -17,7 +17,9 @@ ifeq ($(origin TORCH_INDEX),undefined)
     TORCH_INDEX := https://download.pytorch.org/whl/cpu
   endif
 endif
-TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--index-url $(TORCH_INDEX))
+# The index is probed first (3 s, scripts/probe_index.py): when it cannot be reached, one line says
+# so and torch comes from pip's configured index, instead of minutes of pip retries.
+TORCH_INDEX_ARGS = $(if $(strip $(TORCH_INDEX)),$$($(PY) scripts/probe_index.py $(TORCH_INDEX)))
 
 # One line per step, and how long it took: pip stays quiet (-q), so this is all a user sees.
 STEP = @printf '%s\n' "==> $(1)"

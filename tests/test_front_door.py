@@ -3,11 +3,14 @@ finds out quickly that PyTorch's wheel index is unreachable, and a README that s
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
-import re
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,67 @@ def test_a_missing_framework_names_the_extra_to_install():
         assert name.split(".")[0] == adapter  # still the missing module's name: importorskip works
         assert f"rspo_kernels.integrations.{adapter} needs the '{adapter}' extra" in message, message
         assert f"No module named '{name}'" in message and f'pip install -e ".[{adapter}]"' in message, message
+
+
+# --------------------------------------------------------------------------- make setup's index probe
+_PROBE = _ROOT / "scripts" / "probe_index.py"
+
+
+def _probe(url: str, timeout_s: float = 3.0) -> subprocess.CompletedProcess:
+    env = os.environ | {"RSPO_INDEX_PROBE_TIMEOUT": str(timeout_s)}
+    return subprocess.run(
+        [sys.executable, str(_PROBE), url], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_probe_passes_an_index_that_answers_to_pip():
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/whl/cpu"  # a 404 still means "reachable"
+        proc = _probe(url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0 and proc.stdout.strip() == f"--index-url {url}" and proc.stderr == ""
+
+
+def test_probe_says_once_that_an_unreachable_index_is_skipped():
+    url = f"http://127.0.0.1:{_free_port()}/whl/cpu"  # nothing listens: connection refused
+    proc = _probe(url)
+    assert proc.returncode == 0 and proc.stdout == ""  # pip gets no --index-url: the configured index
+    (line,) = proc.stderr.splitlines()
+    assert line.strip().startswith(f"{url} is unreachable (") and "configured with instead" in line, line
+
+
+def test_probe_gives_up_on_an_index_that_never_answers():
+    """A host that accepts the connection and then says nothing: the probe's own deadline decides."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+        proc = _probe(url, timeout_s=0.5)
+    assert proc.stdout == "" and "is unreachable (" in proc.stderr, proc.stderr
+
+
+def test_make_setup_probes_the_torch_index_before_installing_torch(tmp_path):
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    dry = subprocess.run(
+        [make, "-n", "setup", f"VENV={tmp_path / 'venv'}", "TORCH_INDEX=https://example.org/cpu"],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    (torch_line,) = [line for line in dry.splitlines() if "pip install" in line and '"torch==' in line]
+    assert f"$({tmp_path / 'venv'}/bin/python scripts/probe_index.py https://example.org/cpu)" in torch_line

@@ -43,6 +43,7 @@ def test_sdist_contains_what_make_test_needs(tmp_path):
         "LICENSE",
         "Makefile",
         "MANIFEST.in",
+        "scripts/probe_index.py",
         "docs/math.md",
         "tests/conftest.py",
         "tests/oracles.py",
@@ -140,10 +141,11 @@ def test_setup_takes_the_cpu_torch_index_without_an_nvidia_driver(tmp_path):
     if shutil.which("nvidia-smi") or os.path.exists("/proc/driver/nvidia"):
         assert "--index-url" not in torch_line
     else:
-        assert "--index-url https://download.pytorch.org/whl/cpu" in torch_line
+        # probed first (tests/test_front_door.py): --index-url only when it answers
+        assert "scripts/probe_index.py https://download.pytorch.org/whl/cpu)" in torch_line
     # Overridable, and CI keeps the index pip is configured with.
-    assert "--index-url" not in _make_dry_run("setup", tmp_path, "TORCH_INDEX=")
-    assert "--index-url https://example.org/simple" in _make_dry_run(
+    assert "probe_index" not in _make_dry_run("setup", tmp_path, "TORCH_INDEX=")
+    assert "scripts/probe_index.py https://example.org/simple)" in _make_dry_run(
         "setup", tmp_path, "TORCH_INDEX=https://example.org/simple"
     )
     assert re.search(r"^export TORCH_INDEX=$", (_ROOT / ".ci" / "run").read_text(), flags=re.M)
