@@ -29,6 +29,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -270,71 +271,165 @@ def _policy(name: str) -> Policy:
     return next(p for p in POLICIES if p.name == name)
 
 
-def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
+# Colour and marker per estimator; an estimator not listed here still gets a distinct style.
+_STYLES = {
+    "rspo": ("#b2182b", "o"),
+    "pkpo": ("#ef8a62", "s"),
+    "pkpo_loo": ("#1b7837", "^"),
+    "hitchhiking": ("#2166ac", "D"),
+    "plugin": ("#762a83", "v"),
+    "passk_training_std": ("#7f7f7f", "P"),
+}
+_MATCHED = "passk_training_std"  # plotted at matched scale, tr Cov / alpha^2
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def _style(estimator: str, index: int) -> tuple[str, str]:
+    return _STYLES.get(estimator, (f"C{index % 10}", "XhpH*<>"[index % 7]))
+
+
+def _series(panel: list[dict], estimator: str) -> tuple[list[dict], list[float], list[float], list[int]]:
+    """One estimator's points of a panel: rows, plotted tr Cov, 95% CI half-widths, and the ks
+    where its gradient vanishes (alpha = 0: nothing to plot on a log axis).
+
+    ``passk_training_std`` is put at matched scale, ``tr Cov / alpha^2``: the variance of
+    ``g / alpha``, whose expectation is the true gradient. Zero-variance points of the others are
+    left out (a log axis cannot show them).
+    """
+    sel = sorted((r for r in panel if r["estimator"] == estimator), key=lambda r: r["k"])
+    if estimator == _MATCHED:
+        vanished = [r["k"] for r in sel if not r["scale"]]
+        sel = [r for r in sel if r["scale"]]
+        return (
+            sel,
+            [r["trace_cov"] / r["scale"] ** 2 for r in sel],
+            [r["ci95"] / r["scale"] ** 2 for r in sel],
+            vanished,
+        )
+    sel = [r for r in sel if r["trace_cov"] > 0]
+    return sel, [r["trace_cov"] for r in sel], [r["ci95"] for r in sel], []
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """Write the variance figure: tr Cov of each estimator against k, one panel per (policy, n).
+
+    Lower is better. Error bars are 95% confidence intervals (Monte Carlo panels; the exact panels
+    have none). ``passk_training_std`` is biased with ``E[g] = alpha grad`` for a binary reward, so
+    it is drawn at matched scale, ``tr Cov / alpha^2``: at its raw scale it would look best only
+    because its gradient is shrunk. At k = n its advantages are all 0 (alpha = 0), which a log axis
+    cannot show: that point is marked on the panel's lower edge instead.
+    """
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
     except ImportError:
         print("matplotlib is not installed; skipping the plot (pip install matplotlib)", file=sys.stderr)
         return False
-    policies = [p.name for p in POLICIES]
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    estimators = list(dict.fromkeys(r["estimator"] for r in rows))
     ns = sorted({r["n"] for r in rows})
-    fig, axes = plt.subplots(len(policies), len(ns), figsize=(3.2 * len(ns), 3.0 * len(policies)), squeeze=False)
-    styles = {
-        "rspo": ("C0", "o"),
-        "pkpo": ("C1", "s"),
-        "pkpo_loo": ("C2", "^"),
-        "hitchhiking": ("C3", "D"),
-        "plugin": ("C4", "v"),
-        "passk_training_std": ("C5", "P"),
+    height = 3.3 * len(policies) + 1.5  # inches; the bottom 0.8 hold the legend
+    fig = Figure(figsize=(3.6 * len(ns), height))
+    axes = fig.subplots(len(policies), len(ns), squeeze=False)
+    labels = {
+        "plugin": "plugin (biased: variance)",
+        _MATCHED: "passk_training_std at matched scale, tr Cov / alpha² (biased; alpha depends on n, k, p)",
     }
-    for i, p in enumerate(policies):
+    handles: dict[str, Any] = {}
+    for i, policy in enumerate(policies):
         for j, n in enumerate(ns):
             ax = axes[i][j]
-            for e in ESTIMATORS:
-                sel = sorted(
-                    (r for r in rows if r["policy"] == p and r["n"] == n and r["estimator"] == e), key=lambda r: r["k"]
-                )
-                sel = [r for r in sel if r["trace_cov"] > 0]
+            panel = [r for r in rows if r["policy"] == policy and r["n"] == n]
+            if not panel:
+                ax.set_visible(False)
+                continue
+            zero_at: list[int] = []  # k where an estimator's gradient vanishes (alpha = 0)
+            for index, estimator in enumerate(estimators):
+                sel, values, errors, vanished = _series(panel, estimator)
+                zero_at += vanished
                 if not sel:
                     continue
-                color, marker = styles[e]
-                ks = [r["k"] for r in sel]
-                ax.errorbar(
-                    ks,
-                    [r["trace_cov"] for r in sel],
-                    yerr=[r["ci95"] for r in sel],
+                color, marker = _style(estimator, index)
+                dashed = estimator in BIASED
+                handles[estimator] = ax.errorbar(
+                    [r["k"] for r in sel],
+                    values,
+                    yerr=errors,
                     color=color,
                     marker=marker,
-                    ms=4,
-                    lw=1.2,
-                    capsize=2,
-                    label=e if e != "plugin" else "plugin (var)",
+                    ms=4.5,
+                    lw=1.6,
+                    ls="--" if dashed else "-",
+                    elinewidth=1.4,
+                    capsize=3.5,
+                    label=labels.get(estimator, estimator),
                 )
-                if e == "plugin":
-                    ax.plot(
-                        ks,
+                if estimator == "plugin":
+                    mse = ax.plot(
+                        [r["k"] for r in sel],
                         [r["trace_cov"] + r["bias"] ** 2 for r in sel],
                         color=color,
-                        ls="--",
-                        lw=1,
-                        label="plugin (MSE)",
+                        ls=":",
+                        lw=1.4,
+                        label="plugin (biased: variance + bias², the MSE)",
                     )
-            method = next(r["method"] for r in rows if r["n"] == n)
+                    handles["plugin (MSE)"] = mse[0]
             ax.set_yscale("log")
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{p}\nn={n} ({method})", fontsize=8)
-            ax.set_xlabel("k", fontsize=8)
+            ks = sorted({r["k"] for r in panel})
+            ax.set_xticks(ks, [str(k) if k in (1, n) or k & (k - 1) == 0 else "" for k in ks])
+            for k in zero_at:  # on the lower edge, in axes coordinates, so it never leaves the panel
+                ax.plot(k, 0.03, marker="P", ms=7, color=_style(_MATCHED, 0)[0], transform=ax.get_xaxis_transform())
+                ax.annotate(
+                    "k = n: all\nadvantages 0",
+                    (k, 0.03),
+                    xycoords=ax.get_xaxis_transform(),
+                    xytext=(-4, 10),
+                    textcoords="offset points",
+                    ha="right",
+                    fontsize=7,
+                    color="#555555",
+                )
+            method = panel[0]["method"]
+            rel = [r["ci95"] / r["trace_cov"] for r in panel if r["trace_cov"] > 0 and r["ci95"] > 0]
+            detail = f"Monte Carlo, 95% CI up to ±{100 * max(rel):.0f}%" if rel else "exact"
+            ax.set_title(f"{policy}\nn = {n} ({detail})", fontsize=9)
+            ax.set_xlabel("k", fontsize=9)
             if j == 0:
-                ax.set_ylabel("tr Cov[g_hat]", fontsize=8)
-            ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
+                ax.set_ylabel("tr Cov of the gradient estimate", fontsize=9)
+            ax.grid(alpha=0.3, which="major")
+            ax.tick_params(labelsize=8)
+            del method
+    order = [e for e in estimators if e in handles]
+    if "plugin (MSE)" in handles:
+        order.insert(order.index("plugin") + 1 if "plugin" in order else len(order), "plugin (MSE)")
+    legend_handles = [handles[e] for e in order]
+    legend_handles.append(
+        Line2D([], [], color=_style(_MATCHED, 0)[0], marker="P", ls="", label="passk_training_std at k = n (alpha = 0)")
+    )
+    fig.legend(
+        handles=legend_handles,
+        loc="lower center",
+        ncol=3,
+        fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle(
+        "Variance of the Pass@k / Max@k policy-gradient estimate per estimator: lower is better\n"
+        "(4-action categorical policy; unbiased estimators solid, biased dashed)",
+        fontsize=11,
+    )
+    fig.tight_layout(rect=(0, 0.8 / height, 1, 1))
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
+
+
+def _replot(json_path: Path) -> Path:
+    """Redraw the figure of a results file without recomputing it (``--replot``)."""
+    rows = json.loads(json_path.read_text())["rows"]
+    out = json_path.with_suffix(".png")
+    if not plot(rows, out):
+        raise SystemExit(1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--samples", type=int, default=None, help="Monte Carlo groups per n (default 40000)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
+    parser.add_argument(
+        "--replot", type=Path, metavar="JSON", help="only redraw the figure of a results file (writes JSON's .png)"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        print(f"wrote {_replot(args.replot)}")
+        return 0
     if args.quick:
         ns_exact, ns_mc, samples = (2, 4), (8,), args.samples or 2000
     else:

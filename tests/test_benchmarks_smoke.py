@@ -97,6 +97,30 @@ def test_variance_quick_writes_outputs(tmp_path, capsys):
     assert "tr Cov relative to RSPO" in capsys.readouterr().out
 
 
+def test_variance_figure_shows_passk_training_std_at_matched_scale_and_its_k_equals_n_point():
+    rows = variance.run(ns_exact=(4,), ns_mc=(), samples=0)
+    panel = [r for r in rows if r["objective"] == "pass@k"]
+    sel, values, _, vanished = variance._series(panel, "passk_training_std")
+    assert vanished == [4]  # k = n: every advantage is 0, alpha = 0; marked on the axis edge instead
+    assert [r["k"] for r in sel] == [1, 2, 3]
+    # Matched scale: the variance of g / alpha, whose mean is the true gradient (binary rewards).
+    for r, value in zip(sel, values, strict=True):
+        assert value == pytest.approx(r["trace_cov"] / r["scale"] ** 2) and value > 0
+    assert r["scale"] < 1 < sel[0]["scale"]  # alpha is not a fraction: above 1 at k = 1 here
+    _, raw, _, none = variance._series(panel, "rspo")
+    assert none == [] and len(raw) == 4
+
+
+def test_variance_replot_redraws_a_results_file(tmp_path):
+    if not _has_matplotlib():
+        pytest.skip("matplotlib is not installed")
+    rows = variance.run(ns_exact=(2, 4), ns_mc=(), samples=0)
+    path = tmp_path / "variance-test.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert variance.main(["--replot", str(path)]) == 0
+    assert (tmp_path / "variance-test.png").read_bytes().startswith(b"\x89PNG")
+
+
 def _has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401

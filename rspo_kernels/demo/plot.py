@@ -13,23 +13,24 @@ import numpy as np
 
 __all__ = ["plot_demo"]
 
-# Paper Figure 6: policy gradient black dashed, RSPO in reds and hitchhiking in blues, darker and
-# thicker as k grows.
-_REDS = ("#f4a582", "#d6604d", "#8b0000")
-_BLUES = ("#92c5de", "#4393c3", "#08306b")
-_GREENS = ("#a6dba0", "#5aae61", "#00441b")  # Chen et al.'s Pass@k Training (Pass@k only)
-
-
-def _style(method: Any, rank: int) -> dict[str, Any]:
-    """Line style for a method; ``rank`` is the position of its k among the training ks."""
-    if method.family == "pg":
-        return {"color": "black", "linestyle": "--", "linewidth": 1.5}
-    palette = {"rspo": _REDS, "passk_training": _GREENS}.get(method.family, _BLUES)
-    return {"color": palette[min(rank, len(palette) - 1)], "linestyle": "-", "linewidth": 1.0 + 0.8 * rank}
+# One colour per family, the same in every panel: policy gradient black dashed, hitchhiking blue,
+# RSPO red (paper Figure 6), Chen et al.'s Pass@k Training green (Pass@k only). Each metric panel
+# holds one training k, so it shows at most five curves.
+_STYLE = {
+    "pg": {"color": "black", "linestyle": "--", "marker": "o"},
+    "hitchhiking": {"color": "#2166ac", "linestyle": "-", "marker": "s"},
+    "rspo": {"color": "#b2182b", "linestyle": "-", "marker": "o"},
+    "passk_training": {"color": "#1b7837", "linestyle": "-.", "marker": "^"},
+}
+_LABEL = {"pg": "PG (k=1)", "hitchhiking": "hitchhiking", "rspo": "RSPO", "passk_training": "PassK-Training"}
 
 
 def plot_demo(result: dict[str, Any], path: Path) -> Path:
     """Write the demo figure as a PNG.
+
+    One row per objective. The first panels show metric@k against the evaluation k, one panel per
+    training k (policy gradient, hitchhiking, RSPO and, for Pass@k, Pass@k Training, mean ± std
+    over seeds); the last one the final policy entropy against the training k.
 
     Parameters
     ----------
@@ -54,53 +55,69 @@ def plot_demo(result: dict[str, Any], path: Path) -> Path:
 
     config = result["config"]
     objectives = list(result["tables"])
-    fig = Figure(figsize=(5.5 * len(objectives), 8.5))
-    axes = fig.subplots(2, len(objectives), squeeze=False)
-    for col, objective in enumerate(objectives):
-        table, curves = result["tables"][objective], result["curves"][objective]
+    train_ks = list(config["train_ks"])
+    ks = np.asarray(config["eval_ks"])
+    fig = Figure(figsize=(4.0 * (len(train_ks) + 1), 4.2 * len(objectives)))
+    axes = fig.subplots(len(objectives), len(train_ks) + 1, squeeze=False)
+    for row_index, objective in enumerate(objectives):
         name = objective.split("@")[0]
-        ks = np.asarray(config["eval_ks"])
-        rows = {row["method"]: row for row in table["rows"]}
-        ax_metric, ax_entropy = axes[0, col], axes[1, col]
-        for t, method in enumerate(curves["methods"]):
-            rank = list(config["train_ks"]).index(method.k) if method.k in config["train_ks"] else 0
-            style = _style(method, rank)
+        rows = {row["method"]: row for row in result["tables"][objective]["rows"]}
+        methods = result["curves"][objective]["methods"]
+        pg = next(m for m in methods if m.family == "pg")
+
+        def curve(method: Any, name: str = name, rows: dict = rows) -> tuple[np.ndarray, np.ndarray]:
             row = rows[method.name]
-            mean = np.array([row[f"{name}@{j}"]["mean"] for j in ks])
-            std = np.array([row[f"{name}@{j}"]["std"] for j in ks])
-            ax_metric.plot(ks, mean, marker="o", markersize=3, label=method.name, **style)
-            ax_metric.fill_between(ks, mean - std, mean + std, color=style["color"], alpha=0.15, linewidth=0)
-            entropy = curves["entropy"][t]  # [S, E]
-            steps = np.asarray(curves["steps"])
-            e_mean, e_std = entropy.mean(axis=0), entropy.std(axis=0)
-            ax_entropy.plot(steps, e_mean, label=method.name, **style)
-            ax_entropy.fill_between(
-                steps, e_mean - e_std, e_mean + e_std, color=style["color"], alpha=0.15, linewidth=0
+            return (
+                np.array([row[f"{name}@{j}"]["mean"] for j in ks]),
+                np.array([row[f"{name}@{j}"]["std"] for j in ks]),
             )
-        initial = rows.get("initial (uniform)")
-        if initial is not None:
-            ax_metric.plot(
-                ks,
-                [initial[f"{name}@{j}"]["mean"] for j in ks],
-                color="grey",
-                linestyle=":",
-                label="initial (uniform)",
-            )
-        ax_metric.set_xscale("log", base=2)
-        ax_metric.set_xticks(ks, [str(j) for j in ks])
-        ax_metric.set_xlabel(f"k of the {name}@k evaluation")
-        ax_metric.set_ylabel(f"{name}@k (unbiased, held-out prompts)")
-        ax_metric.set_title(f"Trained for {objective}: {name}@k vs k")
-        ax_metric.grid(alpha=0.3)
-        ax_metric.legend(fontsize=7, loc="lower right")
-        ax_entropy.set_xlabel("training step")
-        ax_entropy.set_ylabel("mean policy entropy (nats)")
-        ax_entropy.set_title(f"Trained for {objective}: policy entropy")
-        ax_entropy.grid(alpha=0.3)
-        ax_entropy.legend(fontsize=7, loc="upper right")
+
+        for col, k in enumerate(train_ks):
+            ax = axes[row_index, col]
+            initial = rows.get("initial (uniform)")
+            if initial is not None:
+                ax.plot(ks, [initial[f"{name}@{j}"]["mean"] for j in ks], color="grey", linestyle=":", label="initial")
+            for method in [pg, *(m for m in methods if m.k == k and m.family != "pg")]:
+                mean, std = curve(method)
+                style = _STYLE[method.family]
+                label = _LABEL[method.family] + ("" if method.family == "pg" else f" k={k}")
+                ax.plot(ks, mean, markersize=4, linewidth=1.8, label=label, **style)
+                ax.fill_between(ks, mean - std, mean + std, color=style["color"], alpha=0.2, linewidth=0)
+            ax.axvline(k, color="grey", linewidth=0.8, alpha=0.6)  # where training k = evaluation k
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ks, [str(j) for j in ks])
+            ax.set_xlabel(f"k of the {name}@k evaluation")
+            if col == 0:
+                ax.set_ylabel(f"{objective} (unbiased, held-out)")
+            ax.set_title(f"trained for {objective}, k = {k}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+            if col > 0:
+                ax.sharey(axes[row_index, 0])
+
+        ax = axes[row_index, -1]
+        for family in ("pg", "hitchhiking", "rspo", "passk_training"):
+            members = sorted((m for m in methods if m.family == family), key=lambda m: m.k)
+            if not members:
+                continue
+            if family != "pg":
+                members = [pg, *members]  # every family starts from k = 1, which is policy gradient
+            xs = [m.k for m in members]
+            mean = np.array([rows[m.name]["entropy"]["mean"] for m in members])
+            std = np.array([rows[m.name]["entropy"]["std"] for m in members])
+            style = _STYLE[family]
+            ax.errorbar(xs, mean, yerr=std, markersize=4, linewidth=1.8, capsize=3, label=_LABEL[family], **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, *train_ks], [str(j) for j in [1, *train_ks]])
+        ax.set_xlabel("training k")
+        ax.set_ylabel("final policy entropy (nats)")
+        ax.set_title(f"trained for {objective}: entropy", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
     seeds = len(config["seeds"])
     fig.suptitle(
-        f"rspo-kernels demo: coverage task, mean ± std over {seeds} seed{'s' if seeds > 1 else ''}",
+        f"rspo-kernels demo: coverage task, mean ± std over {seeds} seed{'s' if seeds > 1 else ''} "
+        "(pass@k / max@k: higher is better; grey line: evaluation k = training k)",
         fontsize=11,
     )
     fig.tight_layout()
