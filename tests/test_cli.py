@@ -535,3 +535,25 @@ def test_unknown_estimator_names_the_choices(capsys):
     assert main([*argv, "-k", "2", "--objective", "max@k", "--estimator", "nope"]) == 2
     err = capsys.readouterr().err
     assert "--estimator 'nope' is not an estimator; choose one of " + ", ".join(rk.ESTIMATORS) in err, err
+
+
+@pytest.mark.skipif(not _HAS_MATPLOTLIB, reason="the figure needs matplotlib: pip install 'rspo_kernels[plot]'")
+def test_demo_figure_has_one_panel_per_training_k_with_few_distinct_curves(monkeypatch, tmp_path):
+    """The pass@k panel used to hold 11 curves, Pass@k-Training greens on top of RSPO reds."""
+    from matplotlib.figure import Figure
+
+    from rspo_kernels.demo.plot import plot_demo
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: figures.append(self))
+    config = dataclasses.replace(demo.QUICK, steps=3, seeds=(0,), eval_prompts=64)
+    plot_demo(demo.run_demo(config), tmp_path / "demo.png")
+    (fig,) = figures
+    axes = fig.get_axes()
+    assert len(axes) == 2 * (len(config.train_ks) + 1)
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        lines = [h if hasattr(h, "get_color") else h[0] for h in handles]  # errorbar: (line, caps, bars)
+        colours = [line.get_color() for line in lines]
+        assert 3 <= len(labels) <= 5 and len(set(colours)) == len(colours), (ax.get_title(), labels)
+    assert "higher is better" in fig.get_suptitle()

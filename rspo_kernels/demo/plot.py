@@ -92,8 +92,10 @@ def plot_demo(result: dict[str, Any], path: Path) -> Path:
             ax.set_title(f"trained for {objective}, k = {k}", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
-            if col > 0:
-                ax.sharey(axes[row_index, 0])
+        # One y range for the row's metric panels, so that they compare at a glance.
+        limits = [axes[row_index, col].get_ylim() for col in range(len(train_ks))]
+        for col in range(len(train_ks)):
+            axes[row_index, col].set_ylim(min(lo for lo, _ in limits), max(hi for _, hi in limits))
 
         ax = axes[row_index, -1]
         for family in ("pg", "hitchhiking", "rspo", "passk_training"):

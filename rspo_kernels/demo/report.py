@@ -147,7 +147,8 @@ def format_report(result: dict[str, Any]) -> str:
         if any(row["method"].startswith("PassK-Training") for row in table["rows"]):
             lines.append(
                 "PassK-Training: Chen et al.'s std-normalised advantage (estimator='passk_training_std'), biased: "
-                "E[g] = alpha * grad with alpha < 1 (0.27 at n=8, k=4; 0 at k = n), exact by enumeration in "
+                "E[g] = alpha * grad, alpha depending on n, k and p, neither bounded by 1 nor constant (0 at "
+                "k = n; docs/math.md), exact by enumeration in "
                 "tests/test_unbiasedness.py and benchmarks/variance.py"
             )
         lines.append("")
