@@ -29,7 +29,7 @@ TIMED = start=$$(date +%s); $(1) && echo "    done in $$(( $$(date +%s) - start 
 EXTRA_REQS = $(PY) -c 'import importlib.metadata as m, re; reqs = m.requires("rspo_kernels") or []; \
 	print("\n".join(re.sub(r"\s*;.*", "", r) for r in reqs if re.search(r"extra\s*==\s*.($(1)).", r)))'
 
-.PHONY: setup setup-frameworks demo test bench lint clean
+.PHONY: setup setup-frameworks demo test bench lint docs clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(call STEP,[1/3] virtualenv $(VENV) and an up-to-date pip (about 10 s))
@@ -78,5 +78,16 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy rspo_kernels
 
+# The documentation site (mkdocs.yml): the `docs` extra, installed on first use; output in site/.
+# --strict: a broken link, anchor or API reference is an error.
+$(VENV)/.docs: $(VENV)/.installed
+	@$(call EXTRA_REQS,docs) > $(VENV)/docs.txt
+	@$(PY) -m pip install -q -r $(VENV)/docs.txt
+	@touch $@
+
+docs: $(VENV)/.docs
+	$(VENV)/bin/mkdocs build --strict
+	@echo "open site/index.html"
+
 clean:
-	rm -rf $(VENV) build *.egg-info rspo_kernels/*.so
+	rm -rf $(VENV) build *.egg-info rspo_kernels/*.so site
