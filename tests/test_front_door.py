@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -107,3 +108,19 @@ def test_make_setup_probes_the_torch_index_before_installing_torch(tmp_path):
     ).stdout
     (torch_line,) = [line for line in dry.splitlines() if "pip install" in line and '"torch==' in line]
     assert f"$({tmp_path / 'venv'}/bin/python scripts/probe_index.py https://example.org/cpu)" in torch_line
+
+
+# --------------------------------------------------------------------------- docs/cli.md's examples
+def test_cli_page_examples_are_what_the_command_prints(tmp_path, capsys):
+    from rspo_kernels.cli import main
+
+    page = (_ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    csv_in, csv_out, jsonl_in, jsonl_out = re.findall(r"```text\n(.*?)```", page, flags=re.S)[:4]
+    (tmp_path / "rewards.csv").write_text(csv_in)
+    (tmp_path / "r.jsonl").write_text(jsonl_in)
+    shown = re.findall(r"`(rspo-kernels weights [^`]*)` prints", page)
+    assert len(shown) == 2
+    for command, expected in zip(shown, (csv_out, jsonl_out), strict=True):
+        argv = [str(tmp_path / w) if w.endswith((".csv", ".jsonl")) else w for w in command.split()[1:]]
+        assert main(argv) == 0
+        assert capsys.readouterr().out == expected, command
