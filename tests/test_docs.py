@@ -2,7 +2,10 @@
 mathematics they cite is in the repository."""
 
 import doctest
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,3 +198,21 @@ def test_readme_layout_matches_the_tree():
         actual = {p.stem for p in (_ROOT / "rspo_kernels" / sub).glob("*.py")} - {"__init__"}
         unlisted = {m for m in actual if not any(m.startswith(x) for x in modules)}
         assert not unlisted, f"rspo_kernels/{sub}/ has modules the README's Layout does not list: {unlisted}"
+
+
+def test_the_docs_site_builds_strictly(tmp_path):
+    """What `make docs` and CI run: a broken link, anchor or API reference fails the build."""
+    pytest.importorskip("mkdocs", reason="the docs extra: pip install -e '.[docs]'")
+    pytest.importorskip("mkdocstrings_handlers.python", reason="the docs extra: pip install -e '.[docs]'")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(tmp_path / "site")],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
+    for name in ("pass_at_k_weights", "max_at_k_weights", "rspo_loss", "RSPOLoss", "LossOptions", "backend_info"):
+        assert f'id="rspo_kernels.{name}"' in api, name
