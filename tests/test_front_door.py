@@ -124,3 +124,20 @@ def test_cli_page_examples_are_what_the_command_prints(tmp_path, capsys):
         argv = [str(tmp_path / w) if w.endswith((".csv", ".jsonl")) else w for w in command.split()[1:]]
         assert main(argv) == 0
         assert capsys.readouterr().out == expected, command
+
+
+# --------------------------------------------------------------------------- lazy top-level names
+def test_every_public_name_is_exported_lazily_and_resolves():
+    """`import rspo_kernels` imports no torch (the CLI's --help relies on it): every public name is in
+    the lazy table, and a new one added only as an eager import would break tests/test_cli.py."""
+    import ast
+
+    import rspo_kernels as rk
+
+    assert set(rk.__all__) - {"__version__"} == set(rk._EXPORTS)
+    tree = ast.parse((_ROOT / "rspo_kernels" / "__init__.py").read_text(encoding="utf-8"))
+    (guard,) = [node for node in tree.body if isinstance(node, ast.If)]  # the TYPE_CHECKING block
+    typed = {alias.name for node in guard.body for alias in node.names}
+    assert typed == set(rk._EXPORTS)
+    for name in rk._EXPORTS:
+        assert getattr(rk, name) is not None and name in dir(rk)
