@@ -65,8 +65,9 @@ def _token_logprobs_fwd_kernel(
         i_target = tl.load(p_ids + i_n)
         m_valid = (i_target >= 0) & (i_target < V)
         b_xt = tl.load(p_row + tl.where(m_valid, i_target, 0)).to(tl.float32) * inv_temperature
-        # An out-of-range id is a NaN log-prob on every backend: never a silently clamped id.
-        tl.store(p_logp + i_n, tl.where(m_valid, b_xt - b_lse, float("nan")))
+        # (x_t - m) - log(s), not x_t - lse: for a confident target the rounding of lse = m + log(s)
+        # would swamp the small log-prob. An out-of-range id is a NaN log-prob on every backend.
+        tl.store(p_logp + i_n, tl.where(m_valid, (b_xt - b_m) - tl.log(b_s), float("nan")))
         tl.store(p_lse + i_n, b_lse)
         if WITH_ENTROPY:
             tl.store(p_entropy + i_n, tl.log(b_s) - b_t / b_s)
@@ -106,10 +107,16 @@ def _token_logprobs_bwd_kernel(
         p_row = p_logits + i_b * stride_lb + i_t * stride_lt
         b_lse = tl.load(p_lse + i_n)
         i_target = tl.load(p_ids + i_n)
+        b_rest = 0.0  # 1 - p_target, summed off the target so that it keeps full relative precision
         for v0 in range(0, V, BLOCK_V):
             b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
-            b_dx = softmax_grad_block(b_x, b_lse, v0 + o_v, i_target, b_g)  # [BV]
-            tl.store(p_grow + v0 + o_v, b_dx.to(p_dlogits.dtype.element_ty), mask=m_v)
+            m_t = v0 + o_v == i_target  # [BV]
+            b_dx, b_off = softmax_grad_block(b_x, b_lse, m_t, b_g)  # [BV], scalar
+            b_rest += b_off
+            # The target entry is written once, below: never two stores to one address.
+            tl.store(p_grow + v0 + o_v, b_dx.to(p_dlogits.dtype.element_ty), mask=m_v & (m_t == 0))
+        if (i_target >= 0) & (i_target < V):
+            tl.store(p_grow + i_target, (b_rest * b_g).to(p_dlogits.dtype.element_ty))
 
 
 LAUNCH_ENV = "RSPO_KERNELS_LOSS_LAUNCH"
@@ -227,12 +234,13 @@ class TritonTokenLogprobs(torch.autograd.Function):
         check_inplace_backward_once(ctx)
         logits, ids, live, lse = ctx.saved_tensors
         if torch._C._functorch.maybe_current_level() is not None:
-            # torch.func wraps tensors that have no storage a kernel could read: same math in torch.
+            # torch.func wraps tensors that have no storage a kernel could read: same math in torch,
+            # with the softmax recomputed (lse=None): exp(x - lse) would cancel at confident targets.
             dlogits = logits_grad(
                 logits,
                 ids,
                 live,
-                lse,
+                None,
                 g_logp,
                 ctx.temperature,
                 default_chunk_rows(logits.shape[-1]),

@@ -18,6 +18,7 @@ from rspo_kernels.weights.estimators import BINARY_ONLY_ESTIMATORS, ESTIMATORS
 
 __all__ = [
     "as_reward_tensor",
+    "output_dtype",
     "check_k",
     "check_estimator",
     "check_layout_args",
@@ -41,13 +42,20 @@ _TORCH_OK = {
 _NUMPY_KINDS_OK = "biuf"  # bool, signed, unsigned, float (float16/32/64)
 
 
+def output_dtype(rewards: Any) -> torch.dtype:
+    """The dtype of the weights and metrics returned for ``rewards``: float64 for float64, else float32."""
+    return torch.float64 if getattr(rewards, "dtype", None) in (torch.float64, np.float64) else torch.float32
+
+
 def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
     """Convert numpy/torch rewards to a detached torch tensor in the compute dtype.
 
     Returns
     -------
     values : torch.Tensor
-        float64 for float64 input, float32 for every other supported dtype; same device.
+        float64 for float64 input and for integers wider than 16 bits (float32 holds integers
+        exactly only up to 2**24; float64 up to 2**53), float32 for every other supported dtype;
+        same device. :func:`output_dtype` gives the dtype of the results.
     container : {"numpy", "torch"}
     """
     if isinstance(rewards, torch.Tensor):
@@ -86,7 +94,8 @@ def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
         raise ValueError(
             f"rewards must be 2-D (groups, samples) or 1-D with group_size/group_ids, got shape {tuple(t.shape)}"
         )
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    wide_int = not t.dtype.is_floating_point and t.dtype != torch.bool and t.element_size() > 2
+    dtype = torch.float64 if t.dtype == torch.float64 or wide_int else torch.float32
     return t.to(dtype), container
 
 

@@ -50,8 +50,9 @@ def _prepare(
 def _weights(rewards, k, group_size, group_ids, objective, estimator, validate):
     check.check_estimator(estimator, objective)
     groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, estimator)
+    out = check.output_dtype(rewards)
     if groups.values.numel() == 0:
-        return restore.per_sample(groups.values.clone())
+        return restore.per_sample(groups.values.to(out, copy=True))
     backend, fn = implementation("weights", groups.values.device.type)
     if validate and backend in _VALIDATING_BACKENDS:
         try:
@@ -62,18 +63,19 @@ def _weights(rewards, k, group_size, group_ids, objective, estimator, validate):
         if validate:
             check.check_values(groups, restore, objective)
         w = fn(groups, k, objective, estimator)
-    return restore.per_sample(w)
+    return restore.per_sample(w.to(out))
 
 
 def _metric(op, rewards, k, group_size, group_ids, validate):
     objective = "pass@k" if op == "pass_at_k" else "max@k"
     groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, "rspo")
+    out = check.output_dtype(rewards)
     if groups.values.numel() == 0:
-        return restore.per_group(groups.values.new_zeros(groups.num_groups))
+        return restore.per_group(groups.values.new_zeros(groups.num_groups, dtype=out))
     if validate:
         check.check_values(groups, restore, objective)
     _, fn = implementation(op, groups.values.device.type)
-    return restore.per_group(fn(groups, k))
+    return restore.per_group(fn(groups, k).to(out))
 
 
 def pass_at_k_weights(
