@@ -147,9 +147,13 @@ def pass_at_k_weights(
     ``"passk_training_std"`` (docs/math.md § Other estimators): with ``rho = 1 - C(n-c,k)/C(n,k)``
     and ``sigma = sqrt(rho (1 - rho))``, a correct response gets ``(1 - rho)/(sigma + 1e-6)``
     and a wrong one ``(1 - rho - C(n-c-1,k-1)/C(n-1,k-1))/(sigma + 1e-6)``; a group that is all
-    correct or all wrong gets 0, and so does every group at k = n. Its expectation is a
-    policy-dependent multiple of the Pass@k gradient (tests/test_unbiasedness.py), not the
-    gradient itself; k = 1 gives GRPO's advantage.
+    correct or all wrong gets 0, and so does every group at k = n. Its expectation is
+    ``alpha`` times the Pass@k gradient, not the gradient itself, where ``alpha`` depends on n,
+    k and the prompt's pass rate and is neither bounded by 1 nor constant (1.86 at n=8, k=1,
+    p=0.5; 0 at k = n; table in docs/math.md § Other estimators); k = 1 gives GRPO's advantage.
+
+    Integer rewards wider than 16 bits (int32, int64) are computed in float64, so they keep
+    their exact values up to ``2**53``; the weights are then rounded once to float32.
 
     Examples
     --------
@@ -189,7 +193,9 @@ def max_at_k_weights(
     -------
     numpy.ndarray or torch.Tensor
         Weights with the shape, order and container of ``rewards``; float64 for float64 input,
-        float32 otherwise.
+        float32 otherwise. Integer rewards wider than 16 bits (int32, int64) are computed in
+        float64 (exact up to ``2**53``) and rounded once at the end; pass ``rewards.double()``
+        for float64 weights.
 
     Raises
     ------
