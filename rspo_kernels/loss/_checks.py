@@ -203,7 +203,7 @@ def check_inplace(name: str, x: torch.Tensor, inplace_backward: bool) -> None:
 
 def check_flag(name: str, value: Any) -> bool:
     """A boolean switch: ``bool`` or ``numpy.bool_`` only, since ``bool("no")`` would be True."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
