@@ -136,7 +136,7 @@ def check_cu_seqlens(cu_seqlens: Any, n_tokens: int, device: torch.device) -> in
     # most kernels for uint16/32/64: int32 (flash-attention's) and int64 are the offset types.
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:
         raise TypeError(
-            f"cu_seqlens must be a 1-D int32 or int64 tensor, got {cu_seqlens.dtype} of shape "
+            f"cu_seqlens must be a 1-D integer tensor (int32 or int64), got {cu_seqlens.dtype} of shape "
             f"{tuple(cu_seqlens.shape)}; convert it with cu_seqlens.long()"
         )
     if cu_seqlens.numel() < 2:

@@ -44,7 +44,10 @@ _NUMPY_KINDS_OK = "biuf"  # bool, signed, unsigned, float (float16/32/64)
 
 def output_dtype(rewards: Any) -> torch.dtype:
     """The dtype of the weights and metrics returned for ``rewards``: float64 for float64, else float32."""
-    return torch.float64 if getattr(rewards, "dtype", None) in (torch.float64, np.float64) else torch.float32
+    dtype = getattr(rewards, "dtype", None)
+    if isinstance(dtype, np.dtype):  # any byte order
+        return torch.float64 if dtype.kind == "f" and dtype.itemsize == 8 else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
