@@ -209,7 +209,9 @@ def test_weights_per_is_validated():
 def test_cu_seqlens_of_other_integer_types_are_refused(backend, dtype):
     logits, ids, _ = _small_case(B=1, T=6)
     cu = torch.tensor([0, 4, 2, 6]).to(dtype).to(DEVICE)  # decreasing: an unsigned subtraction would wrap
-    with pytest.raises(TypeError, match=rf"cu_seqlens must be a 1-D integer tensor \(int32 or int64\), got {dtype}.*\.long\(\)"):
+    with pytest.raises(
+        TypeError, match=rf"cu_seqlens must be a 1-D integer tensor \(int32 or int64\), got {dtype}.*\.long\(\)"
+    ):
         rk.rspo_loss(logits[0], ids[0], torch.ones(3, device=DEVICE), cu_seqlens=cu)
     with pytest.raises(TypeError, match=r"cu_seqlens must be a 1-D integer tensor \(int32 or int64\)"):
         rk.token_logprobs(logits[0], ids[0], cu_seqlens=cu)
@@ -484,6 +486,14 @@ def test_non_bool_flags_are_refused(flag, value):
             )
 
 
+def test_non_bool_return_entropy_is_refused():
+    logits, ids = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(TypeError, match="return_entropy must be True or False, got 'no'"):
+        rk.token_logprobs(logits, ids, return_entropy="no")
+    with pytest.raises(TypeError, match="return_entropy must be True or False, got 'no'"):
+        rk.token_logprobs_linear(logits, torch.zeros(4, 3), ids, return_entropy="no")
+
+
 def test_numpy_bool_flags_are_accepted():
     crit = rk.RSPOLoss("pass@k", k=2, return_stats=np.bool_(True), inplace_backward=np.bool_(False))
     assert crit.return_stats is True and crit.inplace_backward is False
@@ -554,6 +564,18 @@ def test_verl_config_values_are_checked_and_normalised():
     )
     with pytest.raises(ValueError, match="actor_rollout_ref.rollout.n=None must be a positive integer"):
         rspo_verl.check_trainer_config(config)
+
+
+def test_trl_config_values_are_checked_and_normalised(tmp_path):
+    pytest.importorskip("trl")
+    from test_integration_trl import tiny_run
+
+    from rspo_kernels.integrations.trl import RSPOConfig
+
+    with pytest.raises(ValueError, match="rspo_k='²' must be a positive integer"):
+        RSPOConfig(**tiny_run(tmp_path, 1), rspo_k="²")
+    args = RSPOConfig(**tiny_run(tmp_path, 1), rspo_k="4", rspo_objective="Max@k")
+    assert args.rspo_k == 4 and isinstance(args.rspo_k, int) and args.rspo_objective == "max@k"
 
 
 def test_openrlhf_settings_name_the_variable():

@@ -96,8 +96,10 @@ def check_weights(
     if not weights.dtype.is_floating_point:
         raise TypeError(f"weights must be a floating tensor, got {weights.dtype}; convert it with .float()")
     shape = tuple(weights.shape)
+    per_seq: list[tuple[int, ...]]
+    per_tok: list[tuple[int, ...]] = [token_shape]
     if len(token_shape) == 2:
-        per_seq, per_tok = [token_shape[:1]], [token_shape]
+        per_seq = [token_shape[:1]]
         want_seq, want_tok = f"({token_shape[0]},) per response", f"{token_shape} per token"
     else:
         if weights_per == "sequence" and n_seqs is None:
@@ -105,7 +107,6 @@ def check_weights(
                 "weights_per='sequence' with packed (N, D) inputs needs cu_seqlens to map each weight to its sequence"
             )
         per_seq = [(n_seqs,)] if n_seqs is not None else []
-        per_tok = [token_shape]
         want_seq = (
             f"({n_seqs},) per sequence of cu_seqlens"
             if n_seqs is not None

@@ -77,6 +77,7 @@ def token_logprobs(
     """
     _checks.check_logits("logits", logits)
     _checks.check_ids(target_ids, tuple(logits.shape[:-1]), logits.device)
+    return_entropy = _checks.check_flag("return_entropy", return_entropy)
     temperature = LossOptions(temperature=temperature).temperature
     if cu_seqlens is not None:
         if logits.dim() != 2:

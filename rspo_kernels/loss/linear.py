@@ -172,6 +172,7 @@ def token_logprobs_linear(
     _checks.check_ids(target_ids, tuple(hidden.shape[:-1]), hidden.device)
     _check_head(hidden, lm_head_weight, bias)
     _check_blocks(chunk_rows, vocab_block)
+    return_entropy = _checks.check_flag("return_entropy", return_entropy)
     temperature = LossOptions(temperature=temperature).temperature
     if mask is not None:
         _checks.check_token_tensor("mask", mask, tuple(hidden.shape[:-1]), hidden.device, floating=False)
