@@ -176,6 +176,8 @@ def _may_overlap(x: torch.Tensor) -> bool:
     Sufficient test: with the dimensions of size > 1 sorted by stride, each stride must exceed the
     span of all the smaller ones. Dense tensors and slices such as ``logits[:, :-1]`` pass.
     """
+    if x.numel() == 0:
+        return False
     span = 0
     for stride, size in sorted((abs(st), s) for s, st in zip(x.shape, x.stride(), strict=True) if s > 1):
         if stride <= span:

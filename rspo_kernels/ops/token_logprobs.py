@@ -113,9 +113,12 @@ def _token_logprobs_bwd_kernel(
             m_t = v0 + o_v == i_target  # [BV]
             b_dx, b_off = softmax_grad_block(b_x, b_lse, m_t, b_g)  # [BV], scalar
             b_rest += b_off
-            # The target entry is written once, below: never two stores to one address.
-            tl.store(p_grow + v0 + o_v, b_dx.to(p_dlogits.dtype.element_ty), mask=m_v & (m_t == 0))
+            # Whole blocks under the vocabulary mask alone, so the stores stay 16-byte vector stores;
+            # the target's entry (-p_t g here) is overwritten once the row is done.
+            tl.store(p_grow + v0 + o_v, b_dx.to(p_dlogits.dtype.element_ty), mask=m_v)
         if (i_target >= 0) & (i_target < V):
+            # Another thread may have stored the block holding the target: order its store first.
+            tl.debug_barrier()
             tl.store(p_grow + i_target, (b_rest * b_g).to(p_dlogits.dtype.element_ty))
 
 
