@@ -459,6 +459,17 @@ def test_int64_rewards_are_not_rounded_to_float32(weight_backend, base):
     assert float(metric) == float(np.float32(float(exact_metric)))  # one rounding of the exact value
 
 
+@pytest.mark.parametrize("value", [2**53 + 1, -(2**53) - 1, 2**63 - 1])
+def test_int64_rewards_beyond_float64_are_refused_when_validating(value):
+    values = [0, 1, 2, value]
+    for rewards in (torch.tensor(values, dtype=torch.int64), np.array(values, dtype=np.int64)):
+        for fn in (rk.max_at_k_weights, rk.max_at_k):
+            with pytest.raises(ValueError, match=rf"integer beyond \+-2\*\*53 \({value} at flat position 3\)"):
+                fn(rewards, 2, group_size=4)
+        rk.max_at_k_weights(rewards, 2, group_size=4, validate=False)  # no host sync, no check
+    assert rk.max_at_k_weights(np.array([0, 2**53], dtype=np.uint64), 2, group_size=2).tolist() == [0.0, 2.0**54]
+
+
 def test_small_integer_and_bool_rewards_keep_float32(weight_backend):
     binary = np.array([[1, 0, 0, 1, 0, 0, 0, 0]], dtype=np.int64)
     want = rk.pass_at_k_weights(binary.astype(np.float64), 4)

@@ -19,6 +19,7 @@ from rspo_kernels.weights.estimators import BINARY_ONLY_ESTIMATORS, ESTIMATORS
 __all__ = [
     "as_reward_tensor",
     "output_dtype",
+    "check_integer_range",
     "check_k",
     "check_estimator",
     "check_layout_args",
@@ -48,6 +49,31 @@ def output_dtype(rewards: Any) -> torch.dtype:
     if isinstance(dtype, np.dtype):  # any byte order
         return torch.float64 if dtype.kind == "f" and dtype.itemsize == 8 else torch.float32
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_EXACT_IN_FLOAT64 = 2**53
+
+
+def check_integer_range(rewards: Any) -> None:
+    """64-bit integer rewards must lie within ``+-2**53``, where float64 (the compute dtype) is exact.
+
+    Reads the values (one host sync), so it runs with ``validate=True`` only.
+    """
+    dtype = getattr(rewards, "dtype", None)
+    wide = (isinstance(dtype, np.dtype) and dtype.kind in "iu" and dtype.itemsize == 8) or dtype in (
+        torch.int64,
+        torch.uint64,
+    )
+    if not wide:
+        return
+    r = np.asarray(rewards).reshape(-1) if isinstance(rewards, np.ndarray) else rewards.detach().reshape(-1)
+    bad = (r > _EXACT_IN_FLOAT64) | (r < -_EXACT_IN_FLOAT64)
+    if bool(bad.any()):
+        i = int(np.flatnonzero(bad)[0]) if isinstance(bad, np.ndarray) else int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"rewards hold an integer beyond +-2**53 ({int(r[i])} at flat position {i}), which float64 cannot "
+            "represent exactly: rescale the rewards (e.g. subtract a per-prompt baseline) or pass float64 rewards"
+        )
 
 
 def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:

@@ -51,6 +51,8 @@ def _weights(rewards, k, group_size, group_ids, objective, estimator, validate):
     check.check_estimator(estimator, objective)
     groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, estimator)
     out = check.output_dtype(rewards)
+    if validate:
+        check.check_integer_range(rewards)
     if groups.values.numel() == 0:
         return restore.per_sample(groups.values.to(out, copy=True))
     backend, fn = implementation("weights", groups.values.device.type)
@@ -73,6 +75,7 @@ def _metric(op, rewards, k, group_size, group_ids, validate):
     if groups.values.numel() == 0:
         return restore.per_group(groups.values.new_zeros(groups.num_groups, dtype=out))
     if validate:
+        check.check_integer_range(rewards)
         check.check_values(groups, restore, objective)
     _, fn = implementation(op, groups.values.device.type)
     return restore.per_group(fn(groups, k).to(out))
@@ -153,7 +156,8 @@ def pass_at_k_weights(
     p=0.5; 0 at k = n; table in docs/math.md § Other estimators); k = 1 gives GRPO's advantage.
 
     Integer rewards wider than 16 bits (int32, int64) are computed in float64, so they keep
-    their exact values up to ``2**53``; the weights are then rounded once to float32.
+    their exact values (``validate=True`` refuses int64 beyond ``+-2**53``, where float64 is no
+    longer exact); the weights are then rounded once to float32.
 
     Examples
     --------
@@ -194,8 +198,8 @@ def max_at_k_weights(
     numpy.ndarray or torch.Tensor
         Weights with the shape, order and container of ``rewards``; float64 for float64 input,
         float32 otherwise. Integer rewards wider than 16 bits (int32, int64) are computed in
-        float64 (exact up to ``2**53``) and rounded once at the end; pass ``rewards.double()``
-        for float64 weights.
+        float64 (exact up to ``+-2**53``; ``validate=True`` refuses larger ones) and rounded
+        once at the end; pass ``rewards.double()`` for float64 weights.
 
     Raises
     ------
