@@ -302,7 +302,7 @@ def rspo_loss_with_options(
 
     ``chunk_rows`` (an int >= 1, or None) sets the rows per chunk of the chunked torch path
     (default: about 8 MiB of float32); the Triton and reference backends have no chunks and
-    ignore it.
+    ignore it. ``weights_per`` is :func:`rspo_loss`'s.
     """
     if not isinstance(options, LossOptions):
         raise TypeError(f"options must be a rspo_kernels.loss.LossOptions, got {type(options).__name__}")

@@ -7,7 +7,9 @@ pick block sizes and the grid, then the ``torch.autograd.Function``. One program
 - Forward: each live token streams its row of logits once through an online log-sum-exp (and
   entropy) in float32 and stores ``lse`` and ``logp``: O(tokens) outputs, nothing of size vocab.
 - Backward: each token with a nonzero incoming gradient ``g = dL/dlogp`` streams its row again and
-  writes ``g * (onehot(target) - exp(x / T - lse)) / T`` once, in the logits' dtype. ``g`` already
+  writes ``g * (onehot(target) - exp(x / T - lse)) / T`` in the logits' dtype; the target's entry,
+  ``g (1 - p_target) / T``, comes from the sum of the other probabilities, since ``1 - exp(.)``
+  would cancel for a confident target (it is written last, after a barrier). ``g`` already
   holds ``grad_output`` and the aggregation coefficient, so loss scaling happens in float32 before
   the single rounding. Tokens with ``g = 0`` (padding, clipped tokens) write zeros without reading
   their logits, so NaN or inf there never reaches the gradient.
