@@ -22,11 +22,33 @@ from typing import Any
 import torch
 
 import rspo_kernels as rk
+from rspo_kernels.weights.estimators import BINARY_ONLY_ESTIMATORS
 
 __all__ = ["DEFAULT_K", "OBJECTIVES", "RSPOSettings", "unwrap", "when_imported", "wrap"]
 
 DEFAULT_K = 4
 OBJECTIVES = ("pass@k", "max@k")
+
+
+def positive_int(value: Any, key: str, what: str) -> int:
+    """A configuration value that must be a positive integer: an ``int`` or a string of ASCII digits.
+
+    ``str.isdigit`` alone would admit ``"²"`` (which ``int`` refuses) and ``"٤"`` (which ``int``
+    reads as 4); only ``0-9`` are accepted.
+
+    Raises
+    ------
+    ValueError
+        Anything else (``None``, ``"4.0"``, ``True``, ``0``), naming ``key``.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        number = int(text) if text.isascii() and text.isdigit() else 0
+    else:
+        number = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else 0
+    if number < 1:
+        raise ValueError(f"{key}={value!r} must be a positive integer ({what})")
+    return number
 
 
 @dataclass(frozen=True)
@@ -81,12 +103,12 @@ class RSPOSettings:
                 f"{keys['estimator']}={estimator!r} is not an estimator; choose one of {', '.join(rk.ESTIMATORS)}"
             )
         # Command lines and environment variables hand k over as a string.
-        if isinstance(k, str):
-            k_int = int(k) if k.strip().isdigit() else 0
-        else:
-            k_int = int(k) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else 0
-        if k_int < 1:
-            raise ValueError(f"{keys['k']}={k!r} must be a positive integer (the k of {obj})")
+        k_int = positive_int(k, keys["k"], f"the k of {obj}")
+        if est in BINARY_ONLY_ESTIMATORS and obj != "pass@k":
+            raise ValueError(
+                f"{keys['estimator']}={est} has no {obj} form (it is defined for binary rewards only): set "
+                f"{keys['objective']}=pass@k or choose another estimator"
+            )
         return cls(obj, k_int, est, dict(keys))
 
     def check_group_size(self, n: Any) -> None:
@@ -102,7 +124,7 @@ class RSPOSettings:
         ValueError
             Naming both configuration keys, e.g. ``rspo_k=8 but num_generations=4``.
         """
-        n = int(n)
+        n = positive_int(n, self.keys["n"], "the number of responses per prompt")
         if n < self.k:
             raise ValueError(
                 f"{self.keys['k']}={self.k} but {self.keys['n']}={n}: {self.objective} needs at least k responses "

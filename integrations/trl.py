@@ -93,7 +93,10 @@ class RSPOConfig(GRPOConfig):
                 stacklevel=3,
             )
         super().__post_init__()
-        self.rspo_settings().check_group_size(self.num_generations)
+        settings = self.rspo_settings()
+        # Keep the checked values (rspo_k="4" from a command line -> 4), as the verl adapter does.
+        self.rspo_objective, self.rspo_k, self.rspo_estimator = settings.objective, settings.k, settings.estimator
+        settings.check_group_size(self.num_generations)
         if self.num_generations_eval is not None:
             self._settings(_EVAL_KEYS).check_group_size(self.num_generations_eval)
 

@@ -65,7 +65,14 @@ class RSPOAlgoConfig(AlgoConfig):
 
     def __post_init__(self) -> None:
         getattr(super(), "__post_init__", lambda: None)()
-        settings_from_config(self)
+        settings = settings_from_config(self)
+        # verl's configs are frozen after creation: store the checked values (rspo_k="4" -> 4) once, here.
+        for name, value in (
+            ("rspo_objective", settings.objective),
+            ("rspo_k", settings.k),
+            ("rspo_estimator", settings.estimator),
+        ):
+            object.__setattr__(self, name, value)
 
 
 def settings_from_config(config: Any) -> RSPOSettings:

@@ -59,6 +59,8 @@ _UNSUPPORTED_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {
 _cache: dict[tuple[str, str], Callable] = {}
 # (op, backend) -> (what backend_info says, the load error itself).
 _failures: dict[tuple[str, str], tuple[str, str]] = {}
+# Backends forced through BACKEND_ENV that could not be loaded and were already reported.
+_warned_forced: set[str] = set()
 
 
 def _absent(exc: BaseException) -> str | None:
@@ -135,14 +137,39 @@ def _candidates(device_type: str) -> tuple[str, ...]:
     return _PREFERENCE.get(device_type, _DEFAULT_PREFERENCE)
 
 
-def implementation(op: str, device_type: str, dtype: torch.dtype | None = None) -> tuple[str, Callable]:
-    """Return ``(backend_name, function)`` serving ``op`` for ``dtype`` tensors on ``device_type``."""
+def _warn_forced_unavailable(op: str, backend: str, fallback: str) -> None:
+    """A backend the user forced is not there: say so once, instead of silently running another."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if backend != forced or backend in _warned_forced or (op, backend) not in _failures:
+        return
+    _warned_forced.add(backend)
+    warnings.warn(
+        f"rspo_kernels: {BACKEND_ENV}={backend} is set, but the {backend!r} backend is "
+        f"{_failures[op, backend][0]}; falling back to the {fallback!r} backend. Install it, or unset "
+        f"{BACKEND_ENV}.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def implementation(
+    op: str, device_type: str, dtype: torch.dtype | None = None, *, warn: bool = True
+) -> tuple[str, Callable]:
+    """Return ``(backend_name, function)`` serving ``op`` for ``dtype`` tensors on ``device_type``.
+
+    When ``RSPO_KERNELS_BACKEND`` forces a backend that cannot be loaded (e.g. ``triton`` without
+    Triton installed), the first such call warns once (``UserWarning``) unless ``warn=False``.
+    """
+    skipped: str | None = None
     for backend in _candidates(device_type):
         if dtype is not None and dtype in _UNSUPPORTED_DTYPES.get((op, backend), ()):
             continue
         func = _load(op, backend)
         if func is not None:
+            if warn and skipped is not None:
+                _warn_forced_unavailable(op, skipped, backend)
             return backend, func
+        skipped = skipped or backend
     raise RuntimeError(f"no backend implements {op!r} on {device_type!r}")  # pragma: no cover
 
 
@@ -173,7 +200,7 @@ def backend_info(debug: bool = False) -> dict[str, dict[str, str]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for device_type in ("cpu", "cuda"):
-            info[device_type] = {op: implementation(op, device_type)[0] for op in ops}
+            info[device_type] = {op: implementation(op, device_type, warn=False)[0] for op in ops}
     info["failures"] = {
         f"{op}/{backend}": error if debug else reason for (op, backend), (reason, error) in sorted(_failures.items())
     }

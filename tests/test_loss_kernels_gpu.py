@@ -55,6 +55,8 @@ for dt in ("fp32", "bf16", "fp16"):
                    ["p_logits", "p_dlogits", "stride_lb", "stride_lt", "stride_gb", "stride_gt"])
     assert re.search(r"ld\.global(\.\w+)*\.v4", ptx), f"backward {dt}: no 16-byte loads"
     assert re.search(r"st\.global(\.\w+)*\.v4", ptx), f"backward {dt}: no 16-byte stores"
+    scalar = [op for op in re.findall(r"st\.global[.\w]*", ptx) if ".v" not in op]
+    assert len(scalar) <= 1, f"backward {dt}: {len(scalar)} scalar stores (only the target entry's may be)"
 print("compiled", triton.__version__)
 """
 

@@ -77,6 +77,7 @@ def token_logprobs(
     """
     _checks.check_logits("logits", logits)
     _checks.check_ids(target_ids, tuple(logits.shape[:-1]), logits.device)
+    return_entropy = _checks.check_flag("return_entropy", return_entropy)
     temperature = LossOptions(temperature=temperature).temperature
     if cu_seqlens is not None:
         if logits.dim() != 2:
@@ -106,6 +107,7 @@ def _validate_loss_inputs(
     options: LossOptions,
     vocab: int | None,
     name: str = "logits",
+    weights_per: Any = None,
 ) -> None:
     """Everything :func:`rspo_loss` (and the linear variant) check before any work."""
     _checks.check_logits(name, logits)
@@ -118,7 +120,7 @@ def _validate_loss_inputs(
         if not packed:
             raise ValueError(f"cu_seqlens describes packed (N, D) {name}; padded (B, T, D) {name} need none")
         n_seqs = _checks.check_cu_seqlens(cu_seqlens, shape[0], dev)
-    _checks.check_weights(weights, shape, n_seqs, dev)
+    _checks.check_weights(weights, shape, n_seqs, dev, weights_per)
     if mask is not None:
         _checks.check_token_tensor("mask", mask, shape, dev, floating=False)
     for arg, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
@@ -158,6 +160,7 @@ def rspo_loss(
     max_response_length: int | None = None,
     inplace_backward: bool = False,
     return_stats: bool = False,
+    weights_per: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Fused clipped policy-gradient loss driven by RSPO weights.
 
@@ -179,7 +182,8 @@ def rspo_loss(
     weights : torch.Tensor
         Padded: ``(B,)`` one weight per response (e.g. :func:`rspo_kernels.pass_at_k_weights`) or
         ``(B, T)`` per token. Packed: ``(N,)`` per token, or ``(S,)`` per sequence with
-        ``cu_seqlens``. Used as the advantage; treated as a constant.
+        ``cu_seqlens``; when ``S == N`` (zero-length sequences) the vector is read per sequence
+        unless ``weights_per="token"``. Used as the advantage; treated as a constant.
     mask : torch.Tensor, optional
         ``logits.shape[:-1]`` response mask (bool, integer or float); all ones when absent. Masked
         tokens contribute exactly zero loss and zero gradient, whatever their logits hold.
@@ -206,6 +210,10 @@ def rspo_loss(
         ``entropy_mean``, ``clip_fraction`` (verl's ``pg_clipfrac``), ``approx_kl`` (verl's
         ``ppo_kl``, mean clamped ``old - logp``), ``dual_clip_fraction`` (verl's
         ``pg_clipfrac_lower``, with ``clip_ratio_c``) and ``ref_kl`` (with ``ref_logprobs``).
+    weights_per : {"sequence", "token"}, optional
+        How to read ``weights``: one per response / sequence, or one per token. None (default)
+        reads the shape, as described under ``weights``; pass ``"token"`` when a packed batch may
+        have as many sequences as tokens and the weights are per token.
 
     Returns
     -------
@@ -215,9 +223,12 @@ def rspo_loss(
     Raises
     ------
     TypeError
-        Non-tensor inputs or wrong dtypes, non-numeric hyper-parameters.
+        Non-tensor inputs or wrong dtypes (``cu_seqlens`` must be int32 or int64), non-numeric
+        hyper-parameters, non-bool flags.
     ValueError
         Shapes, devices or hyper-parameters out of range; each message names the argument.
+        ``inplace_backward=True`` with leaf logits, or with logits whose elements share memory
+        (an ``expand()``-ed view).
     RuntimeError
         In backward: ``create_graph=True`` (the fused backward is not differentiable; use
         ``RSPO_KERNELS_BACKEND=reference``), or a second backward with ``inplace_backward``.
@@ -268,6 +279,7 @@ def rspo_loss(
         cu_seqlens=cu_seqlens,
         inplace_backward=inplace_backward,
         return_stats=return_stats,
+        weights_per=weights_per,
     )
 
 
@@ -284,27 +296,42 @@ def rspo_loss_with_options(
     inplace_backward: bool = False,
     return_stats: bool = False,
     chunk_rows: int | None = None,
+    weights_per: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_loss` with its hyper-parameters in one :class:`LossOptions` (what ``RSPOLoss`` calls).
 
-    ``chunk_rows`` sets the rows per chunk of the CPU path (default: about 8 MiB of float32).
+    ``chunk_rows`` (an int >= 1, or None) sets the rows per chunk of the chunked torch path
+    (default: about 8 MiB of float32); the Triton and reference backends have no chunks and
+    ignore it. ``weights_per`` is :func:`rspo_loss`'s.
     """
     if not isinstance(options, LossOptions):
         raise TypeError(f"options must be a rspo_kernels.loss.LossOptions, got {type(options).__name__}")
+    inplace_backward = _checks.check_flag("inplace_backward", inplace_backward)
+    return_stats = _checks.check_flag("return_stats", return_stats)
+    chunk_rows = _checks.check_block_size("chunk_rows", chunk_rows)
     _validate_loss_inputs(
-        logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, logits.shape[-1]
+        logits,
+        target_ids,
+        weights,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        cu_seqlens,
+        options,
+        logits.shape[-1],
+        weights_per=weights_per,
     )
     _checks.check_inplace("logits", logits, inplace_backward)
-    batch = token_batch(logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options)
-    _, fn = implementation("token_logprobs", logits.device.type, logits.dtype)
-    kw = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+    batch = token_batch(logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, weights_per)
+    backend, fn = implementation("token_logprobs", logits.device.type, logits.dtype)
+    kw = {"chunk_rows": chunk_rows} if backend == "torch" and chunk_rows is not None else {}
     logp, entropy = fn(
         batch.rows,
         batch.ids,
         batch.live,
         temperature=options.temperature,
         with_entropy=return_stats,
-        inplace_backward=bool(inplace_backward) and torch.is_grad_enabled(),
+        inplace_backward=inplace_backward and torch.is_grad_enabled(),
         **kw,
     )
     return policy_loss(batch, logp, entropy, options, return_stats)
@@ -372,8 +399,8 @@ class RSPOLoss(nn.Module):
         self.k = k
         self.estimator = estimator
         self.options = LossOptions(**{n: v for n, v in loss_kwargs.items() if n not in _CALL_KWARGS})
-        self.inplace_backward = bool(loss_kwargs.get("inplace_backward", False))
-        self.return_stats = bool(loss_kwargs.get("return_stats", False))
+        self.inplace_backward = _checks.check_flag("inplace_backward", loss_kwargs.get("inplace_backward", False))
+        self.return_stats = _checks.check_flag("return_stats", loss_kwargs.get("return_stats", False))
         self.loss_kwargs = dict(loss_kwargs)
         # One tiny group of zeros (valid for every objective) runs the estimator's own checks now,
         # so a combination it rejects fails here and not at the first training step.
@@ -472,4 +499,5 @@ class RSPOLoss(nn.Module):
             cu_seqlens=cu_seqlens,
             inplace_backward=self.inplace_backward,
             return_stats=self.return_stats,
+            weights_per="sequence",
         )

@@ -16,7 +16,14 @@ import torch
 
 from rspo_kernels.loss.options import LossOptions
 
-__all__ = ["TokenBatch", "aggregation_coefficients", "compute_dtype", "sequence_index", "token_batch"]
+__all__ = [
+    "TokenBatch",
+    "aggregation_coefficients",
+    "compute_dtype",
+    "sequence_index",
+    "token_batch",
+    "weights_per_token",
+]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,6 +34,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _nonzero_or_one(x: torch.Tensor) -> torch.Tensor:
     # An empty denominator only ever divides an all-zero numerator: 0 / 1 = 0, never NaN.
     return torch.where(x > 0, x, torch.ones_like(x))
+
+
+def weights_per_token(weights: torch.Tensor, packed: bool, n_seqs: int | None, weights_per: str | None) -> bool:
+    """Whether validated ``weights`` hold one value per token (else one per response / sequence).
+
+    Padded inputs: ``(B, T)`` is per token, ``(B,)`` per response. Packed inputs with
+    ``cu_seqlens`` (``n_seqs = S``): a vector of ``S`` values is per sequence, also when
+    ``S == N`` (zero-length sequences make that happen), unless ``weights_per="token"``; a vector
+    of ``N != S`` values is per token. ``weights_per`` pins the reading either way.
+    """
+    if weights_per is not None:
+        return weights_per == "token"
+    if not packed:
+        return weights.dim() == 2
+    return n_seqs is None or weights.numel() != n_seqs
 
 
 def sequence_index(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -125,12 +147,14 @@ def token_batch(
     ref_logprobs: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     options: LossOptions,
+    weights_per: str | None = None,
 ) -> TokenBatch:
     """Normalise validated padded or packed inputs into a :class:`TokenBatch` (O(tokens) work).
 
     ``rows`` (logits or hidden states) is ``(B, T, D)`` (padded) or ``(N, D)`` (packed); ``weights`` is per response
-    ``(B,)`` / per sequence ``(S,)`` or per token. Packed inputs without ``cu_seqlens`` are one
-    sequence per token-mean purposes; the seq-* modes need ``cu_seqlens`` (checked by the caller).
+    ``(B,)`` / per sequence ``(S,)`` or per token, read as :func:`weights_per_token` says. Packed inputs without
+    ``cu_seqlens`` are one sequence per token-mean purposes; the seq-* modes need ``cu_seqlens`` (checked by the
+    caller).
     """
     packed = rows.dim() == 2
     dev = rows.device
@@ -152,7 +176,7 @@ def token_batch(
         horizon = options.max_response_length or T
     m = torch.ones(N, dtype=cdt, device=dev) if mask is None else mask.reshape(-1).to(cdt)
     w = weights.detach().to(cdt)
-    if w.numel() == N and w.dim() == (1 if packed else 2):
+    if weights_per_token(w, packed, n_seqs if cu_seqlens is not None else None, weights_per):
         adv = w.reshape(-1)
     else:  # one weight per response / sequence
         adv = w[seq.clamp(max=max(w.numel() - 1, 0))] if packed else w.repeat_interleave(T)

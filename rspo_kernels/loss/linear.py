@@ -61,12 +61,7 @@ def _check_head(hidden: torch.Tensor, weight: Any, bias: Any) -> None:
 
 def _check_blocks(chunk_rows: Any, vocab_block: Any) -> None:
     for name, v in (("chunk_rows", chunk_rows), ("vocab_block", vocab_block)):
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int or None, got {v!r}")
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1 (or None for the default block shape), got {v}")
+        _checks.check_block_size(name, v)  # numpy integers pass, as for k
 
 
 def _logprobs(
@@ -177,6 +172,7 @@ def token_logprobs_linear(
     _checks.check_ids(target_ids, tuple(hidden.shape[:-1]), hidden.device)
     _check_head(hidden, lm_head_weight, bias)
     _check_blocks(chunk_rows, vocab_block)
+    return_entropy = _checks.check_flag("return_entropy", return_entropy)
     temperature = LossOptions(temperature=temperature).temperature
     if mask is not None:
         _checks.check_token_tensor("mask", mask, tuple(hidden.shape[:-1]), hidden.device, floating=False)
@@ -215,6 +211,7 @@ def rspo_linear_loss(
     return_stats: bool = False,
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
+    weights_per: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped RSPO policy loss from the last hidden states and the ``lm_head``, never building the logits.
 
@@ -242,6 +239,9 @@ def rspo_linear_loss(
     chunk_rows, vocab_block : int, optional
         Block shape of the logits (tokens x vocabulary entries); picked from the shapes when
         absent (:func:`rspo_kernels.loss.linear_chunked.default_blocks`).
+    weights_per : {"sequence", "token"}, optional
+        How to read ``weights``, as in :func:`rspo_kernels.rspo_loss` (packed ``(S,)`` weights are
+        per sequence, also when ``S == N``, unless ``"token"``).
 
     Returns
     -------
@@ -303,6 +303,7 @@ def rspo_linear_loss(
         return_stats=return_stats,
         chunk_rows=chunk_rows,
         vocab_block=vocab_block,
+        weights_per=weights_per,
     )
 
 
@@ -321,6 +322,7 @@ def rspo_linear_loss_with_options(
     return_stats: bool = False,
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
+    weights_per: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_linear_loss` with its hyper-parameters in one :class:`LossOptions`.
 
@@ -331,6 +333,7 @@ def rspo_linear_loss_with_options(
     _checks.check_logits("hidden", hidden)
     _check_head(hidden, lm_head_weight, bias)
     _check_blocks(chunk_rows, vocab_block)
+    return_stats = _checks.check_flag("return_stats", return_stats)
     _validate_loss_inputs(
         hidden,
         target_ids,
@@ -342,8 +345,9 @@ def rspo_linear_loss_with_options(
         options,
         lm_head_weight.shape[0],
         name="hidden",
+        weights_per=weights_per,
     )
-    batch = token_batch(hidden, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options)
+    batch = token_batch(hidden, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, weights_per)
     logp, entropy = _logprobs(
         batch.rows,
         lm_head_weight,
@@ -457,4 +461,5 @@ class RSPOLinearLoss(RSPOLoss):
             return_stats=self.return_stats,
             chunk_rows=self.chunk_rows,
             vocab_block=self.vocab_block,
+            weights_per="sequence",
         )

@@ -108,10 +108,24 @@ def _block_logits(
 
 
 def _active(mask: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the true entries of ``mask``; None when every entry is true (no gather needed)."""
-    if mask.numel() == 0 or bool(mask.all()):
+    """Indices of the true entries of ``mask``; None when every entry is true (no gather needed).
+
+    Also None while ``torch.compile`` traces: a gather's size depends on the data, which
+    ``fullgraph=True`` cannot follow, so every row is computed and the callers zero the others.
+    """
+    if torch.compiler.is_compiling() or mask.numel() == 0 or bool(mask.all()):
         return None
     return torch.nonzero(mask).squeeze(-1)
+
+
+def _zero_dead_rows(h: torch.Tensor, keep: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Without a gather (``index`` None) under ``torch.compile``, rows outside ``keep`` become 0.
+
+    A masked row may hold NaN; zeroed, it cannot reach a log-sum-exp or ``G^T h``.
+    """
+    if index is None and torch.compiler.is_compiling():
+        return torch.where(keep.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype, device=h.device))
+    return h
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
@@ -148,6 +162,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         mean_x = torch.zeros(n, dtype=cdt, device=dev) if with_entropy else None
         with torch.autocast(dev.type, enabled=False):
             h = _rows(hidden, index, cdt) if n else hidden.new_empty(0, hidden.shape[-1], dtype=cdt)
+            h = _zero_dead_rows(h, live, index)
             for v0 in range(0, V, vocab_block):
                 v1 = min(v0 + vocab_block, V)
                 w = weight[v0:v1]
@@ -174,6 +189,10 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     lse[r0:r1] = new_lse
                     del x
         logp_act = torch.where(valid, target - lse, torch.full((), float("nan"), dtype=cdt, device=dev))
+        if index is None:  # every row computed (all live, or compiled): dead ones read 0
+            zero = torch.zeros((), dtype=cdt, device=dev)
+            logp_act, lse = torch.where(live, logp_act, zero), torch.where(live, lse, zero)
+            mean_x = None if mean_x is None else torch.where(live, mean_x, zero)
 
         def scatter(v: torch.Tensor) -> torch.Tensor:
             if index is None:
@@ -226,15 +245,18 @@ class LinearTokenLogprobs(torch.autograd.Function):
         direct_h = need_h and index is None and hidden.dtype == cdt and grad_h.is_contiguous()
         acc_h: Any = grad_h.view(N, H) if direct_h else (torch.zeros(n, H, dtype=cdt, device=dev) if need_h else None)
         with torch.autocast(dev.type, enabled=False):
-            h = _rows(hidden, index, cdt)
+            h = _zero_dead_rows(_rows(hidden, index, cdt), g != 0, index)
             for v0 in range(0, V, ctx.vocab_block):
                 v1 = min(v0 + ctx.vocab_block, V)
                 w = weight[v0:v1]
                 w = w if w.is_cuda else w.to(cdt)
                 b = None if bias is None else bias[v0:v1]
                 acc_w: Any = None
+                # Accumulate into grad_w itself when it has the compute dtype; torch.func's wrapped
+                # tensors have no data pointer to compare, hence the dtype test.
+                w_direct = weight.dtype == cdt
                 if need_w:
-                    acc_w = grad_w[v0:v1] if weight.dtype == cdt else torch.zeros(v1 - v0, H, dtype=cdt, device=dev)
+                    acc_w = grad_w[v0:v1] if w_direct else torch.zeros(v1 - v0, H, dtype=cdt, device=dev)
                 for r0 in range(0, n, ctx.chunk_rows):
                     r1 = min(r0 + ctx.chunk_rows, n)
                     c_g = a_g[r0:r1]
@@ -255,7 +277,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     if need_b:
                         grad_b[v0:v1] += x.sum(dim=0)
                     del x
-                if need_w and acc_w.data_ptr() != grad_w[v0:v1].data_ptr():
+                if need_w and not w_direct:
                     grad_w[v0:v1] = acc_w  # one rounding to the weight's dtype per entry
         if need_h and not direct_h:
             flat = grad_h.view(N, H)

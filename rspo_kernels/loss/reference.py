@@ -263,20 +263,25 @@ def rspo_loss_reference(
     cu_seqlens: torch.Tensor | None = None,
     return_stats: bool = False,
     inplace_backward: bool = False,
+    weights_per: str | None = None,
     **options: object,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped, weighted policy-gradient loss, unfused; same arguments as :func:`rspo_kernels.rspo_loss`.
 
     Packed ``(N, V)`` inputs are unpacked into a padded batch along ``cu_seqlens`` (a copy: this
-    is the specification, not a fast path), so both layouts share one aggregation.
-    ``inplace_backward`` is ignored.
+    is the specification, not a fast path), so both layouts share one aggregation. With
+    ``cu_seqlens``, ``S`` weights are one per sequence, also when ``S == N``, unless
+    ``weights_per="token"``. ``inplace_backward`` is ignored.
     """
     del inplace_backward
     opts = LossOptions(**options)  # type: ignore[arg-type]
     if logits.dim() == 2:  # packed
         N = logits.shape[0]
         cu = [0, N] if cu_seqlens is None else [int(v) for v in cu_seqlens.tolist()]
-        if weights.numel() == len(cu) - 1 and weights.numel() != N:
+        per_sequence = weights_per == "sequence" or (
+            weights_per is None and cu_seqlens is not None and weights.numel() == len(cu) - 1
+        )
+        if per_sequence:
             lengths = torch.tensor([cu[i + 1] - cu[i] for i in range(len(cu) - 1)], device=weights.device)
             weights = weights.repeat_interleave(lengths)
         m = torch.ones(N, dtype=torch.bool, device=logits.device) if mask is None else mask

@@ -71,7 +71,13 @@ def lse_block_update(b_m, b_s, b_t, b_x, WITH_ENTROPY: tl.constexpr):
 
 
 @triton.jit
-def softmax_grad_block(b_x, b_lse, o_v, target, b_g):
-    """``b_g * (onehot(target) - softmax)`` on one vocabulary block (``b_g`` already holds 1/T)."""
+def softmax_grad_block(b_x, b_lse, m_target, b_g):
+    """``-b_g * softmax`` on one vocabulary block, and the block's softmax mass off the target.
+
+    ``b_g`` already holds 1/T. The target's own entry, ``b_g * (1 - p_target)``, is the caller's to
+    write once the row is done, from the summed off-target masses: ``1 - exp(x_t - lse)`` cancels
+    for a confident target (``lse``'s rounding, ~1e-7 of ``|lse|``, against ``1 - p_t`` ~ 1e-5),
+    while a sum of the other probabilities keeps float32's relative precision.
+    """
     b_p = tl.exp(b_x - b_lse)  # [BV]
-    return (tl.where(o_v == target, 1.0, 0.0) - b_p) * b_g
+    return -b_p * b_g, tl.sum(tl.where(m_target, 0.0, b_p), axis=0)

@@ -7,7 +7,9 @@ pick block sizes and the grid, then the ``torch.autograd.Function``. One program
 - Forward: each live token streams its row of logits once through an online log-sum-exp (and
   entropy) in float32 and stores ``lse`` and ``logp``: O(tokens) outputs, nothing of size vocab.
 - Backward: each token with a nonzero incoming gradient ``g = dL/dlogp`` streams its row again and
-  writes ``g * (onehot(target) - exp(x / T - lse)) / T`` once, in the logits' dtype. ``g`` already
+  writes ``g * (onehot(target) - exp(x / T - lse)) / T`` in the logits' dtype; the target's entry,
+  ``g (1 - p_target) / T``, comes from the sum of the other probabilities, since ``1 - exp(.)``
+  would cancel for a confident target (it is written last, after a barrier). ``g`` already
   holds ``grad_output`` and the aggregation coefficient, so loss scaling happens in float32 before
   the single rounding. Tokens with ``g = 0`` (padding, clipped tokens) write zeros without reading
   their logits, so NaN or inf there never reaches the gradient.
@@ -65,8 +67,9 @@ def _token_logprobs_fwd_kernel(
         i_target = tl.load(p_ids + i_n)
         m_valid = (i_target >= 0) & (i_target < V)
         b_xt = tl.load(p_row + tl.where(m_valid, i_target, 0)).to(tl.float32) * inv_temperature
-        # An out-of-range id is a NaN log-prob on every backend: never a silently clamped id.
-        tl.store(p_logp + i_n, tl.where(m_valid, b_xt - b_lse, float("nan")))
+        # (x_t - m) - log(s), not x_t - lse: for a confident target the rounding of lse = m + log(s)
+        # would swamp the small log-prob. An out-of-range id is a NaN log-prob on every backend.
+        tl.store(p_logp + i_n, tl.where(m_valid, (b_xt - b_m) - tl.log(b_s), float("nan")))
         tl.store(p_lse + i_n, b_lse)
         if WITH_ENTROPY:
             tl.store(p_entropy + i_n, tl.log(b_s) - b_t / b_s)
@@ -106,10 +109,19 @@ def _token_logprobs_bwd_kernel(
         p_row = p_logits + i_b * stride_lb + i_t * stride_lt
         b_lse = tl.load(p_lse + i_n)
         i_target = tl.load(p_ids + i_n)
+        b_rest = 0.0  # 1 - p_target, summed off the target so that it keeps full relative precision
         for v0 in range(0, V, BLOCK_V):
             b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
-            b_dx = softmax_grad_block(b_x, b_lse, v0 + o_v, i_target, b_g)  # [BV]
+            m_t = v0 + o_v == i_target  # [BV]
+            b_dx, b_off = softmax_grad_block(b_x, b_lse, m_t, b_g)  # [BV], scalar
+            b_rest += b_off
+            # Whole blocks under the vocabulary mask alone, so the stores stay 16-byte vector stores;
+            # the target's entry (-p_t g here) is overwritten once the row is done.
             tl.store(p_grow + v0 + o_v, b_dx.to(p_dlogits.dtype.element_ty), mask=m_v)
+        if (i_target >= 0) & (i_target < V):
+            # Another thread may have stored the block holding the target: order its store first.
+            tl.debug_barrier()
+            tl.store(p_grow + i_target, (b_rest * b_g).to(p_dlogits.dtype.element_ty))
 
 
 LAUNCH_ENV = "RSPO_KERNELS_LOSS_LAUNCH"
@@ -227,12 +239,13 @@ class TritonTokenLogprobs(torch.autograd.Function):
         check_inplace_backward_once(ctx)
         logits, ids, live, lse = ctx.saved_tensors
         if torch._C._functorch.maybe_current_level() is not None:
-            # torch.func wraps tensors that have no storage a kernel could read: same math in torch.
+            # torch.func wraps tensors that have no storage a kernel could read: same math in torch,
+            # with the softmax recomputed (lse=None): exp(x - lse) would cancel at confident targets.
             dlogits = logits_grad(
                 logits,
                 ids,
                 live,
-                lse,
+                None,
                 g_logp,
                 ctx.temperature,
                 default_chunk_rows(logits.shape[-1]),

@@ -18,6 +18,8 @@ from rspo_kernels.weights.estimators import BINARY_ONLY_ESTIMATORS, ESTIMATORS
 
 __all__ = [
     "as_reward_tensor",
+    "output_dtype",
+    "check_integer_range",
     "check_k",
     "check_estimator",
     "check_layout_args",
@@ -41,13 +43,48 @@ _TORCH_OK = {
 _NUMPY_KINDS_OK = "biuf"  # bool, signed, unsigned, float (float16/32/64)
 
 
+def output_dtype(rewards: Any) -> torch.dtype:
+    """The dtype of the weights and metrics returned for ``rewards``: float64 for float64, else float32."""
+    dtype = getattr(rewards, "dtype", None)
+    if isinstance(dtype, np.dtype):  # any byte order
+        return torch.float64 if dtype.kind == "f" and dtype.itemsize == 8 else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_EXACT_IN_FLOAT64 = 2**53
+
+
+def check_integer_range(rewards: Any) -> None:
+    """64-bit integer rewards must lie within ``+-2**53``, where float64 (the compute dtype) is exact.
+
+    Reads the values (one host sync), so it runs with ``validate=True`` only.
+    """
+    dtype = getattr(rewards, "dtype", None)
+    wide = (isinstance(dtype, np.dtype) and dtype.kind in "iu" and dtype.itemsize == 8) or dtype in (
+        torch.int64,
+        torch.uint64,
+    )
+    if not wide:
+        return
+    r = np.asarray(rewards).reshape(-1) if isinstance(rewards, np.ndarray) else rewards.detach().reshape(-1)
+    bad = (r > _EXACT_IN_FLOAT64) | (r < -_EXACT_IN_FLOAT64)
+    if bool(bad.any()):
+        i = int(np.flatnonzero(bad)[0]) if isinstance(bad, np.ndarray) else int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"rewards hold an integer beyond +-2**53 ({int(r[i])} at flat position {i}), which float64 cannot "
+            "represent exactly: rescale the rewards (e.g. subtract a per-prompt baseline) or pass float64 rewards"
+        )
+
+
 def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
     """Convert numpy/torch rewards to a detached torch tensor in the compute dtype.
 
     Returns
     -------
     values : torch.Tensor
-        float64 for float64 input, float32 for every other supported dtype; same device.
+        float64 for float64 input and for integers wider than 16 bits (float32 holds integers
+        exactly only up to 2**24; float64 up to 2**53), float32 for every other supported dtype;
+        same device. :func:`output_dtype` gives the dtype of the results.
     container : {"numpy", "torch"}
     """
     if isinstance(rewards, torch.Tensor):
@@ -86,7 +123,8 @@ def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
         raise ValueError(
             f"rewards must be 2-D (groups, samples) or 1-D with group_size/group_ids, got shape {tuple(t.shape)}"
         )
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    wide_int = not t.dtype.is_floating_point and t.dtype != torch.bool and t.element_size() > 2
+    dtype = torch.float64 if t.dtype == torch.float64 or wide_int else torch.float32
     return t.to(dtype), container
 
 

@@ -50,8 +50,11 @@ def _prepare(
 def _weights(rewards, k, group_size, group_ids, objective, estimator, validate):
     check.check_estimator(estimator, objective)
     groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, estimator)
+    out = check.output_dtype(rewards)
+    if validate:
+        check.check_integer_range(rewards)
     if groups.values.numel() == 0:
-        return restore.per_sample(groups.values.clone())
+        return restore.per_sample(groups.values.to(out, copy=True))
     backend, fn = implementation("weights", groups.values.device.type)
     if validate and backend in _VALIDATING_BACKENDS:
         try:
@@ -62,18 +65,20 @@ def _weights(rewards, k, group_size, group_ids, objective, estimator, validate):
         if validate:
             check.check_values(groups, restore, objective)
         w = fn(groups, k, objective, estimator)
-    return restore.per_sample(w)
+    return restore.per_sample(w.to(out))
 
 
 def _metric(op, rewards, k, group_size, group_ids, validate):
     objective = "pass@k" if op == "pass_at_k" else "max@k"
     groups, restore, k = _prepare(rewards, k, group_size, group_ids, objective, "rspo")
+    out = check.output_dtype(rewards)
     if groups.values.numel() == 0:
-        return restore.per_group(groups.values.new_zeros(groups.num_groups))
+        return restore.per_group(groups.values.new_zeros(groups.num_groups, dtype=out))
     if validate:
+        check.check_integer_range(rewards)
         check.check_values(groups, restore, objective)
     _, fn = implementation(op, groups.values.device.type)
-    return restore.per_group(fn(groups, k))
+    return restore.per_group(fn(groups, k).to(out))
 
 
 def pass_at_k_weights(
@@ -145,9 +150,14 @@ def pass_at_k_weights(
     ``"passk_training_std"`` (docs/math.md § Other estimators): with ``rho = 1 - C(n-c,k)/C(n,k)``
     and ``sigma = sqrt(rho (1 - rho))``, a correct response gets ``(1 - rho)/(sigma + 1e-6)``
     and a wrong one ``(1 - rho - C(n-c-1,k-1)/C(n-1,k-1))/(sigma + 1e-6)``; a group that is all
-    correct or all wrong gets 0, and so does every group at k = n. Its expectation is a
-    policy-dependent multiple of the Pass@k gradient (tests/test_unbiasedness.py), not the
-    gradient itself; k = 1 gives GRPO's advantage.
+    correct or all wrong gets 0, and so does every group at k = n. Its expectation is
+    ``alpha`` times the Pass@k gradient, not the gradient itself, where ``alpha`` depends on n,
+    k and the prompt's pass rate and is neither bounded by 1 nor constant (1.86 at n=8, k=1,
+    p=0.5; 0 at k = n; table in docs/math.md § Other estimators); k = 1 gives GRPO's advantage.
+
+    Integer rewards wider than 16 bits (int32, int64) are computed in float64, so they keep
+    their exact values (``validate=True`` refuses int64 beyond ``+-2**53``, where float64 is no
+    longer exact); the weights are then rounded once to float32.
 
     Examples
     --------
@@ -187,7 +197,9 @@ def max_at_k_weights(
     -------
     numpy.ndarray or torch.Tensor
         Weights with the shape, order and container of ``rewards``; float64 for float64 input,
-        float32 otherwise.
+        float32 otherwise. Integer rewards wider than 16 bits (int32, int64) are computed in
+        float64 (exact up to ``+-2**53``; ``validate=True`` refuses larger ones) and rounded
+        once at the end; pass ``rewards.double()`` for float64 weights.
 
     Raises
     ------
