@@ -5,6 +5,8 @@ Public API
 pass_at_k_weights, max_at_k_weights
     Per-response weights whose expectation is the gradient of Pass@k / Max@k (RSPO and the
     estimators users compare against).
+maxrl_weights
+    Weights for maximum-likelihood RL's truncated objective sum_{k<=T} (1/k) pass@k.
 pass_at_k, max_at_k
     The matching unbiased evaluation metrics, one value per group.
 token_logprobs, rspo_loss, RSPOLoss
@@ -25,7 +27,15 @@ from rspo_kernels.loss import (
     token_logprobs,
     token_logprobs_linear,
 )
-from rspo_kernels.weights.api import ESTIMATORS, max_at_k, max_at_k_weights, pass_at_k, pass_at_k_weights
+from rspo_kernels.weights.api import (
+    ESTIMATORS,
+    MAXRL_ESTIMATORS,
+    max_at_k,
+    max_at_k_weights,
+    maxrl_weights,
+    pass_at_k,
+    pass_at_k_weights,
+)
 
 # The C++ extension is optional at install time; say so once, here, rather than on every call.
 warn_if_extension_missing()
@@ -47,3 +57,4 @@ __all__ = [
     "__version__",
 ]
 __all__ += ["RSPOLinearLoss", "rspo_linear_loss", "token_logprobs_linear"]
+__all__ += ["MAXRL_ESTIMATORS", "maxrl_weights"]
