@@ -174,7 +174,8 @@ def test_rloo_has_lower_variance_than_maclaurin_on_a_categorical_policy():
     for n in (4, 6):
         for t in range(2, n + 1):
             var = {
-                e: _variance(probs, rewards, n, lambda r, e=e: rk.maxrl_weights(r, t, estimator=e)) for e in UNBIASED
+                e: _variance(probs, rewards, n, lambda r, e=e, t=t: rk.maxrl_weights(r, t, estimator=e))
+                for e in UNBIASED
             }
             assert var["rloo"] < var["maclaurin"], (n, t, var)
 
