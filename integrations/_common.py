@@ -179,6 +179,13 @@ class RSPOSettings:
         return dataclasses.replace(self, k=value, schedule=None)
 
     @property
+    def min_group_size(self) -> int:
+        """The fewest responses a group needs: k, or MaxRL's order (1 when the order is the group size)."""
+        if self.objective == "maxrl":
+            return self.order or 1
+        return self.k
+
+    @property
     def logged(self) -> tuple[str, float]:
         """``("rspo/k", k)`` (``("rspo/order", T)`` under MaxRL, 0 for the group size): the value in force."""
         if self.objective == "maxrl":
