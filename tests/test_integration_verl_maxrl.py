@@ -167,3 +167,26 @@ def test_validation_metric_names_pass_verls_own_aggregation():
 def test_unbiased_validation_metrics_fill_missing_acc_sessions():
     out = rspo_verl.unbiased_validation_metrics(["s"] * 2, ["q", "q"], {"acc": [1, None]}, {("s", "q"): 4})
     assert out["s"]["acc"]["pass@1"] == pytest.approx(0.25) and out["s"]["acc"]["pass@4"] == 1.0
+
+
+def test_docs_maxrl_verl_commands_pass_main_ppo_validation():
+    """Every verl command in docs/maxrl.md loads and validates through main_ppo's config path."""
+    import re
+    from pathlib import Path
+
+    from readme_snippets import commands
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "maxrl.md").read_text()
+    cmds = [
+        c
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+        for c in commands(block)
+        if c[:3] == ["python", "-m", "verl.trainer.main_ppo"]
+    ]
+    assert len(cmds) == 2
+    for cmd in cmds:
+        overrides = [word for word in cmd[3:] if word != "..."]
+        config = _main_ppo_config(
+            [*overrides, "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm", *_REST_OF_RUN]
+        )
+        assert rspo_verl.settings_from_config(config.algorithm).check_group_size(8) is None
