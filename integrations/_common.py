@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -249,7 +249,7 @@ class RSPOSettings:
         """
         try:
             if self.objective == "maxrl":
-                return rk.maxrl_weights(rewards, self.order, estimator=self.estimator, **layout)
+                return cast(torch.Tensor, rk.maxrl_weights(rewards, self.order, estimator=self.estimator, **layout))
             fn = rk.pass_at_k_weights if self.objective == "pass@k" else rk.max_at_k_weights
             return fn(rewards, self.k, estimator=self.estimator, **layout)
         except ValueError as exc:
@@ -258,7 +258,7 @@ class RSPOSettings:
     def metric(self, rewards: torch.Tensor, **layout: Any) -> torch.Tensor:
         """Unbiased pass@k / max@k of each group (for logging); MaxRL: pass@1, the p of log p."""
         if self.objective == "maxrl":
-            return rk.pass_at_k(rewards, 1, validate=False, **layout)
+            return cast(torch.Tensor, rk.pass_at_k(rewards, 1, validate=False, **layout))
         fn = rk.pass_at_k if self.objective == "pass@k" else rk.max_at_k
         return fn(rewards, self.k, validate=False, **layout)
 

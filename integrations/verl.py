@@ -316,17 +316,17 @@ def unbiased_validation_metrics(
             groups = [v for v in by_uid.values() if v]
             if not groups:
                 continue
-            values = np.concatenate([np.asarray(v, dtype=np.float64) for v in groups])
+            scores = np.concatenate([np.asarray(v, dtype=np.float64) for v in groups])
             sizes = np.array([len(v) for v in groups])
             labels = np.repeat(np.arange(len(groups)), sizes)
-            binary = bool(np.isin(values, (0.0, 1.0)).all())
+            binary = bool(np.isin(scores, (0.0, 1.0)).all())
             fn, name = (rk.pass_at_k, "pass") if binary else (rk.max_at_k, "max")
-            if not np.isfinite(values).all():
+            if not np.isfinite(scores).all():
                 continue  # verl's own mean/std report the non-finite value
             metrics = out.setdefault(source, {}).setdefault(var, {})
             for k in _powers_of_two_to(int(sizes.max())):
                 keep = np.repeat(sizes >= k, sizes)
-                per_group = fn(values[keep], k, group_ids=labels[keep], validate=False)
+                per_group = fn(scores[keep], k, group_ids=labels[keep], validate=False)
                 metrics[f"{name}@{k}"] = float(np.mean(per_group))
     return out
 
