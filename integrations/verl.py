@@ -301,11 +301,19 @@ def unbiased_validation_metrics(
         with replacement, biased low: one correct of four gives 0.684 at k = 4), both are unbiased.
     """
     grouped: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    not_scalar: set[str] = set()
     for i, (source, uid) in enumerate(zip(data_sources, sample_uids, strict=True)):
         for var, values in infos_dict.items():
             value = values[i]
-            if value is not None and not isinstance(value, str):
+            if value is None or isinstance(value, str) or var in not_scalar:
+                continue
+            try:
                 grouped[str(source)][var][uid].append(float(value))
+            except (TypeError, ValueError):  # a list or another non-number: no pass@k to report
+                not_scalar.add(var)
+    for variables in grouped.values():
+        for var in not_scalar:
+            variables.pop(var, None)
     for (source, uid), expected in (expected_acc_counts or {}).items():
         acc = grouped.get(str(source), {}).get("acc")
         if acc is not None:

@@ -190,3 +190,8 @@ def test_docs_maxrl_verl_commands_pass_main_ppo_validation():
             [*overrides, "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm", *_REST_OF_RUN]
         )
         assert rspo_verl.settings_from_config(config.algorithm).check_group_size(8) is None
+
+
+def test_non_scalar_variables_are_left_to_verl():
+    out = rspo_verl.unbiased_validation_metrics(["s"] * 2, ["q", "q"], {"acc": [1, 0], "tokens": [[1, 2], [3]]})
+    assert set(out["s"]) == {"acc"}
