@@ -15,6 +15,11 @@ For each estimator we report ``tr Cov[g_hat]``, the bias ``||E g_hat - grad||`` 
 - by Monte Carlo for larger n, with a 95% confidence interval from the CLT on the per-sample
   squared deviations. All estimators see the same samples (common random numbers).
 
+The MaxRL family (:func:`rspo_kernels.maxrl_weights`) gets its own rows, table and figure: the
+target is ``grad J_T`` with ``J_T = sum_{k<=T} (1/k) pass@k`` (the ``k`` column holds the order
+T), on binary policies; ``vr_cond`` (no order; its expectation is ``grad J_n``) is compared at
+matched scale, ``tr Cov / alpha^2``.
+
 Run ``python -m benchmarks.variance`` (or ``rspo-kernels bench --variance``): it prints a table and
 writes ``benchmarks/results/variance-<date>.json``, ``.md`` and, if matplotlib is installed, ``.png``.
 """
@@ -34,12 +39,23 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Policy", "POLICIES", "true_gradient", "exact_moments", "monte_carlo_moments", "main"]
+__all__ = [
+    "Policy",
+    "POLICIES",
+    "MAXRL_POLICIES",
+    "true_gradient",
+    "exact_moments",
+    "monte_carlo_moments",
+    "run_maxrl",
+    "main",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ESTIMATORS = ("rspo", "pkpo", "pkpo_loo", "hitchhiking", "plugin", "passk_training_std")
 BIASED = ("plugin", "passk_training_std")
 EXACT_MAX_GROUPS = 1 << 17  # enumerate m^n ordered groups up to this many
+MAXRL_ESTIMATORS = ("rspo", "rloo", "maclaurin", "cross_fitted", "vr_cond")
+MAXRL_BIASED = ("vr_cond",)  # for J_T with T < n (it estimates J_n)
 
 
 @dataclass(frozen=True)
@@ -56,13 +72,26 @@ POLICIES = (
     # Graded rewards; the best response is the rarest.
     Policy("max@k, graded rewards", "max@k", (0.4, 0.3, 0.2, 0.1), (0.0, 0.3, 0.6, 1.0)),
 )
+MAXRL_POLICIES = (
+    # The Pass@k policy above: three wrong answers, each with its own score direction.
+    Policy("maxrl, p(correct)=0.1", "maxrl", (0.4, 0.3, 0.2, 0.1), (0.0, 0.0, 0.0, 1.0)),
+    # A Bernoulli policy: one wrong answer, whose score is minus the correct one's.
+    Policy("maxrl, Bernoulli p=0.1", "maxrl", (0.9, 0.1), (0.0, 1.0)),
+)
 
 
 def true_gradient(policy: Policy, k: int) -> np.ndarray:
-    """``grad_theta`` of ``sum_a r_a [F<=(a)^k - F<(a)^k]`` at ``theta = log probs`` (autograd, float64)."""
+    """``grad_theta`` of ``sum_a r_a [F<=(a)^k - F<(a)^k]`` at ``theta = log probs`` (autograd, float64).
+
+    For a MaxRL policy, of ``J_k = sum_{j<=k} (1/j) (1 - (1-p)^j)``, ``p`` the probability of reward 1.
+    """
     theta = torch.tensor(np.log(policy.probs), dtype=torch.float64, requires_grad=True)
     pi = torch.softmax(theta, 0)
     r = torch.tensor(policy.rewards, dtype=torch.float64)
+    if policy.objective == "maxrl":
+        p = pi[r == 1].sum()
+        (grad,) = torch.autograd.grad(sum((1 - (1 - p) ** j) / j for j in range(1, k + 1)), theta)
+        return grad.numpy()
     below_eq = torch.stack([pi[r <= x].sum() for x in r])
     below = torch.stack([pi[r < x].sum() for x in r])
     objective = (r * (below_eq.pow(k) - below.pow(k))).sum()
@@ -73,6 +102,9 @@ def true_gradient(policy: Policy, k: int) -> np.ndarray:
 def _weights(policy: Policy, rewards: np.ndarray, k: int, estimator: str) -> np.ndarray:
     from rspo_kernels.weights import api
 
+    if policy.objective == "maxrl":
+        order = None if estimator == "vr_cond" else k
+        return np.asarray(api.maxrl_weights(rewards, order, estimator=estimator, validate=False))
     fn = api.pass_at_k_weights if policy.objective == "pass@k" else api.max_at_k_weights
     return np.asarray(fn(rewards, k, estimator=estimator, validate=False))
 
@@ -157,8 +189,21 @@ def k_values(n: int) -> list[int]:
 
 
 def run(ns_exact, ns_mc, samples: int, seed: int = 0) -> list[dict]:
+    return _run(POLICIES, ESTIMATORS, ns_exact, ns_mc, samples, seed)
+
+
+def run_maxrl(ns_exact, ns_mc, samples: int, seed: int = 0) -> list[dict]:
+    """The MaxRL rows: ``k`` is the order T, the target ``grad J_T``; ``"matched"`` is
+    ``tr Cov / alpha^2`` (the biased ``vr_cond`` at the scale of the unbiased ones)."""
+    rows = _run(MAXRL_POLICIES, MAXRL_ESTIMATORS, ns_exact, ns_mc, samples, seed)
+    for r in rows:
+        r["matched"] = r["trace_cov"] / r["scale"] ** 2
+    return rows
+
+
+def _run(policies, estimators, ns_exact, ns_mc, samples: int, seed: int) -> list[dict]:
     rows = []
-    for policy in POLICIES:
+    for policy in policies:
         m = len(policy.probs)
         for n in list(ns_exact) + list(ns_mc):
             exact = n in ns_exact
@@ -169,7 +214,7 @@ def run(ns_exact, ns_mc, samples: int, seed: int = 0) -> list[dict]:
                 rng = np.random.default_rng([seed, n])
                 actions = rng.choice(m, size=(samples, n), p=policy.probs)
             for k in k_values(n):
-                for estimator in ESTIMATORS:
+                for estimator in estimators:
                     if not valid(estimator, n, k, policy.objective):
                         continue
                     res = (
@@ -199,8 +244,9 @@ def markdown_table(rows: list[dict]) -> str:
     """One row per (policy, n, k): tr Cov of each estimator (x RSPO), and the biased ones' bias.
 
     ``passk_training_std`` also shows ``[x RSPO at matched scale]``: its tr Cov divided by
-    ``alpha^2`` (``[E g = 0]`` at k = n, where it is identically 0).
+    ``alpha^2`` (``[E g = 0]`` at k = n, where it is identically 0). MaxRL rows: :func:`maxrl_table`.
     """
+    rows = [r for r in rows if r["objective"] != "maxrl"]
     lines = [
         "| policy | n | k | method | "
         + " | ".join(f"{e} tr Cov (x rspo)" for e in ESTIMATORS)
@@ -236,6 +282,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def headline(rows: list[dict]) -> str:
     """Variance ratios to RSPO at the largest exact n (k = n/2) and the largest Monte Carlo n (k = n/4)."""
+    rows = [r for r in rows if r["objective"] != "maxrl"]
     sentences = []
     for method, frac in (("exact", 2), ("monte-carlo", 4)):
         sel = [r for r in rows if r["method"] == method]
@@ -268,7 +315,113 @@ def headline(rows: list[dict]) -> str:
 
 
 def _policy(name: str) -> Policy:
-    return next(p for p in POLICIES if p.name == name)
+    return next(p for p in POLICIES + MAXRL_POLICIES if p.name == name)
+
+
+def maxrl_table(rows: list[dict]) -> str:
+    """One row per (policy, n, T): tr Cov of each MaxRL estimator (x ``"rspo"``); ``vr_cond`` also
+    at matched scale ``[tr Cov / alpha^2, x rspo]`` and its bias relative to ``grad J_T``."""
+    rows = [r for r in rows if r["objective"] == "maxrl"]
+    lines = [
+        "| policy | n | T | method | "
+        + " | ".join(f"{e} tr Cov (x rspo)" for e in MAXRL_ESTIMATORS)
+        + " | vr_cond bias (% of grad J_T) |",
+        "|---|---|---|---|" + "---|" * (len(MAXRL_ESTIMATORS) + 1),
+    ]
+    by = {(r["policy"], r["n"], r["k"], r["estimator"]): r for r in rows}
+    for p, n, t in sorted({(r["policy"], r["n"], r["k"]) for r in rows}):
+        base = by[(p, n, t, "rspo")]
+        cells = []
+        for e in MAXRL_ESTIMATORS:
+            r = by[(p, n, t, e)]
+            if e == "rspo":
+                cells.append(f"{r['trace_cov']:.4g}" + (f" ± {r['ci95']:.2g}" if r["ci95"] else ""))
+            elif e in MAXRL_BIASED:
+                cells.append(
+                    f"{r['trace_cov']:.4g} ({r['ratio_to_rspo']:.2f}x) [{r['matched'] / base['trace_cov']:.2f}x]"
+                )
+            else:
+                cells.append(f"{r['trace_cov']:.4g} ({r['ratio_to_rspo']:.2f}x)")
+        grad = float(np.linalg.norm(true_gradient(_policy(p), t)))
+        vr = by[(p, n, t, "vr_cond")]
+        cells.append(f"{vr['bias']:.3g} ({100 * vr['bias'] / grad:.0f}%)")
+        lines.append(f"| {p} | {n} | {t} | {base['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def maxrl_headline(rows: list[dict]) -> str:
+    """MaxRL variance ratios to ``"rspo"`` at the largest exact n (T = n/2) and Monte Carlo n (T = n/4)."""
+    rows = [r for r in rows if r["objective"] == "maxrl"]
+    sentences = []
+    for method, frac in (("exact", 2), ("monte-carlo", 4)):
+        sel = [r for r in rows if r["method"] == method]
+        if not sel:
+            continue
+        n = max(r["n"] for r in sel)
+        t = max(1, n // frac)
+        parts = []
+        for p in MAXRL_POLICIES:
+            by = {r["estimator"]: r for r in sel if r["policy"] == p.name and r["n"] == n and r["k"] == t}
+            ratios = ", ".join(f"{e} {by[e]['ratio_to_rspo']:.2f}x" for e in MAXRL_ESTIMATORS[1:-1])
+            vr = by["vr_cond"]
+            parts.append(
+                f"{p.name}: {ratios}; vr_cond E[g] = {vr['scale']:.2f} grad J_T, "
+                f"tr Cov at matched scale {vr['matched'] / by['rspo']['trace_cov']:.2f}x"
+            )
+        sentences.append(f"MaxRL n={n}, T={t} ({method}), tr Cov relative to 'rspo' -- " + " | ".join(parts) + ".")
+    return " ".join(sentences)
+
+
+def plot_maxrl(rows: list[dict], path: Path) -> bool:
+    """tr Cov against the order T for each MaxRL estimator (``vr_cond`` at matched scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in rows if r["objective"] == "maxrl"]
+    ns = sorted({r["n"] for r in rows})
+    fig, axes = plt.subplots(
+        len(MAXRL_POLICIES), len(ns), figsize=(3.2 * len(ns), 3.0 * len(MAXRL_POLICIES)), squeeze=False
+    )
+    for i, p in enumerate(MAXRL_POLICIES):
+        for j, n in enumerate(ns):
+            ax = axes[i][j]
+            for c, e in enumerate(MAXRL_ESTIMATORS):
+                sel = sorted(
+                    (r for r in rows if r["policy"] == p.name and r["n"] == n and r["estimator"] == e),
+                    key=lambda r: r["k"],
+                )
+                key = "matched" if e in MAXRL_BIASED else "trace_cov"
+                sel = [r for r in sel if r[key] > 0]
+                if sel:
+                    label = f"{e} (matched scale)" if e in MAXRL_BIASED else e
+                    ax.errorbar(
+                        [r["k"] for r in sel],
+                        [r[key] for r in sel],
+                        yerr=[r["ci95"] for r in sel],
+                        color=f"C{c}",
+                        marker="os^Dv"[c],
+                        ms=4,
+                        lw=1.2,
+                        capsize=2,
+                        label=label,
+                    )
+            method = next(r["method"] for r in rows if r["n"] == n)
+            ax.set_yscale("log")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{p.name}\nn={n} ({method})", fontsize=8)
+            ax.set_xlabel("order T", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("tr Cov[g_hat]", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 # Colour and marker per estimator; an estimator not listed here still gets a distinct style.
@@ -448,12 +601,17 @@ def main(argv: list[str] | None = None) -> int:
         ns_exact, ns_mc, samples = (2, 4), (8,), args.samples or 2000
     else:
         ns_exact, ns_mc, samples = (4, 8), (16, 64), args.samples or 40000
-    rows = run(ns_exact, ns_mc, samples)
+    rows = run(ns_exact, ns_mc, samples) + run_maxrl(ns_exact, ns_mc, samples)
     table = markdown_table(rows)
     head = headline(rows)
+    maxrl, maxrl_head = maxrl_table(rows), maxrl_headline(rows)
     print(table)
     print()
     print(head)
+    print()
+    print(maxrl)
+    print()
+    print(maxrl_head)
     date = _dt.datetime.now(_dt.timezone.utc).date().isoformat()
     stem = f"variance-{date}{'-quick' if args.quick else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -462,17 +620,21 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "kind": "variance",
         "date": date,
-        "policies": [p.__dict__ for p in POLICIES],
+        "policies": [p.__dict__ for p in POLICIES + MAXRL_POLICIES],
         "monte_carlo_samples": samples,
         "versions": {"rspo_kernels": rspo_kernels.__version__, "torch": torch.__version__, "numpy": np.__version__},
         "headline": head,
+        "maxrl_headline": maxrl_head,
         "rows": rows,
     }
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(f"# Estimator variance ({date})\n\n{head}\n\n{table}\n")
+    maxrl_md = f"## MaxRL (target: grad J_T)\n\n{maxrl_head}\n\n{maxrl}\n"
+    (args.out / f"{stem}.md").write_text(f"# Estimator variance ({date})\n\n{head}\n\n{table}\n\n{maxrl_md}")
     wrote = [f"{stem}.json", f"{stem}.md"]
     if plot(rows, args.out / f"{stem}.png"):
         wrote.append(f"{stem}.png")
+    if plot_maxrl(rows, args.out / f"{stem}-maxrl.png"):
+        wrote.append(f"{stem}-maxrl.png")
     print("wrote " + ", ".join(str(args.out / w) for w in wrote))
     return 0
 

@@ -1,8 +1,9 @@
 """Settings and weight computation shared by the framework adapters.
 
-Each adapter reads the same three settings (objective, k, estimator) from its framework's own
-configuration, under its own key names. :class:`RSPOSettings` checks them once, and its error
-messages name the key the user has to change, in the framework's spelling.
+Each adapter reads the same settings (objective, k, estimator, and optionally MaxRL's order and
+a k schedule) from its framework's own configuration, under its own key names.
+:class:`RSPOSettings` checks them once, and its error messages name the key the user has to
+change, in the framework's spelling.
 :func:`when_imported` lets an adapter patch a framework module only once something imports it,
 so that a process that never needs that module never pays for (or fails on) its imports.
 """
@@ -10,24 +11,78 @@ so that a process that never needs that module never pays for (or fails on) its 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.abc
 import importlib.util
 import numbers
+import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 import rspo_kernels as rk
 from rspo_kernels.weights.estimators import BINARY_ONLY_ESTIMATORS
 
-__all__ = ["DEFAULT_K", "OBJECTIVES", "RSPOSettings", "unwrap", "when_imported", "wrap"]
+__all__ = ["DEFAULT_K", "OBJECTIVES", "RSPOSettings", "parse_k_schedule", "unwrap", "when_imported", "wrap"]
 
 DEFAULT_K = 4
-OBJECTIVES = ("pass@k", "max@k")
+OBJECTIVES = ("pass@k", "max@k", "maxrl")
+# "k:step" entries; ASCII digits only (str.isdigit would accept other scripts' digits).
+_SCHEDULE_ENTRY = re.compile(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*")
+
+
+def parse_k_schedule(schedule: Any, key: str) -> tuple[tuple[int, int], ...] | None:
+    """Parse a k schedule (PKPO-style annealing) into ``((start_step, k), ...)``, steps increasing.
+
+    Parameters
+    ----------
+    schedule : str, sequence or None
+        ``"8:0,4:200,1:400"``: k = 8 from step 0, 4 from step 200, 1 from step 400. A sequence
+        of ``"k:step"`` strings or ``(k, step)`` pairs is read the same way. None or ``""``: no
+        schedule.
+    key : str
+        The configuration key, for the error messages.
+
+    Raises
+    ------
+    ValueError
+        A malformed entry, a k below 1, steps that repeat or decrease, or no entry at step 0;
+        the message names ``key``.
+    """
+    if schedule is None or (isinstance(schedule, str) and not schedule.strip()):
+        return None
+    entries = schedule.split(",") if isinstance(schedule, str) else list(schedule)
+    pairs = []
+    for entry in entries:
+        if isinstance(entry, str):
+            match = _SCHEDULE_ENTRY.fullmatch(entry)
+            pair = (int(match.group(1)), int(match.group(2))) if match else None
+        elif isinstance(entry, Sequence) and len(entry) == 2 and all(_is_int(x) for x in entry):
+            pair = (int(entry[0]), int(entry[1]))
+        else:
+            pair = None
+        if pair is None or pair[0] < 1 or pair[1] < 0:
+            raise ValueError(
+                f"{key}={schedule!r}: entry {entry!r} is not 'k:step' with k >= 1 and step >= 0; "
+                f"write e.g. {key}='8:0,4:200,1:400' (k = 8 from step 0, 4 from step 200, 1 from step 400)"
+            )
+        pairs.append((pair[1], pair[0]))
+    steps = [step for step, _ in pairs]
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise ValueError(f"{key}={schedule!r}: the steps must increase from one entry to the next, got {steps}")
+    if steps[0] != 0:
+        raise ValueError(
+            f"{key}={schedule!r} does not say which k to use from step 0: start it with 'k:0' (e.g. '8:0,4:200')"
+        )
+    return tuple(pairs)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def positive_int(value: Any, key: str, what: str) -> int:
@@ -57,31 +112,49 @@ class RSPOSettings:
 
     Attributes
     ----------
-    objective : {"pass@k", "max@k"}
-        Pass@k for binary rewards, Max@k for graded ones.
+    objective : {"pass@k", "max@k", "maxrl"}
+        Pass@k for binary rewards, Max@k for graded ones, ``"maxrl"`` for maximum-likelihood RL
+        (:func:`rspo_kernels.maxrl_weights`, binary rewards).
     k : int
         Sample size of the objective; every prompt group needs at least ``k`` responses.
+        Unused by ``"maxrl"``, which reads ``order``.
     estimator : str
-        One of :data:`rspo_kernels.ESTIMATORS`.
+        One of :data:`rspo_kernels.ESTIMATORS` (:data:`rspo_kernels.MAXRL_ESTIMATORS` for
+        ``"maxrl"``).
     keys : Mapping[str, str]
-        How the framework spells each setting (``"k"``, ``"objective"``, ``"estimator"``) and the
-        number of responses per prompt (``"n"``), e.g. ``{"k": "+algorithm.rspo_k", ...}``.
+        How the framework spells each setting (``"k"``, ``"objective"``, ``"estimator"``,
+        ``"order"``, ``"schedule"``) and the number of responses per prompt (``"n"``), e.g.
+        ``{"k": "+algorithm.rspo_k", ...}``.
+    order : int or None
+        MaxRL's truncation order T (None: the group size).
+    schedule : tuple of (start_step, k) or None
+        The k schedule (the order's, under ``"maxrl"``); :meth:`at_step` applies it.
     """
 
     objective: str
     k: int
     estimator: str
     keys: Mapping[str, str]
+    order: int | None = None
+    schedule: tuple[tuple[int, int], ...] | None = None
 
     @classmethod
-    def create(cls, objective: Any, k: Any, estimator: Any, keys: Mapping[str, str]) -> RSPOSettings:
+    def create(
+        cls,
+        objective: Any,
+        k: Any,
+        estimator: Any,
+        keys: Mapping[str, str],
+        order: Any = None,
+        schedule: Any = None,
+    ) -> RSPOSettings:
         """Check raw configuration values and build the settings.
 
         Parameters
         ----------
-        objective, k, estimator
+        objective, k, estimator, order, schedule
             Raw values from the framework's configuration (strings from a command line are fine
-            for ``k``).
+            for ``k`` and ``order``; see :func:`parse_k_schedule` for ``schedule``).
         keys : Mapping[str, str]
             Key names for the error messages, see the class docstring.
 
@@ -94,13 +167,21 @@ class RSPOSettings:
         obj = str(objective).strip().lower().replace("_at_", "@")
         if obj not in OBJECTIVES:
             raise ValueError(
-                f"{keys['objective']}={objective!r} is not an RSPO objective; use 'pass@k' (binary rewards) "
-                "or 'max@k' (graded rewards)"
+                f"{keys['objective']}={objective!r} is not an RSPO objective; use 'pass@k' (binary rewards), "
+                "'max@k' (graded rewards) or 'maxrl' (maximum-likelihood RL, binary rewards)"
             )
         est = str(estimator).strip().lower()
-        if est not in rk.ESTIMATORS:
+        choices = rk.MAXRL_ESTIMATORS if obj == "maxrl" else rk.ESTIMATORS
+        if est not in choices:
             raise ValueError(
-                f"{keys['estimator']}={estimator!r} is not an estimator; choose one of {', '.join(rk.ESTIMATORS)}"
+                f"{keys['estimator']}={estimator!r} is not an estimator for {obj}; choose one of {', '.join(choices)}"
+            )
+        order_int = _order(order, keys.get("order", "order"), obj)
+        steps = parse_k_schedule(schedule, keys.get("schedule", "k_schedule"))
+        if obj == "maxrl" and est == "vr_cond" and (order_int is not None or steps is not None):
+            raise ValueError(
+                f"{keys['estimator']}=vr_cond has no truncation order (it estimates J_n, n the group size): "
+                f"leave {keys.get('order', 'order')} and {keys.get('schedule', 'k_schedule')} unset"
             )
         # Command lines and environment variables hand k over as a string.
         k_int = positive_int(k, keys["k"], f"the k of {obj}")
@@ -109,7 +190,30 @@ class RSPOSettings:
                 f"{keys['estimator']}={est} has no {obj} form (it is defined for binary rewards only): set "
                 f"{keys['objective']}=pass@k or choose another estimator"
             )
-        return cls(obj, k_int, est, dict(keys))
+        return cls(obj, k_int, est, dict(keys), order_int, steps)
+
+    def at_step(self, step: int) -> RSPOSettings:
+        """The settings in force at training step ``step``: the schedule's k (MaxRL: order) applied."""
+        if self.schedule is None:
+            return self
+        value = next(v for start, v in reversed(self.schedule) if start <= step)
+        if self.objective == "maxrl":
+            return dataclasses.replace(self, order=value, schedule=None)
+        return dataclasses.replace(self, k=value, schedule=None)
+
+    @property
+    def min_group_size(self) -> int:
+        """The fewest responses a group needs: k, or MaxRL's order (1 when the order is the group size)."""
+        if self.objective == "maxrl":
+            return self.order or 1
+        return self.k
+
+    @property
+    def logged(self) -> tuple[str, float]:
+        """``("rspo/k", k)`` (``("rspo/order", T)`` under MaxRL, 0 for the group size): the value in force."""
+        if self.objective == "maxrl":
+            return "rspo/order", float(self.order or 0)
+        return "rspo/k", float(self.k)
 
     def check_group_size(self, n: Any) -> None:
         """Fail at configuration time when groups of ``n`` responses cannot serve these settings.
@@ -125,7 +229,25 @@ class RSPOSettings:
             Naming both configuration keys, e.g. ``rspo_k=8 but num_generations=4``.
         """
         n = positive_int(n, self.keys["n"], "the number of responses per prompt")
-        if n < self.k:
+        if self.schedule is not None:
+            key = self.keys.get("schedule", "k_schedule")
+            for step, value in self.schedule:
+                if n < value:
+                    what = "order" if self.objective == "maxrl" else "k"
+                    raise ValueError(
+                        f"{key} sets {what}={value} from step {step} but {self.keys['n']}={n}: {self.objective} "
+                        f"needs at least {what} responses per prompt; lower it in {key} or raise {self.keys['n']}"
+                    )
+                self.at_step(step).check_group_size(n)
+            return
+        if self.objective == "maxrl":
+            if self.order is not None and n < self.order:
+                key = self.keys.get("order", "order")
+                raise ValueError(
+                    f"{key}={self.order} but {self.keys['n']}={n}: MaxRL's order T needs at least T responses "
+                    f"per prompt (pass@k for k > n has no unbiased estimator); lower {key} or raise {self.keys['n']}"
+                )
+        elif n < self.k:
             raise ValueError(
                 f"{self.keys['k']}={self.k} but {self.keys['n']}={n}: {self.objective} needs at least k responses "
                 f"per prompt; lower {self.keys['k']} or raise {self.keys['n']}"
@@ -148,28 +270,55 @@ class RSPOSettings:
             From the library (k larger than a group, non-binary rewards for Pass@k, ...), with the
             adapter's key names appended.
         """
-        fn = rk.pass_at_k_weights if self.objective == "pass@k" else rk.max_at_k_weights
         try:
+            if self.objective == "maxrl":
+                return cast(torch.Tensor, rk.maxrl_weights(rewards, self.order, estimator=self.estimator, **layout))
+            fn = rk.pass_at_k_weights if self.objective == "pass@k" else rk.max_at_k_weights
             return fn(rewards, self.k, estimator=self.estimator, **layout)
         except ValueError as exc:
             raise ValueError(f"{exc} [RSPO settings: {self.describe()}]") from exc
 
     def metric(self, rewards: torch.Tensor, **layout: Any) -> torch.Tensor:
-        """Unbiased pass@k / max@k of each group (for logging)."""
+        """Unbiased pass@k / max@k of each group (for logging); MaxRL: pass@1, the p of log p."""
+        if self.objective == "maxrl":
+            return cast(torch.Tensor, rk.pass_at_k(rewards, 1, validate=False, **layout))
         fn = rk.pass_at_k if self.objective == "pass@k" else rk.max_at_k
         return fn(rewards, self.k, validate=False, **layout)
 
     @property
     def metric_name(self) -> str:
-        """``"pass@4"``-style name of the objective for this k."""
+        """``"pass@4"``-style name of the objective for this k (``"pass@1"`` under MaxRL)."""
+        if self.objective == "maxrl":
+            return "pass@1"
         return self.objective.replace("@k", f"@{self.k}")
 
     def describe(self) -> str:
         """The settings in the framework's own key names."""
+        if self.objective == "maxrl":
+            value = f"{self.keys.get('order', 'order')}={self.order if self.order is not None else 'n'}"
+        else:
+            value = f"{self.keys['k']}={self.k}"
         return (
-            f"{self.keys['objective']}={self.objective}, {self.keys['k']}={self.k}, "
+            f"{self.keys['objective']}={self.objective}, {value}, "
             f"{self.keys['estimator']}={self.estimator}; the group size is set by {self.keys['n']}"
         )
+
+
+def _order(order: Any, key: str, objective: str) -> int | None:
+    """MaxRL's order from a config value: None / "" / "none" mean the group size."""
+    if order is None or (isinstance(order, str) and order.strip().lower() in ("", "none", "null")):
+        return None
+    if isinstance(order, str):
+        value = int(order.strip()) if re.fullmatch(r"\s*[0-9]+\s*", order) else 0
+    else:
+        value = int(order) if _is_int(order) else 0
+    if value < 1:
+        raise ValueError(f"{key}={order!r} must be a positive integer (MaxRL's truncation order T) or unset (T = n)")
+    if objective != "maxrl":
+        raise ValueError(
+            f"{key}={order!r} is MaxRL's truncation order: it needs the objective 'maxrl', got {objective}"
+        )
+    return value
 
 
 class _PatchAfterExec(importlib.abc.MetaPathFinder, importlib.abc.Loader):

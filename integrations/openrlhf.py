@@ -9,9 +9,12 @@ replaces only the group baseline with RSPO weights (and drops the whitening).
 The experience maker lives in a Ray actor: :func:`install` runs in every worker as the job's
 ``worker_process_setup_hook``, set in ``ray job submit --runtime-env-json`` or, for a driver
 started directly, by :func:`runtime_env_hook` (``RAY_RUNTIME_ENV_HOOK``); README, "OpenRLHF".
-Settings come from the environment: ``RSPO_K`` (default 4), ``RSPO_OBJECTIVE`` (``pass@k`` or
-``max@k``) and ``RSPO_ESTIMATOR`` (default ``rspo``), checked against OpenRLHF's arguments by the
-driver hook (before any model starts) and when the experience maker is built.
+Settings come from the environment: ``RSPO_K`` (default 4), ``RSPO_OBJECTIVE`` (``pass@k``,
+``max@k`` or ``maxrl``), ``RSPO_ESTIMATOR`` (default ``rspo``), ``RSPO_ORDER`` (MaxRL's truncation
+order, default the group size) and ``RSPO_K_SCHEDULE`` (``8:0,4:200,1:400``: k = 8 from step 0,
+4 from step 200, 1 from step 400; the order under ``maxrl``), checked against OpenRLHF's
+arguments by the driver hook (before any model starts) and when the experience maker is built.
+The k in force is logged as ``rspo_k`` (``rspo_order``) with the other experience ``info``.
 """
 
 from __future__ import annotations
@@ -40,15 +43,22 @@ __all__ = [
 ]
 
 SETUP_HOOK = f"{__name__}.install"
-ENV_VARS = ("RSPO_K", "RSPO_OBJECTIVE", "RSPO_ESTIMATOR")
-_KEYS = {"objective": "RSPO_OBJECTIVE", "k": "RSPO_K", "estimator": "RSPO_ESTIMATOR"}
+ENV_VARS = ("RSPO_K", "RSPO_OBJECTIVE", "RSPO_ESTIMATOR", "RSPO_ORDER", "RSPO_K_SCHEDULE")
+_KEYS = {
+    "objective": "RSPO_OBJECTIVE",
+    "k": "RSPO_K",
+    "estimator": "RSPO_ESTIMATOR",
+    "order": "RSPO_ORDER",
+    "schedule": "RSPO_K_SCHEDULE",
+}
 _KEYS["n"] = "--rollout.n_samples_per_prompt"
 _MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
+_TRAINER = "openrlhf.trainer.ppo_trainer"
 logger = logging.getLogger(__name__)
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> RSPOSettings:
-    """Read ``RSPO_K``, ``RSPO_OBJECTIVE`` and ``RSPO_ESTIMATOR``.
+    """Read ``RSPO_K``, ``RSPO_OBJECTIVE``, ``RSPO_ESTIMATOR``, ``RSPO_ORDER`` and ``RSPO_K_SCHEDULE``.
 
     ``environ`` defaults to :data:`os.environ`.
 
@@ -63,6 +73,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> RSPOSettings:
         k=env.get("RSPO_K", str(DEFAULT_K)),
         estimator=env.get("RSPO_ESTIMATOR", "rspo"),
         keys=_KEYS,
+        order=env.get("RSPO_ORDER"),
+        schedule=env.get("RSPO_K_SCHEDULE"),
     )
 
 
@@ -119,7 +131,8 @@ def compute_advantages_and_returns(self: Any, experiences: list) -> list:
     list of Experience
         The same objects. ``advantages`` and ``returns`` ``(B, A)``: the response's RSPO weight on
         every action token, plus the usual KL reward-to-go, 0 on padding. ``info`` gains
-        ``rspo_weight`` ``(B,)``, which OpenRLHF logs with the other ``info`` entries.
+        ``rspo_weight`` ``(B,)`` and ``rspo_k`` (the k in force; ``rspo_order`` under MaxRL), which
+        OpenRLHF logs with the other ``info`` entries.
 
     Raises
     ------
@@ -138,7 +151,9 @@ def compute_advantages_and_returns(self: Any, experiences: list) -> list:
     from openrlhf.trainer.ppo_utils.length_penalty import apply_length_penalties
 
     args = self.strategy.args
-    settings = _check(args)
+    # The trainer's step (set by the wrapped train_step; 0 before any) picks the scheduled k.
+    settings = _check(args).at_step(getattr(self, "_rspo_step", 0))
+    logged_name, logged_value = settings.logged
     n = args.rollout.n_samples_per_prompt
     if args.algo.advantage.gamma != 1.0:
         logger.warning("RSPO uses gamma = 1.0 (got --algo.advantage.gamma %s)", args.algo.advantage.gamma)
@@ -172,6 +187,7 @@ def compute_advantages_and_returns(self: Any, experiences: list) -> list:
         experience.advantages = experience.returns.clone()
         experience.info["return"] = reward.sum(dim=-1)
         experience.info["rspo_weight"] = weight
+        experience.info[logged_name.replace("/", "_")] = torch.full_like(weight, logged_value, dtype=torch.float32)
         experience.kl = None
     return experiences
 
@@ -195,6 +211,22 @@ def _patch(module: Any) -> None:
     wrap(module.RemoteExperienceMaker, "__init__", init)
 
 
+def _patch_trainer(module: Any) -> None:
+    """``train_step(rollout_samples, global_step)`` tells its experience maker the step (k schedule)."""
+
+    def train_step(original):
+        @functools.wraps(original)
+        def patched(self, rollout_samples, global_step, *args, **kwargs):
+            maker = getattr(self, "experience_maker", None)
+            if maker is not None:
+                maker._rspo_step = int(global_step)
+            return original(self, rollout_samples, global_step, *args, **kwargs)
+
+        return patched
+
+    wrap(module.BasePPOTrainer, "train_step", train_step)
+
+
 def install() -> None:
     """Patch ``RemoteExperienceMaker`` in this process, now or when it is first imported; idempotent.
 
@@ -202,13 +234,15 @@ def install() -> None:
     OpenRLHF, so it cannot fail in a worker that lacks flash_attn or vLLM.
     """
     when_imported(_MAKER, _patch)
+    when_imported(_TRAINER, _patch_trainer)
 
 
 def uninstall() -> None:
-    """Restore OpenRLHF's own experience maker in this process."""
+    """Restore OpenRLHF's own experience maker (and trainer step) in this process."""
     maker = getattr(sys.modules.get(_MAKER), "RemoteExperienceMaker", None)
     for name in ("compute_advantages_and_returns", "__init__"):
         unwrap(maker, name)
+    unwrap(getattr(sys.modules.get(_TRAINER), "BasePPOTrainer", None), "train_step")
 
 
 def runtime_env_hook(runtime_env: dict | None) -> dict:

@@ -31,7 +31,14 @@ with framework_import("trl", "trl"):
 
 __all__ = ["RSPOConfig", "RSPOTrainer", "rspo_advantages"]
 
-_KEYS = {"objective": "rspo_objective", "k": "rspo_k", "estimator": "rspo_estimator", "n": "num_generations"}
+_KEYS = {
+    "objective": "rspo_objective",
+    "k": "rspo_k",
+    "estimator": "rspo_estimator",
+    "order": "rspo_order",
+    "schedule": "rspo_k_schedule",
+    "n": "num_generations",
+}
 _EVAL_KEYS = {**_KEYS, "n": "num_generations_eval"}
 # transformers >= 5.2x renames gradient_checkpointing (now a deprecated alias that warns when set)
 # to activation_checkpointing; TRL 1.16 still sets its default on the old name.
@@ -48,10 +55,17 @@ class RSPOConfig(GRPOConfig):
     ----------
     rspo_k : int, default 4
         k of Pass@k / Max@k; at most ``num_generations`` (and ``num_generations_eval``).
-    rspo_objective : {"pass@k", "max@k"}, default "pass@k"
-        Pass@k needs binary total rewards; Max@k takes graded ones.
+    rspo_objective : {"pass@k", "max@k", "maxrl"}, default "pass@k"
+        Pass@k needs binary total rewards; Max@k takes graded ones; ``"maxrl"`` is
+        maximum-likelihood RL (:func:`rspo_kernels.maxrl_weights`, binary rewards).
     rspo_estimator : str, default "rspo"
-        One of :data:`rspo_kernels.ESTIMATORS`.
+        One of :data:`rspo_kernels.ESTIMATORS` (:data:`rspo_kernels.MAXRL_ESTIMATORS` under ``"maxrl"``).
+    rspo_order : int, optional
+        MaxRL's truncation order T (default: ``num_generations``); ``"maxrl"`` only.
+    rspo_k_schedule : str, optional
+        ``"8:0,4:200,1:400"``: k = 8 from step 0, 4 from step 200, 1 from step 400 (the order
+        under ``"maxrl"``); replaces ``rspo_k``. Every k is checked against ``num_generations``
+        on creation; the k in force is logged as ``rspo/k`` (``rspo/order``).
     loss_type : str, default "dr_grpo"
         GRPO's, with a different default; any other value warns (see README, "Aggregation").
 
@@ -74,6 +88,8 @@ class RSPOConfig(GRPOConfig):
     rspo_k: int = field(default=DEFAULT_K, metadata={"help": "k of Pass@k / Max@k (at most num_generations)."})
     rspo_objective: str = field(default="pass@k", metadata={"help": "'pass@k' (binary rewards) or 'max@k'."})
     rspo_estimator: str = field(default="rspo", metadata={"help": f"One of {', '.join(rk.ESTIMATORS)}."})
+    rspo_order: int | None = field(default=None, metadata={"help": "MaxRL's truncation order (default n)."})
+    rspo_k_schedule: str | None = field(default=None, metadata={"help": "k schedule, e.g. '8:0,4:200,1:400'."})
     loss_type: str = field(default="dr_grpo", metadata={"help": "GRPO's loss_type; RSPO's weights need 'dr_grpo'."})
     if _RENAMED_CHECKPOINTING:
         gradient_checkpointing: bool | None = None  # TRL's default goes onto the new name below
@@ -105,7 +121,9 @@ class RSPOConfig(GRPOConfig):
         return self._settings(_KEYS)
 
     def _settings(self, keys: dict[str, str]) -> RSPOSettings:
-        return RSPOSettings.create(self.rspo_objective, self.rspo_k, self.rspo_estimator, keys)
+        return RSPOSettings.create(
+            self.rspo_objective, self.rspo_k, self.rspo_estimator, keys, self.rspo_order, self.rspo_k_schedule
+        )
 
 
 def rspo_advantages(
@@ -137,9 +155,10 @@ def rspo_advantages(
     group = torch.arange(rewards.numel(), device=rewards.device) // group_size
     counts = torch.zeros(rewards.numel() // group_size, dtype=torch.long, device=rewards.device)
     counts.index_add_(0, group, scorable.long())
-    keep = scorable & (counts >= settings.k)[group]
+    least = settings.min_group_size
+    keep = scorable & (counts >= least)[group]
     weights = torch.zeros_like(rewards, dtype=torch.float32)
-    metrics = {"rspo/frac_groups_skipped": (counts < settings.k).float().mean().item()}
+    metrics = {"rspo/frac_groups_skipped": (counts < least).float().mean().item()}
     if bool(keep.any()):
         ids = group[keep]
         weights[keep] = settings.weights(rewards[keep], group_ids=ids).float()
@@ -154,7 +173,8 @@ class RSPOTrainer(FusedLinearLossMixin, GRPOTrainer):
     over several processes), then each process keeps its own slice, exactly where GRPO slices its
     advantages. The completions table (``log_completions``) shows the RSPO weights in its
     ``advantage`` column, and the metrics gain ``rspo/pass@k`` (the batch's unbiased pass@k,
-    with k's value in the name) and ``rspo/frac_groups_skipped``.
+    with k's value in the name), ``rspo/frac_groups_skipped`` and ``rspo/k`` (the k in force,
+    which ``rspo_k_schedule`` changes with ``state.global_step``; ``rspo/order`` under MaxRL).
 
     Parameters
     ----------
@@ -201,7 +221,9 @@ class RSPOTrainer(FusedLinearLossMixin, GRPOTrainer):
         rewards, self._rspo_rewards = self._rspo_rewards, None
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        weights, metrics = rspo_advantages(rewards, group_size, self._rspo)
+        settings = self._rspo.at_step(self.state.global_step)
+        weights, metrics = rspo_advantages(rewards, group_size, settings)
+        metrics.update([settings.logged])
 
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local

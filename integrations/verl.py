@@ -7,24 +7,33 @@ is enough, on the driver and in every Ray worker. Where entry points are disable
 (``VERL_USE_EXTERNAL_PLUGINS=none``), set ``VERL_USE_EXTERNAL_MODULES=rspo_kernels.integrations.verl``
 in the environment of every node instead.
 
-Options (README, "verl"): ``+algorithm.rspo_objective`` (``pass@k`` | ``max@k``),
-``+algorithm.rspo_k`` (default 4, at most ``actor_rollout_ref.rollout.n``) and
-``+algorithm.rspo_estimator`` (any name in ``rspo_kernels.ESTIMATORS``); with
+Options (README, "verl"): ``+algorithm.rspo_objective`` (``pass@k`` | ``max@k`` | ``maxrl``),
+``+algorithm.rspo_k`` (default 4, at most ``actor_rollout_ref.rollout.n``),
+``+algorithm.rspo_estimator`` (any name in ``rspo_kernels.ESTIMATORS``, or
+``rspo_kernels.MAXRL_ESTIMATORS`` under ``maxrl``), ``+algorithm.rspo_order`` (MaxRL's truncation
+order, default the group size) and ``+algorithm.rspo_k_schedule`` (``"8:0,4:200,1:400"``: k = 8
+from step 0, 4 from step 200, 1 from step 400; the order under ``maxrl``; the k in force is
+logged as ``rspo/k``); with
 ``algorithm._target_=rspo_kernels.integrations.verl.RSPOAlgoConfig`` they also load into verl's
-structured config. Loading the module also makes verl's ``validate_config`` (which ``main_ppo``
+structured config. Validation also logs the unbiased ``pass@k`` (binary scores) or ``max@k``
+(graded scores) for k = 1, 2, 4, ... up to the number of samples per prompt, beside verl's
+bootstrapped ``best@k``. Loading the module also makes verl's ``validate_config`` (which ``main_ppo``
 runs before any model loads) check them, and makes the v1 trainer's multi-output agent loop
 count one sample per agent session (trajectory).
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+import rspo_kernels as rk
 from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, framework_import, when_imported, wrap
 
 with framework_import("verl", "verl"):
@@ -38,6 +47,8 @@ __all__ = [
     "compute_rspo_outcome_advantage",
     "register",
     "settings_from_config",
+    "set_training_step",
+    "unbiased_validation_metrics",
 ]
 
 ESTIMATOR_NAME = "rspo"
@@ -45,6 +56,8 @@ _KEYS = {
     "objective": "algorithm.rspo_objective",
     "k": "algorithm.rspo_k",
     "estimator": "algorithm.rspo_estimator",
+    "order": "algorithm.rspo_order",
+    "schedule": "algorithm.rspo_k_schedule",
     "n": "actor_rollout_ref.rollout.n",
 }
 # Modes whose normaliser depends on the sampled lengths (see README, "Aggregation").
@@ -62,6 +75,8 @@ class RSPOAlgoConfig(AlgoConfig):
     rspo_objective: str = "pass@k"
     rspo_k: int = DEFAULT_K
     rspo_estimator: str = "rspo"
+    rspo_order: int | None = None
+    rspo_k_schedule: str | None = None
 
     def __post_init__(self) -> None:
         getattr(super(), "__post_init__", lambda: None)()
@@ -82,7 +97,8 @@ def settings_from_config(config: Any) -> RSPOSettings:
     ----------
     config : omegaconf.DictConfig, AlgoConfig, RSPOAlgoConfig, Mapping or None
         ``config.algorithm``. Missing keys take the defaults ``rspo_objective="pass@k"``,
-        ``rspo_k=4``, ``rspo_estimator="rspo"``.
+        ``rspo_k=4``, ``rspo_estimator="rspo"``, no ``rspo_order`` (MaxRL: the group size) and
+        no ``rspo_k_schedule``.
 
     Raises
     ------
@@ -95,6 +111,8 @@ def settings_from_config(config: Any) -> RSPOSettings:
         k=get("rspo_k", DEFAULT_K),
         estimator=get("rspo_estimator", "rspo"),
         keys=_KEYS,
+        order=get("rspo_order", None),
+        schedule=get("rspo_k_schedule", None),
     )
 
 
@@ -115,7 +133,7 @@ def check_trainer_config(config: Any) -> None:
         return
     settings = settings_from_config(config.algorithm)
     settings.check_group_size(config.actor_rollout_ref.rollout.n)
-    if settings.objective == "pass@k" and config.algorithm.get("use_kl_in_reward"):
+    if settings.objective in ("pass@k", "maxrl") and config.algorithm.get("use_kl_in_reward"):
         raise ValueError(
             "algorithm.use_kl_in_reward=True adds the KL penalty to the scores, which pass@k needs binary: set "
             "algorithm.rspo_objective=max@k, or use actor_rollout_ref.actor.use_kl_loss=True instead"
@@ -178,7 +196,9 @@ def _advantages(token_level_rewards, response_mask, index, config, final_rows=No
     A trajectory's reward is the score of its row ``final_rows[t]``; row ``i`` belongs to
     trajectory ``row_to_final[i]`` (-1: none, weight 0). By default each row is a trajectory.
     """
-    settings = settings_from_config(config)
+    global _last_logged
+    settings = settings_from_config(config).at_step(_training_step)
+    _last_logged = settings.logged
     if final_rows is None:
         final_rows = row_to_final = np.arange(len(index))
     scores = token_level_rewards[torch.as_tensor(final_rows, dtype=torch.long)].sum(dim=-1)
@@ -187,6 +207,160 @@ def _advantages(token_level_rewards, response_mask, index, config, final_rows=No
     per_row = torch.cat([weights, weights.new_zeros(1)])[torch.as_tensor(row_to_final, device=weights.device)]
     advantages = per_row.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask
     return advantages, advantages
+
+
+# The training step the k schedule reads: verl's trainers set ``global_steps`` on the driver, which
+# computes the advantages (see _track_global_steps); 0 until a trainer sets it.
+_training_step = 0
+# ("rspo/k", k) of the last advantage computation, logged with the step's metrics, then cleared.
+_last_logged: tuple[str, float] | None = None
+
+
+def set_training_step(step: int) -> None:
+    """Set the step that ``algorithm.rspo_k_schedule`` reads, for loops other than verl's trainers."""
+    global _training_step
+    _training_step = int(step)
+
+
+class _GlobalSteps:
+    """A data descriptor for the trainers' ``global_steps``: stores it and tells the schedule.
+
+    verl's trainers (legacy and v1) count steps in ``self.global_steps``, also when they resume
+    from a checkpoint; the advantage estimator has no other way to learn the step.
+    """
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__["_rspo_global_steps"]
+        except KeyError:
+            raise AttributeError("global_steps") from None
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__["_rspo_global_steps"] = value
+        set_training_step(value)
+
+
+def _track_global_steps(cls: Any) -> None:
+    if cls is not None and not isinstance(cls.__dict__.get("global_steps"), _GlobalSteps):
+        cls.global_steps = _GlobalSteps()
+
+
+def _log_k_in_data_metrics(original):
+    """Legacy trainer: the k in force joins the step's data metrics."""
+
+    def compute_data_metrics(*args, **kwargs):
+        global _last_logged
+        metrics = original(*args, **kwargs)
+        if _last_logged is not None:
+            name, value = _last_logged
+            metrics[name] = value
+            _last_logged = None
+        return metrics
+
+    return compute_data_metrics
+
+
+def _log_k_in_v1_metrics(original):
+    """v1 trainer: the k in force joins the metrics dict ``_compute_advantage`` receives."""
+
+    def _compute_advantage(self, batch, metrics, *args, **kwargs):
+        global _last_logged
+        out = original(self, batch, metrics, *args, **kwargs)
+        if _last_logged is not None:
+            name, value = _last_logged
+            metrics[name] = value
+            _last_logged = None
+        return out
+
+    return _compute_advantage
+
+
+def _powers_of_two_to(n: int) -> list[int]:
+    ks = [1 << j for j in range(n.bit_length()) if (1 << j) <= n]
+    return ks + ([n] if ks[-1] != n else [])
+
+
+def unbiased_validation_metrics(
+    data_sources: Any,
+    sample_uids: Any,
+    infos_dict: dict[str, list[Any]],
+    expected_acc_counts: dict[tuple[str, str], int] | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Unbiased ``pass@k`` / ``max@k`` per data source and score variable, averaged over prompts.
+
+    Parameters
+    ----------
+    data_sources, sample_uids : sequence of str
+        ``(N,)`` the data source and the prompt uid of each validation sample.
+    infos_dict : dict of str to list
+        ``{variable: (N,) values}`` as verl's ``process_validation_metrics`` takes them; None and
+        string values are skipped, as verl skips them.
+    expected_acc_counts : dict, optional
+        verl's ``(data_source, uid) -> sessions`` count: missing ``acc`` sessions count as 0.
+
+    Returns
+    -------
+    dict
+        ``{data_source: {variable: {"pass@k": value}}}`` for k = 1, 2, 4, ... and the largest
+        group size, each the mean over the prompts with at least k samples. A variable whose
+        values (in that data source) are all 0/1 gets ``pass@k`` (:func:`rspo_kernels.pass_at_k`),
+        any other ``max@k`` (:func:`rspo_kernels.max_at_k`). Unlike verl's ``best@k`` (a bootstrap
+        with replacement, biased low: one correct of four gives 0.684 at k = 4), both are unbiased.
+    """
+    grouped: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    not_scalar: set[str] = set()
+    for i, (source, uid) in enumerate(zip(data_sources, sample_uids, strict=True)):
+        for var, values in infos_dict.items():
+            value = values[i]
+            if value is None or isinstance(value, str) or var in not_scalar:
+                continue
+            try:
+                grouped[str(source)][var][uid].append(float(value))
+            except (TypeError, ValueError):  # a list or another non-number: no pass@k to report
+                not_scalar.add(var)
+    for variables in grouped.values():
+        for var in not_scalar:
+            variables.pop(var, None)
+    for (source, uid), expected in (expected_acc_counts or {}).items():
+        acc = grouped.get(str(source), {}).get("acc")
+        if acc is not None:
+            acc[uid].extend([0.0] * max(int(expected) - len(acc[uid]), 0))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for source, variables in grouped.items():
+        for var, by_uid in variables.items():
+            groups = [v for v in by_uid.values() if v]
+            if not groups:
+                continue
+            scores = np.concatenate([np.asarray(v, dtype=np.float64) for v in groups])
+            sizes = np.array([len(v) for v in groups])
+            labels = np.repeat(np.arange(len(groups)), sizes)
+            binary = bool(np.isin(scores, (0.0, 1.0)).all())
+            fn, name = (rk.pass_at_k, "pass") if binary else (rk.max_at_k, "max")
+            if not np.isfinite(scores).all():
+                continue  # verl's own mean/std report the non-finite value
+            metrics = out.setdefault(source, {}).setdefault(var, {})
+            for k in _powers_of_two_to(int(sizes.max())):
+                keep = np.repeat(sizes >= k, sizes)
+                per_group = fn(scores[keep], k, group_ids=labels[keep], validate=False)
+                metrics[f"{name}@{k}"] = float(np.mean(per_group))
+    return out
+
+
+def _with_unbiased_validation_metrics(original):
+    """verl's ``process_validation_metrics``, plus :func:`unbiased_validation_metrics` per variable."""
+
+    def process_validation_metrics(data_sources, sample_uids, infos_dict, *args, **kwargs):
+        result = original(data_sources, sample_uids, infos_dict, *args, **kwargs)
+        expected = kwargs.get("expected_acc_counts", args[1] if len(args) > 1 else None)
+        for source, variables in unbiased_validation_metrics(data_sources, sample_uids, infos_dict, expected).items():
+            for var, metrics in variables.items():
+                if var in result.get(source, {}):
+                    result[source][var].update(metrics)
+        return result
+
+    return process_validation_metrics
 
 
 def _multi_trajectories(original):
@@ -256,6 +430,33 @@ def register() -> None:
     when_imported("verl.utils.config", lambda module: wrap(module, "validate_config", _validate_config))
     multi = "compute_advantage_for_multi_trajectories"
     when_imported("verl.trainer.ppo.v1.utils", lambda module: wrap(module, multi, _multi_trajectories))
+    # The k schedule's step, the k in force in the step's metrics, unbiased validation metrics.
+    when_imported("verl.trainer.ppo.metric_utils", _patch_metric_utils)
+    when_imported("verl.trainer.ppo.ray_trainer", _patch_trainer_module)
+    when_imported("verl.trainer.ppo.v1.trainer_base", _patch_trainer_module)
+
+
+_VALIDATION = "process_validation_metrics"
+
+
+def _patch_metric_utils(module: Any) -> None:
+    wrap(module, _VALIDATION, _with_unbiased_validation_metrics)
+    wrap(module, "compute_data_metrics", _log_k_in_data_metrics)
+
+
+def _patch_trainer_module(module: Any) -> None:
+    """Track the trainer's step; a trainer module that bound a metric function before the plugin
+    loaded gets the wrapped one."""
+    metric_utils = sys.modules.get("verl.trainer.ppo.metric_utils")
+    for name in (_VALIDATION, "compute_data_metrics"):
+        patched = getattr(metric_utils, name, None)
+        original = getattr(patched, "_rspo_original", None)
+        if original is not None and getattr(module, name, None) is original:
+            setattr(module, name, patched)
+    _track_global_steps(getattr(module, "RayPPOTrainer", None))
+    _track_global_steps(getattr(module, "PPOTrainer", None))
+    if hasattr(module, "PPOTrainer"):
+        wrap(module.PPOTrainer, "_compute_advantage", _log_k_in_v1_metrics)
 
 
 register()

@@ -5,6 +5,8 @@ Public API
 pass_at_k_weights, max_at_k_weights
     Per-response weights whose expectation is the gradient of Pass@k / Max@k (RSPO and the
     estimators users compare against).
+maxrl_weights
+    Weights for maximum-likelihood RL's truncated objective sum_{k<=T} (1/k) pass@k.
 pass_at_k, max_at_k
     The matching unbiased evaluation metrics, one value per group.
 token_logprobs, rspo_loss, RSPOLoss
@@ -34,7 +36,15 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         token_logprobs,
         token_logprobs_linear,
     )
-    from rspo_kernels.weights.api import ESTIMATORS, max_at_k, max_at_k_weights, pass_at_k, pass_at_k_weights
+    from rspo_kernels.weights.api import (
+        ESTIMATORS,
+        MAXRL_ESTIMATORS,
+        max_at_k,
+        max_at_k_weights,
+        maxrl_weights,
+        pass_at_k,
+        pass_at_k_weights,
+    )
 
 __version__ = "0.1.0"
 
@@ -54,6 +64,8 @@ _EXPORTS = {
     "max_at_k_weights": "rspo_kernels.weights.api",
     "pass_at_k": "rspo_kernels.weights.api",
     "pass_at_k_weights": "rspo_kernels.weights.api",
+    "MAXRL_ESTIMATORS": "rspo_kernels.weights.api",
+    "maxrl_weights": "rspo_kernels.weights.api",
 }
 
 __all__ = [
@@ -71,6 +83,7 @@ __all__ = [
     "__version__",
 ]
 __all__ += ["RSPOLinearLoss", "rspo_linear_loss", "token_logprobs_linear"]
+__all__ += ["MAXRL_ESTIMATORS", "maxrl_weights"]
 
 
 def __getattr__(name: str) -> Any:

@@ -86,14 +86,32 @@ def test_variance_exact_moments_are_unbiased_and_ordered(tmp_path):
         assert by[(p.name, 2, "plugin")]["bias"] > 1e-3  # plugin is biased
 
 
+def test_variance_maxrl_rows_exact():
+    """MaxRL rows: unbiased for grad J_T (exact, n = 4); vr_cond is unbiased only at T = n; on the
+    categorical policy the leave-one-out "rloo" beats the released "maclaurin" for T >= 2."""
+    rows = variance.run_maxrl(ns_exact=(4,), ns_mc=(), samples=0)
+    by = {(r["policy"], r["k"], r["estimator"]): r for r in rows}
+    assert {r["estimator"] for r in rows} == set(variance.MAXRL_ESTIMATORS)
+    for r in rows:
+        if r["estimator"] not in variance.MAXRL_BIASED or r["k"] == 4:
+            assert r["bias"] < 1e-12, r
+        else:
+            assert r["bias"] > 1e-3, r
+    categorical = variance.MAXRL_POLICIES[0].name
+    for t in (2, 3, 4):
+        assert by[(categorical, t, "rloo")]["trace_cov"] < by[(categorical, t, "maclaurin")]["trace_cov"]
+
+
 def test_variance_quick_writes_outputs(tmp_path, capsys):
     assert variance.main(["--quick", "--samples", "500", "--out", str(tmp_path)]) == 0
     names = {p.suffix for p in tmp_path.iterdir()}
     assert {".json", ".md"} <= names
     if _has_matplotlib():
         assert ".png" in names
+        assert len(list(tmp_path.glob("*-maxrl.png"))) == 1
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert report["headline"] and report["rows"]
+    assert report["headline"] and report["rows"] and report["maxrl_headline"]
+    assert {r["objective"] for r in report["rows"]} == {"pass@k", "max@k", "maxrl"}
     assert "tr Cov relative to RSPO" in capsys.readouterr().out
 
 

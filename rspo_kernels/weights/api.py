@@ -16,8 +16,17 @@ import rspo_kernels.weights._validation as check
 from rspo_kernels._dispatch import implementation
 from rspo_kernels.weights._layout import Groups, InvalidRewardError, Restore, to_groups
 from rspo_kernels.weights.estimators import ESTIMATORS
+from rspo_kernels.weights.maxrl import MAXRL_ESTIMATORS, grouped_maxrl_weights
 
-__all__ = ["pass_at_k_weights", "max_at_k_weights", "pass_at_k", "max_at_k", "ESTIMATORS"]
+__all__ = [
+    "pass_at_k_weights",
+    "max_at_k_weights",
+    "pass_at_k",
+    "max_at_k",
+    "maxrl_weights",
+    "ESTIMATORS",
+    "MAXRL_ESTIMATORS",
+]
 
 ArrayLike = np.ndarray | torch.Tensor
 GroupIds = np.ndarray | torch.Tensor | Sequence[Hashable]
@@ -299,3 +308,132 @@ def max_at_k(
     array([3.83333333])
     """
     return _metric("max_at_k", rewards, k, group_size, group_ids, validate)
+
+
+def maxrl_weights(
+    rewards: ArrayLike,
+    order: int | None = None,
+    *,
+    estimator: str = "rspo",
+    group_size: int | None = None,
+    group_ids: GroupIds | None = None,
+    validate: bool = True,
+) -> ArrayLike:
+    r"""Per-response weights whose expectation is the gradient of MaxRL's truncated objective ``J_T``.
+
+    Maximum-likelihood RL (Tajwar et al., arXiv 2602.02710) trains on ``log p(success)``, whose
+    Maclaurin series gives ``grad log p = sum_{k>=1} (1/k) grad pass@k``; truncated at order ``T``
+    it is ``J_T = sum_{k=1}^{T} (1/k) pass@k``.
+
+    Parameters
+    ----------
+    rewards : numpy.ndarray or torch.Tensor
+        Binary rewards (0 = wrong, 1 = correct), in any layout :func:`pass_at_k_weights` takes:
+        ``(B, n)``, or ``(N,)`` with ``group_size`` or ``group_ids`` (ragged groups allowed).
+    order : int, optional
+        The truncation order ``T``, ``1 <= T <= n`` for every group; default: each group's size
+        ``n`` (the highest order ``n`` samples can estimate without bias). ``T = 1`` is plain
+        policy gradient on ``p``.
+    estimator : {"rspo", "rloo", "maclaurin", "cross_fitted", "vr_cond"}, default "rspo"
+        ``"rspo"``: ``sum_{k=1}^{T} (1/k)`` times RSPO's Pass@k weights, in closed form; unbiased,
+        0 for wrong responses. ``"rloo"``: ``"rspo"`` with a leave-one-out baseline; unbiased.
+        ``"maclaurin"``, ``"cross_fitted"``: the authors' released estimators (n times their
+        advantages); unbiased. ``"vr_cond"``: the authors' ratio estimator, which has no order
+        (``order`` must be None or n): unbiased for ``grad J_n``, biased for ``grad log p``.
+    group_size, group_ids
+        As in :func:`pass_at_k_weights`.
+    validate : bool, default True
+        Check that rewards are finite and binary (one device-to-host sync). Unchecked rewards
+        are read as ``R != 0``.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        Weights with the shape, order and container of ``rewards``: float64 for float64 rewards,
+        float32 otherwise. Scaled so that ``E[(1/n) sum_i w_i grad log pi(y_i)] = grad J_T``.
+
+    Raises
+    ------
+    ValueError
+        ``order`` larger than a group (pass@k for k > n has no unbiased estimator from n samples),
+        ``order < 1``, graded rewards (use :func:`max_at_k_weights`), an unknown estimator,
+        ``"vr_cond"`` with an order other than n, bad layout arguments.
+    TypeError
+        As in :func:`pass_at_k_weights`; ``order`` that is not an int.
+
+    Notes
+    -----
+    A response is weighed through its reward ``R_i`` and the number ``c_i`` of correct
+    responses among the ``n - 1`` others (docs/math.md § MaxRL). With
+    :math:`d(c') = \sum_{k=1}^{T} \binom{n-1-c'}{k-1} / \binom{n-1}{k-1}
+    = \frac{n}{c'+1} \Big(1 - \binom{n-1-c'}{T} / \binom{n}{T}\Big)`:
+
+    - ``"rspo"``: :math:`w_i = d(c_i) R_i`, i.e. ``n pass@T / c`` for a correct response, with
+      ``pass@T`` the group's unbiased pass@T (``n / c`` at ``T = n``);
+    - ``"rloo"``: :math:`w_i = d(c_i) (R_i - c_i/(n-1))`;
+    - ``"maclaurin"``: 1 for a correct response, :math:`1 - d(c_i)` for a wrong one;
+    - ``"cross_fitted"``: ``"maclaurin"`` plus :math:`\sum_{k=2}^{\min(T, \lfloor n/2 \rfloor)}
+      \binom{F_i}{k} / \binom{n-1}{k}` (``F_i`` wrong among the others);
+    - ``"vr_cond"``: ``(n - c)/c`` for a correct response, -1 for a wrong one (``c`` correct in
+      the group): ``"rspo"`` at ``T = n`` minus 1.
+
+    References
+    ----------
+    F. Tajwar et al., "Maximum Likelihood Reinforcement Learning", arXiv 2602.02710, and the
+    released ``verl/trainer/ppo/maclaurin.py`` (github.com/tajwarfahim/maxrl).
+
+    Examples
+    --------
+    >>> import numpy as np, rspo_kernels as rk
+    >>> rk.maxrl_weights(np.array([[1, 0, 0, 1]]))  # T = n = 4: n / c = 2 for correct responses
+    array([[2., 0., 0., 2.]], dtype=float32)
+    >>> rk.maxrl_weights(np.array([[1, 0, 0, 1]]), 2)  # 1 + (1/2) * 2 * C(2,1)/C(3,1) = 5/3
+    array([[1.6666666, 0.       , 0.       , 1.6666666]], dtype=float32)
+    """
+    if not isinstance(estimator, str) or estimator not in MAXRL_ESTIMATORS:
+        kind = ValueError if isinstance(estimator, str) else TypeError
+        hint = " (Pass@k / Max@k estimators live in pass_at_k_weights)" if estimator in ESTIMATORS else ""
+        raise kind(
+            f"unknown MaxRL estimator {estimator!r}{hint}; choose one of {', '.join(map(repr, MAXRL_ESTIMATORS))}"
+        )
+    if order is not None:
+        if isinstance(order, bool) or not isinstance(order, (int, np.integer)):
+            raise TypeError(f"order must be an int or None, got {type(order).__name__} ({order!r})")
+        if order < 1:
+            raise ValueError(f"order must be >= 1, got order={order}; it is the truncation order T of MaxRL's series")
+        order = int(order)
+    groups, restore, _ = _prepare(rewards, 1, group_size, group_ids, "pass@k", "rspo")
+    _check_order(groups, restore, order, estimator)
+    if groups.values.numel() == 0:
+        return restore.per_sample(groups.values.clone())
+    if validate:
+        try:
+            check.check_values(groups, restore, "pass@k")
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc} [maxrl_weights trains log p(success) and needs binary rewards; for graded rewards "
+                "use max_at_k_weights (Max@k)]"
+            ) from None
+    return restore.per_sample(grouped_maxrl_weights(groups, order, estimator))
+
+
+def _check_order(groups: Groups, restore: Restore, order: int | None, estimator: str) -> None:
+    """``order <= n`` for every group; ``"vr_cond"`` only at ``order = n`` (host-side sizes, no sync)."""
+    sizes = groups.sizes
+    if order is None or sizes.size == 0:
+        return
+    hits = np.flatnonzero(sizes < order)
+    if hits.size:
+        g = int(hits[0])
+        raise ValueError(
+            f"{restore.describe_group(g)} has {sizes[g]} samples but order={order}; MaxRL's J_T sums pass@k for "
+            f"k <= T, and pass@k for k > n has no unbiased estimator from n samples: lower order (at most n) or "
+            "sample more responses"
+        )
+    hits = np.flatnonzero(sizes != order) if estimator == "vr_cond" else hits
+    if hits.size:
+        g = int(hits[0])
+        raise ValueError(
+            f"the 'vr_cond' estimator has no truncation order (it estimates J_n, n the group size), but order={order} "
+            f"and {restore.describe_group(g)} has {sizes[g]} samples: pass order=None"
+        )
