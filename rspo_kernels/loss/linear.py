@@ -69,7 +69,7 @@ def _check_head_module(hidden: torch.Tensor, module: nn.Module, bias: Any) -> in
             f"bias= must not be given with an lm_head module ({type(module).__name__}): the bias is the "
             "module's own (module.bias; None for nn.Linear(..., bias=False))"
         )
-    names = sorted(n for n, _ in module.named_parameters())
+    names = [n for n, _ in module.named_parameters()]
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not set(names) <= {"weight", "bias"}:
         raise TypeError(
@@ -99,7 +99,8 @@ def _module_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
         if isinstance(x, torch.Tensor) and is_zero3_param(x) and x.numel() == 0:
             raise RuntimeError(
                 f"lm_head.{name} is an empty ZeRO-3 placeholder inside its module's forward: DeepSpeed did not "
-                "gather it; the module must belong to the model given to deepspeed.initialize"
+                "gather it. Compute the loss inside the engine's forward, forward_redirect(engine, fn, ...), with "
+                "lm_head a module of the model given to deepspeed.initialize (docs/distributed.md)"
             )
     assert isinstance(weight, torch.Tensor)
     return weight, bias
