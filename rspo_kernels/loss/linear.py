@@ -77,7 +77,7 @@ def _check_head_module(hidden: torch.Tensor, module: nn.Module, bias: Any) -> in
             f"like nn.Linear; {type(module).__name__} has parameters {names}. Pass its weight tensor and "
             "apply the rest yourself"
         )
-    shape = tuple(weight.ds_shape) if is_zero3_param(weight) else tuple(weight.shape)
+    shape = tuple(getattr(weight, "ds_shape", weight.shape))
     H = hidden.shape[-1]
     if len(shape) != 2 or shape[1] != H or shape[0] == 0:
         raise ValueError(
@@ -89,6 +89,7 @@ def _check_head_module(hidden: torch.Tensor, module: nn.Module, bias: Any) -> in
 def _module_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``module``'s weight and bias inside its forward, where its sharding hooks have gathered them."""
     weight, bias = module.weight, getattr(module, "bias", None)
+    x: Any
     for name, x in (("weight", weight), ("bias", bias)):
         if is_dtensor(x):
             raise ValueError(
