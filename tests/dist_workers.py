@@ -257,6 +257,18 @@ def fsdp2_worker(rank: int, world: int) -> None:
         for n, p in model.named_parameters():
             assert_close(f"{where} grad {n}", p.grad.full_tensor(), want[n])
 
+    # A head that is still a DTensor inside its own forward is tensor parallel, not FSDP2: say where to go.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    tp_head = parallelize_module(nn.Linear(H, V).double(), init_device_mesh("cpu", (world,)), ColwiseParallel())
+    s = global_batch(world, 0, make_model(False))[rank]
+    try:
+        rk.token_logprobs_linear(torch.zeros(B, T, H, dtype=torch.float64), tp_head, s["tgt"])
+        raise AssertionError("a tensor-parallel DTensor head was accepted")
+    except ValueError as e:
+        assert "still a DTensor" in str(e) and "tp_group=" in str(e), str(e)
+
 
 # ---- DeepSpeed ZeRO-3 -------------------------------------------------------------------------
 
