@@ -57,11 +57,11 @@ def _entry(rank: int, world: int, port: int, worker: Callable[..., None], init: 
         dist.init_process_group(
             "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         )
-    try:
-        worker(rank, world, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    worker(rank, world, *args)
+    # Only once every rank is done: a rank that tears down its gloo pairs while another still
+    # finishes its last collective aborts that one ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def spawn(worker: Callable[..., None], world: int, *args: Any, timeout: float = 180.0, init: bool = True) -> None:
