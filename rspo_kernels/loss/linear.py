@@ -36,8 +36,8 @@ __all__ = ["RSPOLinearLoss", "rspo_linear_loss", "rspo_linear_loss_with_options"
 
 Head: TypeAlias = "torch.Tensor | nn.Module"
 _PASS_MODULE = (
-    "pass the module that owns it instead (lm_head=model.lm_head, or the embedding module for a tied head), "
-    "so the fused op runs as that module's forward and its sharding hooks gather and reduce the weight"
+    "pass the module that owns it instead (model.lm_head, tied or not), so the fused op runs as that "
+    "module's forward and its sharding hooks gather the weight and reduce its gradient"
 )
 
 
