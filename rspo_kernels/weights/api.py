@@ -404,8 +404,9 @@ def maxrl_weights(
         order = int(order)
     groups, restore, _ = _prepare(rewards, 1, group_size, group_ids, "pass@k", "rspo")
     _check_order(groups, restore, order, estimator)
+    out = check.output_dtype(rewards)
     if groups.values.numel() == 0:
-        return restore.per_sample(groups.values.clone())
+        return restore.per_sample(groups.values.to(out, copy=True))
     if validate:
         try:
             check.check_values(groups, restore, "pass@k")
@@ -414,7 +415,7 @@ def maxrl_weights(
                 f"{exc} [maxrl_weights trains log p(success) and needs binary rewards; for graded rewards "
                 "use max_at_k_weights (Max@k)]"
             ) from None
-    return restore.per_sample(grouped_maxrl_weights(groups, order, estimator))
+    return restore.per_sample(grouped_maxrl_weights(groups, order, estimator).to(out))
 
 
 def _check_order(groups: Groups, restore: Restore, order: int | None, estimator: str) -> None:
