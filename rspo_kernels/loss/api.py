@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 import rspo_kernels.loss._checks as _checks
-from rspo_kernels._dispatch import implementation
 from rspo_kernels.loss.layout import token_batch
 from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
 from rspo_kernels.loss.policy import policy_loss
+from rspo_kernels.loss.vocab_parallel import id_bound, logprob_op, vocab_shard
 
 __all__ = ["LOSS_AGG_MODES", "LossOptions", "token_logprobs", "rspo_loss", "RSPOLoss"]
 
@@ -33,6 +33,9 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of ``target_ids`` under ``softmax(logits / temperature)`` (and the entropies).
 
@@ -57,6 +60,16 @@ def token_logprobs(
     cu_seqlens : torch.Tensor, optional
         ``(S + 1,)`` offsets of packed sequences. Accepted (and validated) so the packed call
         mirrors :func:`rspo_loss`; log-probs do not depend on it.
+    tp_group : torch.distributed.ProcessGroup, optional
+        Vocabulary parallelism (Megatron's ``gather_output=False`` head): ``logits`` is this rank's
+        slice ``(..., V_local)`` of the vocabulary and ``target_ids`` are global ids. Every rank of
+        the group calls with the same ids; the results are the full-vocabulary ones on every rank
+        (two all-reduces per call; see docs/tensor-parallel.md).
+    vocab_start : int, default 0
+        Global index of this rank's first vocabulary entry (``rank * V_local`` for even slices).
+    vocab_size : int, optional
+        The real vocabulary size when the vocabulary is padded (e.g. to a multiple of the TP size):
+        entries at global index ``>= vocab_size`` get probability 0 and gradient 0.
 
     Returns
     -------
@@ -86,11 +99,12 @@ def token_logprobs(
         if logits.dim() != 2:
             raise ValueError("cu_seqlens describes packed (N, V) logits; padded (B, T, V) logits need none")
         _checks.check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device)
-    _checks.check_ids_in_range(target_ids, logits.shape[-1], None)
+    shard = vocab_shard(tp_group, vocab_start, vocab_size, False, logits.shape[-1])
+    _checks.check_ids_in_range(target_ids, id_bound(vocab_size, tp_group, logits.shape[-1]), None)
     logits3 = logits.unsqueeze(0) if logits.dim() == 2 else logits
     ids = target_ids.reshape(-1).long()
     live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    _, fn = implementation("token_logprobs", logits.device.type, logits.dtype)
+    fn = logprob_op(logits.device.type, logits.dtype, shard)
     logp, entropy = fn(logits3, ids, live, temperature=temperature, with_entropy=return_entropy)
     shape = tuple(target_ids.shape)
     if return_entropy:
@@ -162,6 +176,9 @@ def rspo_loss(
     inplace_backward: bool = False,
     return_stats: bool = False,
     entropy_coeff: float = 0.0,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Fused clipped policy-gradient loss driven by RSPO weights.
 
@@ -213,6 +230,10 @@ def rspo_loss(
     entropy_coeff : float, default 0.0
         Entropy bonus: the loss becomes ``pg_loss - entropy_coeff * agg(entropy)``, aggregated
         with ``loss_agg_mode`` (verl's ``actor.entropy_coeff``); see :class:`LossOptions`.
+    tp_group, vocab_start, vocab_size
+        Vocabulary-parallel logits (this rank's ``(..., V_local)`` slice) and padded vocabularies,
+        as in :func:`token_logprobs`. The loss, the statistics and the gradient of the local slice
+        equal the single-process ones; the backward needs no communication.
 
     Returns
     -------
@@ -276,6 +297,9 @@ def rspo_loss(
         cu_seqlens=cu_seqlens,
         inplace_backward=inplace_backward,
         return_stats=return_stats,
+        tp_group=tp_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
     )
 
 
@@ -292,6 +316,9 @@ def rspo_loss_with_options(
     inplace_backward: bool = False,
     return_stats: bool = False,
     chunk_rows: int | None = None,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_loss` with its hyper-parameters in one :class:`LossOptions` (what ``RSPOLoss`` calls).
 
@@ -299,12 +326,21 @@ def rspo_loss_with_options(
     """
     if not isinstance(options, LossOptions):
         raise TypeError(f"options must be a rspo_kernels.loss.LossOptions, got {type(options).__name__}")
+    shard = vocab_shard(tp_group, vocab_start, vocab_size, False, logits.shape[-1])
     _validate_loss_inputs(
-        logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, logits.shape[-1]
+        logits,
+        target_ids,
+        weights,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        cu_seqlens,
+        options,
+        id_bound(vocab_size, tp_group, logits.shape[-1]),
     )
     _checks.check_inplace("logits", logits, inplace_backward)
     batch = token_batch(logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options)
-    _, fn = implementation("token_logprobs", logits.device.type, logits.dtype)
+    fn = logprob_op(logits.device.type, logits.dtype, shard)
     kw = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
     logp, entropy = fn(
         batch.rows,

@@ -176,6 +176,7 @@ def logits_grad(
     *,
     g_entropy: torch.Tensor | None = None,
     mean_x: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(g * onehot(ids) - p * (g + g_H * (x - E_p[x]))) / T`` chunk by chunk, in the logits' dtype.
 
@@ -187,19 +188,24 @@ def logits_grad(
     ``g = g_H = 0`` (padding, clipped tokens) are written as zeros without reading their logits, so
     NaN or inf there never leaks. With ``inplace`` the result overwrites ``logits`` (whose version
     counter is bumped, so any other autograd node that saved them raises instead of reading the
-    gradient).
+    gradient); else it goes to ``out`` when given (a view into a larger gradient), or a new tensor.
+    An id outside ``[0, V)`` adds no one-hot term (a vocabulary slice that does not hold it).
     """
     V = logits.shape[-1]
     cdt = compute_dtype(logits.dtype)
-    grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if inplace:
+        grad = logits
+    else:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if out is None else out
     zero = torch.zeros((), dtype=cdt, device=live.device)
     # Dead tokens take no gradient, whatever reaches their (constant 0) log-prob.
     g = torch.where(live, g_logp.to(cdt) / temperature, zero)
     gh = None if g_entropy is None else torch.where(live, g_entropy.to(cdt) / temperature, zero)
-    safe, _ = _safe_ids(ids, live, V)
+    safe, valid = _safe_ids(ids, live, V)
+    hit = torch.where(valid, g, zero)  # the one-hot term's weight: 0 where this slice lacks the id
     sparse_ok = logits.device.type == "cpu" and not torch.compiler.is_compiling()
     for (rows, grad_rows), r0, r1 in row_chunks((logits, grad), chunk_rows):
-        c_g, c_ids = g[r0:r1], safe[r0:r1]
+        c_g, c_ids, c_hit = g[r0:r1], safe[r0:r1], hit[r0:r1]
         c_gh = None if gh is None else gh[r0:r1]
         c_lse = None if lse is None else lse[r0:r1]
         c_mu = None if mean_x is None else mean_x[r0:r1]
@@ -209,15 +215,15 @@ def logits_grad(
             idx = torch.nonzero(nonzero).squeeze(-1)
             c_lse, c_gh, c_mu = (None if v is None else v[idx] for v in (c_lse, c_gh, c_mu))
             sub = _softmax_grad_rows(
-                rows.index_select(0, idx), c_g[idx], c_ids[idx], c_lse, temperature, cdt, c_gh, c_mu
+                rows.index_select(0, idx), c_g[idx], c_ids[idx], c_lse, temperature, cdt, c_gh, c_mu, c_hit[idx]
             )
             # After reading: with inplace, grad_rows are the logits.
             grad_rows.index_fill_(0, torch.nonzero(~nonzero).squeeze(-1), 0.0)
             grad_rows.index_copy_(0, idx, sub.to(grad_rows.dtype))
             continue
-        out = _softmax_grad_rows(rows, c_g, c_ids, c_lse, temperature, cdt, c_gh, c_mu)
-        out.masked_fill_(~nonzero.unsqueeze(-1), 0.0)  # 0 * NaN of a dead row must not leak
-        grad_rows.copy_(out)
+        blk = _softmax_grad_rows(rows, c_g, c_ids, c_lse, temperature, cdt, c_gh, c_mu, c_hit)
+        blk.masked_fill_(~nonzero.unsqueeze(-1), 0.0)  # 0 * NaN of a dead row must not leak
+        grad_rows.copy_(blk)
     if inplace:
         torch.autograd.graph.increment_version(logits)
     return grad
@@ -232,8 +238,12 @@ def _softmax_grad_rows(
     cdt: torch.dtype,
     gh: torch.Tensor | None = None,
     mean_x: torch.Tensor | None = None,
+    hit: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``g * onehot(ids) - p * (g + gh * (x - E_p[x]))`` for a block of rows, in a fresh ``cdt`` buffer."""
+    """``hit * onehot(ids) - p * (g + gh * (x - E_p[x]))`` for a block of rows, in a fresh ``cdt`` buffer.
+
+    ``hit`` is ``g`` where the row holds its id (the default), else 0.
+    """
     x = rows.to(cdt) / temperature if temperature != 1.0 else rows
     if lse is None:
         out = torch.softmax(x, dim=-1, dtype=cdt)
@@ -247,7 +257,7 @@ def _softmax_grad_rows(
         mu = torch.linalg.vecdot(out, dev) if mean_x is None else mean_x
         dev.sub_(mu.unsqueeze(-1)).mul_(gh.unsqueeze(-1)).add_(g.unsqueeze(-1))
         out.mul_(dev).neg_()
-    return out.scatter_add_(1, ids.unsqueeze(-1), g.unsqueeze(-1))
+    return out.scatter_add_(1, ids.unsqueeze(-1), (g if hit is None else hit).unsqueeze(-1))
 
 
 def check_inplace_backward_once(ctx: Any) -> None:

@@ -24,6 +24,7 @@ from rspo_kernels.loss.layout import compute_dtype, token_batch
 from rspo_kernels.loss.linear_chunked import linear_token_logprobs
 from rspo_kernels.loss.options import LossOptions
 from rspo_kernels.loss.policy import policy_loss
+from rspo_kernels.loss.vocab_parallel import VocabShard, id_bound, vocab_shard
 
 __all__ = ["RSPOLinearLoss", "rspo_linear_loss", "rspo_linear_loss_with_options", "token_logprobs_linear"]
 
@@ -79,9 +80,15 @@ def _logprobs(
     with_entropy: bool,
     chunk_rows: int | None,
     vocab_block: int | None,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat ``(N,)`` log-probs (and entropies) of ``(B, T, H)`` hidden states, blocked or, when forced, unfused."""
     backend, reference = implementation("token_logprobs", hidden3.device.type, hidden3.dtype)
+    if backend == "reference" and shard is not None:
+        raise NotImplementedError(
+            "RSPO_KERNELS_BACKEND=reference computes one process's unfused logits: it does not support tp_group, "
+            "vocab_start or vocab_size. Unset it to use the fused-linear path."
+        )
     if backend == "reference":
         cdt = compute_dtype(hidden3.dtype)
         # Dead rows may hold NaN: 0 * NaN in dW = G^T hidden would leak it, so they become zeros.
@@ -98,6 +105,7 @@ def _logprobs(
         with_entropy=with_entropy,
         chunk_rows=chunk_rows,
         vocab_block=vocab_block,
+        shard=shard,
     )
 
 
@@ -112,6 +120,10 @@ def token_logprobs_linear(
     mask: torch.Tensor | None = None,
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of ``target_ids`` under ``softmax((hidden @ W.T + bias) / temperature)``.
 
@@ -144,6 +156,20 @@ def token_logprobs_linear(
     chunk_rows, vocab_block : int, optional
         Block shape (tokens x vocabulary entries) of the logits; by default about 8 MiB of
         float32 on a CPU (512 x 4096) and 256 MiB on a GPU.
+    tp_group : torch.distributed.ProcessGroup, optional
+        Vocabulary-parallel head (Megatron's ``ColumnParallelLinear``): ``lm_head_weight`` (and
+        ``bias``) hold this rank's rows ``[vocab_start, vocab_start + V_local)``; ``hidden`` and the
+        global ``target_ids`` are the same on every rank of the group. The outputs are the
+        full-vocabulary ones on every rank; the weight's gradient is this slice's, and ``hidden``'s
+        gradient is all-reduced over the group (docs/tensor-parallel.md).
+    vocab_start : int, default 0
+        Global index of the first local row.
+    vocab_size : int, optional
+        Real vocabulary size of a padded vocabulary: rows at global index ``>= vocab_size`` are
+        masked (probability 0, gradient 0).
+    sequence_parallel : bool, default False
+        Megatron's sequence parallelism: ``hidden`` is the all-gathered sequence, whose backward
+        reduce-scatters; ``hidden``'s gradient is then returned unreduced (this slice's share).
 
     Returns
     -------
@@ -181,12 +207,14 @@ def token_logprobs_linear(
     temperature = LossOptions(temperature=temperature).temperature
     if mask is not None:
         _checks.check_token_tensor("mask", mask, tuple(hidden.shape[:-1]), hidden.device, floating=False)
-    _checks.check_ids_in_range(target_ids, lm_head_weight.shape[0], mask)
+    V_local = lm_head_weight.shape[0]
+    shard = vocab_shard(tp_group, vocab_start, vocab_size, sequence_parallel, V_local)
+    _checks.check_ids_in_range(target_ids, id_bound(vocab_size, tp_group, V_local), mask)
     hidden3 = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
     ids = target_ids.reshape(-1).long()
     live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else (mask != 0).reshape(-1)
     logp, entropy = _logprobs(
-        hidden3, lm_head_weight, bias, ids, live, temperature, return_entropy, chunk_rows, vocab_block
+        hidden3, lm_head_weight, bias, ids, live, temperature, return_entropy, chunk_rows, vocab_block, shard
     )
     shape = tuple(target_ids.shape)
     if return_entropy:
@@ -217,6 +245,10 @@ def rspo_linear_loss(
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
     entropy_coeff: float = 0.0,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped RSPO policy loss from the last hidden states and the ``lm_head``, never building the logits.
 
@@ -247,6 +279,10 @@ def rspo_linear_loss(
     entropy_coeff : float, default 0.0
         Entropy bonus: ``loss = pg_loss - entropy_coeff * agg(entropy)`` with ``loss_agg_mode``
         (verl's ``actor.entropy_coeff``); its gradient reaches ``hidden``, the weight and the bias.
+    tp_group, vocab_start, vocab_size, sequence_parallel
+        Vocabulary-parallel head and padded vocabularies, as in :func:`token_logprobs_linear`:
+        the loss and every gradient equal the single-process ones (the weight's and bias's for this
+        rank's rows).
 
     Returns
     -------
@@ -309,6 +345,10 @@ def rspo_linear_loss(
         return_stats=return_stats,
         chunk_rows=chunk_rows,
         vocab_block=vocab_block,
+        tp_group=tp_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -327,6 +367,10 @@ def rspo_linear_loss_with_options(
     return_stats: bool = False,
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_linear_loss` with its hyper-parameters in one :class:`LossOptions`.
 
@@ -337,6 +381,8 @@ def rspo_linear_loss_with_options(
     _checks.check_logits("hidden", hidden)
     _check_head(hidden, lm_head_weight, bias)
     _check_blocks(chunk_rows, vocab_block)
+    V_local = lm_head_weight.shape[0]
+    shard = vocab_shard(tp_group, vocab_start, vocab_size, sequence_parallel, V_local)
     _validate_loss_inputs(
         hidden,
         target_ids,
@@ -346,7 +392,7 @@ def rspo_linear_loss_with_options(
         ref_logprobs,
         cu_seqlens,
         options,
-        lm_head_weight.shape[0],
+        id_bound(vocab_size, tp_group, V_local),
         name="hidden",
     )
     batch = token_batch(hidden, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options)
@@ -360,6 +406,7 @@ def rspo_linear_loss_with_options(
         return_stats or options.entropy_coeff != 0.0,
         chunk_rows,
         vocab_block,
+        shard,
     )
     return policy_loss(batch, logp, entropy, options, return_stats)
 

@@ -33,6 +33,7 @@ import torch
 
 from rspo_kernels.loss.chunked import check_backward_mode
 from rspo_kernels.loss.layout import compute_dtype
+from rspo_kernels.loss.vocab_parallel import VocabShard, all_reduce_sum, combine_shards
 
 __all__ = ["DEFAULT_VOCAB_BLOCK", "LinearTokenLogprobs", "default_blocks", "linear_token_logprobs"]
 
@@ -134,14 +135,18 @@ class LinearTokenLogprobs(torch.autograd.Function):
         with_entropy: bool,
         chunk_rows: int,
         vocab_block: int,
+        shard: VocabShard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = hidden.shape
-        N, V = B * T, weight.shape[0]
+        # A vocabulary shard: only its real rows enter the softmax, ids are global.
+        N, V = B * T, (weight.shape[0] if shard is None else shard.n_real)
         cdt = compute_dtype(hidden.dtype)
         dev = hidden.device
         index = _active(live)
         n = N if index is None else index.numel()
         act_ids = ids if index is None else ids[index]
+        if shard is not None:
+            act_ids = act_ids - shard.start
         valid = (act_ids >= 0) & (act_ids < V)
         lse = torch.full((n,), float("-inf"), dtype=cdt, device=dev)
         target = torch.zeros(n, dtype=cdt, device=dev)
@@ -173,6 +178,12 @@ class LinearTokenLogprobs(torch.autograd.Function):
                         mean_x[r0:r1] = w_old * mean_x[r0:r1] + w_blk * blk_mean
                     lse[r0:r1] = new_lse
                     del x
+        if shard is not None:
+            zero = torch.zeros((), dtype=cdt, device=dev)
+            lse, mean_x, target, found = combine_shards(
+                lse, mean_x, torch.where(valid, target, zero), valid.to(cdt), shard
+            )
+            valid = found > 0
         logp_act = torch.where(valid, target - lse, torch.full((), float("nan"), dtype=cdt, device=dev))
 
         def scatter(v: torch.Tensor) -> torch.Tensor:
@@ -185,7 +196,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        hidden, weight, bias, ids, live, temperature, with_entropy, chunk_rows, vocab_block = inputs
+        hidden, weight, bias, ids, live, temperature, with_entropy, chunk_rows, vocab_block, shard = inputs
+        ctx.shard = shard
         _, lse, entropy = output
         ctx.mark_non_differentiable(*((lse,) if with_entropy else (lse, entropy)))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
@@ -201,8 +213,9 @@ class LinearTokenLogprobs(torch.autograd.Function):
         if g_entropy is not None and g_entropy.numel() == 0:
             g_entropy = None  # the empty placeholder output (torch.compile materialises its gradient)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        shard: VocabShard | None = ctx.shard
         B, T, H = hidden.shape
-        N, V = B * T, weight.shape[0]
+        N, V = B * T, (weight.shape[0] if shard is None else shard.n_real)
         cdt = lse.dtype
         dev = hidden.device
         temperature = ctx.temperature
@@ -223,11 +236,11 @@ class LinearTokenLogprobs(torch.autograd.Function):
         if need_w:
             grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=dev)
         if need_b:
-            grad_b = torch.zeros(V, dtype=cdt, device=dev)
+            grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=dev)
         if n == 0:
-            return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 6)
+            return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 7)
         act = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
-        a_ids, a_lse, a_g = act(ids), act(lse), act(g)
+        a_ids, a_lse, a_g = act(ids if shard is None else ids - shard.start), act(lse), act(g)
         a_gh = None if gh is None else act(gh)
         a_mu: Any = None if gh is None else act(lse - entropy)
         # Accumulate dh in the compute dtype: directly into the result when it already is one.
@@ -272,13 +285,16 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     del x
                 if need_w and acc_w.data_ptr() != grad_w[v0:v1].data_ptr():
                     grad_w[v0:v1] = acc_w  # one rounding to the weight's dtype per entry
+        if need_h and shard is not None and not shard.sequence_parallel:
+            # Each rank holds dh's share of its vocabulary slice: sum them (in the compute dtype).
+            all_reduce_sum(acc_h, shard)
         if need_h and not direct_h:
             flat = grad_h.view(N, H)
             if index is None:
                 flat.copy_(acc_h)
             else:
                 flat.index_copy_(0, index, acc_h.to(hidden.dtype))
-        return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None
+        return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 7)
 
 
 def linear_token_logprobs(
@@ -292,6 +308,7 @@ def linear_token_logprobs(
     with_entropy: bool,
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Blocked log-probs of ``ids`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
@@ -311,6 +328,10 @@ def linear_token_logprobs(
         Also compute the entropies (differentiable too).
     chunk_rows, vocab_block : int, optional
         Block shape; :func:`default_blocks` when absent.
+    shard : VocabShard, optional
+        ``weight`` holds a slice of a (possibly padded) vocabulary; ``ids`` are global
+        (:mod:`rspo_kernels.loss.vocab_parallel`). Every rank of ``shard.group`` must call with the
+        same ``hidden``, ``ids`` and ``live``.
 
     Returns
     -------
@@ -332,5 +353,6 @@ def linear_token_logprobs(
         bool(with_entropy),
         int(chunk_rows or d_rows),
         int(vocab_block or d_vb),
+        shard,
     )
     return logp, (entropy if with_entropy else None)
