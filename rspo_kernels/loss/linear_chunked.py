@@ -8,10 +8,14 @@ half types up-cast, once per pass):
 
 - forward: each block of logits, accumulated in float32 (float64 for float64 inputs), updates a
   running per-token log-sum-exp (and entropy) and yields the target logits that fall inside it;
-  then it is freed. Only the ``(N,)`` log-sum-exp is saved.
+  then it is freed. Only the ``(N,)`` log-sum-exp (and entropy) is saved.
 - backward: each block is recomputed, turned into ``G = g (onehot - softmax) / T`` in place
-  (``g = dL/dlogp``, grad_output included), and contributes ``G W_blk`` to ``dh``, ``G^T h`` to
-  ``dW[blk]`` and ``G.sum(0)`` to ``db[blk]`` (docs/math.md, "The loss").
+  (``g = dL/dlogp``, grad_output included; with an entropy gradient ``g_H``, minus
+  ``g_H p (x - E_p[x]) / T``, ``E_p[x] = lse - H``), and contributes ``G W_blk`` to ``dh``,
+  ``G^T h`` to ``dW[blk]`` and ``G.sum(0)`` to ``db[blk]`` (docs/math.md, "The loss").
+- with a :class:`~rspo_kernels.loss.vocab_parallel.VocabShard` the weight holds a slice of the
+  vocabulary: the per-rank statistics are merged by two all-reduces after the forward loop, the
+  backward runs on the global statistics and all-reduces ``dh`` (docs/tensor-parallel.md).
 
 Only tokens that matter are touched: the forward reads the rows of live tokens, the backward those
 with ``g != 0``, gathered once into a compact ``(n, H)`` matrix, so masked rows (padding, NaN
