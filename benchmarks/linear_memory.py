@@ -1,12 +1,14 @@
 """Peak extra CPU memory and time of the fused-linear RSPO loss, forward + backward, side by side.
 
 Variants, on the same inputs (hidden states ``(B, T, H)``, ``lm_head`` weight ``(V, H)`` and bias,
-float32 by default; the token-mean clipped loss with old log-probs):
+float32 by default; the token-mean clipped loss with old log-probs and, with ``--beta`` (default
+0.04, the issue's setting), the k3 KL penalty to given reference log-probs):
 
 - ``rspo_linear``: :func:`rspo_kernels.rspo_linear_loss` (blocks of logits, recomputed in backward);
 - ``unfused``: eager torch: ``F.linear``, ``log_softmax``, ``gather``, the clipped loss, backward;
 - ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (``loss_type="bnpo"``, which is our
-  ``token-mean``) with its defaults (``chunk_size=1``, ``compiled=True``), when installed.
+  ``token-mean``; ``beta`` with ``ref_per_token_logps``) with its defaults (``chunk_size=1``,
+  ``compiled=True``), when installed.
 
 Method
 ------
@@ -45,10 +47,10 @@ import tempfile
 import time
 
 VARIANTS = ("rspo_linear", "unfused", "liger")
-# The issue's targets, each a ratio of rspo_linear to another variant.
+# The targets (issue 19, item 5), each a ratio of rspo_linear to another variant.
 TARGETS = {
-    "memory_vs_unfused": 1 / 8,
-    "memory_vs_liger": 0.6,
+    "memory_vs_unfused": 0.1,
+    "memory_vs_liger": 0.5,
     "time_vs_liger": 1.0,
     "time_vs_unfused": 2.0,
 }
@@ -72,16 +74,25 @@ def _reset_peak() -> bool:
         return False
 
 
-def _make_step(variant: str, smoke: bool):
+def _make_step(variant: str, smoke: bool, beta: float):
     """``step(inputs)``: one forward + backward of ``variant``; returns the loss value."""
     import torch
 
     if variant == "rspo_linear":
         import rspo_kernels as rk
 
-        def step(h, w, b, ids, adv, old):
+        def step(h, w, b, ids, adv, old, ref):
             loss = rk.rspo_linear_loss(
-                h, w, ids, adv, bias=b, old_logprobs=old, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH
+                h,
+                w,
+                ids,
+                adv,
+                bias=b,
+                old_logprobs=old,
+                ref_logprobs=ref if beta else None,
+                beta=beta,
+                epsilon_low=EPS_LOW,
+                epsilon_high=EPS_HIGH,
             )
             loss.backward()
             return float(loss.detach())
@@ -89,12 +100,16 @@ def _make_step(variant: str, smoke: bool):
         return step
     if variant == "unfused":
 
-        def step(h, w, b, ids, adv, old):
+        def step(h, w, b, ids, adv, old, ref):
             logits = torch.nn.functional.linear(h, w, b).float()
             logp = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
             ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
             a = adv.unsqueeze(-1)
-            loss = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH)).mean()
+            per_token = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH))
+            if beta:
+                d = torch.clamp(ref - logp, -20.0, 20.0)
+                per_token = per_token + beta * (torch.exp(d) - d - 1.0)
+            loss = per_token.mean()
             loss.backward()
             return float(loss.detach())
 
@@ -104,16 +119,25 @@ def _make_step(variant: str, smoke: bool):
 
         # compiled=True is Liger's default; compiling takes longer than a smoke run may.
         crit = LigerFusedLinearGRPOLoss(
-            beta=0.0,
-            use_ref_model=False,
+            beta=beta,
+            use_ref_model=bool(beta),
             loss_type="bnpo",
             epsilon_low=EPS_LOW,
             epsilon_high=EPS_HIGH,
             compiled=not smoke,
         )
 
-        def step(h, w, b, ids, adv, old):
-            loss, _ = crit(h, w, ids, torch.ones_like(ids), adv, bias=b, old_per_token_logps=old)
+        def step(h, w, b, ids, adv, old, ref):
+            loss, _ = crit(
+                h,
+                w,
+                ids,
+                torch.ones_like(ids),
+                adv,
+                bias=b,
+                old_per_token_logps=old,
+                ref_per_token_logps=ref if beta else None,
+            )
             loss.backward()
             return float(loss.detach())
 
@@ -122,7 +146,7 @@ def _make_step(variant: str, smoke: bool):
 
 
 def _make_inputs(args: argparse.Namespace, tiny: bool = False) -> tuple:
-    """``(hidden, weight, bias, ids, advantages, old_logprobs)``, built in place (no temporaries)."""
+    """``(hidden, weight, bias, ids, advantages, old_logprobs, ref_logprobs)``, built in place (no temporaries)."""
     import torch
 
     dtype = getattr(torch, args.dtype)
@@ -134,12 +158,13 @@ def _make_inputs(args: argparse.Namespace, tiny: bool = False) -> tuple:
     ids = torch.randint(0, V, (B, T), generator=g)
     adv = torch.empty(B).normal_(generator=g)
     old = torch.empty(B, T).normal_(generator=g).mul_(0.3).sub_(torch.log(torch.tensor(float(V))))
-    return h, w, b, ids, adv, old
+    ref = torch.empty(B, T).normal_(generator=g).mul_(0.3).sub_(torch.log(torch.tensor(float(V))))
+    return h, w, b, ids, adv, old, ref
 
 
 def _child(variant: str, args: argparse.Namespace) -> dict:
 
-    step = _make_step(variant, args.smoke)
+    step = _make_step(variant, args.smoke, args.beta)
 
     def clear(inputs) -> None:
         for t in inputs[:3]:
@@ -178,7 +203,7 @@ def _timing_child(variants: list[str], args: argparse.Namespace) -> dict:
     steps = {}
     for v in variants:
         try:
-            steps[v] = _make_step(v, args.smoke)
+            steps[v] = _make_step(v, args.smoke, args.beta)
             steps[v](*inputs)  # warm-up (Liger compiles here)
         except Exception as exc:  # an optional peer may be missing or fail; record why
             steps.pop(v, None)
@@ -214,6 +239,8 @@ def _run_child(variant: str, args: argparse.Namespace) -> dict:
         args.dtype,
         "--repeats",
         str(args.repeats),
+        "--beta",
+        str(args.beta),
     ] + (["--smoke"] if args.smoke else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", RSPO_KERNELS_BACKEND="")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,7 +275,8 @@ def markdown(report: dict) -> str:
     s = report["shape"]
     lines = [
         f"Fused-linear RSPO loss, forward + backward, CPU {s['dtype']}, {s['tokens']} tokens, H={s['hidden']}, "
-        f"V={s['vocab']} ({report['date_utc'][:10]}, {report['machine']['cpus']} CPUs; median of "
+        f"V={s['vocab']}, token-mean, bias, beta={report['loss']['beta']} with reference log-probs "
+        f"({report['date_utc'][:10]}, {report['machine']['cpus']} CPUs; median of "
         f"{report['repeats']} runs). Extra memory: peak RSS above the inputs, gradients included.",
         "",
         "| variant | extra MiB | of which gradients | time (s) |",
@@ -275,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="B, T = n / B (default 8; smoke 2)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 5; smoke 1)")
+    p.add_argument("--beta", type=float, default=0.04, help="k3 KL weight, with reference log-probs (0: no KL)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; not a measurement")
     p.add_argument("--out", default=None, help="JSON path (the markdown table goes next to it)")
@@ -322,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             "liger_kernel": _version("liger_kernel"),
         },
         "shape": {"tokens": args.n, "hidden": args.h, "vocab": args.v, "batch": args.batch, "dtype": args.dtype},
+        "loss": {"loss_agg_mode": "token-mean", "beta": args.beta, "ref_logprobs": bool(args.beta), "bias": True},
         "allocator": {"MALLOC_MMAP_THRESHOLD_": "65536"},
         "repeats": args.repeats,
         "results": list(rows.values()),

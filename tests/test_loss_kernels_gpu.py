@@ -49,14 +49,16 @@ for dt in ("fp32", "bf16", "fp16"):
         ptx = compile_(K._token_logprobs_fwd_kernel, sig, dict(V=V, WITH_ENTROPY=entropy, BLOCK_V=4096),
                        ["p_logits", "stride_lb", "stride_lt"])
         assert re.search(r"ld\.global(\.\w+)*\.v4", ptx), f"forward {dt}: no 16-byte loads"
-    sig = dict(p_logits="*" + dt, p_ids="*i64", p_lse="*fp32", p_glogp="*fp32", p_dlogits="*" + dt, T="i32",
-               stride_lb="i64", stride_lt="i64", stride_gb="i64", stride_gt="i64", inv_temperature="fp32")
-    ptx = compile_(K._token_logprobs_bwd_kernel, sig, dict(V=V, BLOCK_V=4096),
-                   ["p_logits", "p_dlogits", "stride_lb", "stride_lt", "stride_gb", "stride_gt"])
-    assert re.search(r"ld\.global(\.\w+)*\.v4", ptx), f"backward {dt}: no 16-byte loads"
-    assert re.search(r"st\.global(\.\w+)*\.v4", ptx), f"backward {dt}: no 16-byte stores"
-    scalar = [op for op in re.findall(r"st\.global[.\w]*", ptx) if ".v" not in op]
-    assert len(scalar) <= 1, f"backward {dt}: {len(scalar)} scalar stores (only the target entry's may be)"
+    sig = dict(p_logits="*" + dt, p_ids="*i64", p_lse="*fp32", p_glogp="*fp32", p_gentropy="*fp32",
+               p_mean_x="*fp32", p_dlogits="*" + dt, T="i32", stride_lb="i64", stride_lt="i64", stride_gb="i64",
+               stride_gt="i64", inv_temperature="fp32")
+    for entropy_grad in (False, True):
+        ptx = compile_(K._token_logprobs_bwd_kernel, sig, dict(V=V, WITH_ENTROPY_GRAD=entropy_grad, BLOCK_V=4096),
+                       ["p_logits", "p_dlogits", "stride_lb", "stride_lt", "stride_gb", "stride_gt"])
+        assert re.search(r"ld\.global(\.\w+)*\.v4", ptx), f"backward {dt}: no 16-byte loads"
+        assert re.search(r"st\.global(\.\w+)*\.v4", ptx), f"backward {dt}: no 16-byte stores"
+        scalar = [op for op in re.findall(r"st\.global[.\w]*", ptx) if ".v" not in op]
+        assert len(scalar) <= 1, f"backward {dt}: {len(scalar)} scalar stores (only the target entry's may be)"
 print("compiled", triton.__version__)
 """
 

@@ -5,7 +5,8 @@ Modules, in dependency order: :mod:`~rspo_kernels.loss.options` (the hyper-param
 :mod:`~rspo_kernels.loss.reference` (the unfused specification), :mod:`~rspo_kernels.loss.chunked`
 (the CPU fused log-probs), :mod:`~rspo_kernels.loss.policy` (log-probs to loss, shared by every
 fast path) and :mod:`~rspo_kernels.loss.api` (the public functions). The Triton op lives in
-:mod:`rspo_kernels.ops.token_logprobs`.
+:mod:`rspo_kernels.ops.token_logprobs`; :mod:`~rspo_kernels.loss.vocab_parallel` merges the
+statistics of vocabulary slices held by tensor-parallel ranks.
 """
 
 from rspo_kernels.loss import chunked as _chunked  # noqa: F401  (the CPU backend: pure torch, import it now)

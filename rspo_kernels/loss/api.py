@@ -20,6 +20,7 @@ from rspo_kernels._dispatch import implementation
 from rspo_kernels.loss.layout import token_batch
 from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
 from rspo_kernels.loss.policy import policy_loss
+from rspo_kernels.loss.vocab_parallel import id_bound, logprob_op, vocab_shard
 
 __all__ = ["LOSS_AGG_MODES", "LossOptions", "token_logprobs", "rspo_loss", "RSPOLoss"]
 
@@ -33,11 +34,16 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of ``target_ids`` under ``softmax(logits / temperature)``, forward only.
+    """Log-probabilities of ``target_ids`` under ``softmax(logits / temperature)`` (and the entropies).
 
-    For the old-policy and reference log-probs a trainer feeds to :func:`rspo_loss`. Never
-    materialises a float32 copy of the logits.
+    For the old-policy and reference log-probs a trainer feeds to :func:`rspo_loss` (call it under
+    ``torch.no_grad()`` there), and for custom losses: both outputs are differentiable in
+    ``logits``, the backward recomputing the softmax chunk by chunk. Never materialises a float32
+    copy of the logits.
 
     Parameters
     ----------
@@ -49,16 +55,28 @@ def token_logprobs(
     temperature : float, default 1.0
         Divides the logits (use the sampling temperature).
     return_entropy : bool, default False
-        Also return the entropy of each token's distribution.
+        Also return the entropy of each token's distribution. Its gradient is
+        ``dH/dlogits = -p * (x - E_p[x]) / temperature`` with ``x = logits / temperature``,
+        computed in the same backward pass as the log-probs' (no extra logits-sized buffer).
     cu_seqlens : torch.Tensor, optional
         ``(S + 1,)`` offsets of packed sequences. Accepted (and validated) so the packed call
         mirrors :func:`rspo_loss`; log-probs do not depend on it.
+    tp_group : torch.distributed.ProcessGroup, optional
+        Vocabulary parallelism (Megatron's ``gather_output=False`` head): ``logits`` is this rank's
+        slice ``(..., V_local)`` of the vocabulary and ``target_ids`` are global ids. Every rank of
+        the group calls with the same ids; the results are the full-vocabulary ones on every rank
+        (two all-reduces per call; see docs/tensor-parallel.md).
+    vocab_start : int, default 0
+        Global index of this rank's first vocabulary entry (``rank * V_local`` for even slices).
+    vocab_size : int, optional
+        The real vocabulary size when the vocabulary is padded (e.g. to a multiple of the TP size):
+        entries at global index ``>= vocab_size`` get probability 0 and gradient 0.
 
     Returns
     -------
     torch.Tensor or tuple of torch.Tensor
         ``logits.shape[:-1]`` float32 log-probabilities (float64 for float64 logits), and the
-        entropies when asked. Never requires grad.
+        entropies when asked. Both require grad when ``logits`` does (outside ``no_grad``).
 
     Raises
     ------
@@ -83,13 +101,13 @@ def token_logprobs(
         if logits.dim() != 2:
             raise ValueError("cu_seqlens describes packed (N, V) logits; padded (B, T, V) logits need none")
         _checks.check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device)
-    _checks.check_ids_in_range(target_ids, logits.shape[-1], None)
+    shard = vocab_shard(tp_group, vocab_start, vocab_size, False, logits.shape[-1])
+    _checks.check_ids_in_range(target_ids, id_bound(vocab_size, tp_group, logits.shape[-1]), None)
     logits3 = logits.unsqueeze(0) if logits.dim() == 2 else logits
     ids = target_ids.reshape(-1).long()
     live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    _, fn = implementation("token_logprobs", logits.device.type, logits.dtype)
-    with torch.no_grad():
-        logp, entropy = fn(logits3.detach(), ids, live, temperature=temperature, with_entropy=return_entropy)
+    fn = logprob_op(logits.device.type, logits.dtype, shard)
+    logp, entropy = fn(logits3, ids, live, temperature=temperature, with_entropy=return_entropy)
     shape = tuple(target_ids.shape)
     if return_entropy:
         return logp.view(shape), entropy.view(shape)
@@ -161,6 +179,10 @@ def rspo_loss(
     inplace_backward: bool = False,
     return_stats: bool = False,
     weights_per: str | None = None,
+    entropy_coeff: float = 0.0,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Fused clipped policy-gradient loss driven by RSPO weights.
 
@@ -214,6 +236,13 @@ def rspo_loss(
         How to read ``weights``: one per response / sequence, or one per token. None (default)
         reads the shape, as described under ``weights``; pass ``"token"`` when a packed batch may
         have as many sequences as tokens and the weights are per token.
+    entropy_coeff : float, default 0.0
+        Entropy bonus: the loss becomes ``pg_loss - entropy_coeff * agg(entropy)``, aggregated
+        with ``loss_agg_mode`` (verl's ``actor.entropy_coeff``); see :class:`LossOptions`.
+    tp_group, vocab_start, vocab_size
+        Vocabulary-parallel logits (this rank's ``(..., V_local)`` slice) and padded vocabularies,
+        as in :func:`token_logprobs`. The loss, the statistics and the gradient of the local slice
+        equal the single-process ones; the backward needs no communication.
 
     Returns
     -------
@@ -267,6 +296,7 @@ def rspo_loss(
         beta=beta,
         loss_agg_mode=loss_agg_mode,
         max_response_length=max_response_length,
+        entropy_coeff=entropy_coeff,
     )
     return rspo_loss_with_options(
         logits,
@@ -280,6 +310,9 @@ def rspo_loss(
         inplace_backward=inplace_backward,
         return_stats=return_stats,
         weights_per=weights_per,
+        tp_group=tp_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
     )
 
 
@@ -297,6 +330,9 @@ def rspo_loss_with_options(
     return_stats: bool = False,
     chunk_rows: int | None = None,
     weights_per: str | None = None,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_loss` with its hyper-parameters in one :class:`LossOptions` (what ``RSPOLoss`` calls).
 
@@ -309,6 +345,7 @@ def rspo_loss_with_options(
     inplace_backward = _checks.check_flag("inplace_backward", inplace_backward)
     return_stats = _checks.check_flag("return_stats", return_stats)
     chunk_rows = _checks.check_block_size("chunk_rows", chunk_rows)
+    shard = vocab_shard(tp_group, vocab_start, vocab_size, False, logits.shape[-1])
     _validate_loss_inputs(
         logits,
         target_ids,
@@ -318,20 +355,22 @@ def rspo_loss_with_options(
         ref_logprobs,
         cu_seqlens,
         options,
-        logits.shape[-1],
+        id_bound(vocab_size, tp_group, logits.shape[-1]),
         weights_per=weights_per,
     )
     _checks.check_inplace("logits", logits, inplace_backward)
     batch = token_batch(logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, weights_per)
-    backend, fn = implementation("token_logprobs", logits.device.type, logits.dtype)
-    kw = {"chunk_rows": chunk_rows} if backend == "torch" and chunk_rows is not None else {}
+    fn = logprob_op(logits.device.type, logits.dtype, shard)
+    # chunk_rows is the chunked torch path's block size; the Triton and reference backends take none.
+    chunked = shard is not None or implementation("token_logprobs", logits.device.type, logits.dtype)[0] == "torch"
+    kw = {"chunk_rows": chunk_rows} if chunked and chunk_rows is not None else {}
     logp, entropy = fn(
         batch.rows,
         batch.ids,
         batch.live,
         temperature=options.temperature,
-        with_entropy=return_stats,
-        inplace_backward=inplace_backward and torch.is_grad_enabled(),
+        with_entropy=return_stats or options.entropy_coeff != 0.0,
+        inplace_backward=bool(inplace_backward) and torch.is_grad_enabled(),
         **kw,
     )
     return policy_loss(batch, logp, entropy, options, return_stats)
@@ -352,7 +391,8 @@ class RSPOLoss(nn.Module):
     **loss_kwargs
         Fixed keyword arguments of :func:`rspo_loss`: the :class:`LossOptions` fields
         (``temperature``, ``epsilon_low``, ``epsilon_high``, ``clip_ratio_c``, ``beta``,
-        ``loss_agg_mode``, ``max_response_length``) and ``inplace_backward``, ``return_stats``.
+        ``loss_agg_mode``, ``max_response_length``, ``entropy_coeff``) and ``inplace_backward``,
+        ``return_stats``.
 
     Raises
     ------

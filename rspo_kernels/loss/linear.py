@@ -31,6 +31,7 @@ from rspo_kernels.loss.layout import compute_dtype, token_batch
 from rspo_kernels.loss.linear_chunked import linear_token_logprobs
 from rspo_kernels.loss.options import LossOptions
 from rspo_kernels.loss.policy import policy_loss
+from rspo_kernels.loss.vocab_parallel import VocabShard, id_bound, vocab_shard
 
 __all__ = ["RSPOLinearLoss", "rspo_linear_loss", "rspo_linear_loss_with_options", "token_logprobs_linear"]
 
@@ -163,6 +164,7 @@ def _logprobs(
     with_entropy: bool,
     chunk_rows: int | None,
     vocab_block: int | None,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat ``(N,)`` log-probs (and entropies) of ``(B, T, H)`` hidden states, blocked or, when forced, unfused.
 
@@ -175,10 +177,15 @@ def _logprobs(
         def fused(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             w, b = _module_parts(module)
             _check_head(h, w, b)
-            return _logprobs(h, w, b, ids, live, temperature, with_entropy, chunk_rows, vocab_block)
+            return _logprobs(h, w, b, ids, live, temperature, with_entropy, chunk_rows, vocab_block, shard)
 
         return forward_redirect(module, fused, hidden3)
     backend, reference = implementation("token_logprobs", hidden3.device.type, hidden3.dtype)
+    if backend == "reference" and shard is not None:
+        raise NotImplementedError(
+            "RSPO_KERNELS_BACKEND=reference computes one process's unfused logits: it does not support tp_group, "
+            "vocab_start or vocab_size. Unset it to use the fused-linear path."
+        )
     if backend == "reference":
         cdt = compute_dtype(hidden3.dtype)
         # Dead rows may hold NaN: 0 * NaN in dW = G^T hidden would leak it, so they become zeros.
@@ -195,6 +202,7 @@ def _logprobs(
         with_entropy=with_entropy,
         chunk_rows=chunk_rows,
         vocab_block=vocab_block,
+        shard=shard,
     )
 
 
@@ -209,6 +217,10 @@ def token_logprobs_linear(
     mask: torch.Tensor | None = None,
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of ``target_ids`` under ``softmax((hidden @ W.T + bias) / temperature)``.
 
@@ -235,13 +247,28 @@ def token_logprobs_linear(
     temperature : float, default 1.0
         Divides the logits (use the sampling temperature).
     return_entropy : bool, default False
-        Also return each token's entropy (not differentiable).
+        Also return each token's entropy, differentiable like the log-probs (its gradient,
+        ``-p (x - E_p[x]) / temperature`` per logit, is formed in the same recomputing backward).
     mask : torch.Tensor, optional
         ``hidden.shape[:-1]``; tokens where it is 0 are skipped (log-prob 0, zero gradient) and
         may hold any id and any hidden state.
     chunk_rows, vocab_block : int, optional
         Block shape (tokens x vocabulary entries) of the logits; by default about 8 MiB of
         float32 on a CPU (512 x 4096) and 256 MiB on a GPU.
+    tp_group : torch.distributed.ProcessGroup, optional
+        Vocabulary-parallel head (Megatron's ``ColumnParallelLinear``): ``lm_head_weight`` (and
+        ``bias``) hold this rank's rows ``[vocab_start, vocab_start + V_local)``; ``hidden`` and the
+        global ``target_ids`` are the same on every rank of the group. The outputs are the
+        full-vocabulary ones on every rank; the weight's gradient is this slice's, and ``hidden``'s
+        gradient is all-reduced over the group (docs/tensor-parallel.md).
+    vocab_start : int, default 0
+        Global index of the first local row.
+    vocab_size : int, optional
+        Real vocabulary size of a padded vocabulary: rows at global index ``>= vocab_size`` are
+        masked (probability 0, gradient 0).
+    sequence_parallel : bool, default False
+        Megatron's sequence parallelism: ``hidden`` is the all-gathered sequence, whose backward
+        reduce-scatters; ``hidden``'s gradient is then returned unreduced (this slice's share).
 
     Returns
     -------
@@ -286,11 +313,15 @@ def token_logprobs_linear(
     temperature = LossOptions(temperature=temperature).temperature
     if mask is not None:
         _checks.check_token_tensor("mask", mask, tuple(hidden.shape[:-1]), hidden.device, floating=False)
-    _checks.check_ids_in_range(target_ids, vocab, mask)
+    V_local = vocab
+    shard = vocab_shard(tp_group, vocab_start, vocab_size, sequence_parallel, V_local)
+    _checks.check_ids_in_range(target_ids, id_bound(vocab_size, tp_group, V_local), mask)
     hidden3 = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
     ids = target_ids.reshape(-1).long()
     live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else (mask != 0).reshape(-1)
-    logp, entropy = _logprobs(hidden3, lm_head, bias, ids, live, temperature, return_entropy, chunk_rows, vocab_block)
+    logp, entropy = _logprobs(
+        hidden3, lm_head, bias, ids, live, temperature, return_entropy, chunk_rows, vocab_block, shard
+    )
     shape = tuple(target_ids.shape)
     if return_entropy:
         assert entropy is not None
@@ -320,6 +351,11 @@ def rspo_linear_loss(
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
     weights_per: str | None = None,
+    entropy_coeff: float = 0.0,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped RSPO policy loss from the last hidden states and the ``lm_head``, never building the logits.
 
@@ -354,6 +390,13 @@ def rspo_linear_loss(
     weights_per : {"sequence", "token"}, optional
         How to read ``weights``, as in :func:`rspo_kernels.rspo_loss` (packed ``(S,)`` weights are
         per sequence, also when ``S == N``, unless ``"token"``).
+    entropy_coeff : float, default 0.0
+        Entropy bonus: ``loss = pg_loss - entropy_coeff * agg(entropy)`` with ``loss_agg_mode``
+        (verl's ``actor.entropy_coeff``); its gradient reaches ``hidden``, the weight and the bias.
+    tp_group, vocab_start, vocab_size, sequence_parallel
+        Vocabulary-parallel head and padded vocabularies, as in :func:`token_logprobs_linear`:
+        the loss and every gradient equal the single-process ones (the weight's and bias's for this
+        rank's rows).
 
     Returns
     -------
@@ -402,6 +445,7 @@ def rspo_linear_loss(
         beta=beta,
         loss_agg_mode=loss_agg_mode,
         max_response_length=max_response_length,
+        entropy_coeff=entropy_coeff,
     )
     return rspo_linear_loss_with_options(
         hidden,
@@ -418,6 +462,10 @@ def rspo_linear_loss(
         chunk_rows=chunk_rows,
         vocab_block=vocab_block,
         weights_per=weights_per,
+        tp_group=tp_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -437,6 +485,10 @@ def rspo_linear_loss_with_options(
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
     weights_per: str | None = None,
+    tp_group: Any = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_linear_loss` with its hyper-parameters in one :class:`LossOptions`.
 
@@ -448,6 +500,8 @@ def rspo_linear_loss_with_options(
     vocab = _check_lm_head(hidden, lm_head, bias)
     _check_blocks(chunk_rows, vocab_block)
     return_stats = _checks.check_flag("return_stats", return_stats)
+    V_local = vocab
+    shard = vocab_shard(tp_group, vocab_start, vocab_size, sequence_parallel, V_local)
     _validate_loss_inputs(
         hidden,
         target_ids,
@@ -457,7 +511,7 @@ def rspo_linear_loss_with_options(
         ref_logprobs,
         cu_seqlens,
         options,
-        vocab,
+        id_bound(vocab_size, tp_group, V_local),
         name="hidden",
         weights_per=weights_per,
     )
@@ -469,9 +523,10 @@ def rspo_linear_loss_with_options(
         batch.ids,
         batch.live,
         options.temperature,
-        return_stats,
+        return_stats or options.entropy_coeff != 0.0,
         chunk_rows,
         vocab_block,
+        shard,
     )
     return policy_loss(batch, logp, entropy, options, return_stats)
 

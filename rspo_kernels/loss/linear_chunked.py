@@ -8,10 +8,14 @@ half types up-cast, once per pass):
 
 - forward: each block of logits, accumulated in float32 (float64 for float64 inputs), updates a
   running per-token log-sum-exp (and entropy) and yields the target logits that fall inside it;
-  then it is freed. Only the ``(N,)`` log-sum-exp is saved.
+  then it is freed. Only the ``(N,)`` log-sum-exp (and entropy) is saved.
 - backward: each block is recomputed, turned into ``G = g (onehot - softmax) / T`` in place
-  (``g = dL/dlogp``, grad_output included), and contributes ``G W_blk`` to ``dh``, ``G^T h`` to
-  ``dW[blk]`` and ``G.sum(0)`` to ``db[blk]`` (docs/math.md, "The loss").
+  (``g = dL/dlogp``, grad_output included; with an entropy gradient ``g_H``, minus
+  ``g_H p (x - E_p[x]) / T``, ``E_p[x] = lse - H``), and contributes ``G W_blk`` to ``dh``,
+  ``G^T h`` to ``dW[blk]`` and ``G.sum(0)`` to ``db[blk]`` (docs/math.md, "The loss").
+- with a :class:`~rspo_kernels.loss.vocab_parallel.VocabShard` the weight holds a slice of the
+  vocabulary: the per-rank statistics are merged by two all-reduces after the forward loop, the
+  backward runs on the global statistics and all-reduces ``dh`` (docs/tensor-parallel.md).
 
 Only tokens that matter are touched: the forward reads the rows of live tokens, the backward those
 with ``g != 0``, gathered once into a compact ``(n, H)`` matrix, so masked rows (padding, NaN
@@ -33,6 +37,7 @@ import torch
 
 from rspo_kernels.loss.chunked import check_backward_mode
 from rspo_kernels.loss.layout import compute_dtype
+from rspo_kernels.loss.vocab_parallel import VocabShard, all_reduce_sum, combine_shards
 
 __all__ = ["DEFAULT_VOCAB_BLOCK", "LinearTokenLogprobs", "default_blocks", "linear_token_logprobs"]
 
@@ -129,7 +134,7 @@ def _zero_dead_rows(h: torch.Tensor, keep: torch.Tensor, index: torch.Tensor | N
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
-    """``(hidden, weight, bias, ids, live) -> (logp, lse, entropy)``; only ``logp`` is differentiable.
+    """``(hidden, weight, bias, ids, live) -> (logp, lse, entropy)``; ``logp`` and ``entropy`` are differentiable.
 
     Outputs are flat ``(N,)`` in the compute dtype (float32; float64 for float64 inputs). Tokens
     that are not ``live`` get 0 everywhere and zero gradient rows, whatever their hidden states
@@ -148,14 +153,18 @@ class LinearTokenLogprobs(torch.autograd.Function):
         with_entropy: bool,
         chunk_rows: int,
         vocab_block: int,
+        shard: VocabShard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = hidden.shape
-        N, V = B * T, weight.shape[0]
+        # A vocabulary shard: only its real rows enter the softmax, ids are global.
+        N, V = B * T, (weight.shape[0] if shard is None else shard.n_real)
         cdt = compute_dtype(hidden.dtype)
         dev = hidden.device
         index = _active(live)
         n = N if index is None else index.numel()
         act_ids = ids if index is None else ids[index]
+        if shard is not None:
+            act_ids = act_ids - shard.start
         valid = (act_ids >= 0) & (act_ids < V)
         lse = torch.full((n,), float("-inf"), dtype=cdt, device=dev)
         target = torch.zeros(n, dtype=cdt, device=dev)
@@ -188,6 +197,12 @@ class LinearTokenLogprobs(torch.autograd.Function):
                         mean_x[r0:r1] = w_old * mean_x[r0:r1] + w_blk * blk_mean
                     lse[r0:r1] = new_lse
                     del x
+        if shard is not None:
+            zero = torch.zeros((), dtype=cdt, device=dev)
+            lse, mean_x, target, found = combine_shards(
+                lse, mean_x, torch.where(valid, target, zero), valid.to(cdt), shard
+            )
+            valid = found > 0
         logp_act = torch.where(valid, target - lse, torch.full((), float("nan"), dtype=cdt, device=dev))
         if index is None:  # every row computed (all live, or compiled): dead ones read 0
             zero = torch.zeros((), dtype=cdt, device=dev)
@@ -204,28 +219,36 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        hidden, weight, bias, ids, live, temperature, _, chunk_rows, vocab_block = inputs
+        hidden, weight, bias, ids, live, temperature, with_entropy, chunk_rows, vocab_block, shard = inputs
+        ctx.shard = shard
         _, lse, entropy = output
-        ctx.mark_non_differentiable(lse, entropy)
-        ctx.save_for_backward(hidden, weight, bias, ids, live, lse)
+        ctx.mark_non_differentiable(*((lse,) if with_entropy else (lse, entropy)))
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
+        ctx.save_for_backward(hidden, weight, bias, ids, live, lse, entropy)
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows
         ctx.vocab_block = vocab_block
 
     @staticmethod
-    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:
+    def backward(ctx: Any, g_logp: torch.Tensor | None, _g_lse: Any, g_entropy: torch.Tensor | None) -> tuple:
         check_backward_mode("rspo_linear_loss")
-        hidden, weight, bias, ids, live, lse = ctx.saved_tensors
+        hidden, weight, bias, ids, live, lse, entropy = ctx.saved_tensors
+        if g_entropy is not None and g_entropy.numel() == 0:
+            g_entropy = None  # the empty placeholder output (torch.compile materialises its gradient)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        shard: VocabShard | None = ctx.shard
         B, T, H = hidden.shape
-        N, V = B * T, weight.shape[0]
+        N, V = B * T, (weight.shape[0] if shard is None else shard.n_real)
         cdt = lse.dtype
         dev = hidden.device
         temperature = ctx.temperature
+        zero = torch.zeros((), dtype=cdt, device=dev)
         # g / T: the gradient with respect to the logits before the temperature. Dead tokens take
         # none, whatever reaches their constant 0 log-prob; a NaN g at a live token stays NaN.
-        g = torch.where(live, g_logp.to(cdt) / temperature, torch.zeros((), dtype=cdt, device=dev))
-        index = _active(g != 0)
+        g = zero.expand(N) if g_logp is None else torch.where(live, g_logp.to(cdt) / temperature, zero)
+        # The entropy's share, dH/dx = -p (x - E_p[x]) with E_p[x] = lse - H (no extra pass).
+        gh = None if g_entropy is None else torch.where(live, g_entropy.to(cdt) / temperature, zero)
+        index = _active(g != 0 if gh is None else (g != 0) | (gh != 0))
         n = N if index is None else index.numel()
         # Optional buffers, each present exactly when its gradient is needed (Any: mypy cannot see that).
         grad_h: Any = None
@@ -236,11 +259,13 @@ class LinearTokenLogprobs(torch.autograd.Function):
         if need_w:
             grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=dev)
         if need_b:
-            grad_b = torch.zeros(V, dtype=cdt, device=dev)
+            grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=dev)
         if n == 0:
-            return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 6)
+            return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 7)
         act = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
-        a_ids, a_lse, a_g = act(ids), act(lse), act(g)
+        a_ids, a_lse, a_g = act(ids if shard is None else ids - shard.start), act(lse), act(g)
+        a_gh = None if gh is None else act(gh)
+        a_mu: Any = None if gh is None else act(lse - entropy)
         # Accumulate dh in the compute dtype: directly into the result when it already is one.
         direct_h = need_h and index is None and hidden.dtype == cdt and grad_h.is_contiguous()
         acc_h: Any = grad_h.view(N, H) if direct_h else (torch.zeros(n, H, dtype=cdt, device=dev) if need_h else None)
@@ -261,8 +286,15 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     r1 = min(r0 + ctx.chunk_rows, n)
                     c_g = a_g[r0:r1]
                     x = _block_logits(h[r0:r1], w, b, temperature, cdt)  # [n, vb]
-                    # G = g (onehot - softmax), in place.
-                    x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))
+                    if a_gh is None:
+                        # G = g (onehot - softmax), in place.
+                        x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))
+                    else:
+                        # G = g onehot - p (g + g_H (x - E_p[x])); a -inf logit (p = 0) gives 0.
+                        coef = x.sub(a_mu[r0:r1].unsqueeze(-1)).masked_fill_(x == float("-inf"), 0.0)
+                        coef.mul_(a_gh[r0:r1].unsqueeze(-1)).add_(c_g.unsqueeze(-1))
+                        x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(coef).neg_()
+                        del coef
                     local = a_ids[r0:r1] - v0
                     inside = (local >= 0) & (local < v1 - v0)
                     x.scatter_add_(
@@ -279,13 +311,16 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     del x
                 if need_w and not w_direct:
                     grad_w[v0:v1] = acc_w  # one rounding to the weight's dtype per entry
+        if need_h and shard is not None and not shard.sequence_parallel:
+            # Each rank holds dh's share of its vocabulary slice: sum them (in the compute dtype).
+            all_reduce_sum(acc_h, shard)
         if need_h and not direct_h:
             flat = grad_h.view(N, H)
             if index is None:
                 flat.copy_(acc_h)
             else:
                 flat.index_copy_(0, index, acc_h.to(hidden.dtype))
-        return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None
+        return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 7)
 
 
 def linear_token_logprobs(
@@ -299,6 +334,7 @@ def linear_token_logprobs(
     with_entropy: bool,
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Blocked log-probs of ``ids`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
@@ -315,9 +351,13 @@ def linear_token_logprobs(
     temperature : float
         Divides the logits.
     with_entropy : bool
-        Also compute the (non-differentiable) entropies.
+        Also compute the entropies (differentiable too).
     chunk_rows, vocab_block : int, optional
         Block shape; :func:`default_blocks` when absent.
+    shard : VocabShard, optional
+        ``weight`` holds a slice of a (possibly padded) vocabulary; ``ids`` are global
+        (:mod:`rspo_kernels.loss.vocab_parallel`). Every rank of ``shard.group`` must call with the
+        same ``hidden``, ``ids`` and ``live``.
 
     Returns
     -------
@@ -339,5 +379,6 @@ def linear_token_logprobs(
         bool(with_entropy),
         int(chunk_rows or d_rows),
         int(vocab_block or d_vb),
+        shard,
     )
     return logp, (entropy if with_entropy else None)

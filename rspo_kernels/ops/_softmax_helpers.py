@@ -81,3 +81,15 @@ def softmax_grad_block(b_x, b_lse, m_target, b_g):
     """
     b_p = tl.exp(b_x - b_lse)  # [BV]
     return -b_p * b_g, tl.sum(tl.where(m_target, 0.0, b_p), axis=0)
+
+
+@triton.jit
+def entropy_grad_block(b_x, b_lse, b_mu, b_gh):
+    """``b_gh * p * (x - E_p[x])`` on one vocabulary block: minus the entropy's share of ``dL/dx``.
+
+    ``dH/dx = -p (x - E_p[x])``; ``b_gh`` already holds 1/T. ``p = 0`` (a ``-inf`` logit, or past
+    the vocabulary) gives 0, never ``0 * -inf``.
+    """
+    b_p = tl.exp(b_x - b_lse)  # [BV]
+    b_d = tl.where(b_p > 0, b_x - b_mu, 0.0)  # select before multiplying: 0 * -inf is never formed
+    return b_p * b_d * b_gh
