@@ -27,6 +27,7 @@ import torch
 from verl.trainer.config import AlgoConfig
 from verl.trainer.ppo import core_algos
 
+from rspo_kernels.integrations import verl_fused
 from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, when_imported, wrap
 
 __all__ = [
@@ -215,6 +216,7 @@ def _multi_trajectories(original):
 def _validate_config(original):
     def validate_config(config, *args, **kwargs):
         check_trainer_config(config)
+        verl_fused.check_fused_config(config)
         return original(config, *args, **kwargs)
 
     return validate_config
@@ -247,6 +249,7 @@ def register() -> None:
     when_imported("verl.utils.config", lambda module: wrap(module, "validate_config", _validate_config))
     multi = "compute_advantage_for_multi_trajectories"
     when_imported("verl.trainer.ppo.v1.utils", lambda module: wrap(module, multi, _multi_trajectories))
+    verl_fused.register()  # impl_backend=rspo for use_fused_kernels
 
 
 register()
