@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from rspo_kernels.integrations import openrlhf_fused
 from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, unwrap, when_imported, wrap
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 SETUP_HOOK = f"{__name__}.install"
-ENV_VARS = ("RSPO_K", "RSPO_OBJECTIVE", "RSPO_ESTIMATOR")
+ENV_VARS = ("RSPO_K", "RSPO_OBJECTIVE", "RSPO_ESTIMATOR", openrlhf_fused.ENV_VAR)
 _KEYS = {"objective": "RSPO_OBJECTIVE", "k": "RSPO_K", "estimator": "RSPO_ESTIMATOR"}
 _KEYS["n"] = "--rollout.n_samples_per_prompt"
 _MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
@@ -202,6 +203,7 @@ def install() -> None:
     OpenRLHF, so it cannot fail in a worker that lacks flash_attn or vLLM.
     """
     when_imported(_MAKER, _patch)
+    openrlhf_fused.install()  # RSPO_FUSED_LOGPROBS=1: Actor.forward from the hidden states
 
 
 def uninstall() -> None:
@@ -209,6 +211,7 @@ def uninstall() -> None:
     maker = getattr(sys.modules.get(_MAKER), "RemoteExperienceMaker", None)
     for name in ("compute_advantages_and_returns", "__init__"):
         unwrap(maker, name)
+    openrlhf_fused.uninstall()
 
 
 def runtime_env_hook(runtime_env: dict | None) -> dict:
@@ -227,6 +230,7 @@ def runtime_env_hook(runtime_env: dict | None) -> dict:
         or as :func:`check_arguments`.
     """
     settings_from_env()
+    openrlhf_fused.enabled()  # a bad RSPO_FUSED_LOGPROBS fails here, before any worker starts
     if os.path.basename(sys.argv[0]) == "train_ppo_ray.py":
         parser = argparse.ArgumentParser(add_help=False)
         parser.add_argument("--algo.advantage.estimator", dest="estimator", default="gae")

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-import rspo_kernels as rk
 from rspo_kernels.integrations._common import when_imported, wrap
+from rspo_kernels.integrations._fused_head import head_logprobs
 
 __all__ = [
     "BACKEND",
@@ -234,7 +234,9 @@ def forward_with_rspo_backend(
         rolled = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise RuntimeError("forward_with_rspo_backend needs labels, shift_labels or input_ids")
-    log_probs, entropy = _head_logprobs(hidden, self.get_output_embeddings(), rolled, _scalar_temperature(temperature))
+    log_probs, entropy = head_logprobs(
+        hidden, self.get_output_embeddings(), rolled, _scalar_temperature(temperature), entropy=True
+    )
     return CausalLMOutputForPPO(
         log_probs=log_probs,
         entropy=entropy,
@@ -242,20 +244,6 @@ def forward_with_rspo_backend(
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
     )
-
-
-def _head_logprobs(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and entropies of ``labels`` (``hidden.shape[:-1]``) under the head module, fused."""
-    try:  # TEMPORARY until the head-module API lands
-        out = rk.token_logprobs_linear(hidden, head, labels.long(), temperature=temperature, return_entropy=True)
-    except TypeError:
-        out = rk.token_logprobs_linear(
-            hidden, head.weight, labels.long(), bias=head.bias, temperature=temperature, return_entropy=True
-        )
-    assert isinstance(out, tuple)
-    return out
 
 
 def _patch_forward_with_backends(original: Any) -> Any:
