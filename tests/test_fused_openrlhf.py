@@ -1,10 +1,11 @@
 """``RSPO_FUSED_LOGPROBS=1``: OpenRLHF's ``Actor.forward`` from the hidden states, against the unpatched actor.
 
-OpenRLHF's packing helpers come from flash-attn, which needs CUDA: the test puts transformers' CPU
-versions of the same functions (``_unpad_input``, ``_pad_input``, einops' ``rearrange``, row indexing) and a differentiable all-gather in their place, for both actors alike. Ring attention
-itself (ring_flash_attn) cannot run on a CPU: the ring test splits the packed stream at a sequence
-boundary, where each rank's local attention is exact, and checks the slicing, the rolled labels and
-the gathering around the head.
+OpenRLHF's packing helpers come from flash-attn, which needs CUDA: the test puts CPU versions of the
+same functions (transformers' ``_unpad_input`` / ``_pad_input``, einops' ``rearrange``, row indexing)
+and a differentiable all-gather in their place, for both actors alike. Ring attention itself
+(ring_flash_attn) cannot run on a CPU: the ring test splits the packed stream at a sequence boundary,
+where each rank's local attention is exact, and checks the slicing, the rolled labels and the
+gathering around the head.
 """
 
 from __future__ import annotations
