@@ -20,12 +20,7 @@ def head_logprobs(
         ``labels.shape``; ``entropy`` is None unless asked for.
     """
     labels = labels.long()
-    try:  # TEMPORARY until the head-module API lands (dist-wrappers)
-        out = rk.token_logprobs_linear(hidden, head, labels, temperature=temperature, return_entropy=entropy)
-    except TypeError:
-        out = rk.token_logprobs_linear(
-            hidden, head.weight, labels, bias=head.bias, temperature=temperature, return_entropy=entropy
-        )
+    out = rk.token_logprobs_linear(hidden, head, labels, temperature=temperature, return_entropy=entropy)
     if entropy:
         assert isinstance(out, tuple)
         return out

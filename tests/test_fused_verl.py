@@ -38,6 +38,17 @@ ENTROPY_COEFF = 0.05
 TOL = {torch.float64: {"atol": 1e-10, "rtol": 1e-10}, torch.float32: {"atol": 1e-6, "rtol": 1e-6}}
 
 
+@pytest.fixture(autouse=True)
+def _restore_transformers():
+    """verl patches classes and modules (``Qwen2ForCausalLM.forward``, flash attention): undo it for
+    the other test modules in this process."""
+    from transformers.integrations import flash_attention
+
+    saved = Qwen2ForCausalLM.forward, flash_attention._flash_attention_forward
+    yield
+    Qwen2ForCausalLM.forward, flash_attention._flash_attention_forward = saved
+
+
 def _config(tied: bool) -> Qwen2Config:
     return Qwen2Config(
         vocab_size=V,
