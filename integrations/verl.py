@@ -13,7 +13,8 @@ Options (README, "verl"): ``+algorithm.rspo_objective`` (``pass@k`` | ``max@k``)
 ``algorithm._target_=rspo_kernels.integrations.verl.RSPOAlgoConfig`` they also load into verl's
 structured config. Loading the module also makes verl's ``validate_config`` (which ``main_ppo``
 runs before any model loads) check them, and makes the v1 trainer's multi-output agent loop
-count one sample per agent session (trajectory).
+count one sample per agent session (trajectory). It also teaches verl the fused-kernel backend
+``actor_rollout_ref.model.fused_kernel_options.impl_backend=rspo`` (see :mod:`.verl_fused`).
 """
 
 from __future__ import annotations
