@@ -22,6 +22,7 @@ return a router auxiliary loss. The output returned with ``return_output=True`` 
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Mapping
@@ -53,12 +54,12 @@ def enabled(environ: Mapping[str, str] | None = None) -> bool:
     return value == "1"
 
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+def _causal_lm(model: Any) -> Any:
     """The HuggingFace causal LM inside OpenRLHF's ``Actor.model`` (a PEFT model unwrapped)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _check_head(model: torch.nn.Module) -> None:
+def _check_head(model: Any) -> None:
     lm = _causal_lm(model)
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     for name in _HEAD_SCALING:
@@ -106,20 +107,21 @@ def fused_forward(original: Any) -> Any:
                 return_entropy=return_entropy,
                 **mm_inputs,
             )
-        from openrlhf.models.ring_attn_utils import gather_and_pad_tensor, unpad_and_slice_tensor
+        ring = importlib.import_module("openrlhf.models.ring_attn_utils")
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         batch, seqlen = sequences.size()
         if self.packing_samples:
-            sequences, position_ids, rolled, pad_len, indices = unpad_and_slice_tensor(
+            sequences, position_ids, rolled, pad_len, indices = ring.unpad_and_slice_tensor(
                 sequences, attention_mask, ring_attn_group
             )
             forward_mask = None
         else:
             rolled = torch.roll(sequences, shifts=-1, dims=1)
             forward_mask = attention_mask
+            assert attention_mask is not None, "Actor.forward needs the attention_mask"
             position_ids = attention_mask.long().cumsum(-1) - 1
-            position_ids.masked_fill_(attention_mask == 0, 1)
+            position_ids.masked_fill_(attention_mask.eq(0), 1)
         lm = _causal_lm(self.model)
         out = lm.base_model(sequences, attention_mask=forward_mask, position_ids=position_ids)
         log_probs, entropy = head_logprobs(
@@ -128,7 +130,7 @@ def fused_forward(original: Any) -> Any:
 
         def full(values: torch.Tensor) -> torch.Tensor:  # (B, seqlen - 1), as from the logits
             if self.packing_samples:
-                values = gather_and_pad_tensor(values, ring_attn_group, pad_len, indices, batch, seqlen)
+                values = ring.gather_and_pad_tensor(values, ring_attn_group, pad_len, indices, batch, seqlen)
             return values[:, :-1]
 
         output = CausalLMOutputWithPast(

@@ -81,7 +81,7 @@ def _check_text_config(config: Any, source: str) -> None:
         )
     text = get("text_config")
     if text is not None:
-        _check_text_config(text if isinstance(text, dict) else text, source)
+        _check_text_config(text, source)
     for name in _HEAD_SCALING:
         value = get(name)
         if value not in (None, 1.0):
@@ -128,13 +128,13 @@ def check_fused_config(config: Any) -> None:
             f"set actor_rollout_ref.actor.calculate_sum_pi_squared=False or {USE_KEY}=False",
         )
     path = _get(model, "hf_config_path") or _get(model, "path")
-    config_file = os.path.join(str(path), "config.json") if path else ""
+    config_file = os.path.join(os.path.expanduser(str(path)), "config.json") if path else ""
     if config_file and os.path.isfile(config_file):
         with open(config_file) as f:
             _check_text_config(json.load(f), f"actor_rollout_ref.model.path={path}")
 
 
-def check_model(model: torch.nn.Module) -> None:
+def check_model(model: Any) -> None:
     """Refuse a model the rspo backend cannot serve, when verl patches it (the model is built, not trained).
 
     Raises
@@ -226,6 +226,7 @@ def forward_with_rspo_backend(
         cache_position=cache_position,
     )
     hidden = outputs[0]
+    rolled: torch.Tensor
     if shift_labels is not None:
         rolled = shift_labels
     elif labels is not None:
@@ -234,6 +235,8 @@ def forward_with_rspo_backend(
         rolled = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise RuntimeError("forward_with_rspo_backend needs labels, shift_labels or input_ids")
+    log_probs: Any  # verl annotates its outputs as FloatTensor
+    entropy: Any
     log_probs, entropy = head_logprobs(
         hidden, self.get_output_embeddings(), rolled, _scalar_temperature(temperature), entropy=True
     )
