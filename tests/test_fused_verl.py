@@ -149,6 +149,19 @@ def test_remove_padding_matches_verls_unsharded_paths(dtype, tied):
         torch.testing.assert_close(mine[name], g, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_bfloat16_model_returns_float32_log_probs():
+    batch = _packed([5, 7], seed=4)
+    ref = _model(False, torch.bfloat16)
+    out = _call(_patched(copy.deepcopy(ref)), batch)
+    assert out.log_probs.dtype == torch.float32 and out.entropy.dtype == torch.float32
+    with torch.no_grad():
+        hidden = ref.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+        logits = ref.lm_head(hidden).float() / TEMPERATURE  # verl's logits path: bf16 logits, float32 softmax
+    bf16 = {"rtol": 1.6e-2, "atol": 1e-2}  # one bfloat16 rounding of the logits
+    torch.testing.assert_close(out.log_probs, verl_F.logprobs_from_logits(logits, batch["shift_labels"]), **bf16)
+    torch.testing.assert_close(out.entropy, verl_F.entropy_from_logits(logits), **bf16)
+
+
 def test_padded_layout_rolls_input_ids_and_honours_the_attention_mask():
     ref = _model(False, torch.float64)
     model = _patched(copy.deepcopy(ref), remove_padding=False)
