@@ -292,7 +292,7 @@ def _data_parallel(rank: int, world: int, dtype: torch.dtype, tied: bool, reshar
         assert type(model.lm_head.weight).__name__ == "DTensor"  # the head is its own FSDP unit
     lengths, seed = DP_BATCHES[rank]
     out = _call(model, _packed(lengths, seed))
-    (_loss(out.log_probs, out.entropy, seed) * 1.0).backward()  # FSDP2 averages over the 2 ranks
+    _loss(out.log_probs, out.entropy, seed).backward()  # FSDP2 averages the gradients over the 2 ranks
     # Oracle on one process: the mean of both ranks' losses on the unsharded model.
     total = 0.0
     for r, (lens, s) in enumerate(DP_BATCHES):
