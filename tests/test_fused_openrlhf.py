@@ -96,9 +96,9 @@ def _batch(lengths: list[int], prompt: int, seed: int):
     return sequences, attention_mask, action_mask
 
 
-def _step(actor, batch, seed: int, ring_group=None):
+def _step(actor, batch, seed: int, ring_group=None, backward=None):
     """One PPO-style forward + backward as OpenRLHF's actor runs it: log-probs of the actions and
-    an entropy bonus over the action positions."""
+    an entropy bonus over the action positions (``backward``: DeepSpeed's ``engine.backward``)."""
     sequences, attention_mask, action_mask = batch
     logp, output = actor(
         sequences,
@@ -112,7 +112,7 @@ def _step(actor, batch, seed: int, ring_group=None):
     adv = torch.randn(action_mask.shape, generator=g)
     entropy = output.entropy[:, -action_mask.shape[1] :]
     loss = -(adv * logp * action_mask).sum() - ENTROPY_COEF * (entropy * action_mask).sum()
-    loss.backward()
+    (backward or torch.Tensor.backward)(loss)
     return logp.detach(), entropy.detach(), action_mask
 
 
@@ -206,7 +206,7 @@ def test_logit_scaling_head_is_refused_when_the_actor_is_built(fused):
 
 
 # ----------------------------------------------------------------------------------------------
-# Two gloo processes under DDP: padded, packed, packed with ring-attention slices.
+# Two gloo processes: DDP (padded, packed, packed with ring-attention slices) and DeepSpeed ZeRO-3.
 
 SCENARIOS = [
     # (packing, ring, tied)
@@ -246,5 +246,49 @@ def _ddp_scenarios(rank: int, world: int) -> None:
             _compare(f"grad {name} {where}", fgrads[name], g)
 
 
-def test_ddp_two_processes_match_the_unpatched_actor():
-    trainer_spawn.run(_ddp_scenarios, 2, timeout=150)
+def _zero3_scenario(rank: int) -> None:
+    """OpenRLHF trains under DeepSpeed: with ZeRO-3 the head is partitioned, and the fused path must
+    gather it (forward and the recomputing backward) as the logits path does."""
+    import deepspeed
+    import deepspeed.comm.torch
+
+    # DeepSpeed's CPU accelerator may JIT-compile a shared-memory all-reduce (minutes of C++); gloo suffices.
+    deepspeed.comm.torch.build_shm_op = lambda: None
+    config = {
+        "train_micro_batch_size_per_gpu": 3,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # partition everything
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
+    batch = _batch([9, 6, 8], prompt=3, seed=rank)
+    results = []
+    for patched in (False, True):
+        if patched:
+            rspo_openrlhf.install()
+        try:
+            actor = _actor(tied=False, packing=True)
+            engine, *_ = deepspeed.initialize(
+                model=actor, optimizer=torch.optim.SGD(actor.parameters(), lr=0.1), config=config
+            )
+            assert engine.module.model.lm_head.weight.numel() == 0  # partitioned outside its forward
+            logp, ent, mask = _step(engine, batch, rank, backward=engine.backward)
+            grads = {n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+            results.append((logp, ent, mask, grads))
+            engine.destroy()
+        finally:
+            rspo_openrlhf.uninstall()
+    (logp, ent, mask, grads), (flogp, fent, _, fgrads) = results
+    _compare("ZeRO-3 log-probs", flogp, logp)
+    _compare("ZeRO-3 entropy", fent, ent, mask)
+    for name, g in grads.items():
+        _compare(f"ZeRO-3 grad {name}", fgrads[name], g)
+
+
+def _all_scenarios(rank: int, world: int) -> None:
+    _ddp_scenarios(rank, world)
+    _zero3_scenario(rank)
+
+
+def test_ddp_and_zero3_on_two_processes_match_the_unpatched_actor():
+    trainer_spawn.run(_all_scenarios, 2, timeout=180)
