@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from rspo_kernels.integrations import openrlhf_fused
 from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, unwrap, when_imported, wrap
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 SETUP_HOOK = f"{__name__}.install"
-ENV_VARS = ("RSPO_K", "RSPO_OBJECTIVE", "RSPO_ESTIMATOR", "RSPO_ORDER", "RSPO_K_SCHEDULE")
+ENV_VARS = ("RSPO_K", "RSPO_OBJECTIVE", "RSPO_ESTIMATOR", "RSPO_ORDER", "RSPO_K_SCHEDULE", openrlhf_fused.ENV_VAR)
 _KEYS = {
     "objective": "RSPO_OBJECTIVE",
     "k": "RSPO_K",
@@ -235,6 +236,7 @@ def install() -> None:
     """
     when_imported(_MAKER, _patch)
     when_imported(_TRAINER, _patch_trainer)
+    openrlhf_fused.install()  # RSPO_FUSED_LOGPROBS=1: Actor.forward from the hidden states
 
 
 def uninstall() -> None:
@@ -243,6 +245,7 @@ def uninstall() -> None:
     for name in ("compute_advantages_and_returns", "__init__"):
         unwrap(maker, name)
     unwrap(getattr(sys.modules.get(_TRAINER), "BasePPOTrainer", None), "train_step")
+    openrlhf_fused.uninstall()
 
 
 def runtime_env_hook(runtime_env: dict | None) -> dict:
@@ -261,6 +264,7 @@ def runtime_env_hook(runtime_env: dict | None) -> dict:
         or as :func:`check_arguments`.
     """
     settings_from_env()
+    openrlhf_fused.enabled()  # a bad RSPO_FUSED_LOGPROBS fails here, before any worker starts
     if os.path.basename(sys.argv[0]) == "train_ppo_ray.py":
         parser = argparse.ArgumentParser(add_help=False)
         parser.add_argument("--algo.advantage.estimator", dest="estimator", default="gae")

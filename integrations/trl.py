@@ -23,7 +23,6 @@ import torch
 
 import rspo_kernels as rk
 from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, framework_import
-from rspo_kernels.integrations.trl_fused import FusedLinearLossMixin
 
 with framework_import("trl", "trl"):
     from transformers import TrainingArguments
@@ -45,6 +44,14 @@ _EVAL_KEYS = {**_KEYS, "n": "num_generations_eval"}
 _RENAMED_CHECKPOINTING = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
 # ... and TRL 1.16 calls the model's deprecated aliases while it generates.
 _TRL_DEPRECATED_CALLS = r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated"
+# The flag ran the backbone outside the DDP wrapper's forward (replicas drifted by 4e-3 in 3 steps on
+# 2 processes) and duplicated what TRL's default path already does (docs/fused-trainers.md, "TRL").
+_FUSED_LINEAR_LOSS_REMOVED = (
+    "RSPOConfig(use_fused_linear_loss=True) was removed: RSPOTrainer, as TRL's GRPOTrainer, already computes the "
+    "per-token log-probs from the last hidden state without materialising the logits (TRL's add_fused_lm_head / "
+    "ChunkedLogProbFunction), inside the wrapped model's forward, so DDP, FSDP2 and ZeRO-3 synchronise it; drop "
+    "use_fused_linear_loss (TRL's cast_lm_head_to_fp32 sets the head's precision)"
+)
 
 
 @dataclass
@@ -75,8 +82,9 @@ class RSPOConfig(GRPOConfig):
         On creation, before any model loads: an invalid ``rspo_*`` value, or one that groups of
         ``num_generations`` (or ``num_generations_eval``) completions cannot serve.
     use_fused_linear_loss : bool, default False
-        Compute the policy loss from the last hidden state and ``lm_head`` with
-        :func:`rspo_kernels.rspo_linear_loss`, never building the logits (see ``trl_fused``).
+        Removed: ``True`` raises. TRL's trainer already computes the log-probs from the hidden
+        states without the logits (``add_fused_lm_head``), inside the wrapped model's forward
+        (docs/fused-trainers.md, "TRL").
 
     Notes
     -----
@@ -94,10 +102,13 @@ class RSPOConfig(GRPOConfig):
     if _RENAMED_CHECKPOINTING:
         gradient_checkpointing: bool | None = None  # TRL's default goes onto the new name below
     use_fused_linear_loss: bool = field(
-        default=False, metadata={"help": "Policy loss from the last hidden state and lm_head, never the logits."}
+        default=False,
+        metadata={"help": "Removed (raises when True): TRL's default path already never builds the logits."},
     )
 
     def __post_init__(self) -> None:
+        if self.use_fused_linear_loss:
+            raise ValueError(_FUSED_LINEAR_LOSS_REMOVED)
         if _RENAMED_CHECKPOINTING and self.gradient_checkpointing is None and self.activation_checkpointing is None:
             self.activation_checkpointing = GRPOConfig.gradient_checkpointing
         if self.loss_type != "dr_grpo":
@@ -166,7 +177,7 @@ def rspo_advantages(
     return weights, metrics
 
 
-class RSPOTrainer(FusedLinearLossMixin, GRPOTrainer):
+class RSPOTrainer(GRPOTrainer):
     """:class:`trl.GRPOTrainer` whose advantages are RSPO weights.
 
     The weights are computed on the rewards of all processes (a prompt's completions can be spread

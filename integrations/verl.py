@@ -19,7 +19,8 @@ structured config. Validation also logs the unbiased ``pass@k`` (binary scores) 
 (graded scores) for k = 1, 2, 4, ... up to the number of samples per prompt, beside verl's
 bootstrapped ``best@k``. Loading the module also makes verl's ``validate_config`` (which ``main_ppo``
 runs before any model loads) check them, and makes the v1 trainer's multi-output agent loop
-count one sample per agent session (trajectory).
+count one sample per agent session (trajectory). It also teaches verl the fused-kernel backend
+``actor_rollout_ref.model.fused_kernel_options.impl_backend=rspo`` (see :mod:`.verl_fused`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from rspo_kernels.integrations._common import DEFAULT_K, RSPOSettings, framework
 with framework_import("verl", "verl"):
     from verl.trainer.config import AlgoConfig
     from verl.trainer.ppo import core_algos
+
+from rspo_kernels.integrations import verl_fused  # noqa: E402 - after the framework check
 
 __all__ = [
     "ESTIMATOR_NAME",
@@ -398,6 +401,7 @@ def _multi_trajectories(original):
 def _validate_config(original):
     def validate_config(config, *args, **kwargs):
         check_trainer_config(config)
+        verl_fused.check_fused_config(config)
         return original(config, *args, **kwargs)
 
     return validate_config
@@ -430,6 +434,7 @@ def register() -> None:
     when_imported("verl.utils.config", lambda module: wrap(module, "validate_config", _validate_config))
     multi = "compute_advantage_for_multi_trajectories"
     when_imported("verl.trainer.ppo.v1.utils", lambda module: wrap(module, multi, _multi_trajectories))
+    verl_fused.register()  # impl_backend=rspo for use_fused_kernels
     # The k schedule's step, the k in force in the step's metrics, unbiased validation metrics.
     when_imported("verl.trainer.ppo.metric_utils", _patch_metric_utils)
     when_imported("verl.trainer.ppo.ray_trainer", _patch_trainer_module)

@@ -80,7 +80,7 @@ def _rows(batch) -> list[tuple]:
 
 
 def tiny_run(tmp_path, max_steps: int) -> dict:
-    """RSPOConfig keywords of a few CPU steps on the tiny model (shared with the fused-linear tests)."""
+    """RSPOConfig keywords of a few CPU steps on the tiny model (shared with tests/test_fused_trl_ddp.py)."""
     return dict(
         output_dir=str(tmp_path),
         num_generations=NUM_GENERATIONS,
