@@ -124,3 +124,53 @@ def test_policy_loss_and_gradient_parity(mode, spread):
         assert_matches(stats["clip_fraction"], torch.as_tensor(clipfrac_v, dtype=torch.float32), torch.float32)
     if kl_v is not None:
         assert_matches(stats["approx_kl"], torch.as_tensor(kl_v, dtype=torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("path", ["logits", "linear"])
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_entropy_bonus_parity(mode, path):
+    """verl's ``ppo_loss``: ``pg_loss - entropy_coeff * agg_loss(entropy_from_logits(logits / T), mask, mode)``."""
+    torch_functional = pytest.importorskip("verl.utils.torch_functional")
+    coeff = 0.01
+    case = make_case(B=4, T=6, V=23, with_ref=False, seed=8)
+    T_ = case["temperature"]
+    mask = case["mask"].float()
+    if mode == "seq-mean-token-sum-norm":
+        _skip_if_old_norm(mask)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 6, 16, generator=g)
+    weight = torch.randn(23, 16, generator=g) * 0.5
+
+    def verl_loss(logits):
+        logp = token_logprobs_reference(logits, case["target_ids"].clamp(min=0), temperature=T_)
+        adv = case["weights"][:, None].expand(4, 6)
+        pg_v, _, _ = _verl_policy_loss(case["old_logprobs"], logp, adv, mask, mode)
+        # verl's actor divides the logits by the temperature before entropy_from_logits.
+        entropy_v = torch_functional.entropy_from_logits(logits / T_)
+        return pg_v - coeff * _verl_agg(entropy_v, mask, mode)
+
+    kw = dict(
+        old_logprobs=case["old_logprobs"],
+        temperature=T_,
+        epsilon_low=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        clip_ratio_c=3.0,
+        loss_agg_mode=mode,
+        entropy_coeff=coeff,
+    )
+    if path == "logits":
+        x = case["logits"].clone().requires_grad_()
+        loss_v = verl_loss(x)
+        (g_v,) = torch.autograd.grad(loss_v, x)
+        y = case["logits"].clone().requires_grad_()
+        loss = L.rspo_loss(y, case["target_ids"], case["weights"], case["mask"], **kw)
+        (g_got,) = torch.autograd.grad(loss, y)
+    else:
+        w = weight.clone().requires_grad_()
+        loss_v = verl_loss(hidden @ w.T)
+        (g_v,) = torch.autograd.grad(loss_v, w)
+        w2 = weight.clone().requires_grad_()
+        loss = L.rspo_linear_loss(hidden, w2, case["target_ids"], case["weights"], case["mask"], **kw)
+        (g_got,) = torch.autograd.grad(loss, w2)
+    assert_matches(loss, loss_v, torch.float32)
+    assert_matches(g_got, g_v, torch.float32)

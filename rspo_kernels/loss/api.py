@@ -34,10 +34,12 @@ def token_logprobs(
     return_entropy: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of ``target_ids`` under ``softmax(logits / temperature)``, forward only.
+    """Log-probabilities of ``target_ids`` under ``softmax(logits / temperature)`` (and the entropies).
 
-    For the old-policy and reference log-probs a trainer feeds to :func:`rspo_loss`. Never
-    materialises a float32 copy of the logits.
+    For the old-policy and reference log-probs a trainer feeds to :func:`rspo_loss` (call it under
+    ``torch.no_grad()`` there), and for custom losses: both outputs are differentiable in
+    ``logits``, the backward recomputing the softmax chunk by chunk. Never materialises a float32
+    copy of the logits.
 
     Parameters
     ----------
@@ -49,7 +51,9 @@ def token_logprobs(
     temperature : float, default 1.0
         Divides the logits (use the sampling temperature).
     return_entropy : bool, default False
-        Also return the entropy of each token's distribution.
+        Also return the entropy of each token's distribution. Its gradient is
+        ``dH/dlogits = -p * (x - E_p[x]) / temperature`` with ``x = logits / temperature``,
+        computed in the same backward pass as the log-probs' (no extra logits-sized buffer).
     cu_seqlens : torch.Tensor, optional
         ``(S + 1,)`` offsets of packed sequences. Accepted (and validated) so the packed call
         mirrors :func:`rspo_loss`; log-probs do not depend on it.
@@ -58,7 +62,7 @@ def token_logprobs(
     -------
     torch.Tensor or tuple of torch.Tensor
         ``logits.shape[:-1]`` float32 log-probabilities (float64 for float64 logits), and the
-        entropies when asked. Never requires grad.
+        entropies when asked. Both require grad when ``logits`` does (outside ``no_grad``).
 
     Raises
     ------
@@ -87,8 +91,7 @@ def token_logprobs(
     ids = target_ids.reshape(-1).long()
     live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     _, fn = implementation("token_logprobs", logits.device.type, logits.dtype)
-    with torch.no_grad():
-        logp, entropy = fn(logits3.detach(), ids, live, temperature=temperature, with_entropy=return_entropy)
+    logp, entropy = fn(logits3, ids, live, temperature=temperature, with_entropy=return_entropy)
     shape = tuple(target_ids.shape)
     if return_entropy:
         return logp.view(shape), entropy.view(shape)
@@ -158,6 +161,7 @@ def rspo_loss(
     max_response_length: int | None = None,
     inplace_backward: bool = False,
     return_stats: bool = False,
+    entropy_coeff: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Fused clipped policy-gradient loss driven by RSPO weights.
 
@@ -206,6 +210,9 @@ def rspo_loss(
         ``entropy_mean``, ``clip_fraction`` (verl's ``pg_clipfrac``), ``approx_kl`` (verl's
         ``ppo_kl``, mean clamped ``old - logp``), ``dual_clip_fraction`` (verl's
         ``pg_clipfrac_lower``, with ``clip_ratio_c``) and ``ref_kl`` (with ``ref_logprobs``).
+    entropy_coeff : float, default 0.0
+        Entropy bonus: the loss becomes ``pg_loss - entropy_coeff * agg(entropy)``, aggregated
+        with ``loss_agg_mode`` (verl's ``actor.entropy_coeff``); see :class:`LossOptions`.
 
     Returns
     -------
@@ -256,6 +263,7 @@ def rspo_loss(
         beta=beta,
         loss_agg_mode=loss_agg_mode,
         max_response_length=max_response_length,
+        entropy_coeff=entropy_coeff,
     )
     return rspo_loss_with_options(
         logits,
@@ -303,7 +311,7 @@ def rspo_loss_with_options(
         batch.ids,
         batch.live,
         temperature=options.temperature,
-        with_entropy=return_stats,
+        with_entropy=return_stats or options.entropy_coeff != 0.0,
         inplace_backward=bool(inplace_backward) and torch.is_grad_enabled(),
         **kw,
     )
@@ -325,7 +333,8 @@ class RSPOLoss(nn.Module):
     **loss_kwargs
         Fixed keyword arguments of :func:`rspo_loss`: the :class:`LossOptions` fields
         (``temperature``, ``epsilon_low``, ``epsilon_high``, ``clip_ratio_c``, ``beta``,
-        ``loss_agg_mode``, ``max_response_length``) and ``inplace_backward``, ``return_stats``.
+        ``loss_agg_mode``, ``max_response_length``, ``entropy_coeff``) and ``inplace_backward``,
+        ``return_stats``.
 
     Raises
     ------

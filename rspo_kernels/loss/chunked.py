@@ -89,13 +89,13 @@ def _safe_ids(ids: torch.Tensor, live: torch.Tensor, vocab: int) -> tuple[torch.
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
-    """``(logits, ids, live) -> (logp, entropy)``; only ``logp`` is differentiable.
+    """``(logits, ids, live) -> (logp, entropy)``; both differentiable.
 
     Nothing but the inputs is saved: backward recomputes the softmax with one fused
-    ``torch.softmax`` per chunk, faster on CPU than subtracting a saved log-sum-exp. Outputs are
-    flat ``(N,)`` in the compute dtype (float32; float64 for float64 logits). Tokens that are not
-    ``live`` get 0 everywhere and a zero gradient row, whatever the logits hold. ``entropy`` is
-    empty unless asked for.
+    ``torch.softmax`` per chunk, faster on CPU than subtracting a saved log-sum-exp, and with it
+    ``E_p[x]`` for the entropy's gradient. Outputs are flat ``(N,)`` in the compute dtype
+    (float32; float64 for float64 logits). Tokens that are not ``live`` get 0 everywhere and a
+    zero gradient row, whatever the logits hold. ``entropy`` is empty unless asked for.
     """
 
     @staticmethod
@@ -131,8 +131,10 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        logits, ids, live, temperature, _, inplace_backward, chunk_rows = inputs
-        ctx.mark_non_differentiable(output[1])
+        logits, ids, live, temperature, with_entropy, inplace_backward, chunk_rows = inputs
+        if not with_entropy:
+            ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
         ctx.save_for_backward(logits, ids, live)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
@@ -140,11 +142,25 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         ctx.consumed = False
 
     @staticmethod
-    def backward(ctx: Any, g_logp: torch.Tensor, _g_entropy: Any) -> tuple:
+    def backward(ctx: Any, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None) -> tuple:
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
         logits, ids, live = ctx.saved_tensors
-        grad = logits_grad(logits, ids, live, None, g_logp, ctx.temperature, ctx.chunk_rows, ctx.inplace_backward)
+        if g_entropy is not None and g_entropy.numel() == 0:
+            g_entropy = None  # the empty placeholder output (torch.compile materialises its gradient)
+        if g_logp is None:
+            g_logp = torch.zeros(live.shape, dtype=compute_dtype(logits.dtype), device=live.device)
+        grad = logits_grad(
+            logits,
+            ids,
+            live,
+            None,
+            g_logp,
+            ctx.temperature,
+            ctx.chunk_rows,
+            ctx.inplace_backward,
+            g_entropy=g_entropy,
+        )
         return grad, None, None, None, None, None, None
 
 
@@ -157,38 +173,49 @@ def logits_grad(
     temperature: float,
     chunk_rows: int,
     inplace: bool,
+    *,
+    g_entropy: torch.Tensor | None = None,
+    mean_x: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``g * (onehot(ids) - softmax(logits / T)) / T`` chunk by chunk, in the logits' dtype.
+    """``(g * onehot(ids) - p * (g + g_H * (x - E_p[x]))) / T`` chunk by chunk, in the logits' dtype.
 
-    ``g = dL/dlogp``. With the forward's per-token log-sum-exp ``lse`` of ``logits / T`` the softmax
-    is ``exp(x / T - lse)``; with ``lse=None`` it is recomputed by ``torch.softmax`` (one fused pass,
-    the faster choice on CPU). Rows with ``g = 0`` (padding, clipped tokens) are written as zeros
-    without reading their logits, so NaN or inf there never leaks. With ``inplace`` the result
-    overwrites ``logits`` (whose version counter is bumped, so any other autograd node that saved
-    them raises instead of reading the gradient).
+    ``x = logits / T``, ``p = softmax(x)``, ``g = dL/dlogp``, ``g_H = dL/dentropy`` (None: no
+    entropy term); ``dH/dx = -p (x - E_p[x])`` since ``H = lse(x) - E_p[x]``. With the forward's
+    per-token log-sum-exp ``lse`` of ``x`` the softmax is ``exp(x - lse)``; with ``lse=None`` it
+    is recomputed by ``torch.softmax`` (one fused pass, the faster choice on CPU). ``E_p[x]`` is
+    ``mean_x`` when given (with ``lse``), else recomputed from the chunk's softmax. Rows with
+    ``g = g_H = 0`` (padding, clipped tokens) are written as zeros without reading their logits, so
+    NaN or inf there never leaks. With ``inplace`` the result overwrites ``logits`` (whose version
+    counter is bumped, so any other autograd node that saved them raises instead of reading the
+    gradient).
     """
     V = logits.shape[-1]
     cdt = compute_dtype(logits.dtype)
     grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    zero = torch.zeros((), dtype=cdt, device=live.device)
     # Dead tokens take no gradient, whatever reaches their (constant 0) log-prob.
-    g = torch.where(live, g_logp.to(cdt) / temperature, torch.zeros((), dtype=cdt, device=live.device))
+    g = torch.where(live, g_logp.to(cdt) / temperature, zero)
+    gh = None if g_entropy is None else torch.where(live, g_entropy.to(cdt) / temperature, zero)
     safe, _ = _safe_ids(ids, live, V)
     sparse_ok = logits.device.type == "cpu" and not torch.compiler.is_compiling()
     for (rows, grad_rows), r0, r1 in row_chunks((logits, grad), chunk_rows):
         c_g, c_ids = g[r0:r1], safe[r0:r1]
+        c_gh = None if gh is None else gh[r0:r1]
         c_lse = None if lse is None else lse[r0:r1]
-        nonzero = c_g != 0
+        c_mu = None if mean_x is None else mean_x[r0:r1]
+        nonzero = c_g != 0 if c_gh is None else (c_g != 0) | (c_gh != 0)
         if sparse_ok and not bool(nonzero.all()):
             # Clipped and padded tokens are common in RL batches: compute only the others.
             idx = torch.nonzero(nonzero).squeeze(-1)
+            c_lse, c_gh, c_mu = (None if v is None else v[idx] for v in (c_lse, c_gh, c_mu))
             sub = _softmax_grad_rows(
-                rows.index_select(0, idx), c_g[idx], c_ids[idx], None if c_lse is None else c_lse[idx], temperature, cdt
+                rows.index_select(0, idx), c_g[idx], c_ids[idx], c_lse, temperature, cdt, c_gh, c_mu
             )
             # After reading: with inplace, grad_rows are the logits.
             grad_rows.index_fill_(0, torch.nonzero(~nonzero).squeeze(-1), 0.0)
             grad_rows.index_copy_(0, idx, sub.to(grad_rows.dtype))
             continue
-        out = _softmax_grad_rows(rows, c_g, c_ids, c_lse, temperature, cdt)
+        out = _softmax_grad_rows(rows, c_g, c_ids, c_lse, temperature, cdt, c_gh, c_mu)
         out.masked_fill_(~nonzero.unsqueeze(-1), 0.0)  # 0 * NaN of a dead row must not leak
         grad_rows.copy_(out)
     if inplace:
@@ -203,14 +230,23 @@ def _softmax_grad_rows(
     lse: torch.Tensor | None,
     temperature: float,
     cdt: torch.dtype,
+    gh: torch.Tensor | None = None,
+    mean_x: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``g * (onehot(ids) - softmax(rows / T))`` for a block of rows, in a fresh ``cdt`` buffer."""
+    """``g * onehot(ids) - p * (g + gh * (x - E_p[x]))`` for a block of rows, in a fresh ``cdt`` buffer."""
     x = rows.to(cdt) / temperature if temperature != 1.0 else rows
     if lse is None:
         out = torch.softmax(x, dim=-1, dtype=cdt)
     else:
         out = torch.sub(x, lse.unsqueeze(-1)).to(cdt).exp_()
-    out.mul_(-g.unsqueeze(-1))
+    if gh is None:
+        out.mul_(-g.unsqueeze(-1))
+    else:
+        # (x - E_p[x]) where p > 0 only: a -inf logit (p = 0) must give 0, never 0 * -inf.
+        dev = torch.where(out > 0, x.to(cdt), torch.zeros((), dtype=cdt, device=out.device))  # [n, V]
+        mu = torch.linalg.vecdot(out, dev) if mean_x is None else mean_x
+        dev.sub_(mu.unsqueeze(-1)).mul_(gh.unsqueeze(-1)).add_(g.unsqueeze(-1))
+        out.mul_(dev).neg_()
     return out.scatter_add_(1, ids.unsqueeze(-1), g.unsqueeze(-1))
 
 
@@ -249,7 +285,7 @@ def fused_token_logprobs(
     temperature : float
         Divides the logits.
     with_entropy : bool
-        Also compute the (non-differentiable) entropies.
+        Also compute the entropies (differentiable too).
     inplace_backward : bool
         Write the gradient over ``logits`` in backward (one backward only).
     chunk_rows : int, optional

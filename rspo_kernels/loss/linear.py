@@ -136,7 +136,8 @@ def token_logprobs_linear(
     temperature : float, default 1.0
         Divides the logits (use the sampling temperature).
     return_entropy : bool, default False
-        Also return each token's entropy (not differentiable).
+        Also return each token's entropy, differentiable like the log-probs (its gradient,
+        ``-p (x - E_p[x]) / temperature`` per logit, is formed in the same recomputing backward).
     mask : torch.Tensor, optional
         ``hidden.shape[:-1]``; tokens where it is 0 are skipped (log-prob 0, zero gradient) and
         may hold any id and any hidden state.
@@ -215,6 +216,7 @@ def rspo_linear_loss(
     return_stats: bool = False,
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
+    entropy_coeff: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped RSPO policy loss from the last hidden states and the ``lm_head``, never building the logits.
 
@@ -242,6 +244,9 @@ def rspo_linear_loss(
     chunk_rows, vocab_block : int, optional
         Block shape of the logits (tokens x vocabulary entries); picked from the shapes when
         absent (:func:`rspo_kernels.loss.linear_chunked.default_blocks`).
+    entropy_coeff : float, default 0.0
+        Entropy bonus: ``loss = pg_loss - entropy_coeff * agg(entropy)`` with ``loss_agg_mode``
+        (verl's ``actor.entropy_coeff``); its gradient reaches ``hidden``, the weight and the bias.
 
     Returns
     -------
@@ -288,6 +293,7 @@ def rspo_linear_loss(
         beta=beta,
         loss_agg_mode=loss_agg_mode,
         max_response_length=max_response_length,
+        entropy_coeff=entropy_coeff,
     )
     return rspo_linear_loss_with_options(
         hidden,
@@ -351,7 +357,7 @@ def rspo_linear_loss_with_options(
         batch.ids,
         batch.live,
         options.temperature,
-        return_stats,
+        return_stats or options.entropy_coeff != 0.0,
         chunk_rows,
         vocab_block,
     )

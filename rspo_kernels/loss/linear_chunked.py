@@ -115,7 +115,7 @@ def _active(mask: torch.Tensor) -> torch.Tensor | None:
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
-    """``(hidden, weight, bias, ids, live) -> (logp, lse, entropy)``; only ``logp`` is differentiable.
+    """``(hidden, weight, bias, ids, live) -> (logp, lse, entropy)``; ``logp`` and ``entropy`` are differentiable.
 
     Outputs are flat ``(N,)`` in the compute dtype (float32; float64 for float64 inputs). Tokens
     that are not ``live`` get 0 everywhere and zero gradient rows, whatever their hidden states
@@ -185,28 +185,34 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        hidden, weight, bias, ids, live, temperature, _, chunk_rows, vocab_block = inputs
+        hidden, weight, bias, ids, live, temperature, with_entropy, chunk_rows, vocab_block = inputs
         _, lse, entropy = output
-        ctx.mark_non_differentiable(lse, entropy)
-        ctx.save_for_backward(hidden, weight, bias, ids, live, lse)
+        ctx.mark_non_differentiable(*((lse,) if with_entropy else (lse, entropy)))
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
+        ctx.save_for_backward(hidden, weight, bias, ids, live, lse, entropy)
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows
         ctx.vocab_block = vocab_block
 
     @staticmethod
-    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:
+    def backward(ctx: Any, g_logp: torch.Tensor | None, _g_lse: Any, g_entropy: torch.Tensor | None) -> tuple:
         check_backward_mode("rspo_linear_loss")
-        hidden, weight, bias, ids, live, lse = ctx.saved_tensors
+        hidden, weight, bias, ids, live, lse, entropy = ctx.saved_tensors
+        if g_entropy is not None and g_entropy.numel() == 0:
+            g_entropy = None  # the empty placeholder output (torch.compile materialises its gradient)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         B, T, H = hidden.shape
         N, V = B * T, weight.shape[0]
         cdt = lse.dtype
         dev = hidden.device
         temperature = ctx.temperature
+        zero = torch.zeros((), dtype=cdt, device=dev)
         # g / T: the gradient with respect to the logits before the temperature. Dead tokens take
         # none, whatever reaches their constant 0 log-prob; a NaN g at a live token stays NaN.
-        g = torch.where(live, g_logp.to(cdt) / temperature, torch.zeros((), dtype=cdt, device=dev))
-        index = _active(g != 0)
+        g = zero.expand(N) if g_logp is None else torch.where(live, g_logp.to(cdt) / temperature, zero)
+        # The entropy's share, dH/dx = -p (x - E_p[x]) with E_p[x] = lse - H (no extra pass).
+        gh = None if g_entropy is None else torch.where(live, g_entropy.to(cdt) / temperature, zero)
+        index = _active(g != 0 if gh is None else (g != 0) | (gh != 0))
         n = N if index is None else index.numel()
         # Optional buffers, each present exactly when its gradient is needed (Any: mypy cannot see that).
         grad_h: Any = None
@@ -222,6 +228,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
             return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 6)
         act = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
         a_ids, a_lse, a_g = act(ids), act(lse), act(g)
+        a_gh = None if gh is None else act(gh)
+        a_mu: Any = None if gh is None else act(lse - entropy)
         # Accumulate dh in the compute dtype: directly into the result when it already is one.
         direct_h = need_h and index is None and hidden.dtype == cdt and grad_h.is_contiguous()
         acc_h: Any = grad_h.view(N, H) if direct_h else (torch.zeros(n, H, dtype=cdt, device=dev) if need_h else None)
@@ -239,8 +247,15 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     r1 = min(r0 + ctx.chunk_rows, n)
                     c_g = a_g[r0:r1]
                     x = _block_logits(h[r0:r1], w, b, temperature, cdt)  # [n, vb]
-                    # G = g (onehot - softmax), in place.
-                    x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))
+                    if a_gh is None:
+                        # G = g (onehot - softmax), in place.
+                        x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))
+                    else:
+                        # G = g onehot - p (g + g_H (x - E_p[x])); a -inf logit (p = 0) gives 0.
+                        coef = x.sub(a_mu[r0:r1].unsqueeze(-1)).masked_fill_(x == float("-inf"), 0.0)
+                        coef.mul_(a_gh[r0:r1].unsqueeze(-1)).add_(c_g.unsqueeze(-1))
+                        x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(coef).neg_()
+                        del coef
                     local = a_ids[r0:r1] - v0
                     inside = (local >= 0) & (local < v1 - v0)
                     x.scatter_add_(
@@ -293,7 +308,7 @@ def linear_token_logprobs(
     temperature : float
         Divides the logits.
     with_entropy : bool
-        Also compute the (non-differentiable) entropies.
+        Also compute the entropies (differentiable too).
     chunk_rows, vocab_block : int, optional
         Block shape; :func:`default_blocks` when absent.
 

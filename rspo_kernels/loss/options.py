@@ -67,6 +67,11 @@ class LossOptions:
     max_response_length : int, optional
         Constant divisor of ``"seq-mean-token-sum-norm"`` (Dr. GRPO); ``T`` for padded inputs
         when absent, required for packed inputs.
+    entropy_coeff : float, default 0.0
+        Weight of the entropy bonus (verl's ``actor.entropy_coeff``): the loss becomes
+        ``pg_loss - entropy_coeff * agg(entropy)``, the entropy aggregated with the same
+        ``loss_agg_mode`` as the policy loss (verl's ``ppo_loss``). Its gradient is exact on every
+        backend. Any finite number (negative values penalise entropy).
 
     Raises
     ------
@@ -89,6 +94,7 @@ class LossOptions:
     beta: float = 0.0
     loss_agg_mode: str = "token-mean"
     max_response_length: int | None = None
+    entropy_coeff: float = 0.0
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:  # frozen: normalise the fields once, here
@@ -101,6 +107,7 @@ class LossOptions:
         if self.clip_ratio_c is not None:
             set_("clip_ratio_c", _real("clip_ratio_c", self.clip_ratio_c))
         set_("beta", _real("beta", self.beta))
+        set_("entropy_coeff", _real("entropy_coeff", self.entropy_coeff))
         if self.max_response_length is not None:
             set_("max_response_length", _int("max_response_length", self.max_response_length))
         if not self.temperature > 0 or self.temperature == float("inf"):
@@ -117,6 +124,10 @@ class LossOptions:
             )
         if not 0 <= self.beta < float("inf"):
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
+        if not abs(self.entropy_coeff) < float("inf"):
+            raise ValueError(
+                f"entropy_coeff must be a finite number (verl's actor.entropy_coeff), got {self.entropy_coeff}"
+            )
         if not isinstance(self.loss_agg_mode, str) or self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode={self.loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
         if self.max_response_length is not None and self.max_response_length < 1:

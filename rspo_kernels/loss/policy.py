@@ -34,7 +34,7 @@ def policy_loss(
     logp : torch.Tensor
         ``(N,)`` differentiable log-probs, 0 where ``batch.live`` is False.
     entropy : torch.Tensor or None
-        ``(N,)`` entropies (needed for the stats only).
+        ``(N,)`` entropies, differentiable (needed for the stats and for ``entropy_coeff``).
     options : LossOptions
         Hyper-parameters.
     return_stats : bool
@@ -47,6 +47,11 @@ def policy_loss(
     """
     loss_tok, parts = token_objective(logp, batch.old, batch.ref, batch.adv, batch.live, options)
     loss = (batch.coef * loss_tok).sum()
+    if options.entropy_coeff != 0.0:
+        if entropy is None:
+            raise ValueError("entropy_coeff != 0 needs the entropies: compute them with with_entropy=True")
+        # verl's ppo_loss: minus entropy_coeff times the entropy aggregated like the loss (the same c).
+        loss = loss - options.entropy_coeff * (batch.coef * entropy).sum()
     if not return_stats:
         return loss
-    return loss, summarize_stats(batch.mask, logp, entropy, parts)
+    return loss, summarize_stats(batch.mask, logp, None if entropy is None else entropy.detach(), parts)

@@ -46,9 +46,11 @@ def _nonzero_or_one(x: torch.Tensor) -> torch.Tensor:
 
 
 def _entropy_from_log_softmax(logp_all: torch.Tensor) -> torch.Tensor:
-    # p log p -> 0 as p -> 0: a -inf logit adds nothing (0 * -inf would be NaN).
+    # p log p -> 0 as p -> 0: a -inf logit adds nothing. The where() comes before the product so
+    # that autograd never forms 0 * -inf either (its gradient stays finite, and exact).
     p = logp_all.exp()
-    return -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(dim=-1)
+    safe = torch.where(p > 0, logp_all, torch.zeros_like(logp_all))
+    return -(p * safe).sum(dim=-1)
 
 
 def token_logprobs_reference(
@@ -75,7 +77,7 @@ def token_logprobs_reference(
     -------
     torch.Tensor or tuple of torch.Tensor
         ``logits.shape[:-1]`` float32 (float64 for float64 logits) log-probabilities, and the
-        entropies when asked. Differentiable (this is the specification).
+        entropies when asked. Both differentiable (this is the specification).
     """
     V = logits.shape[-1]
     x = logits.to(compute_dtype(logits.dtype)) / temperature
@@ -102,8 +104,8 @@ def fused_token_logprobs_reference(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The contract of the fused log-prob backends, unfused (the ``reference`` backend).
 
-    ``logits`` ``(B, T, V)``; ``ids`` and ``live`` ``(N,)``. Returns flat ``(N,)`` log-probs
-    (differentiable) and entropies (or None); both are 0 at tokens that are not ``live``, and no
+    ``logits`` ``(B, T, V)``; ``ids`` and ``live`` ``(N,)``. Returns flat ``(N,)`` log-probs and
+    entropies (or None), both differentiable; both are 0 at tokens that are not ``live``, and no
     gradient reaches those rows. ``inplace_backward`` and ``chunk_rows`` are ignored.
     """
     del inplace_backward, chunk_rows
@@ -120,7 +122,7 @@ def fused_token_logprobs_reference(
         logp = token_logprobs_reference(rows, safe_ids, temperature=temperature)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(live, logp, zero)
-    return logp, None if entropy is None else torch.where(live, entropy.detach(), zero)
+    return logp, None if entropy is None else torch.where(live, entropy, zero)
 
 
 def token_objective(
@@ -301,7 +303,7 @@ def rspo_loss_reference(
         target_ids.reshape(-1).long(),
         live.reshape(-1),
         temperature=opts.temperature,
-        with_entropy=return_stats,
+        with_entropy=return_stats or opts.entropy_coeff != 0.0,
     )
     adv = weights.detach().to(cdt)
     adv = adv.unsqueeze(-1).expand(B, T) if adv.dim() == 1 else adv
@@ -310,9 +312,14 @@ def rspo_loss_reference(
         logp, flat(old_logprobs), flat(ref_logprobs), adv.reshape(-1), live.reshape(-1), opts
     )
     loss = agg_loss_reference(loss_tok.view(B, T), m, opts.loss_agg_mode, opts.max_response_length)
+    if opts.entropy_coeff != 0.0:
+        assert entropy is not None
+        # verl's ppo_loss: policy_loss -= entropy_coeff * agg_loss(entropy, mask, loss_agg_mode).
+        ent = agg_loss_reference(entropy.view(B, T), m, opts.loss_agg_mode, opts.max_response_length)
+        loss = loss - opts.entropy_coeff * ent
     if not return_stats:
         return loss
-    return loss, summarize_stats(m.reshape(-1), logp, entropy, parts)
+    return loss, summarize_stats(m.reshape(-1), logp, None if entropy is None else entropy.detach(), parts)
 
 
 def summarize_stats(

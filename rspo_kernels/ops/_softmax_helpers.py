@@ -75,3 +75,15 @@ def softmax_grad_block(b_x, b_lse, o_v, target, b_g):
     """``b_g * (onehot(target) - softmax)`` on one vocabulary block (``b_g`` already holds 1/T)."""
     b_p = tl.exp(b_x - b_lse)  # [BV]
     return (tl.where(o_v == target, 1.0, 0.0) - b_p) * b_g
+
+
+@triton.jit
+def entropy_grad_block(b_x, b_lse, b_mu, b_gh):
+    """``b_gh * p * (x - E_p[x])`` on one vocabulary block: minus the entropy's share of ``dL/dx``.
+
+    ``dH/dx = -p (x - E_p[x])``; ``b_gh`` already holds 1/T. ``p = 0`` (a ``-inf`` logit, or past
+    the vocabulary) gives 0, never ``0 * -inf``.
+    """
+    b_p = tl.exp(b_x - b_lse)  # [BV]
+    b_d = tl.where(b_p > 0, b_x - b_mu, 0.0)  # select before multiplying: 0 * -inf is never formed
+    return b_p * b_d * b_gh

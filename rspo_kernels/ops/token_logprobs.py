@@ -7,7 +7,8 @@ pick block sizes and the grid, then the ``torch.autograd.Function``. One program
 - Forward: each live token streams its row of logits once through an online log-sum-exp (and
   entropy) in float32 and stores ``lse`` and ``logp``: O(tokens) outputs, nothing of size vocab.
 - Backward: each token with a nonzero incoming gradient ``g = dL/dlogp`` streams its row again and
-  writes ``g * (onehot(target) - exp(x / T - lse)) / T`` once, in the logits' dtype. ``g`` already
+  writes ``g * (onehot(target) - exp(x / T - lse)) / T`` once, in the logits' dtype (minus
+  ``g_H * p * (x - E_p[x]) / T`` when the entropy has a gradient ``g_H``). ``g`` already
   holds ``grad_output`` and the aggregation coefficient, so loss scaling happens in float32 before
   the single rounding. Tokens with ``g = 0`` (padding, clipped tokens) write zeros without reading
   their logits, so NaN or inf there never reaches the gradient.
@@ -30,7 +31,12 @@ import triton
 import triton.language as tl
 
 from rspo_kernels.loss.chunked import check_backward_mode, check_inplace_backward_once, default_chunk_rows, logits_grad
-from rspo_kernels.ops._softmax_helpers import load_scaled_block, lse_block_update, softmax_grad_block
+from rspo_kernels.ops._softmax_helpers import (
+    entropy_grad_block,
+    load_scaled_block,
+    lse_block_update,
+    softmax_grad_block,
+)
 
 __all__ = ["LAUNCH_ENV", "TritonTokenLogprobs", "fused_token_logprobs", "launch_config"]
 
@@ -83,6 +89,8 @@ def _token_logprobs_bwd_kernel(
     p_ids,
     p_lse,
     p_glogp,
+    p_gentropy,
+    p_mean_x,
     p_dlogits,
     T,
     stride_lb,
@@ -91,6 +99,7 @@ def _token_logprobs_bwd_kernel(
     stride_gt,
     inv_temperature,
     V: tl.constexpr,
+    WITH_ENTROPY_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
@@ -99,7 +108,12 @@ def _token_logprobs_bwd_kernel(
     p_grow = p_dlogits + i_b * stride_gb + i_t * stride_gt
     o_v = tl.arange(0, BLOCK_V)
     b_g = tl.load(p_glogp + i_n).to(tl.float32) * inv_temperature
-    if b_g == 0.0:
+    b_zero = b_g == 0.0
+    if WITH_ENTROPY_GRAD:
+        b_gh = tl.load(p_gentropy + i_n).to(tl.float32) * inv_temperature
+        b_mu = tl.load(p_mean_x + i_n)
+        b_zero = b_zero & (b_gh == 0.0)
+    if b_zero:
         for v0 in range(0, V, BLOCK_V):
             tl.store(p_grow + v0 + o_v, tl.zeros([BLOCK_V], dtype=p_dlogits.dtype.element_ty), mask=v0 + o_v < V)
     else:
@@ -109,6 +123,8 @@ def _token_logprobs_bwd_kernel(
         for v0 in range(0, V, BLOCK_V):
             b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
             b_dx = softmax_grad_block(b_x, b_lse, v0 + o_v, i_target, b_g)  # [BV]
+            if WITH_ENTROPY_GRAD:
+                b_dx -= entropy_grad_block(b_x, b_lse, b_mu, b_gh)
             tl.store(p_grow + v0 + o_v, b_dx.to(p_dlogits.dtype.element_ty), mask=m_v)
 
 
@@ -169,16 +185,21 @@ def _launch_bwd(
     g_logp: torch.Tensor,
     dlogits: torch.Tensor,
     temperature: float,
+    g_entropy: torch.Tensor | None = None,
+    mean_x: torch.Tensor | None = None,
 ) -> None:
     B, T, V = logits.shape
     if B * T == 0:
         return
     block_v, num_warps = launch_config(V, logits.device)
+    with_gh = g_entropy is not None
     _token_logprobs_bwd_kernel[(B * T,)](
         logits,
         ids,
         lse,
         g_logp,
+        g_entropy if with_gh else g_logp,
+        mean_x if with_gh else lse,
         dlogits,
         T,
         logits.stride(0),
@@ -187,17 +208,18 @@ def _launch_bwd(
         dlogits.stride(1),
         1.0 / temperature,
         V=V,
+        WITH_ENTROPY_GRAD=with_gh,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
 
 
 class TritonTokenLogprobs(torch.autograd.Function):
-    """``(logits, ids, live) -> (logp, lse, entropy)``; only ``logp`` is differentiable.
+    """``(logits, ids, live) -> (logp, lse, entropy)``; ``logp`` and ``entropy`` are differentiable.
 
     The contract of :class:`rspo_kernels.loss.chunked.ChunkedTokenLogprobs` (plus the saved
-    log-sum-exp, which the backward kernel reads instead of recomputing it), for float16,
-    bfloat16 and float32 logits whose last dimension is contiguous.
+    log-sum-exp, which the backward kernel reads instead of recomputing it, and ``E_p[x]`` as
+    ``lse - entropy``), for float16, bfloat16 and float32 logits whose last dimension is contiguous.
     """
 
     @staticmethod
@@ -213,19 +235,26 @@ class TritonTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        logits, ids, live, temperature, _, inplace_backward = inputs
+        logits, ids, live, temperature, with_entropy, inplace_backward = inputs
         _, lse, entropy = output
-        ctx.mark_non_differentiable(lse, entropy)
-        ctx.save_for_backward(logits, ids, live, lse)
+        ctx.mark_non_differentiable(*((lse,) if with_entropy else (lse, entropy)))
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
+        ctx.save_for_backward(logits, ids, live, lse, entropy)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         ctx.consumed = False
 
     @staticmethod
-    def backward(ctx: Any, g_logp: torch.Tensor, _g_lse: Any, _g_entropy: Any) -> tuple:
+    def backward(ctx: Any, g_logp: torch.Tensor | None, _g_lse: Any, g_entropy: torch.Tensor | None) -> tuple:
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
-        logits, ids, live, lse = ctx.saved_tensors
+        logits, ids, live, lse, entropy = ctx.saved_tensors
+        if g_entropy is not None and g_entropy.numel() == 0:
+            g_entropy = None  # the empty placeholder output (torch.compile materialises its gradient)
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        # H = lse - E_p[x]: the entropy's gradient needs E_p[x], recovered without another pass.
+        mean_x = None if g_entropy is None else lse - entropy
         if torch._C._functorch.maybe_current_level() is not None:
             # torch.func wraps tensors that have no storage a kernel could read: same math in torch.
             dlogits = logits_grad(
@@ -237,14 +266,18 @@ class TritonTokenLogprobs(torch.autograd.Function):
                 ctx.temperature,
                 default_chunk_rows(logits.shape[-1]),
                 ctx.inplace_backward,
+                g_entropy=g_entropy,
+                mean_x=mean_x,
             )
             return dlogits, None, None, None, None, None
         dlogits = (
             logits if ctx.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         )
         # Dead tokens take no gradient, whatever reaches their (constant 0) log-prob.
-        g = torch.where(live, g_logp.to(torch.float32), torch.zeros((), device=g_logp.device)).contiguous()
-        _launch_bwd(logits, ids, lse, g, dlogits, ctx.temperature)
+        zero = torch.zeros((), device=g_logp.device)
+        g = torch.where(live, g_logp.to(torch.float32), zero).contiguous()
+        gh = None if g_entropy is None else torch.where(live, g_entropy.to(torch.float32), zero).contiguous()
+        _launch_bwd(logits, ids, lse, g, dlogits, ctx.temperature, gh, mean_x)
         if ctx.inplace_backward:
             torch.autograd.graph.increment_version(logits)
         return dlogits, None, None, None, None, None
@@ -262,8 +295,8 @@ def fused_token_logprobs(
     """Triton log-probs of ``ids``; the contract of :func:`rspo_kernels.loss.chunked.fused_token_logprobs`.
 
     ``logits`` is ``(B, T, V)`` float16/bfloat16/float32 (a non-contiguous last dimension is copied
-    once); ``ids`` and ``live`` are ``(N,)``. Returns float32 ``(N,)`` log-probs (differentiable)
-    and entropies (or None).
+    once); ``ids`` and ``live`` are ``(N,)``. Returns float32 ``(N,)`` log-probs and entropies (or
+    None), both differentiable.
     """
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
