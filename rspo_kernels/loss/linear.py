@@ -2,23 +2,30 @@
 
 ``rspo_linear_loss``, ``token_logprobs_linear``, ``RSPOLinearLoss``.
 
-``logits = (hidden @ lm_head_weight.T + bias) / temperature`` is never materialised for all tokens:
+``logits = (hidden @ lm_head.weight.T + bias) / temperature`` is never materialised for all tokens:
 :class:`~rspo_kernels.loss.linear_chunked.LinearTokenLogprobs` computes the log-probs block by block
 and recomputes each block in backward. Inputs are validated here, once, and normalised into the
 same :class:`~rspo_kernels.loss.layout.TokenBatch` as the logits loss; the O(tokens) rest of the
 loss is :func:`~rspo_kernels.loss.policy.policy_loss`, shared with :func:`rspo_kernels.rspo_loss`.
 ``RSPO_KERNELS_BACKEND=reference`` computes the logits unfused instead (for debugging, and for
 second derivatives).
+
+The head is given either as its weight tensor or as the module that owns it (``nn.Linear``, an
+FSDP2 ``fully_shard``-ed or a DeepSpeed ZeRO-3 partitioned one). A module's fused op runs as that
+module's forward (:func:`rspo_kernels.distributed.forward_redirect`), so the sharding hooks gather its
+parameters in forward and backward and reduce its gradients as they would for the logits.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
+from torch import nn
 
 import rspo_kernels.loss._checks as _checks
 from rspo_kernels._dispatch import implementation
+from rspo_kernels.distributed import forward_redirect, is_dtensor, is_zero3_param
 from rspo_kernels.loss.api import RSPOLoss, _validate_loss_inputs
 from rspo_kernels.loss.layout import compute_dtype, token_batch
 from rspo_kernels.loss.linear_chunked import linear_token_logprobs
@@ -27,32 +34,112 @@ from rspo_kernels.loss.policy import policy_loss
 
 __all__ = ["RSPOLinearLoss", "rspo_linear_loss", "rspo_linear_loss_with_options", "token_logprobs_linear"]
 
+Head: TypeAlias = "torch.Tensor | nn.Module"
+_PASS_MODULE = (
+    "pass the module that owns it instead (lm_head=model.lm_head, or the embedding module for a tied head), "
+    "so the fused op runs as that module's forward and its sharding hooks gather and reduce the weight"
+)
+
+
+def _check_not_sharded(weight: Any, bias: Any) -> None:
+    """A bare weight or bias is a whole local tensor, not a DTensor (FSDP2, tensor parallel) or a ZeRO-3 parameter."""
+    for name, x in (("lm_head", weight), ("bias", bias)):
+        if is_dtensor(x):
+            raise ValueError(
+                f"{name} is a DTensor (placements {tuple(x.placements)}): outside its module's forward an FSDP2 "
+                f"parameter is a shard, and .full_tensor() would leave its gradient unreduced; {_PASS_MODULE}. "
+                "For a vocab-parallel (tensor-parallel) shard pass its .to_local() rows with tp_group= and vocab_start="
+            )
+        if is_zero3_param(x):
+            raise ValueError(
+                f"{name} is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(x.ds_shape)}, {x.numel()} "
+                f"elements held here, status {x.ds_status.name}): it is gathered only inside its module's forward "
+                f"and the backward recomputes with it; {_PASS_MODULE}"
+            )
+
+
+def _check_head_module(hidden: torch.Tensor, module: nn.Module, bias: Any) -> int:
+    """``module`` computes ``hidden @ weight.T + bias`` from its own parameters; returns its vocabulary size V.
+
+    Only the global shape is checked here: dtype and device are those of the gathered parameters,
+    known inside the module's forward (FSDP2 mixed precision casts both weight and hidden there).
+    """
+    if bias is not None:
+        raise ValueError(
+            f"bias= must not be given with an lm_head module ({type(module).__name__}): the bias is the "
+            "module's own (module.bias; None for nn.Linear(..., bias=False))"
+        )
+    names = sorted(n for n, _ in module.named_parameters())
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not set(names) <= {"weight", "bias"}:
+        raise TypeError(
+            f"an lm_head module must compute hidden @ weight.T + bias from its own weight (and bias) parameters, "
+            f"like nn.Linear; {type(module).__name__} has parameters {names}. Pass its weight tensor and "
+            "apply the rest yourself"
+        )
+    shape = tuple(weight.ds_shape) if is_zero3_param(weight) else tuple(weight.shape)
+    H = hidden.shape[-1]
+    if len(shape) != 2 or shape[1] != H or shape[0] == 0:
+        raise ValueError(
+            f"lm_head.weight must be (V, H) = (vocab, {H}) to match hidden's last dimension H={H}, got shape {shape}"
+        )
+    return shape[0]
+
+
+def _module_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``module``'s weight and bias inside its forward, where its sharding hooks have gathered them."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    for name, x in (("weight", weight), ("bias", bias)):
+        if is_dtensor(x):
+            raise ValueError(
+                f"lm_head.{name} is still a DTensor (placements {tuple(x.placements)}) inside its module's forward: "
+                "a tensor-parallel placement, not FSDP2's. Pass its .to_local() rows with tp_group= and "
+                "vocab_start= (docs/tensor-parallel.md)"
+            )
+        if isinstance(x, torch.Tensor) and is_zero3_param(x) and x.numel() == 0:
+            raise RuntimeError(
+                f"lm_head.{name} is an empty ZeRO-3 placeholder inside its module's forward: DeepSpeed did not "
+                "gather it; the module must belong to the model given to deepspeed.initialize"
+            )
+    assert isinstance(weight, torch.Tensor)
+    return weight, bias
+
+
+def _check_lm_head(hidden: torch.Tensor, lm_head: Any, bias: Any) -> int:
+    """The public ``lm_head`` (a weight tensor or the module owning it) and ``bias``; returns the vocabulary size."""
+    if isinstance(lm_head, nn.Module):
+        return _check_head_module(hidden, lm_head, bias)
+    _check_not_sharded(lm_head, bias)
+    _check_head(hidden, lm_head, bias)
+    return int(lm_head.shape[0])
+
 
 def _check_head(hidden: torch.Tensor, weight: Any, bias: Any) -> None:
     """``weight`` ``(V, H)`` and ``bias`` ``(V,)`` agree with ``hidden`` in size, dtype and device."""
     H = hidden.shape[-1]
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"lm_head_weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise TypeError(
+            "lm_head must be a torch.Tensor (lm_head.weight) or the torch.nn.Module owning it, "
+            f"got {type(weight).__name__}"
+        )
     if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
         raise ValueError(
-            f"lm_head_weight must be (V, H) = (vocab, {H}) to match hidden's last dimension H={H}, got shape "
+            f"lm_head must be (V, H) = (vocab, {H}) to match hidden's last dimension H={H}, got shape "
             f"{tuple(weight.shape)} (pass lm_head.weight, not its transpose)"
         )
     if weight.dtype != hidden.dtype:
         raise TypeError(
-            f"lm_head_weight is {weight.dtype} but hidden is {hidden.dtype}; cast one to the other "
-            "(e.g. hidden.to(lm_head_weight.dtype)) so the logits are computed in one dtype"
+            f"lm_head is {weight.dtype} but hidden is {hidden.dtype}; cast one to the other "
+            "(e.g. hidden.to(lm_head.weight.dtype)) so the logits are computed in one dtype"
         )
     if weight.device != hidden.device:
-        raise ValueError(f"lm_head_weight is on {weight.device} but hidden is on {hidden.device}; move them together")
+        raise ValueError(f"lm_head is on {weight.device} but hidden is on {hidden.device}; move them together")
     if bias is None:
         return
     if not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"bias must be (V,) = ({weight.shape[0]},) like lm_head_weight's rows, got {tuple(bias.shape)}"
-        )
+        raise ValueError(f"bias must be (V,) = ({weight.shape[0]},) like lm_head's rows, got {tuple(bias.shape)}")
     if bias.dtype != hidden.dtype:
         raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; cast it with bias.to(hidden.dtype)")
     if bias.device != hidden.device:
@@ -71,7 +158,7 @@ def _check_blocks(chunk_rows: Any, vocab_block: Any) -> None:
 
 def _logprobs(
     hidden3: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Head,
     bias: torch.Tensor | None,
     ids: torch.Tensor,
     live: torch.Tensor,
@@ -80,7 +167,20 @@ def _logprobs(
     chunk_rows: int | None,
     vocab_block: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flat ``(N,)`` log-probs (and entropies) of ``(B, T, H)`` hidden states, blocked or, when forced, unfused."""
+    """Flat ``(N,)`` log-probs (and entropies) of ``(B, T, H)`` hidden states, blocked or, when forced, unfused.
+
+    A head module is called on ``hidden3`` with this computation as its forward, so its hooks see
+    the hidden states go in and the log-probs come out as they would see logits.
+    """
+    if isinstance(weight, nn.Module):
+        module = weight
+
+        def fused(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            w, b = _module_parts(module)
+            _check_head(h, w, b)
+            return _logprobs(h, w, b, ids, live, temperature, with_entropy, chunk_rows, vocab_block)
+
+        return forward_redirect(module, fused, hidden3)
     backend, reference = implementation("token_logprobs", hidden3.device.type, hidden3.dtype)
     if backend == "reference":
         cdt = compute_dtype(hidden3.dtype)
@@ -103,7 +203,7 @@ def _logprobs(
 
 def token_logprobs_linear(
     hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    lm_head: Head,
     target_ids: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
@@ -116,8 +216,8 @@ def token_logprobs_linear(
     """Log-probabilities of ``target_ids`` under ``softmax((hidden @ W.T + bias) / temperature)``.
 
     The logits are computed block by block and never exist for all tokens at once. Unlike
-    :func:`rspo_kernels.token_logprobs`, the result is differentiable in ``hidden``,
-    ``lm_head_weight`` and ``bias`` (the backward recomputes the blocks), so a custom actor can
+    :func:`rspo_kernels.token_logprobs`, the result is differentiable in ``hidden``, the
+    head's weight and ``bias`` (the backward recomputes the blocks), so a custom actor can
     feed it to its own policy loss.
 
     Parameters
@@ -126,13 +226,15 @@ def token_logprobs_linear(
         ``(B, T, H)`` padded or ``(N, H)`` packed last hidden states (after the final norm);
         float16, bfloat16, float32 or float64. Strided views such as ``hidden[:, :-1]`` are read
         row by row, never copied whole.
-    lm_head_weight : torch.Tensor
-        ``(V, H)`` (``lm_head.weight``; may be tied to the input embedding), the dtype and device
-        of ``hidden``.
+    lm_head : torch.Tensor or torch.nn.Module
+        The ``(V, H)`` weight (``lm_head.weight``; may be tied to the input embedding), the dtype
+        and device of ``hidden``; or the module that owns it (``nn.Linear``, possibly FSDP2
+        ``fully_shard``-ed or ZeRO-3 partitioned): the op then runs as that module's forward and
+        the bias is the module's. Pass the module whenever the weight is sharded.
     target_ids : torch.Tensor
         ``hidden.shape[:-1]`` integer ids in ``[0, V)`` (wherever ``mask`` is nonzero).
     bias : torch.Tensor, optional
-        ``(V,)`` output bias.
+        ``(V,)`` output bias, with a weight tensor only.
     temperature : float, default 1.0
         Divides the logits (use the sampling temperature).
     return_entropy : bool, default False
@@ -154,10 +256,12 @@ def token_logprobs_linear(
     Raises
     ------
     TypeError
-        Non-tensor inputs, non-float ``hidden``, a weight or bias of another dtype.
+        Non-tensor inputs, non-float ``hidden``, a weight or bias of another dtype, a head module
+        with parameters other than ``weight`` and ``bias``.
     ValueError
         Mismatched shapes or devices, ``temperature <= 0``, ids out of range (checked on CPU; on a
-        GPU an out-of-range id gives NaN).
+        GPU an out-of-range id gives NaN), ``bias`` given with a module, a DTensor or ZeRO-3
+        parameter given as the bare weight (pass its module).
 
     Notes
     -----
@@ -173,21 +277,23 @@ def token_logprobs_linear(
     >>> W = torch.tensor([[0.0, 0.0], [0.0, 2.0]])  # logits [0, 0] and [0, 2]
     >>> rk.token_logprobs_linear(hidden, W, torch.tensor([0, 1]))
     tensor([-0.6931, -0.1269])
+    >>> head = torch.nn.Linear(2, 2, bias=False)  # the module: its forward runs the op
+    >>> _ = head.weight.data.copy_(W)
+    >>> rk.token_logprobs_linear(hidden, head, torch.tensor([0, 1]))
+    tensor([-0.6931, -0.1269], grad_fn=<ViewBackward0>)
     """
     _checks.check_logits("hidden", hidden)
     _checks.check_ids(target_ids, tuple(hidden.shape[:-1]), hidden.device)
-    _check_head(hidden, lm_head_weight, bias)
+    vocab = _check_lm_head(hidden, lm_head, bias)
     _check_blocks(chunk_rows, vocab_block)
     temperature = LossOptions(temperature=temperature).temperature
     if mask is not None:
         _checks.check_token_tensor("mask", mask, tuple(hidden.shape[:-1]), hidden.device, floating=False)
-    _checks.check_ids_in_range(target_ids, lm_head_weight.shape[0], mask)
+    _checks.check_ids_in_range(target_ids, vocab, mask)
     hidden3 = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
     ids = target_ids.reshape(-1).long()
     live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else (mask != 0).reshape(-1)
-    logp, entropy = _logprobs(
-        hidden3, lm_head_weight, bias, ids, live, temperature, return_entropy, chunk_rows, vocab_block
-    )
+    logp, entropy = _logprobs(hidden3, lm_head, bias, ids, live, temperature, return_entropy, chunk_rows, vocab_block)
     shape = tuple(target_ids.shape)
     if return_entropy:
         assert entropy is not None
@@ -197,7 +303,7 @@ def token_logprobs_linear(
 
 def rspo_linear_loss(
     hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    lm_head: Head,
     target_ids: torch.Tensor,
     weights: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -220,23 +326,27 @@ def rspo_linear_loss(
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped RSPO policy loss from the last hidden states and the ``lm_head``, never building the logits.
 
-    Equals ``rspo_loss(hidden @ lm_head_weight.T + bias, ...)`` while keeping only about one
+    Equals ``rspo_loss(hidden @ lm_head.weight.T + bias, ...)`` while keeping only about one
     block of logits (512 x 4096 float32 on a CPU) alive at a time; gradients flow to ``hidden``,
-    ``lm_head_weight`` and ``bias``.
+    the head's weight and its bias.
 
     Parameters
     ----------
     hidden : torch.Tensor
         ``(B, T, H)`` padded or ``(N, H)`` packed last hidden states (after the final norm) at
         the positions that predict ``target_ids``; float16, bfloat16, float32 or float64.
-    lm_head_weight : torch.Tensor
-        ``(V, H)`` output projection (``lm_head.weight``, possibly tied to the embedding), the
-        dtype and device of ``hidden``.
+    lm_head : torch.Tensor or torch.nn.Module
+        The ``(V, H)`` output projection (``lm_head.weight``, possibly tied to the embedding), the
+        dtype and device of ``hidden``; or the module that owns it (``nn.Linear``, possibly FSDP2
+        ``fully_shard``-ed or ZeRO-3 partitioned), whose bias is then used and whose forward the
+        op runs as, so its parameters are gathered and its gradients reduced as for the logits.
+        Under DDP / FSDP2 / ZeRO-3, also run the backbone and this loss inside one
+        :func:`rspo_kernels.distributed.forward_redirect` (docs/distributed.md).
     target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens
         As in :func:`rspo_kernels.rspo_loss`, with ``hidden.shape[:-1]`` as the token shape.
         Masked tokens contribute nothing: their hidden states are never read.
     bias : torch.Tensor, optional
-        ``(V,)`` output bias.
+        ``(V,)`` output bias, with a weight tensor only.
     temperature, epsilon_low, epsilon_high, clip_ratio_c, beta, loss_agg_mode, max_response_length
         Hyper-parameters; see :class:`rspo_kernels.loss.LossOptions`.
     return_stats : bool, default False
@@ -256,10 +366,12 @@ def rspo_linear_loss(
     Raises
     ------
     TypeError
-        Non-tensor inputs or wrong dtypes (``lm_head_weight`` and ``bias`` must share
-        ``hidden``'s dtype), non-numeric hyper-parameters.
+        Non-tensor inputs or wrong dtypes (the head's weight and bias must share ``hidden``'s
+        dtype), non-numeric hyper-parameters, a head module with parameters other than ``weight``
+        and ``bias``.
     ValueError
         Shapes, devices or hyper-parameters out of range; each message names the argument.
+        ``bias`` given with a module; a DTensor or ZeRO-3 parameter given as the bare weight.
     RuntimeError
         In backward with ``create_graph=True`` (use ``RSPO_KERNELS_BACKEND=reference``).
 
@@ -297,7 +409,7 @@ def rspo_linear_loss(
     )
     return rspo_linear_loss_with_options(
         hidden,
-        lm_head_weight,
+        lm_head,
         target_ids,
         weights,
         mask,
@@ -314,7 +426,7 @@ def rspo_linear_loss(
 
 def rspo_linear_loss_with_options(
     hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    lm_head: Head,
     target_ids: torch.Tensor,
     weights: torch.Tensor,
     mask: torch.Tensor | None,
@@ -335,7 +447,7 @@ def rspo_linear_loss_with_options(
     if not isinstance(options, LossOptions):
         raise TypeError(f"options must be a rspo_kernels.loss.LossOptions, got {type(options).__name__}")
     _checks.check_logits("hidden", hidden)
-    _check_head(hidden, lm_head_weight, bias)
+    vocab = _check_lm_head(hidden, lm_head, bias)
     _check_blocks(chunk_rows, vocab_block)
     _validate_loss_inputs(
         hidden,
@@ -346,13 +458,13 @@ def rspo_linear_loss_with_options(
         ref_logprobs,
         cu_seqlens,
         options,
-        lm_head_weight.shape[0],
+        vocab,
         name="hidden",
     )
     batch = token_batch(hidden, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options)
     logp, entropy = _logprobs(
         batch.rows,
-        lm_head_weight,
+        lm_head,
         bias,
         batch.ids,
         batch.live,
@@ -420,7 +532,7 @@ class RSPOLinearLoss(RSPOLoss):
     def forward(  # type: ignore[override]
         self,
         hidden: torch.Tensor,
-        lm_head_weight: torch.Tensor,
+        lm_head: Head,
         target_ids: torch.Tensor,
         rewards: torch.Tensor,
         *,
@@ -436,7 +548,7 @@ class RSPOLinearLoss(RSPOLoss):
 
         Parameters
         ----------
-        hidden, lm_head_weight, target_ids, bias, mask, old_logprobs, ref_logprobs, cu_seqlens
+        hidden, lm_head, target_ids, bias, mask, old_logprobs, ref_logprobs, cu_seqlens
             As in :func:`rspo_linear_loss`.
         rewards : torch.Tensor
             One reward per response (``B`` padded, ``S`` packed), as in :class:`rspo_kernels.RSPOLoss`.
@@ -451,7 +563,7 @@ class RSPOLinearLoss(RSPOLoss):
         w = self.response_weights("hidden", hidden, rewards, group_size, group_ids, cu_seqlens)
         return rspo_linear_loss_with_options(
             hidden,
-            lm_head_weight,
+            lm_head,
             target_ids,
             w,
             mask,
