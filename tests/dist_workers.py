@@ -57,11 +57,11 @@ def _entry(rank: int, world: int, port: int, worker: Callable[..., None], init: 
         dist.init_process_group(
             "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         )
-    try:
-        worker(rank, world, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    worker(rank, world, *args)
+    # Only once every rank is done: a rank that tears down its gloo pairs while another still
+    # finishes its last collective aborts that one ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def spawn(worker: Callable[..., None], world: int, *args: Any, timeout: float = 180.0, init: bool = True) -> None:
@@ -256,6 +256,18 @@ def fsdp2_worker(rank: int, world: int) -> None:
             loss.backward()
         for n, p in model.named_parameters():
             assert_close(f"{where} grad {n}", p.grad.full_tensor(), want[n])
+
+    # A head that is still a DTensor inside its own forward is tensor parallel, not FSDP2: say where to go.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    tp_head = parallelize_module(nn.Linear(H, V).double(), init_device_mesh("cpu", (world,)), ColwiseParallel())
+    s = global_batch(world, 0, make_model(False))[rank]
+    try:
+        rk.token_logprobs_linear(torch.zeros(B, T, H, dtype=torch.float64), tp_head, s["tgt"])
+        raise AssertionError("a tensor-parallel DTensor head was accepted")
+    except ValueError as e:
+        assert "still a DTensor" in str(e) and "tp_group=" in str(e), str(e)
 
 
 # ---- DeepSpeed ZeRO-3 -------------------------------------------------------------------------

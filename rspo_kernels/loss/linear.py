@@ -36,8 +36,8 @@ __all__ = ["RSPOLinearLoss", "rspo_linear_loss", "rspo_linear_loss_with_options"
 
 Head: TypeAlias = "torch.Tensor | nn.Module"
 _PASS_MODULE = (
-    "pass the module that owns it instead (lm_head=model.lm_head, or the embedding module for a tied head), "
-    "so the fused op runs as that module's forward and its sharding hooks gather and reduce the weight"
+    "pass the module that owns it instead (model.lm_head, tied or not), so the fused op runs as that "
+    "module's forward and its sharding hooks gather the weight and reduce its gradient"
 )
 
 
@@ -69,7 +69,7 @@ def _check_head_module(hidden: torch.Tensor, module: nn.Module, bias: Any) -> in
             f"bias= must not be given with an lm_head module ({type(module).__name__}): the bias is the "
             "module's own (module.bias; None for nn.Linear(..., bias=False))"
         )
-    names = sorted(n for n, _ in module.named_parameters())
+    names = [n for n, _ in module.named_parameters()]
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not set(names) <= {"weight", "bias"}:
         raise TypeError(
@@ -77,7 +77,7 @@ def _check_head_module(hidden: torch.Tensor, module: nn.Module, bias: Any) -> in
             f"like nn.Linear; {type(module).__name__} has parameters {names}. Pass its weight tensor and "
             "apply the rest yourself"
         )
-    shape = tuple(weight.ds_shape) if is_zero3_param(weight) else tuple(weight.shape)
+    shape = tuple(getattr(weight, "ds_shape", weight.shape))
     H = hidden.shape[-1]
     if len(shape) != 2 or shape[1] != H or shape[0] == 0:
         raise ValueError(
@@ -89,6 +89,7 @@ def _check_head_module(hidden: torch.Tensor, module: nn.Module, bias: Any) -> in
 def _module_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``module``'s weight and bias inside its forward, where its sharding hooks have gathered them."""
     weight, bias = module.weight, getattr(module, "bias", None)
+    x: Any
     for name, x in (("weight", weight), ("bias", bias)):
         if is_dtensor(x):
             raise ValueError(
@@ -99,7 +100,8 @@ def _module_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
         if isinstance(x, torch.Tensor) and is_zero3_param(x) and x.numel() == 0:
             raise RuntimeError(
                 f"lm_head.{name} is an empty ZeRO-3 placeholder inside its module's forward: DeepSpeed did not "
-                "gather it; the module must belong to the model given to deepspeed.initialize"
+                "gather it. Compute the loss inside the engine's forward, forward_redirect(engine, fn, ...), with "
+                "lm_head a module of the model given to deepspeed.initialize (docs/distributed.md)"
             )
     assert isinstance(weight, torch.Tensor)
     return weight, bias
