@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="B (default 8, T = n / B)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3; 0 skips timing)")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    p.add_argument(
+        "--beta", type=float, default=0.0, help="k3 KL weight with reference log-probs (default 0: the recorded run)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; not a measurement")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--shapes: unknown {name!r}; choose from {list(SHAPES)}")
         h, v = SHAPES[name]
         part = os.path.splitext(out)[0] + f"-{name}.json"
-        common = ["--repeats", str(args.repeats), "--out", part]
+        common = ["--repeats", str(args.repeats), "--beta", str(args.beta), "--out", part]
         if args.smoke:
             common += ["--smoke", "--h", "64", "--v", "1000"]
         else:
