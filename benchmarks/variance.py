@@ -546,7 +546,7 @@ def plot(rows: list[dict], path: Path) -> bool:
             rel = [r["ci95"] / r["trace_cov"] for r in panel if r["trace_cov"] > 0 and r["ci95"] > 0]
             detail = f"Monte Carlo, 95% CI up to ±{100 * max(rel):.0f}%" if rel else "exact"
             ax.set_title(f"{policy}\nn = {n} ({detail})", fontsize=9)
-            ax.set_xlabel("k", fontsize=9)
+            ax.set_xlabel("order T" if str(policy).startswith("maxrl") else "k", fontsize=9)
             if j == 0:
                 ax.set_ylabel("tr Cov of the gradient estimate", fontsize=9)
             ax.grid(alpha=0.3, which="major")

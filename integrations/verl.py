@@ -137,9 +137,14 @@ def check_trainer_config(config: Any) -> None:
     settings = settings_from_config(config.algorithm)
     settings.check_group_size(config.actor_rollout_ref.rollout.n)
     if settings.objective in ("pass@k", "maxrl") and config.algorithm.get("use_kl_in_reward"):
+        fix = (
+            "set algorithm.rspo_objective=max@k (graded scores), or use actor_rollout_ref.actor.use_kl_loss=True"
+            if settings.objective == "pass@k"
+            else "MaxRL is defined for binary rewards only, so use actor_rollout_ref.actor.use_kl_loss=True"
+        )
         raise ValueError(
-            "algorithm.use_kl_in_reward=True adds the KL penalty to the scores, which pass@k needs binary: set "
-            "algorithm.rspo_objective=max@k, or use actor_rollout_ref.actor.use_kl_loss=True instead"
+            f"algorithm.use_kl_in_reward=True adds the KL penalty to the scores, which {settings.objective} needs "
+            f"binary: {fix} instead"
         )
     mode = config.actor_rollout_ref.actor.get("loss_agg_mode")
     if mode in _LENGTH_NORMALISED:

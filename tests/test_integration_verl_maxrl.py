@@ -101,6 +101,11 @@ def test_v1_trainer_logs_the_k_in_force():
             r"'pkpo' is not an estimator for maxrl",
         ),
         (["+algorithm.rspo_order=2"], r"rspo_order=2 is MaxRL's truncation order: it needs the objective 'maxrl'"),
+        (  # MaxRL has no graded form: the fix named is the KL loss, not max@k
+            ["+algorithm.rspo_objective=maxrl", "algorithm.use_kl_in_reward=True"],
+            r"^algorithm\.use_kl_in_reward=True .* maxrl needs binary: MaxRL is defined for binary rewards only, "
+            r"so use actor_rollout_ref\.actor\.use_kl_loss=True instead$",
+        ),
     ],
 )
 def test_config_errors_name_the_key_in_main_ppo_validation(extra, match):
