@@ -27,7 +27,8 @@ import rspo_kernels as rk
 from rspo_kernels.distributed import forward_redirect
 
 V, H, B, T = 13, 8, 3, 5  # vocabulary, hidden size, responses per rank, tokens per response
-LOSS_KW: dict[str, Any] = dict(epsilon_low=0.2, loss_agg_mode="token-mean")
+# An entropy bonus too: its gradient crosses the same data-parallel reductions as the policy term.
+LOSS_KW: dict[str, Any] = dict(epsilon_low=0.2, loss_agg_mode="token-mean", entropy_coeff=0.03)
 BLOCKS = dict(chunk_rows=4, vocab_block=5)  # several blocks each way: the chunked op, not one matmul
 TOL = 1e-10
 COLLECTIVE_TIMEOUT_S = 60
