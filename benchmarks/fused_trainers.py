@@ -33,16 +33,13 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.linear_memory import _reset_peak, _status_kib
+from benchmarks.linear_memory import clear_grads, measure_peak, round_robin, run_child
 
 VARIANTS = ("logits", "verl_torch", "trl_chunked", "rspo")
 TEMPERATURE = 0.7
@@ -109,34 +106,9 @@ def _make_inputs(args: argparse.Namespace, tiny: bool = False) -> tuple:
     return h, w, ids, adv
 
 
-def _clear(inputs) -> None:
-    for t in inputs[:2]:
-        t.grad = None
-
-
 def _memory_child(variant: str, args: argparse.Namespace) -> dict:
     step = _make_step(variant)
-    inputs = _make_inputs(args)
-    can_reset = _reset_peak()
-    if can_reset:
-        step(*inputs)
-        _clear(inputs)
-        _reset_peak()
-    else:
-        step(*_make_inputs(args, tiny=True))
-    baseline = _status_kib("VmRSS")
-    t0 = time.perf_counter()
-    loss = step(*inputs)
-    seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
-    return {
-        "variant": variant,
-        "loss": loss,
-        "step_s": seconds,
-        "extra_mib": (peak - baseline) / 1024,
-        "gradients_mib": sum(t.numel() * t.element_size() for t in inputs[:2]) / 2**20,
-        "peak_reset": can_reset,
-    }
+    return {"variant": variant, **measure_peak(step, lambda tiny: _make_inputs(args, tiny=tiny), 2)}
 
 
 def _timing_child(variants: list[str], args: argparse.Namespace) -> dict:
@@ -144,27 +116,13 @@ def _timing_child(variants: list[str], args: argparse.Namespace) -> dict:
     steps = {v: _make_step(v) for v in variants}
     for step in steps.values():
         step(*inputs)
-        _clear(inputs)
-    times: dict[str, list[float]] = {v: [] for v in steps}
-    for _ in range(args.repeats):
-        for v, step in steps.items():
-            _clear(inputs)
-            t0 = time.perf_counter()
-            step(*inputs)
-            times[v].append(time.perf_counter() - t0)
-    return {v: {"median_s": statistics.median(ts) if ts else None, "times_s": ts} for v, ts in times.items()}
+        clear_grads(inputs, 2)
+    return round_robin(steps, inputs, args.repeats, 2)
 
 
 def _run_child(what: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--variants", args.variants]
-    cmd += ["--n", str(args.n), "--h", str(args.h), "--v", str(args.v), "--repeats", str(args.repeats)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", RSPO_KERNELS_BACKEND="")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        return {"variant": what, "error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    argv = ["--variants", args.variants, "--n", str(args.n), "--h", str(args.h), "--v", str(args.v)]
+    return run_child(__file__, what, argv + ["--repeats", str(args.repeats)])
 
 
 def markdown(report: dict) -> str:

@@ -74,6 +74,73 @@ def _reset_peak() -> bool:
         return False
 
 
+def clear_grads(inputs: tuple, n_grads: int) -> None:
+    """Drop the gradients of the first ``n_grads`` inputs (the leaves each step differentiates)."""
+    for t in inputs[:n_grads]:
+        t.grad = None
+
+
+def measure_peak(step, make_inputs, n_grads: int) -> dict:
+    """Peak resident memory of one ``step(*inputs)`` above the resident size after the inputs.
+
+    ``make_inputs(tiny)`` builds the step's inputs; the first ``n_grads`` are the leaves whose
+    gradients every variant must produce (counted apart as ``gradients_mib``). After a full-size
+    warm-up (code paths, thread pools, compiled kernels) the high-water mark is reset; where the
+    kernel cannot reset it, a tiny warm-up keeps it from counting the warm-up's peak.
+    """
+    inputs = make_inputs(False)
+    can_reset = _reset_peak()
+    if can_reset:
+        step(*inputs)
+        clear_grads(inputs, n_grads)
+        _reset_peak()
+    else:
+        step(*make_inputs(True))
+    baseline = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    loss = step(*inputs)
+    seconds = time.perf_counter() - t0
+    peak = _status_kib("VmHWM")
+    return {
+        "loss": loss,
+        "step_s": seconds,
+        "baseline_mib": baseline / 1024,
+        "peak_mib": peak / 1024,
+        "extra_mib": (peak - baseline) / 1024,
+        "gradients_mib": sum(t.numel() * t.element_size() for t in inputs[:n_grads]) / 2**20,
+        "peak_reset": can_reset,
+    }
+
+
+def round_robin(steps: dict, inputs: tuple, repeats: int, n_grads: int) -> dict:
+    """Median time of each (warmed-up) step, one run of each per round on the same inputs.
+
+    Interleaving the variants exposes them to the same machine load, so their ratios hold on a
+    shared machine where back-to-back blocks of runs would not.
+    """
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    for _ in range(repeats):
+        for v, step in steps.items():
+            clear_grads(inputs, n_grads)
+            t0 = time.perf_counter()
+            step(*inputs)
+            times[v].append(time.perf_counter() - t0)
+    return {v: {"median_s": statistics.median(ts) if ts else None, "times_s": ts} for v, ts in times.items()}
+
+
+def run_child(script: str, what: str, argv: list[str]) -> dict:
+    """Run ``script --child what argv...`` in a fresh process (the allocator setting only applies at
+    start-up) and return the JSON on its last line, or ``{"variant": what, "error": ...}``."""
+    cmd = [sys.executable, os.path.abspath(script), "--child", what, *argv]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", RSPO_KERNELS_BACKEND="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"variant": what, "error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _make_step(variant: str, smoke: bool, beta: float):
     """``step(inputs)``: one forward + backward of ``variant``; returns the loss value."""
     import torch
@@ -163,42 +230,12 @@ def _make_inputs(args: argparse.Namespace, tiny: bool = False) -> tuple:
 
 
 def _child(variant: str, args: argparse.Namespace) -> dict:
-
     step = _make_step(variant, args.smoke, args.beta)
-
-    def clear(inputs) -> None:
-        for t in inputs[:3]:
-            t.grad = None
-
-    inputs = _make_inputs(args)
-    can_reset = _reset_peak()
-    if can_reset:
-        step(*inputs)  # full-size warm-up: code paths, thread pools, compiled kernels
-        clear(inputs)
-        _reset_peak()
-    else:
-        step(*_make_inputs(args, tiny=True))
-    baseline = _status_kib("VmRSS")
-    loss = step(*inputs)
-    peak = _status_kib("VmHWM")
-    grad_mib = sum(t.numel() * t.element_size() for t in inputs[:3]) / 2**20
-    return {
-        "variant": variant,
-        "loss": loss,
-        "baseline_mib": baseline / 1024,
-        "peak_mib": peak / 1024,
-        "extra_mib": (peak - baseline) / 1024,
-        "gradients_mib": grad_mib,
-        "peak_reset": can_reset,
-    }
+    return {"variant": variant, **measure_peak(step, lambda tiny: _make_inputs(args, tiny=tiny), 3)}
 
 
 def _timing_child(variants: list[str], args: argparse.Namespace) -> dict:
-    """Median forward + backward time of each variant, round-robin in one process on the same inputs.
-
-    Interleaving the variants (one run of each per round) exposes them to the same machine load,
-    so their ratios hold on a shared machine where back-to-back blocks of runs would not.
-    """
+    """Median forward + backward time of each variant, round-robin in one process (:func:`round_robin`)."""
     inputs = _make_inputs(args)
     steps = {}
     for v in variants:
@@ -208,31 +245,12 @@ def _timing_child(variants: list[str], args: argparse.Namespace) -> dict:
         except Exception as exc:  # an optional peer may be missing or fail; record why
             steps.pop(v, None)
             print(f"{v}: {type(exc).__name__}: {exc}", file=sys.stderr)
-    times: dict[str, list[float]] = {v: [] for v in steps}
-    for _ in range(args.repeats):
-        for v, step in steps.items():
-            for t in inputs[:3]:
-                t.grad = None
-            t0 = time.perf_counter()
-            step(*inputs)
-            times[v].append(time.perf_counter() - t0)
-    return {v: {"median_s": statistics.median(ts) if ts else None, "times_s": ts} for v, ts in times.items()}
+    return round_robin(steps, inputs, args.repeats, 3)
 
 
 def _run_child(variant: str, args: argparse.Namespace) -> dict:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        variant,
-        "--variants",
-        args.variants,
-        "--n",
-        str(args.n),
-        "--h",
-        str(args.h),
-        "--v",
-        str(args.v),
+    argv = ["--variants", args.variants, "--n", str(args.n), "--h", str(args.h), "--v", str(args.v)]
+    argv += [
         "--batch",
         str(args.batch),
         "--dtype",
@@ -241,14 +259,8 @@ def _run_child(variant: str, args: argparse.Namespace) -> dict:
         str(args.repeats),
         "--beta",
         str(args.beta),
-    ] + (["--smoke"] if args.smoke else [])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", RSPO_KERNELS_BACKEND="")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        return {"variant": variant, "error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    ]
+    return run_child(__file__, variant, argv + (["--smoke"] if args.smoke else []))
 
 
 def _ratios(rows: dict) -> dict:
