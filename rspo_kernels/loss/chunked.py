@@ -88,6 +88,16 @@ def _safe_ids(ids: torch.Tensor, live: torch.Tensor, vocab: int) -> tuple[torch.
     return torch.where(valid & live, ids, torch.zeros_like(ids)), valid
 
 
+def entropy_grad(g_entropy: torch.Tensor | None) -> torch.Tensor | None:
+    """The entropy output's incoming gradient, or None when it has none.
+
+    With ``set_materialize_grads(False)`` an unused output's gradient is None; the empty
+    placeholder returned when no entropy was asked for may still get a (empty) gradient, which
+    torch.compile materialises. Both mean: no entropy term in the backward.
+    """
+    return None if g_entropy is None or g_entropy.numel() == 0 else g_entropy
+
+
 class ChunkedTokenLogprobs(torch.autograd.Function):
     """``(logits, ids, live) -> (logp, entropy)``; both differentiable.
 
@@ -146,8 +156,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
         logits, ids, live = ctx.saved_tensors
-        if g_entropy is not None and g_entropy.numel() == 0:
-            g_entropy = None  # the empty placeholder output (torch.compile materialises its gradient)
+        g_entropy = entropy_grad(g_entropy)
         if g_logp is None:
             g_logp = torch.zeros(live.shape, dtype=compute_dtype(logits.dtype), device=live.device)
         grad = logits_grad(

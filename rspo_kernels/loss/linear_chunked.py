@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from rspo_kernels.loss.chunked import check_backward_mode
+from rspo_kernels.loss.chunked import check_backward_mode, entropy_grad
 from rspo_kernels.loss.layout import compute_dtype
 from rspo_kernels.loss.vocab_parallel import VocabShard, all_reduce_sum, combine_shards
 
@@ -233,8 +233,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx: Any, g_logp: torch.Tensor | None, _g_lse: Any, g_entropy: torch.Tensor | None) -> tuple:
         check_backward_mode("rspo_linear_loss")
         hidden, weight, bias, ids, live, lse, entropy = ctx.saved_tensors
-        if g_entropy is not None and g_entropy.numel() == 0:
-            g_entropy = None  # the empty placeholder output (torch.compile materialises its gradient)
+        g_entropy = entropy_grad(g_entropy)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         shard: VocabShard | None = ctx.shard
         B, T, H = hidden.shape

@@ -37,6 +37,7 @@ from rspo_kernels.loss.chunked import (
     check_backward_mode,
     check_inplace_backward_once,
     default_chunk_rows,
+    entropy_grad,
     logits_grad,
     row_chunks,
 )
@@ -245,8 +246,7 @@ class ShardedTokenLogprobs(torch.autograd.Function):
         check_inplace_backward_once(ctx)
         logits, ids, live, lse, mean = ctx.saved_tensors
         shard: VocabShard = ctx.shard
-        if g_entropy is not None and g_entropy.numel() == 0:
-            g_entropy = None
+        g_entropy = entropy_grad(g_entropy)
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
         n_real = shard.n_real

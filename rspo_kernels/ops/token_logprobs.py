@@ -32,7 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
-from rspo_kernels.loss.chunked import check_backward_mode, check_inplace_backward_once, default_chunk_rows, logits_grad
+from rspo_kernels.loss.chunked import (
+    check_backward_mode,
+    check_inplace_backward_once,
+    default_chunk_rows,
+    entropy_grad,
+    logits_grad,
+)
 from rspo_kernels.ops._softmax_helpers import (
     entropy_grad_block,
     load_scaled_block,
@@ -264,8 +270,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
         logits, ids, live, lse, entropy = ctx.saved_tensors
-        if g_entropy is not None and g_entropy.numel() == 0:
-            g_entropy = None  # the empty placeholder output (torch.compile materialises its gradient)
+        g_entropy = entropy_grad(g_entropy)
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
         # H = lse - E_p[x]: the entropy's gradient needs E_p[x], recovered without another pass.
