@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 import rspo_kernels.loss._checks as _checks
-from rspo_kernels._dispatch import implementation
 from rspo_kernels.loss.layout import token_batch
 from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
 from rspo_kernels.loss.policy import policy_loss
@@ -360,10 +359,7 @@ def rspo_loss_with_options(
     )
     _checks.check_inplace("logits", logits, inplace_backward)
     batch = token_batch(logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, weights_per)
-    fn = logprob_op(logits.device.type, logits.dtype, shard)
-    # chunk_rows is the chunked torch path's block size; the Triton and reference backends take none.
-    chunked = shard is not None or implementation("token_logprobs", logits.device.type, logits.dtype)[0] == "torch"
-    kw = {"chunk_rows": chunk_rows} if chunked and chunk_rows is not None else {}
+    fn = logprob_op(logits.device.type, logits.dtype, shard, chunk_rows)
     logp, entropy = fn(
         batch.rows,
         batch.ids,
@@ -371,7 +367,6 @@ def rspo_loss_with_options(
         temperature=options.temperature,
         with_entropy=return_stats or options.entropy_coeff != 0.0,
         inplace_backward=bool(inplace_backward) and torch.is_grad_enabled(),
-        **kw,
     )
     return policy_loss(batch, logp, entropy, options, return_stats)
 

@@ -303,20 +303,24 @@ def sharded_token_logprobs(
     return logp, (entropy if with_entropy else None)
 
 
-def logprob_op(device_type: str, dtype: torch.dtype, shard: VocabShard | None) -> Any:
+def logprob_op(device_type: str, dtype: torch.dtype, shard: VocabShard | None, chunk_rows: int | None = None) -> Any:
     """The fused log-prob function for logits: the dispatcher's choice, or the sharded torch path.
 
     The Triton kernels and the unfused reference see one process's whole vocabulary; with a shard
     the chunked torch path runs on any device. Forcing another backend with
-    ``RSPO_KERNELS_BACKEND`` then raises instead of silently ignoring the shard.
+    ``RSPO_KERNELS_BACKEND`` then raises instead of silently ignoring the shard. ``chunk_rows``,
+    the chunked torch path's block size, is bound where that path serves (the Triton kernels and
+    the reference have no chunks).
     """
     import functools
     import os
 
     from rspo_kernels._dispatch import BACKEND_ENV, implementation
 
+    chunks: dict[str, Any] = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
     if shard is None:
-        return implementation("token_logprobs", device_type, dtype)[1]
+        backend, fn = implementation("token_logprobs", device_type, dtype)
+        return functools.partial(fn, **chunks) if backend == "torch" and chunks else fn
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
     if forced in ("triton", "reference"):
         raise NotImplementedError(
@@ -324,4 +328,4 @@ def logprob_op(device_type: str, dtype: torch.dtype, shard: VocabShard | None) -
             f"vocab_start, vocab_size): unset it (or set it to 'torch') to use the chunked torch path on any "
             "device, or compute the loss from hidden states with rspo_linear_loss(..., tp_group=...)"
         )
-    return functools.partial(sharded_token_logprobs, shard=shard)
+    return functools.partial(sharded_token_logprobs, shard=shard, **chunks)
