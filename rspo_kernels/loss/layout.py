@@ -137,6 +137,23 @@ class TokenBatch:
     ref: torch.Tensor | None
     coef: torch.Tensor
 
+    def take(self, index: torch.Tensor | slice) -> TokenBatch:
+        """The tokens ``index`` of this batch: every ``(N,)`` vector indexed, ``rows`` unchanged.
+
+        For a loss that is a sum over tokens (:func:`rspo_kernels.loss.policy.is_token_local`),
+        ``policy_loss(batch)`` equals the sum of ``policy_loss(batch.take(chunk))`` over any
+        partition of the tokens into chunks: what a backend that forms gradients block by block
+        in its forward relies on. Fields added later are indexed too when they are ``(N,)``.
+        """
+        n = self.ids.shape[0]
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "rows" and isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n:
+                v = v[index]
+            out[f.name] = v
+        return TokenBatch(**out)
+
 
 def token_batch(
     rows: torch.Tensor,
