@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rspo_kernels as rk
-from rspo_kernels.loss import linear_chunked
+from rspo_kernels.loss import linear_chunked, linear_fused
 from rspo_kernels.loss.options import LOSS_AGG_MODES
 from rspo_kernels.loss.reference import rspo_loss_reference, token_logprobs_reference
 
@@ -352,7 +352,7 @@ def test_retain_graph_and_grad_output():
 
 
 def test_no_grad_does_no_gradient_work(monkeypatch):
-    """Item 4: under no_grad only the forward's blocks are computed, and nothing is saved."""
+    """Item 4: under no_grad only the forward's blocks are computed, and nothing is saved; with grad, no recompute."""
     calls = {"logits": 0, "grad": 0}
     real_logits, real_addmm = linear_chunked._block_logits, linear_chunked._addmm
 
@@ -379,11 +379,16 @@ def test_no_grad_does_no_gradient_work(monkeypatch):
         loss = run()
     assert not loss.requires_grad
     assert calls == {"logits": 2 * 2, "grad": 0}  # 2 token chunks x 2 vocabulary blocks, forward only
+    # With gradients wanted the token-local loss takes the one-pass route (issue 28): each row block's
+    # logits are computed once, in forward, with the gradients; backward computes no logits at all.
     calls.update(logits=0)
+    monkeypatch.setattr(linear_fused, "_logits", count("fused", linear_fused._logits))
+    calls["fused"] = 0
     loss = run()
-    assert calls == {"logits": 4, "grad": 0}  # the forward computes no gradient either
+    assert calls == {"logits": 0, "grad": 0, "fused": 2}  # 2 row blocks of 4 tokens, whole vocabulary each
     loss.backward()
-    assert calls == {"logits": 4 + 4, "grad": 4}  # recompute, then dhidden only (the weight needs no grad)
+    assert calls == {"logits": 0, "grad": 0, "fused": 2}
+    assert h.grad is not None and torch.isfinite(h.grad).all()
 
 
 def test_create_graph_raises():

@@ -27,8 +27,9 @@ import rspo_kernels.loss._checks as _checks
 from rspo_kernels._dispatch import implementation
 from rspo_kernels.distributed import forward_redirect, is_dtensor, is_zero3_param
 from rspo_kernels.loss.api import RSPOLoss, _validate_loss_inputs
-from rspo_kernels.loss.layout import compute_dtype, token_batch
+from rspo_kernels.loss.layout import TokenBatch, compute_dtype, token_batch
 from rspo_kernels.loss.linear_chunked import linear_token_logprobs
+from rspo_kernels.loss.linear_fused import fused_linear_loss, use_one_pass
 from rspo_kernels.loss.options import LossOptions
 from rspo_kernels.loss.policy import policy_loss
 from rspo_kernels.loss.vocab_parallel import VocabShard, id_bound, vocab_shard
@@ -204,6 +205,41 @@ def _logprobs(
         vocab_block=vocab_block,
         shard=shard,
     )
+
+
+def _one_pass(hidden3: torch.Tensor, head: Head, bias: torch.Tensor | None, options: LossOptions) -> bool:
+    """Whether the loss takes the one-pass route (:mod:`rspo_kernels.loss.linear_fused`).
+
+    A token-local loss whose gradients are wanted, in eager autograd, with the fused backend
+    (``RSPO_KERNELS_BACKEND=reference`` computes the unfused logits instead, for second derivatives).
+    """
+    params = tuple(head.parameters()) if isinstance(head, nn.Module) else (head, bias)
+    if not use_one_pass(options, (hidden3, *params)):
+        return False
+    backend, _ = implementation("token_logprobs", hidden3.device.type, hidden3.dtype)
+    return backend != "reference"
+
+
+def _fused_loss(
+    hidden3: torch.Tensor,
+    head: Head,
+    bias: torch.Tensor | None,
+    batch: TokenBatch,
+    options: LossOptions,
+    with_entropy: bool,
+    chunk_rows: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The one-pass loss and the detached ``(N,)`` log-probs (entropies), run as a head module's forward when given one."""
+    if isinstance(head, nn.Module):
+        module = head
+
+        def fused(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            w, b = _module_parts(module)
+            _check_head(h, w, b)
+            return fused_linear_loss(h, w, b, batch, options, with_entropy=with_entropy, chunk_rows=chunk_rows)
+
+        return forward_redirect(module, fused, hidden3)
+    return fused_linear_loss(hidden3, head, bias, batch, options, with_entropy=with_entropy, chunk_rows=chunk_rows)
 
 
 def token_logprobs_linear(
@@ -433,7 +469,7 @@ def rspo_linear_loss(
     >>> W = torch.randn(4, 3, requires_grad=True)
     >>> loss = rk.rspo_linear_loss(hidden, W, torch.tensor([[0, 1]]), torch.tensor([2.0]))
     >>> loss  # -2 * 1: on-policy ratio = 1
-    tensor(-2., grad_fn=<SumBackward0>)
+    tensor(-2., grad_fn=<LinearFusedLossBackward>)
     >>> loss.backward(); W.grad.shape
     torch.Size([4, 3])
     """
@@ -516,6 +552,14 @@ def rspo_linear_loss_with_options(
         weights_per=weights_per,
     )
     batch = token_batch(hidden, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, weights_per)
+    with_entropy = return_stats or options.entropy_coeff != 0.0
+    if shard is None and _one_pass(batch.rows, lm_head, bias, options):
+        loss, logp1, entropy1 = _fused_loss(batch.rows, lm_head, bias, batch, options, with_entropy, chunk_rows)
+        if not return_stats:
+            return loss
+        with torch.no_grad():  # the statistics of the detached log-probs; the loss is the fused one
+            _, stats = policy_loss(batch, logp1, entropy1, options, True)  # type: ignore[misc]
+        return loss, stats
     logp, entropy = _logprobs(
         batch.rows,
         lm_head,
@@ -523,7 +567,7 @@ def rspo_linear_loss_with_options(
         batch.ids,
         batch.live,
         options.temperature,
-        return_stats or options.entropy_coeff != 0.0,
+        with_entropy,
         chunk_rows,
         vocab_block,
         shard,
@@ -564,7 +608,7 @@ class RSPOLinearLoss(RSPOLoss):
     >>> W = torch.randn(5, 8, requires_grad=True)
     >>> rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])  # one group of 4 responses
     >>> crit(hidden, W, torch.zeros(4, 3, dtype=torch.long), rewards, group_size=4)
-    tensor(-0.5000, grad_fn=<SumBackward0>)
+    tensor(-0.5000, grad_fn=<LinearFusedLossBackward>)
     """
 
     def __init__(
