@@ -134,7 +134,7 @@ def forward_redirect(wrapper: nn.Module, fn: Callable[..., R], *args: Any, **kwa
     ...     return rk.rspo_linear_loss(x, model, torch.tensor([[0, 2]]), torch.tensor([1.0]))
     >>> loss = forward_redirect(model, loss_fn, torch.zeros(1, 2, 2))
     >>> loss  # on-policy (ratio 1): minus the response's weight
-    tensor(-1., grad_fn=<SumBackward0>)
+    tensor(-1., grad_fn=<LinearFusedLossBackward>)
     """
     if not isinstance(wrapper, nn.Module):
         raise TypeError(

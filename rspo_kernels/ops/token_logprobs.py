@@ -2,7 +2,7 @@
 
 Layout (Liger-Kernel's ``cross_entropy.py``): the ``@triton.jit`` kernels, then the launchers that
 pick block sizes and the grid, then the ``torch.autograd.Function``. One program per token on a
-1-D grid (no grid dimension limits the token count).
+1-D grid, rows on x (:func:`rspo_kernels.ops._grid.row_grid`: no y or z limit of 65,535 applies).
 
 - Forward: each live token streams its row of logits once through an online log-sum-exp (and
   entropy) in float32 and stores ``lse`` and ``logp``: O(tokens) outputs, nothing of size vocab.
@@ -39,6 +39,7 @@ from rspo_kernels.loss.chunked import (
     entropy_grad,
     logits_grad,
 )
+from rspo_kernels.ops._grid import row_grid
 from rspo_kernels.ops._softmax_helpers import (
     entropy_grad_block,
     load_scaled_block,
@@ -180,7 +181,7 @@ def _launch_fwd(
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
     if N:
         block_v, num_warps = launch_config(V, dev)
-        _token_logprobs_fwd_kernel[(N,)](
+        _token_logprobs_fwd_kernel[row_grid(N)](
             logits,
             ids,
             live.view(torch.uint8),
@@ -214,7 +215,7 @@ def _launch_bwd(
         return
     block_v, num_warps = launch_config(V, logits.device)
     with_gh = g_entropy is not None
-    _token_logprobs_bwd_kernel[(B * T,)](
+    _token_logprobs_bwd_kernel[row_grid(B * T)](
         logits,
         ids,
         lse,

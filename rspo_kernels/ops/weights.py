@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 import rspo_kernels.weights.estimators as estimators
+from rspo_kernels.ops._grid import row_grid
 from rspo_kernels.weights._layout import Groups, sort_within_groups
 
 __all__ = ["grouped_weights", "prepare_chunks"]
@@ -151,7 +152,7 @@ def _rspo_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
     v = v.contiguous()
     log_factorial = torch.lgamma(torch.arange(int(sizes.max()) + 2, dtype=torch.float64, device=device) + 1)
     sums = torch.empty(n_chunks, dtype=torch.float64, device=device)
-    _rspo_chunk_sums_kernel[(n_chunks,)](
+    _rspo_chunk_sums_kernel[row_grid(n_chunks, "chunks")](
         v, groups.offsets, chunks, sums, log_factorial, k, IS_PASS=is_pass, BLOCK=block
     )
     # Chunks are stored group after group, so per-group scans of `sums` are segment scans.
@@ -167,7 +168,7 @@ def _rspo_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
         chunk_groups = Groups(sums, chunk_offsets(sizes, block, device, groups.group_size), uniform, per_group)
         carry = estimators.segment_cumsum(sums, chunk_groups, exclusive=True)
     out = torch.empty_like(values)
-    _rspo_weights_kernel[(n_chunks,)](
+    _rspo_weights_kernel[row_grid(n_chunks, "chunks")](
         v, order, out, groups.offsets, chunks, carry, total, log_factorial, k, IS_PASS=is_pass, BLOCK=block
     )
     return out
