@@ -2,13 +2,18 @@
 
 Variants, on the same inputs (hidden states ``(B, T, H)``, ``lm_head`` weight ``(V, H)`` and bias,
 float32 by default; the token-mean clipped loss with old log-probs and, with ``--beta`` (default
-0.04, the issue's setting), the k3 KL penalty to given reference log-probs):
+0.04, the issue's setting), the k3 KL penalty to given reference log-probs; a padding mask, by
+default half of one response padded as in every RL batch (``--pad``); ``--entropy-coeff`` adds the
+entropy bonus):
 
-- ``rspo_linear``: :func:`rspo_kernels.rspo_linear_loss` (blocks of logits, recomputed in backward);
+- ``rspo_linear``: :func:`rspo_kernels.rspo_linear_loss` (for these token-local losses the one-pass
+  route: gradients formed block by block in forward, three matmuls);
+- ``rspo_two_pass``: the same call forced onto the two-pass route (log-probs first, logits
+  recomputed in backward: four matmuls), the route non-local losses and ``tp_group`` take;
 - ``unfused``: eager torch: ``F.linear``, ``log_softmax``, ``gather``, the clipped loss, backward;
 - ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (``loss_type="bnpo"``, which is our
-  ``token-mean``; ``beta`` with ``ref_per_token_logps``) with its defaults (``chunk_size=1``,
-  ``compiled=True``), when installed.
+  ``token-mean``; ``beta`` with ``ref_per_token_logps``; the mask as ``attention_mask``) with its
+  defaults (``chunk_size=1``, ``compiled=True``), when installed; it has no entropy bonus.
 
 Method
 ------
@@ -28,9 +33,13 @@ machine load (the CPUs may be shared); the table reports medians.
 
 Usage
 -----
-``python benchmarks/linear_memory.py`` (4096 tokens, H = 1024, V = 32000, float32) prints a
-table and writes ``benchmarks/results/cpu-linear-<date>.json`` and ``.md`` (``--out`` picks the
-JSON path). ``--smoke`` runs tiny shapes in a few seconds and writes to a temporary directory.
+``python benchmarks/linear_memory.py`` (4096 tokens as (B, T) = (8, 512), H = 1024, V = 32000,
+float32, padding mask) prints a table and writes ``benchmarks/results/cpu-linear-<date>.json`` and
+``.md`` (``--out`` picks the JSON path). ``--preset long`` is the long-context row: 65,536 tokens in
+one call, H = 256, V = 8192, a fifth padding, entropy bonus 0.01 (target: extra memory within the
+gradients plus 64 MiB). ``--suite`` runs the float32 shape, the same in bfloat16 where the CPU has
+bfloat16 instructions, and the long row, into one JSON. ``--smoke`` runs tiny shapes in a few
+seconds and writes to a temporary directory.
 """
 
 from __future__ import annotations
@@ -46,14 +55,17 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("rspo_linear", "unfused", "liger")
-# The targets (issue 19, item 5), each a ratio of rspo_linear to another variant.
+VARIANTS = ("rspo_linear", "rspo_two_pass", "unfused", "liger")
+# The targets (issue 28), each a ratio of rspo_linear to another variant.
 TARGETS = {
     "memory_vs_unfused": 0.1,
     "memory_vs_liger": 0.5,
-    "time_vs_liger": 1.0,
-    "time_vs_unfused": 2.0,
+    "time_vs_liger": 0.6,
+    "time_vs_unfused": 0.85,
 }
+# Long context (issue 28): extra memory at most the gradients plus this many MiB.
+LONG_SLACK_MIB = 64.0
+PADS = ("half-response", "fifth", "none")
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
 
@@ -141,25 +153,40 @@ def run_child(script: str, what: str, argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _make_step(variant: str, smoke: bool, beta: float):
+def _make_step(variant: str, smoke: bool, beta: float, entropy_coeff: float = 0.0):
     """``step(inputs)``: one forward + backward of ``variant``; returns the loss value."""
     import torch
 
-    if variant == "rspo_linear":
+    if variant in ("rspo_linear", "rspo_two_pass"):
         import rspo_kernels as rk
+        import rspo_kernels.loss.linear as rk_linear
 
-        def step(h, w, b, ids, adv, old, ref):
+        def never(options, tensors):
+            return False
+
+        def step(h, w, b, ids, adv, old, ref, mask):
+            one_pass = rk_linear.use_one_pass
+            if variant == "rspo_two_pass":  # force the route non-local losses take (benchmark only)
+                rk_linear.use_one_pass = never
+            try:
+                return _rspo_step(h, w, b, ids, adv, old, ref, mask)
+            finally:
+                rk_linear.use_one_pass = one_pass
+
+        def _rspo_step(h, w, b, ids, adv, old, ref, mask):
             loss = rk.rspo_linear_loss(
                 h,
                 w,
                 ids,
                 adv,
+                mask,
                 bias=b,
                 old_logprobs=old,
                 ref_logprobs=ref if beta else None,
                 beta=beta,
                 epsilon_low=EPS_LOW,
                 epsilon_high=EPS_HIGH,
+                entropy_coeff=entropy_coeff,
             )
             loss.backward()
             return float(loss.detach())
@@ -167,21 +194,27 @@ def _make_step(variant: str, smoke: bool, beta: float):
         return step
     if variant == "unfused":
 
-        def step(h, w, b, ids, adv, old, ref):
+        def step(h, w, b, ids, adv, old, ref, mask):
             logits = torch.nn.functional.linear(h, w, b).float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            logp_all = torch.log_softmax(logits, dim=-1)
+            logp = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
             ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
             a = adv.unsqueeze(-1)
             per_token = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH))
             if beta:
                 d = torch.clamp(ref - logp, -20.0, 20.0)
                 per_token = per_token + beta * (torch.exp(d) - d - 1.0)
-            loss = per_token.mean()
+            if entropy_coeff:
+                per_token = per_token + entropy_coeff * (logp_all.exp() * logp_all).sum(-1)
+            m = mask.to(per_token.dtype)
+            loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
             loss.backward()
             return float(loss.detach())
 
         return step
     if variant == "liger":
+        if entropy_coeff:
+            raise NotImplementedError("LigerFusedLinearGRPOLoss has no entropy bonus")
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         # compiled=True is Liger's default; compiling takes longer than a smoke run may.
@@ -194,12 +227,12 @@ def _make_step(variant: str, smoke: bool, beta: float):
             compiled=not smoke,
         )
 
-        def step(h, w, b, ids, adv, old, ref):
+        def step(h, w, b, ids, adv, old, ref, mask):
             loss, _ = crit(
                 h,
                 w,
                 ids,
-                torch.ones_like(ids),
+                mask.long(),
                 adv,
                 bias=b,
                 old_per_token_logps=old,
@@ -212,8 +245,23 @@ def _make_step(variant: str, smoke: bool, beta: float):
     raise ValueError(variant)
 
 
+def padding_mask(B: int, T: int, pad: str):
+    """``(B, T)`` bool mask: ``half-response`` pads the second half of response 0 (a typical RL batch:
+    responses of unequal length), ``fifth`` the last fifth of every response, ``none`` nothing."""
+    import torch
+
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if pad == "half-response":
+        mask[0, T - T // 2 :] = False
+    elif pad == "fifth":
+        mask[:, T - T // 5 :] = False
+    elif pad != "none":
+        raise ValueError(f"pad must be one of {PADS}, got {pad!r}")
+    return mask
+
+
 def _make_inputs(args: argparse.Namespace, tiny: bool = False) -> tuple:
-    """``(hidden, weight, bias, ids, advantages, old_logprobs, ref_logprobs)``, built in place (no temporaries)."""
+    """``(hidden, weight, bias, ids, advantages, old_logprobs, ref_logprobs, mask)``, built in place."""
     import torch
 
     dtype = getattr(torch, args.dtype)
@@ -226,11 +274,11 @@ def _make_inputs(args: argparse.Namespace, tiny: bool = False) -> tuple:
     adv = torch.empty(B).normal_(generator=g)
     old = torch.empty(B, T).normal_(generator=g).mul_(0.3).sub_(torch.log(torch.tensor(float(V))))
     ref = torch.empty(B, T).normal_(generator=g).mul_(0.3).sub_(torch.log(torch.tensor(float(V))))
-    return h, w, b, ids, adv, old, ref
+    return h, w, b, ids, adv, old, ref, padding_mask(B, T, args.pad)
 
 
 def _child(variant: str, args: argparse.Namespace) -> dict:
-    step = _make_step(variant, args.smoke, args.beta)
+    step = _make_step(variant, args.smoke, args.beta, args.entropy_coeff)
     return {"variant": variant, **measure_peak(step, lambda tiny: _make_inputs(args, tiny=tiny), 3)}
 
 
@@ -240,7 +288,7 @@ def _timing_child(variants: list[str], args: argparse.Namespace) -> dict:
     steps = {}
     for v in variants:
         try:
-            steps[v] = _make_step(v, args.smoke, args.beta)
+            steps[v] = _make_step(v, args.smoke, args.beta, args.entropy_coeff)
             steps[v](*inputs)  # warm-up (Liger compiles here)
         except Exception as exc:  # an optional peer may be missing or fail; record why
             steps.pop(v, None)
@@ -259,6 +307,10 @@ def _run_child(variant: str, args: argparse.Namespace) -> dict:
         str(args.repeats),
         "--beta",
         str(args.beta),
+        "--pad",
+        args.pad,
+        "--entropy-coeff",
+        str(args.entropy_coeff),
     ]
     return run_child(__file__, variant, argv + (["--smoke"] if args.smoke else []))
 
@@ -274,12 +326,15 @@ def _ratios(rows: dict) -> dict:
 
     got = {
         "memory_vs_unfused": ratio("extra_mib", "unfused"),
+        "memory_vs_two_pass": ratio("extra_mib", "rspo_two_pass"),
+        "time_vs_two_pass": ratio("median_s", "rspo_two_pass"),
         "memory_vs_liger": ratio("extra_mib", "liger"),
         "time_vs_liger": ratio("median_s", "liger"),
         "time_vs_unfused": ratio("median_s", "unfused"),
     }
     return {
-        k: {"ratio": v, "target": TARGETS[k], "met": None if v is None else v <= TARGETS[k]} for k, v in got.items()
+        k: {"ratio": v, "target": TARGETS.get(k), "met": None if v is None or k not in TARGETS else v <= TARGETS[k]}
+        for k, v in got.items()
     }
 
 
@@ -287,8 +342,10 @@ def markdown(report: dict) -> str:
     s = report["shape"]
     lines = [
         f"Fused-linear RSPO loss, forward + backward, CPU {s['dtype']}, {s['tokens']} tokens, H={s['hidden']}, "
-        f"V={s['vocab']}, token-mean, bias, beta={report['loss']['beta']} with reference log-probs "
-        f"({report['date_utc'][:10]}, {report['machine']['cpus']} CPUs; median of "
+        f"V={s['vocab']}, token-mean, bias, beta={report['loss']['beta']} with reference log-probs, "
+        f"padding {report['loss']['pad']}, entropy_coeff={report['loss']['entropy_coeff']} "
+        f"({report['date_utc'][:10]}, {report['machine']['cpus']} CPUs, load average "
+        f"{report['machine']['loadavg'][0]:.1f}; median of "
         f"{report['repeats']} runs). Extra memory: peak RSS above the inputs, gradients included.",
         "",
         "| variant | extra MiB | of which gradients | time (s) |",
@@ -303,12 +360,39 @@ def markdown(report: dict) -> str:
     lines += ["", "| rspo_linear vs | ratio | target | met |", "|---|---:|---:|---|"]
     for k, v in report["ratios"].items():
         ratio = "-" if v["ratio"] is None else f"{v['ratio']:.3f}"
-        lines.append(f"| {k.replace('_vs_', ' vs ')} | {ratio} | <= {v['target']:.3g} | {v['met']} |")
+        target = "-" if v["target"] is None else f"<= {v['target']:.3g}"
+        lines.append(f"| {k.replace('_vs_', ' vs ')} | {ratio} | {target} | {v['met']} |")
+    if "long_context" in report:
+        lc = report["long_context"]
+        lines += [
+            "",
+            f"Long context: extra {lc['extra_mib']:.1f} MiB, gradients {lc['gradients_mib']:.1f} MiB: "
+            f"{lc['extra_mib'] - lc['gradients_mib']:.1f} MiB above them (target <= {LONG_SLACK_MIB:.0f}): {lc['met']}",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+PRESETS = {
+    # (n, h, v, batch, pad, entropy_coeff, variants)
+    "issue": (4096, 1024, 32000, 8, "half-response", 0.0, ",".join(VARIANTS)),
+    "long": (65536, 256, 8192, 4, "fifth", 0.01, "rspo_linear,rspo_two_pass"),
+}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16; Linux ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="issue", choices=sorted(PRESETS), help="issue (default) or long")
+    p.add_argument("--suite", action="store_true", help="float32, bfloat16 (if the CPU has it) and long, one JSON")
     p.add_argument("--n", type=int, default=None, help="tokens B * T (default 4096; smoke 256)")
     p.add_argument("--h", type=int, default=None, help="hidden size (default 1024; smoke 64)")
     p.add_argument("--v", type=int, default=None, help="vocabulary size (default 32000; smoke 1000)")
@@ -316,31 +400,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 5; smoke 1)")
     p.add_argument("--beta", type=float, default=0.04, help="k3 KL weight, with reference log-probs (0: no KL)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--pad", default=None, choices=PADS, help="padding mask (default half-response; long: fifth)")
+    p.add_argument("--entropy-coeff", type=float, default=None, help="entropy bonus (default 0; long: 0.01)")
+    p.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; not a measurement")
     p.add_argument("--out", default=None, help="JSON path (the markdown table goes next to it)")
     p.add_argument("--child", default=None, choices=VARIANTS + ("timing",), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.n = args.n or (256 if args.smoke else 4096)
-    args.h = args.h or (64 if args.smoke else 1024)
-    args.v = args.v or (1000 if args.smoke else 32000)
-    args.batch = args.batch or (2 if args.smoke else 8)
-    args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
-    if args.n % args.batch:
-        p.error("--n must be a multiple of --batch")
-    if args.child == "timing":
-        print(json.dumps(_timing_child([v.strip() for v in args.variants.split(",") if v.strip()], args)))
-        return 0
-    if args.child:
-        print(json.dumps(_child(args.child, args)))
-        return 0
+    return p
 
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what was not given from the preset (or the smoke shapes)."""
+    n, h, v, batch, pad, coeff, variants = PRESETS[args.preset]
+    args.n = args.n or (256 if args.smoke else n)
+    args.h = args.h or (64 if args.smoke else h)
+    args.v = args.v or (1000 if args.smoke else v)
+    args.batch = args.batch or (2 if args.smoke else batch)
+    args.pad = args.pad or pad
+    args.entropy_coeff = coeff if args.entropy_coeff is None else args.entropy_coeff
+    args.variants = args.variants or variants
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
+    return args
+
+
+def _run_config(args: argparse.Namespace) -> dict:
+    """Measure one configuration (one process per variant for memory, one for time) and report it."""
     import torch
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     rows = {v: _run_child(v, args) for v in variants}
     timing = _run_child("timing", args) if args.repeats else {}
     for v, r in rows.items():
@@ -348,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     now = _dt.datetime.now(_dt.timezone.utc)
     report = {
         "benchmark": "rspo_linear_loss CPU forward+backward: peak extra RSS (VmHWM, one process per variant) and time",
+        "command": "python benchmarks/linear_memory.py " + " ".join(getattr(args, "argv", [])),
+        "preset": args.preset,
         "date_utc": now.isoformat(timespec="seconds"),
         "smoke": args.smoke,
         "machine": {
@@ -356,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             "processor": platform.processor(),
             "cpus": os.cpu_count(),
             "loadavg": os.getloadavg(),
+            "bf16_instructions": cpu_has_bf16(),
         },
         "versions": {
             "python": platform.python_version(),
@@ -363,28 +453,80 @@ def main(argv: list[str] | None = None) -> int:
             "liger_kernel": _version("liger_kernel"),
         },
         "shape": {"tokens": args.n, "hidden": args.h, "vocab": args.v, "batch": args.batch, "dtype": args.dtype},
-        "loss": {"loss_agg_mode": "token-mean", "beta": args.beta, "ref_logprobs": bool(args.beta), "bias": True},
+        "loss": {
+            "loss_agg_mode": "token-mean",
+            "beta": args.beta,
+            "ref_logprobs": bool(args.beta),
+            "bias": True,
+            "pad": args.pad,
+            "entropy_coeff": args.entropy_coeff,
+        },
         "allocator": {"MALLOC_MMAP_THRESHOLD_": "65536"},
         "repeats": args.repeats,
         "results": list(rows.values()),
         "ratios": _ratios(rows),
     }
-    table = markdown(report)
+    ours = rows.get("rspo_linear", {})
+    if args.preset == "long" and "extra_mib" in ours:
+        report["long_context"] = {
+            "extra_mib": ours["extra_mib"],
+            "gradients_mib": ours["gradients_mib"],
+            "slack_mib": LONG_SLACK_MIB,
+            "met": ours["extra_mib"] <= ours["gradients_mib"] + LONG_SLACK_MIB,
+        }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.child:
+        _resolve(args)
+        if args.n % args.batch:
+            p.error("--n must be a multiple of --batch")
+        if args.child == "timing":
+            print(json.dumps(_timing_child([v.strip() for v in args.variants.split(",") if v.strip()], args)))
+        else:
+            print(json.dumps(_child(args.child, args)))
+        return 0
+    if args.variants is not None:
+        unknown = sorted({v.strip() for v in args.variants.split(",") if v.strip()} - set(VARIANTS))
+        if unknown:
+            p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    configs = []
+    if args.suite:
+        for preset, dtype in (("issue", "float32"), ("issue", "bfloat16"), ("long", "float32")):
+            if dtype == "bfloat16" and not cpu_has_bf16():
+                print("bfloat16: skipped (no AVX512-BF16 / AMX-BF16 on this CPU)")
+                continue
+            sub = argparse.Namespace(**vars(args))
+            sub.preset, sub.dtype = preset, dtype
+            configs.append(_resolve(sub))
+    else:
+        configs.append(_resolve(args))
+    for c in configs:
+        if c.n % c.batch:
+            p.error("--n must be a multiple of --batch")
+    reports = [_run_config(c) for c in configs]
+    table = "\n".join(markdown(r) for r in reports)
     print(table, end="")
+    now = _dt.datetime.now(_dt.timezone.utc)
     if args.out:
         out = args.out
     else:
         folder = (
             tempfile.mkdtemp() if args.smoke else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
         )
-        out = os.path.join(folder, f"cpu-linear-{now:%Y-%m-%d}.json")
+        name = "suite" if args.suite else ("long" if args.preset == "long" else "")
+        out = os.path.join(folder, f"cpu-linear-{now:%Y-%m-%d}{'-' + name if name else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(reports[0] if len(reports) == 1 else {"suite": reports}, f, indent=2)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write(table)
     print(f"wrote {out}")
-    failed = [r["variant"] for r in rows.values() if "error" in r and r["variant"] != "liger"]
+    failed = [r["variant"] for rep in reports for r in rep["results"] if "error" in r and r["variant"] != "liger"]
     return 1 if failed else 0
 
 

@@ -28,6 +28,18 @@ def test_linear_memory_smoke_writes_json_and_table(tmp_path, capsys):
     assert rows["rspo_linear"]["loss"] == pytest.approx(rows["unfused"]["loss"], rel=1e-5, abs=1e-6)
     if "error" not in rows["liger"]:
         assert rows["liger"]["loss"] == pytest.approx(rows["unfused"]["loss"], rel=1e-5, abs=1e-6)
-    assert set(report["ratios"]) == set(linear_memory.TARGETS)
+    assert rows["rspo_two_pass"]["loss"] == pytest.approx(rows["unfused"]["loss"], rel=1e-5, abs=1e-6)
+    assert set(linear_memory.TARGETS) <= set(report["ratios"])
+    assert report["loss"]["pad"] == "half-response"  # the padding mask is on by default
     assert (tmp_path / "cpu-linear.md").read_text().startswith("Fused-linear RSPO loss")
     assert "| rspo_linear |" in capsys.readouterr().out
+
+
+def test_padding_masks_and_the_long_preset():
+    m = linear_memory.padding_mask(8, 512, "half-response")
+    assert int((~m).sum()) == 256 and bool(m[1:].all()) and not bool(m[0, 256:].any())
+    f = linear_memory.padding_mask(4, 16384, "fifth")
+    assert abs(float((~f).float().mean()) - 0.2) < 1e-3
+    assert bool(linear_memory.padding_mask(2, 3, "none").all())
+    args = linear_memory._resolve(linear_memory._parser().parse_args(["--preset", "long"]))
+    assert (args.n, args.h, args.v, args.pad, args.entropy_coeff) == (65536, 256, 8192, "fifth", 0.01)

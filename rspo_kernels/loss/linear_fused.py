@@ -175,7 +175,9 @@ class LinearFusedLoss(torch.autograd.Function):
         entropy = torch.zeros(N if with_entropy else 0, dtype=cdt, device=dev)
         # Gradient buffers: the compute dtype (float32 for half inputs) until backward rounds them.
         grad_h: Any = torch.zeros(B, T, H, dtype=cdt, device=dev) if need_h else None
-        grad_w: Any = torch.zeros(V, H, dtype=cdt, device=dev) if need_w else None
+        grad_w: Any = None
+        if need_w:  # written by the first block's matmul; zeros only when there is none
+            grad_w = torch.empty(V, H, dtype=cdt, device=dev) if n else torch.zeros(V, H, dtype=cdt, device=dev)
         grad_b: Any = torch.zeros(V, dtype=cdt, device=dev) if need_b else None
         lowest = torch.finfo(cdt).min
         zero = torch.zeros((), dtype=cdt, device=dev)
@@ -244,7 +246,10 @@ class LinearFusedLoss(torch.autograd.Function):
                     else:
                         flat_g.index_copy_(0, rows, _grad_times_weight(x, weight, cdt))
                 if need_w:
-                    grad_w.addmm_(x.t(), h.to(cdt))
+                    if r0 == 0:  # the first block writes (no pass over a zero-filled (V, H) buffer)
+                        torch.mm(x.t(), h.to(cdt), out=grad_w)
+                    else:
+                        grad_w.addmm_(x.t(), h.to(cdt))
                 if need_b:
                     grad_b += x.sum(dim=0)
                 del x
