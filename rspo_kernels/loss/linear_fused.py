@@ -53,7 +53,7 @@ __all__ = ["LinearFusedLoss", "fused_linear_loss", "fused_rows", "use_one_pass"]
 _ROW_BLOCK_BYTES = {"cpu": 8 << 20}
 _ROW_BLOCK_BYTES_DEFAULT = 256 << 20
 # Vocabulary columns per elementwise temporary (exp, the entropy's product).
-_SLICE = 4096
+_SLICE = 1024
 
 
 def fused_rows(vocab: int, device: torch.device) -> int:
@@ -128,8 +128,37 @@ def _grad_times_weight(G: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype) 
     return acc
 
 
-def _vocab_slices(x: torch.Tensor) -> list[torch.Tensor]:
-    return [x[:, v0 : v0 + _SLICE] for v0 in range(0, x.shape[1], _SLICE)]
+def _relative_sums(x: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``s = sum exp(x)`` and ``u = sum exp(x) x`` per row of ``x`` (logits minus their row maximum).
+
+    Vocabulary slices at a time, so the temporaries stay small (and die with this frame: a slice
+    view left alive would keep the whole block's storage). ``exp(-inf) * lowest = 0``: a ``-inf``
+    logit adds nothing to ``u``, never NaN.
+    """
+    s = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    u = torch.zeros_like(s) if with_entropy else None
+    lowest = torch.finfo(x.dtype).min
+    for v0 in range(0, x.shape[1], _SLICE):
+        sl = x[:, v0 : v0 + _SLICE]
+        e = sl.exp()
+        s += e.sum(dim=-1)
+        if u is not None:
+            u += e.mul_(sl.clamp(min=lowest)).sum(dim=-1)
+    return s, u
+
+
+def _entropy_logit_grad_(x: torch.Tensor, g: torch.Tensor, g_h: torch.Tensor, ent: torch.Tensor) -> None:
+    """In place, ``x = log p`` becomes ``-p (g + g_H (log p + H))``: the softmax and entropy parts of ``G``.
+
+    ``log p + H = (x - lse) + H``, relative throughout. A ``-inf`` logit (p = 0) gives 0, not
+    ``0 * inf``. Slices at a time, as :func:`_relative_sums`.
+    """
+    g, g_h, ent = g.unsqueeze(-1), g_h.unsqueeze(-1), ent.unsqueeze(-1)
+    for v0 in range(0, x.shape[1], _SLICE):
+        sl = x[:, v0 : v0 + _SLICE]
+        coef = sl.add(ent).mul_(g_h).add_(g)
+        coef.masked_fill_(sl == float("-inf"), 0.0)
+        sl.exp_().mul_(coef).neg_()
 
 
 class LinearFusedLoss(torch.autograd.Function):
@@ -179,7 +208,6 @@ class LinearFusedLoss(torch.autograd.Function):
         if need_w:  # written by the first block's matmul; zeros only when there is none
             grad_w = torch.empty(V, H, dtype=cdt, device=dev) if n else torch.zeros(V, H, dtype=cdt, device=dev)
         grad_b: Any = torch.zeros(V, dtype=cdt, device=dev) if need_b else None
-        lowest = torch.finfo(cdt).min
         zero = torch.zeros((), dtype=cdt, device=dev)
         with torch.autocast(dev.type, enabled=False):
             for r0 in range(0, n, chunk_rows):
@@ -202,14 +230,7 @@ class LinearFusedLoss(torch.autograd.Function):
                 m = torch.where(torch.isfinite(m), m, zero)
                 x.sub_(m.unsqueeze(-1))
                 tgt = x.gather(1, safe).squeeze(-1)
-                s = torch.zeros(r1 - r0, dtype=cdt, device=dev)
-                u = torch.zeros_like(s) if with_entropy else None
-                for sl in _vocab_slices(x):
-                    e = sl.exp()
-                    s += e.sum(dim=-1)
-                    if u is not None:  # exp(-inf) * lowest = 0: a -inf logit adds nothing, not NaN
-                        u += e.mul_(sl.clamp(min=lowest)).sum(dim=-1)
-                    del e
+                s, u = _relative_sums(x, with_entropy)
                 log_s = s.log()
                 lp = torch.where(valid, tgt - log_s, torch.full((), float("nan"), dtype=cdt, device=dev))
                 logp[rows] = lp
@@ -227,13 +248,8 @@ class LinearFusedLoss(torch.autograd.Function):
                 if g_h is None:
                     x.exp_().mul_(-g.unsqueeze(-1))
                 else:
-                    g_h = (g_h / temperature).unsqueeze(-1)
                     assert ent is not None
-                    for sl in _vocab_slices(x):
-                        coef = sl.add(ent.unsqueeze(-1)).mul_(g_h).add_(g.unsqueeze(-1))
-                        coef.masked_fill_(sl == float("-inf"), 0.0)  # p = 0 there: no inf * 0
-                        sl.exp_().mul_(coef).neg_()
-                        del coef
+                    _entropy_logit_grad_(x, g, g_h / temperature, ent)
                 x.scatter_add_(1, safe, torch.where(valid, g, zero).unsqueeze(-1))
                 if need_h:
                     flat_g = grad_h.view(N, H)
