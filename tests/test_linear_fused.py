@@ -298,7 +298,9 @@ def test_65536_tokens_in_one_call(routes):
     loss.backward()
     assert routes["one_pass"] == 1
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    loss_r = rspo_loss_reference(h64 @ w64.T, ids, weights.double(), mask, old_logprobs=old.double(), entropy_coeff=0.01)
+    loss_r = rspo_loss_reference(
+        h64 @ w64.T, ids, weights.double(), mask, old_logprobs=old.double(), entropy_coeff=0.01
+    )
     loss_r.backward()
     torch.testing.assert_close(loss.double(), loss_r.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5 * float(h64.grad.abs().max()))

@@ -2,11 +2,22 @@
 
 ``rspo_linear_loss``, ``token_logprobs_linear``, ``RSPOLinearLoss``.
 
-``logits = (hidden @ lm_head.weight.T + bias) / temperature`` is never materialised for all tokens:
-:class:`~rspo_kernels.loss.linear_chunked.LinearTokenLogprobs` computes the log-probs block by block
-and recomputes each block in backward. Inputs are validated here, once, and normalised into the
-same :class:`~rspo_kernels.loss.layout.TokenBatch` as the logits loss; the O(tokens) rest of the
-loss is :func:`~rspo_kernels.loss.policy.policy_loss`, shared with :func:`rspo_kernels.rspo_loss`.
+``logits = (hidden @ lm_head.weight.T + bias) / temperature`` is never materialised for all tokens.
+Two routes, chosen per call:
+
+- one pass (:class:`~rspo_kernels.loss.linear_fused.LinearFusedLoss`): a token-local policy loss
+  whose gradients are wanted, in eager autograd, forms them block by block during the forward from
+  the registry's per-token ``dL/dlogp`` and ``dL/dentropy``
+  (:func:`~rspo_kernels.loss.policy.token_grads`) and only scales them in backward: three
+  ``N x V x H`` matmuls;
+- two passes (:class:`~rspo_kernels.loss.linear_chunked.LinearTokenLogprobs`): the log-probs block
+  by block, each block recomputed in backward (four matmuls), then autograd through
+  :func:`~rspo_kernels.loss.policy.policy_loss`. It serves ``token_logprobs_linear``, losses that
+  are not token-local, ``tp_group``, ``no_grad``, ``torch.func`` and ``torch.compile``.
+
+Inputs are validated here, once, and normalised into the same
+:class:`~rspo_kernels.loss.layout.TokenBatch` as the logits loss; the loss algebra is the policy-loss
+registry's (:mod:`rspo_kernels.loss.policy`), shared with :func:`rspo_kernels.rspo_loss`.
 ``RSPO_KERNELS_BACKEND=reference`` computes the logits unfused instead (for debugging, and for
 second derivatives).
 
@@ -229,7 +240,7 @@ def _fused_loss(
     with_entropy: bool,
     chunk_rows: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The one-pass loss and the detached ``(N,)`` log-probs (entropies), run as a head module's forward when given one."""
+    """The one-pass loss and the detached ``(N,)`` log-probs (entropies); a head module's forward when given one."""
     if isinstance(head, nn.Module):
         module = head
 
@@ -396,7 +407,7 @@ def rspo_linear_loss(
     """The clipped RSPO policy loss from the last hidden states and the ``lm_head``, never building the logits.
 
     Equals ``rspo_loss(hidden @ lm_head.weight.T + bias, ...)`` while keeping only about one
-    block of logits (512 x 4096 float32 on a CPU) alive at a time; gradients flow to ``hidden``,
+    block of logits (about 8 MiB of float32 on a CPU) alive at a time; gradients flow to ``hidden``,
     the head's weight and its bias.
 
     Parameters
@@ -422,7 +433,9 @@ def rspo_linear_loss(
         Also return the statistics dict of :func:`rspo_kernels.rspo_loss`.
     chunk_rows, vocab_block : int, optional
         Block shape of the logits (tokens x vocabulary entries); picked from the shapes when
-        absent (:func:`rspo_kernels.loss.linear_chunked.default_blocks`).
+        absent. The one-pass route keeps ``chunk_rows`` rows over the whole vocabulary
+        (:func:`rspo_kernels.loss.linear_fused.fused_rows`) and reads no ``vocab_block``; the
+        two-pass route uses both (:func:`rspo_kernels.loss.linear_chunked.default_blocks`).
     weights_per : {"sequence", "token"}, optional
         How to read ``weights``, as in :func:`rspo_kernels.rspo_loss` (packed ``(S,)`` weights are
         per sequence, also when ``S == N``, unless ``"token"``).
@@ -453,14 +466,19 @@ def rspo_linear_loss(
 
     Notes
     -----
-    Forward computes each block of logits (float32 accumulation for half inputs), its
-    log-sum-exp and the target logits, and keeps only the ``(N,)`` log-sum-exp. Backward
-    recomputes each block, forms ``G = dL/dlogp (onehot - softmax) / T`` and accumulates
-    ``dhidden = G W``, ``dW = G^T hidden``, ``db = sum G`` (docs/math.md, "The loss"). Recomputing
-    costs one extra logits matmul per step (four instead of three) and keeps autograd's contract:
-    gradients scale exactly with grad_output (loss scaling in float16), ``retain_graph`` repeats,
-    ``no_grad`` does no gradient work. The per-token objective and the aggregation are those of
-    :func:`rspo_kernels.rspo_loss`.
+    With gradients wanted (grad mode on, an input requiring grad) the forward takes the live tokens
+    a block of rows at a time, keeps that block's logits over the whole vocabulary (float32
+    accumulation for half inputs; about 8 MiB per block on a CPU, ``chunk_rows`` rows when given),
+    computes their log-sum-exp, target logits and entropies, asks the policy loss for each token's
+    ``g = dL/dlogp`` and ``g_H = dL/dentropy``, forms
+    ``G = (g (onehot - p) - g_H p (log p + H)) / T`` in place and accumulates ``dhidden = G W``,
+    ``dW += G^T hidden``, ``db += sum G`` (docs/math.md, "The loss"): three logits-sized matmuls,
+    as an unfused step. Backward only multiplies the saved gradients by grad_output, so loss
+    scaling is exact (half inputs keep them in float32 until then), ``retain_graph`` reuses them,
+    and the weight's gradient exists from the forward on. Under ``no_grad``, ``torch.func``,
+    ``torch.compile`` or ``tp_group`` the log-probs are computed first and each block is recomputed
+    in backward (one more matmul). ``create_graph=True`` raises in backward on both routes. The
+    per-token objective and the aggregation are those of :func:`rspo_kernels.rspo_loss`.
 
     Examples
     --------
@@ -558,7 +576,7 @@ def rspo_linear_loss_with_options(
         if not return_stats:
             return loss
         with torch.no_grad():  # the statistics of the detached log-probs; the loss is the fused one
-            _, stats = policy_loss(batch, logp1, entropy1, options, True)  # type: ignore[misc]
+            _, stats = policy_loss(batch, logp1, entropy1, options, True)
         return loss, stats
     logp, entropy = _logprobs(
         batch.rows,

@@ -22,11 +22,15 @@ with ``g != 0``, gathered once into a compact ``(n, H)`` matrix, so masked rows 
 hidden states) never enter a matmul and get an exact zero gradient. Gathering costs one host
 synchronisation per pass on a GPU.
 
-The choice: recompute in backward rather than compute the gradients during forward (Liger-Kernel's
-fused-linear losses). It costs one more logits matmul (four ``N x V x H`` matmuls per step instead of
-three, about a third more matmul work), and buys the autograd contract: backward multiplies by the
-real grad_output (loss scaling exact, ``retain_graph`` repeats, ``no_grad`` does no gradient work,
-and no ``(V, H)`` gradient buffer is held between forward and backward).
+When this route serves: :func:`rspo_kernels.rspo_linear_loss` of a token-local policy loss
+(:func:`rspo_kernels.loss.policy.is_token_local`) in eager autograd forms its gradients during the
+forward instead (:mod:`rspo_kernels.loss.linear_fused`: three ``N x V x H`` matmuls, not four).
+This recomputing route remains for what cannot: :func:`rspo_kernels.token_logprobs_linear` (its
+caller's loss is unknown), losses that are not token-local (sequence-level ratios, batch-level
+token selection), a vocabulary-parallel head (``tp_group``: the global log-sum-exp is known only
+after the forward's all-reduces), ``torch.func`` transforms and ``torch.compile`` tracing. It keeps
+no ``(V, H)`` gradient buffer between forward and backward, and its backward multiplies by the
+real grad_output (loss scaling exact, ``retain_graph`` repeats, ``no_grad`` does no gradient work).
 """
 
 from __future__ import annotations

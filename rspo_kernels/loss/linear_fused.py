@@ -171,7 +171,7 @@ class LinearFusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -278,7 +278,7 @@ class LinearFusedLoss(torch.autograd.Function):
         return loss, logp, entropy
 
     @staticmethod
-    def backward(ctx: Any, g_loss: torch.Tensor, _g_logp: Any, _g_entropy: Any) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, g_loss: torch.Tensor, _g_logp: Any, _g_entropy: Any) -> tuple:
         check_backward_mode("rspo_linear_loss")
         keep = _keep_graph()
         saved = ctx.saved_tensors
