@@ -185,6 +185,11 @@ def rspo_loss(
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Fused clipped policy-gradient loss driven by RSPO weights.
 
+    Aggregation: the default ``loss_agg_mode="token-mean"`` (verl's) divides by the batch's token
+    count, which biases the Pass@k / Max@k gradient of per-response weights; pass
+    ``"seq-mean-token-sum"`` (or ``"seq-mean-token-sum-norm"`` with a constant length) to keep it
+    unbiased, as :class:`RSPOLoss` does by default (docs/trainers.md § Aggregation).
+
     The forward pass keeps O(tokens) state (each token's log-sum-exp); the backward pass
     recomputes the softmax block by block and writes ``dL/dlogits`` once, in the logits' dtype,
     already multiplied by the incoming gradient. The float32 ``(tokens, vocab)`` softmax never
@@ -374,6 +379,12 @@ def rspo_loss_with_options(
 class RSPOLoss(nn.Module):
     """Rewards in, RSPO-weighted policy loss out: weights and loss in one module.
 
+    Unlike :func:`rspo_loss`, the module defaults to ``loss_agg_mode="seq-mean-token-sum"``: it
+    computes one weight per response, and only a normaliser that does not depend on the sampled
+    lengths keeps the gradient an unbiased estimate of grad Pass@k / Max@k (docs/trainers.md §
+    Aggregation; ``token-mean`` divides by the batch's token count). Pass ``loss_agg_mode`` to
+    choose another mode.
+
     Parameters
     ----------
     objective : {"pass@k", "max@k"}, default "pass@k"
@@ -386,8 +397,9 @@ class RSPOLoss(nn.Module):
     **loss_kwargs
         Fixed keyword arguments of :func:`rspo_loss`: the :class:`LossOptions` fields
         (``temperature``, ``epsilon_low``, ``epsilon_high``, ``clip_ratio_c``, ``beta``,
-        ``loss_agg_mode``, ``max_response_length``, ``entropy_coeff``) and ``inplace_backward``,
-        ``return_stats``.
+        ``loss_agg_mode`` (default here ``"seq-mean-token-sum"``, see above), ``max_response_length``,
+        ``entropy_coeff``), ``inplace_backward``, ``return_stats`` and the vocabulary-parallel
+        ``tp_group``, ``vocab_start``, ``vocab_size`` (as in :func:`rspo_loss`).
 
     Raises
     ------
@@ -406,9 +418,15 @@ class RSPOLoss(nn.Module):
     >>> crit = rk.RSPOLoss("pass@k", k=2)
     >>> logits = torch.zeros(4, 3, 5, requires_grad=True)
     >>> rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])  # one group of 4 responses
-    >>> crit(logits, torch.zeros(4, 3, dtype=torch.long), rewards, group_size=4)
-    tensor(-0.5000, grad_fn=<SumBackward0>)
+    >>> crit(logits, torch.zeros(4, 3, dtype=torch.long), rewards, group_size=4)  # -(2 * 3 tokens) / 4
+    tensor(-1.5000, grad_fn=<SumBackward0>)
     """
+
+    # The loss's tensor-parallel arguments, fixed at construction and passed through to the loss.
+    _SHARD_KWARGS: tuple[str, ...] = ("tp_group", "vocab_start", "vocab_size")
+    # Unbiased for per-response weights (class docstring); rspo_loss itself keeps verl's default.
+    _DEFAULT_AGG_MODE = "seq-mean-token-sum"
+    _FUNCTION = "rspo_loss"  # the function whose arguments the module takes, for the error messages
 
     def __init__(self, objective: str = "pass@k", k: int = 4, estimator: str = "rspo", **loss_kwargs: Any):
         super().__init__()
@@ -426,14 +444,19 @@ class RSPOLoss(nn.Module):
             raise ValueError(f"k must be >= 1, got {k}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r} is not one of {ESTIMATORS}")
-        allowed = LossOptions.field_names() + _CALL_KWARGS
+        allowed = LossOptions.field_names() + _CALL_KWARGS + self._SHARD_KWARGS
         unknown = sorted(set(loss_kwargs) - set(allowed))
         if unknown:
-            raise TypeError(f"RSPOLoss got unknown rspo_loss arguments {unknown}; allowed: {list(allowed)}")
+            raise TypeError(
+                f"{type(self).__name__} got unknown {self._FUNCTION} arguments {unknown}; allowed: {list(allowed)}"
+            )
         self.objective = objective
         self.k = k
         self.estimator = estimator
-        self.options = LossOptions(**{n: v for n, v in loss_kwargs.items() if n not in _CALL_KWARGS})
+        loss_kwargs.setdefault("loss_agg_mode", self._DEFAULT_AGG_MODE)
+        passed = _CALL_KWARGS + self._SHARD_KWARGS
+        self.options = LossOptions(**{n: v for n, v in loss_kwargs.items() if n not in passed})
+        self.shard_kwargs = {n: loss_kwargs[n] for n in self._SHARD_KWARGS if n in loss_kwargs}
         self.inplace_backward = _checks.check_flag("inplace_backward", loss_kwargs.get("inplace_backward", False))
         self.return_stats = _checks.check_flag("return_stats", loss_kwargs.get("return_stats", False))
         self.loss_kwargs = dict(loss_kwargs)
@@ -535,4 +558,5 @@ class RSPOLoss(nn.Module):
             inplace_backward=self.inplace_backward,
             return_stats=self.return_stats,
             weights_per="sequence",
+            **self.shard_kwargs,
         )

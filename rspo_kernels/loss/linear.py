@@ -535,7 +535,8 @@ class RSPOLinearLoss(RSPOLoss):
     """Rewards in, RSPO-weighted policy loss out, from hidden states and the ``lm_head``.
 
     :class:`rspo_kernels.RSPOLoss` for :func:`rspo_linear_loss`: the same weights, options and
-    validation at construction.
+    validation at construction, and the same unbiased default ``loss_agg_mode="seq-mean-token-sum"``
+    (one weight per response; ``token-mean`` would bias the Pass@k / Max@k gradient).
 
     Parameters
     ----------
@@ -548,7 +549,8 @@ class RSPOLinearLoss(RSPOLoss):
     chunk_rows, vocab_block : int, optional
         Block shape of the logits (see :func:`rspo_linear_loss`).
     **loss_kwargs
-        The :class:`LossOptions` fields and ``return_stats``.
+        The :class:`LossOptions` fields, ``return_stats`` and the tensor-parallel ``tp_group``,
+        ``vocab_start``, ``vocab_size``, ``sequence_parallel`` (as in :func:`rspo_linear_loss`).
 
     Raises
     ------
@@ -563,9 +565,12 @@ class RSPOLinearLoss(RSPOLoss):
     >>> hidden = torch.zeros(4, 3, 8, requires_grad=True)
     >>> W = torch.randn(5, 8, requires_grad=True)
     >>> rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])  # one group of 4 responses
-    >>> crit(hidden, W, torch.zeros(4, 3, dtype=torch.long), rewards, group_size=4)
-    tensor(-0.5000, grad_fn=<SumBackward0>)
+    >>> crit(hidden, W, torch.zeros(4, 3, dtype=torch.long), rewards, group_size=4)  # -(2 * 3 tokens) / 4
+    tensor(-1.5000, grad_fn=<SumBackward0>)
     """
+
+    _SHARD_KWARGS = (*RSPOLoss._SHARD_KWARGS, "sequence_parallel")
+    _FUNCTION = "rspo_linear_loss"
 
     def __init__(
         self,
@@ -631,4 +636,5 @@ class RSPOLinearLoss(RSPOLoss):
             chunk_rows=self.chunk_rows,
             vocab_block=self.vocab_block,
             weights_per="sequence",
+            **self.shard_kwargs,
         )
