@@ -168,6 +168,25 @@ def test_softcap_single_target_every_backend(backend, dtype):
     torch.testing.assert_close(got.double(), want, **tol)
 
 
+def test_softcap_inplace_backward(backend):
+    """The gradient written over the logits equals the out-of-place one (the cap's factor is read first)."""
+    z, ids, mask, weights, old, ref = _loss_case(seed=31)
+    z, old, ref = z.float() * 2.0, old.float(), ref.float()
+    kw = dict(old_logprobs=old, ref_logprobs=ref, weights_per="token", logit_softcap=5.0, **LOSS_KW)
+    grads = []
+    for inplace in (False, True):
+        x = z.clone().requires_grad_()
+        loss = rk.rspo_loss(x * 1.0, ids, weights.float(), mask, inplace_backward=inplace, **kw)
+        grads.append(torch.autograd.grad(loss, x)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+    y = z.double().requires_grad_()
+    kw_ref = {k: v for k, v in kw.items() if k != "logit_softcap"}
+    kw_ref.update(old_logprobs=old.double(), ref_logprobs=ref.double())
+    want = rspo_loss_reference(capped(y, 5.0), ids, weights, mask, **kw_ref)
+    (g_want,) = torch.autograd.grad(want, y)
+    torch.testing.assert_close(grads[1].double(), g_want, rtol=2e-5, atol=2e-6)
+
+
 def test_softcap_reference_backend(monkeypatch):
     monkeypatch.setenv("RSPO_KERNELS_BACKEND", "reference")
     z = logits_case((4,), V=9, seed=12, with_inf=False).requires_grad_()
@@ -550,18 +569,27 @@ def _tp_worker(rank: int, world: int) -> None:
     kw = dict(temperature=0.8, logit_softcap=3.0, weights_per="token", entropy_coeff=0.01)
     ids1 = ids[..., 0]
     ref = [t.clone().requires_grad_() for t in (hidden, W[:V_REAL], b[:V_REAL])]
-    want = rspo_loss_reference(
-        capped(ref[0] @ ref[1].T + ref[2], 3.0), ids1, weights, mask, **{**kw, "logit_softcap": None}
-    )
+    kw_ref = {k: v for k, v in kw.items() if k != "logit_softcap"}
+    want = rspo_loss_reference(capped(ref[0] @ ref[1].T + ref[2], 3.0), ids1, weights, mask, **kw_ref)
     g_want = torch.autograd.grad(want, ref)
     leaves = [hidden.clone().requires_grad_(), W[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()]
     loss = rk.rspo_linear_loss(leaves[0], leaves[1], ids1, weights, mask, bias=leaves[2], **BLOCKS, **tp, **kw)
     got = torch.autograd.grad(loss, leaves)
     torch.testing.assert_close(loss, want, **TOL)
     torch.testing.assert_close(got[0], g_want[0], **TOL)
+    for a, w_ in zip(got[1:], g_want[1:], strict=True):
+        pad = torch.zeros((v_local * world, *w_.shape[1:]), dtype=torch.float64)
+        pad[:V_REAL] = w_
+        torch.testing.assert_close(a, pad[rows], **TOL)
     z = (hidden @ W.T + b)[..., rows].clone().requires_grad_()
     loss_z = rk.rspo_loss(z, ids1, weights, mask, **tp, **kw)
     torch.testing.assert_close(loss_z, want, **TOL)
+    zr = (hidden @ W[:V_REAL].T + b[:V_REAL]).requires_grad_()
+    (gz_r,) = torch.autograd.grad(rspo_loss_reference(capped(zr, 3.0), ids1, weights, mask, **kw_ref), zr)
+    (gz,) = torch.autograd.grad(loss_z, z)
+    gz_pad = torch.zeros(*gz_r.shape[:-1], v_local * world, dtype=torch.float64)
+    gz_pad[..., :V_REAL] = gz_r
+    torch.testing.assert_close(gz, gz_pad[..., rows], **TOL)
 
 
 def test_tensor_parallel_two_gloo_processes():
