@@ -143,6 +143,65 @@ def test_multi_target_with_topk_ids_is_the_differentiable_topk():
     torch.testing.assert_close(g, want, **TOL)
 
 
+def test_sum_pi_squared_matches_verl():
+    """verl's own ``calculate_sum_pi_squared_from_logits`` on the temperature-scaled logits (its actor's order)."""
+    verl_F = pytest.importorskip("verl.utils.torch_functional")
+    z = logits_case((3, 4), V=40, seed=32, with_inf=False)
+    st = rk.token_logprobs(z, torch.zeros(3, 4, dtype=torch.long), temperature=0.6, return_sum_pi_squared=True)
+    torch.testing.assert_close(st.sum_pi_squared, verl_F.calculate_sum_pi_squared_from_logits(z / 0.6), **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_in_float32(dtype):
+    z = logits_case((2, 3), V=30, seed=33).to(dtype)
+    lsm = brute(z.double(), 0.8, 4.0)  # the same rounded values, in float64
+    ids = finite_ids(lsm, 2, seed=34)
+    st = rk.token_logprobs(z, ids, temperature=0.8, logit_softcap=4.0, return_sum_pi_squared=True, topk=3)
+    assert st.logprobs.dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.logprobs.double(), lsm.gather(-1, ids), **tol)
+    torch.testing.assert_close(st.sum_pi_squared.double(), (lsm.exp() ** 2).sum(-1), **tol)
+    torch.testing.assert_close(st.topk_logprobs.double(), torch.topk(lsm, 3).values, **tol)
+    hidden, W, b, mask = linear_case(seed=35)
+    h, w, bb = hidden.to(dtype), W.to(dtype), b.to(dtype)
+    lsm = brute(h.double() @ w.double().T + bb.double(), 0.8, 4.0)
+    lids = ids[..., :1] % W.shape[0]
+    st = rk.token_logprobs_linear(h, w, lids, bias=bb, temperature=0.8, logit_softcap=4.0, topk=3, **BLOCKS)
+    torch.testing.assert_close(st.logprobs.double(), lsm.gather(-1, lids), **tol)
+    torch.testing.assert_close(st.topk_logprobs.double(), torch.topk(lsm, 3).values, **tol)
+
+
+def test_softcap_matches_hugging_face_gemma2():
+    """A tiny ``Gemma2ForCausalLM`` (``final_logit_softcapping``) is the oracle of the cap and its order."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Gemma2Config(
+        vocab_size=37,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=0.5,  # small, so that the cap bites on these random logits
+    )
+    torch.manual_seed(36)
+    model = transformers.Gemma2ForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 37, (2, 6))
+    targets = torch.randint(0, 37, (2, 6))
+    with torch.no_grad():
+        logits = model(ids).logits  # capped by the model
+        hidden = model.model(ids).last_hidden_state
+    want = torch.log_softmax(logits / 0.7, -1)  # the sampler divides the capped logits by T
+    st = rk.token_logprobs_linear(
+        hidden, model.lm_head, targets, temperature=0.7, logit_softcap=cfg.final_logit_softcapping, topk=5
+    )
+    torch.testing.assert_close(st.logprobs, want.gather(-1, targets[..., None])[..., 0], **TOL)
+    torch.testing.assert_close(st.topk_logprobs, torch.topk(want, 5).values, **TOL)
+    raw = model.lm_head(hidden).detach()
+    lp = rk.token_logprobs(raw, targets, temperature=0.7, logit_softcap=cfg.final_logit_softcapping)
+    torch.testing.assert_close(lp, want.gather(-1, targets[..., None])[..., 0], **TOL)
+
+
 # ---- soft-capping on every backend of the single-target op and in the losses ---------------------
 
 
