@@ -313,7 +313,7 @@ def test_softcap_in_rspo_loss(packed):
     spec = rspo_loss_reference(y, ids, weights, mask, logit_softcap=8.0, **kw)[0]
     torch.testing.assert_close(spec, want, **TOL)
     # And the module: on-policy, so the loss is -mean(A) whatever the cap; the gradient is not.
-    crit = rk.RSPOLoss("pass@k", k=2, logit_softcap=8.0, temperature=0.9)
+    crit = rk.RSPOLoss("pass@k", k=2, logit_softcap=8.0, temperature=0.9, loss_agg_mode="token-mean")
     rewards = torch.tensor([1.0, 0.0])
     kwp = {} if not packed else dict(cu_seqlens=torch.tensor([0, 3, 7]))
     w = crit.weights(rewards, group_size=2).double()
@@ -437,7 +437,7 @@ def test_softcap_in_rspo_linear_loss(packed):
         torch.testing.assert_close(a, w_, **TOL, msg=name)
     for k, v in want_stats.items():
         torch.testing.assert_close(stats[k], v, **TOL, msg=k)
-    crit = rk.RSPOLinearLoss("pass@k", k=2, logit_softcap=8.0, temperature=0.9, **BLOCKS)
+    crit = rk.RSPOLinearLoss("pass@k", k=2, logit_softcap=8.0, temperature=0.9, loss_agg_mode="token-mean", **BLOCKS)
     rewards = torch.tensor([1.0, 0.0])
     kwp = {} if not packed else dict(cu_seqlens=torch.tensor([0, 3, 7]))
     got_m = crit(hidden, W, ids, rewards, bias=b, group_size=2, mask=mask, **kwp)
