@@ -40,10 +40,11 @@ def parse_k_schedule(schedule: Any, key: str) -> tuple[tuple[int, int], ...] | N
 
     Parameters
     ----------
-    schedule : str, sequence or None
+    schedule : str, int, sequence or None
         ``"8:0,4:200,1:400"``: k = 8 from step 0, 4 from step 200, 1 from step 400. A sequence
-        of ``"k:step"`` strings or ``(k, step)`` pairs is read the same way. None or ``""``: no
-        schedule.
+        of ``"k:step"`` strings or ``(k, step)`` pairs is read the same way. A single integer
+        (``8``, or ``"8"``; Hydra hands ``key=8`` over as an int) is a constant k, ``"8:0"``.
+        None or ``""``: no schedule.
     key : str
         The configuration key, for the error messages.
 
@@ -55,7 +56,16 @@ def parse_k_schedule(schedule: Any, key: str) -> tuple[tuple[int, int], ...] | N
     """
     if schedule is None or (isinstance(schedule, str) and not schedule.strip()):
         return None
-    entries = schedule.split(",") if isinstance(schedule, str) else list(schedule)
+    entries: list[Any]
+    if _is_int(schedule) or (isinstance(schedule, str) and schedule.strip().isascii() and schedule.strip().isdigit()):
+        entries = [f"{int(schedule)}:0"]  # a constant k from step 0; a k below 1 fails below
+    elif isinstance(schedule, (str, Sequence)):
+        entries = schedule.split(",") if isinstance(schedule, str) else list(schedule)
+    else:
+        raise ValueError(
+            f"{key}={schedule!r} ({type(schedule).__name__}) is not a k schedule; write e.g. "
+            f"{key}='8:0,4:200,1:400' (k = 8 from step 0, 4 from step 200, 1 from step 400) or {key}=8 (constant)"
+        )
     pairs = []
     for entry in entries:
         if isinstance(entry, str):
@@ -178,6 +188,12 @@ class RSPOSettings:
             )
         order_int = _order(order, keys.get("order", "order"), obj)
         steps = parse_k_schedule(schedule, keys.get("schedule", "k_schedule"))
+        if order_int is not None and steps is not None:  # under maxrl the schedule sets the order: one source only
+            raise ValueError(
+                f"{keys.get('order', 'order')}={order!r} and {keys.get('schedule', 'k_schedule')}={schedule!r} both "
+                f"set MaxRL's order; keep one: {keys.get('order', 'order')} for a constant order, "
+                f"{keys.get('schedule', 'k_schedule')} for one that changes with the step"
+            )
         if obj == "maxrl" and est == "vr_cond" and (order_int is not None or steps is not None):
             raise ValueError(
                 f"{keys['estimator']}=vr_cond has no truncation order (it estimates J_n, n the group size): "
@@ -193,7 +209,15 @@ class RSPOSettings:
         return cls(obj, k_int, est, dict(keys), order_int, steps)
 
     def at_step(self, step: int) -> RSPOSettings:
-        """The settings in force at training step ``step``: the schedule's k (MaxRL: order) applied."""
+        """The settings in force at training step ``step``: the schedule's k (MaxRL: order) applied.
+
+        Raises
+        ------
+        ValueError
+            ``step`` that is not an integer >= 0 (the schedule starts at step 0).
+        """
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"at_step(step={step!r}): the training step must be an integer >= 0")
         if self.schedule is None:
             return self
         value = next(v for start, v in reversed(self.schedule) if start <= step)

@@ -55,6 +55,11 @@ def _parse_reward(value: Any, line: int, column: str, fmt: str) -> float:
         number = float(value)
     except ValueError:
         raise UsageError(f"line {line}: {column!r} is not a number: {value!r}") from None
+    except OverflowError:  # a JSON integer beyond float64's range (a 400-digit reward)
+        raise UsageError(
+            f"line {line}: {column!r} is an integer of {len(str(abs(value)))} digits, beyond float64's range "
+            "(about 1.8e308); rescale the rewards"
+        ) from None
     if not math.isfinite(number):
         raise UsageError(f"line {line}: {column!r} must be finite, got {value!r}")
     return number
@@ -66,6 +71,9 @@ def _read_csv(stream: TextIO, group_col: str, reward_col: str) -> tuple[list[dic
     header = reader.fieldnames
     if not header:
         raise UsageError("line 1: no header row; the first line must name the columns (e.g. 'group,reward')")
+    repeated = [c for i, c in enumerate(header) if c in header[:i]]
+    if repeated:  # DictReader would silently keep the last such column's values
+        raise UsageError(f"line 1: the header names the column {repeated[0]!r} twice; give each column its own name")
     for column, flag in ((group_col, "--group-col"), (reward_col, "--reward-col")):
         if column not in header:
             raise UsageError(
@@ -94,6 +102,8 @@ def _read_jsonl(stream: TextIO, group_col: str, reward_col: str) -> tuple[list[d
             row = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UsageError(f"line {line}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+            raise UsageError(f"line {line}: unreadable JSON number ({exc}); rescale the rewards") from None
         if not isinstance(row, dict):
             raise UsageError(f"line {line}: expected a JSON object, got {type(row).__name__}")
         for column, flag in ((group_col, "--group-col"), (reward_col, "--reward-col")):
@@ -176,6 +186,13 @@ def _compute_weights(
         # ... and in columns and flags, not in the library's argument names.
         message = message.replace("group_ids", f"the {group_col!r} column (--group-col)")
         raise UsageError(message) from None
+    overflow = np.flatnonzero(~np.isfinite(weights))
+    if overflow.size:  # rewards near float64's limit (1e308): the weight, linear in them, overflows
+        row = int(overflow[0])
+        raise UsageError(
+            f"line {lines[row]}: the weight overflows float64 (group {groups[row]!r}, rewards up to "
+            f"{float(np.abs(rewards).max()):g}); rescale the rewards"
+        )
     return [float(w) for w in weights]
 
 
@@ -227,7 +244,12 @@ def _weights(args: argparse.Namespace) -> int:
         raise UsageError(f"{source} is empty: nothing to weigh")
     fmt = _input_format(args.input, args.format, text)
     reader = _read_csv if fmt == "csv" else _read_jsonl
-    rows, header, lines = reader(io.StringIO(text, newline=""), args.group_col, args.reward_col)
+    # A field may be as long as the input (a completion column over csv's default 131072 characters).
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    try:
+        rows, header, lines = reader(io.StringIO(text, newline=""), args.group_col, args.reward_col)
+    finally:
+        csv.field_size_limit(limit)
     if not rows:
         raise UsageError(f"{source} has a header but no rows: nothing to weigh")
     if args.weight_col in header or any(args.weight_col in row for row in rows):
@@ -330,6 +352,16 @@ def _bench(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def _integer(text: str) -> int:
+    """An integer flag in ASCII digits: ``int`` alone would read ``'١'`` as 1 and ``'1_0'`` as 10."""
+    if not _ASCII_INT.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (write it with the digits 0-9)")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     # Nothing here imports torch (neither does ``import rspo_kernels``): --help and usage errors
     # answer at once. The estimator names are checked when the weights are computed.
@@ -348,13 +380,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="rspo_demo_output", metavar="DIR", help="output directory (default: %(default)s)"
     )
-    demo.add_argument("--seeds", type=int, metavar="N", help="number of training seeds (default: 5, or 3 with --quick)")
-    demo.add_argument("--seed", type=int, default=0, help="first training seed (default: %(default)s)")
-    demo.add_argument("--task-seed", type=int, help="task instance (default: 0)")
-    demo.add_argument("--steps", type=int, help="training steps per policy (default: 1000, or 60 with --quick)")
+    demo.add_argument(
+        "--seeds", type=_integer, metavar="N", help="number of training seeds (default: 5, or 3 with --quick)"
+    )
+    demo.add_argument("--seed", type=_integer, default=0, help="first training seed (default: %(default)s)")
+    demo.add_argument("--task-seed", type=_integer, help="task instance (default: 0)")
+    demo.add_argument("--steps", type=_integer, help="training steps per policy (default: 1000, or 60 with --quick)")
     demo.add_argument(
         "--threads",
-        type=int,
+        type=_integer,
         default=1,
         metavar="N",
         help="torch intra-op threads while training (default: %(default)s; more only add overhead here)",
@@ -371,7 +405,9 @@ def _parser() -> argparse.ArgumentParser:
         default="-",
         help="CSV (header row required) or JSONL file; '-' for stdin (default)",
     )
-    weights.add_argument("-k", type=int, required=True, help="the k of Pass@k / Max@k (every group needs >= k rows)")
+    weights.add_argument(
+        "-k", type=_integer, required=True, help="the k of Pass@k / Max@k (every group needs >= k rows)"
+    )
     weights.add_argument(
         "--objective",
         choices=("pass@k", "max@k"),

@@ -91,3 +91,23 @@ def reward_groups(draw, min_n: int = 1, max_n: int = 8, binary: bool = False):
 
 # The loss tests' per-backend fixture, available to every test module without an import.
 from loss_backends import backend  # noqa: E402, F401
+
+# CI (.ci/run) runs the suite first without the frameworks, then installs them and runs again
+# exactly what skipped: with RSPO_SKIPPED_LOG set, the id of every skipped test (or module, when
+# it skips as a whole at import) is appended to that file. Taken out of the environment, so that
+# the pytest runs some tests start in a subprocess (with modules hidden on purpose) do not write there.
+_SKIPPED_LOG = os.environ.pop("RSPO_SKIPPED_LOG", None)
+
+
+def _log_skip(report) -> None:
+    if _SKIPPED_LOG and report.skipped and report.nodeid:
+        with open(_SKIPPED_LOG, "a", encoding="utf-8") as f:
+            f.write(report.nodeid + "\n")
+
+
+def pytest_runtest_logreport(report):
+    _log_skip(report)
+
+
+def pytest_collectreport(report):
+    _log_skip(report)

@@ -89,8 +89,8 @@ def test_linear_block_sizes_accept_numpy_integers():
     crit = rk.RSPOLinearLoss("pass@k", k=1, chunk_rows=np.int64(2), vocab_block=np.int64(3))
     torch.testing.assert_close(
         crit(hidden, W, ids, weights.abs().sign(), group_size=2),
-        rspo_loss_reference(hidden @ W.T, ids, weights.abs().sign()),
-    )
+        rspo_loss_reference(hidden @ W.T, ids, weights.abs().sign(), loss_agg_mode="seq-mean-token-sum"),
+    )  # the module's default aggregation (issue 26)
     with pytest.raises(ValueError, match="vocab_block must be >= 1"):
         rk.rspo_linear_loss(hidden, W, ids, weights, vocab_block=np.int64(0))
 

@@ -169,7 +169,9 @@ def test_rspo_loss_module_max_at_k_2d_rewards_group_ids_and_packed():
         case["logits"].reshape(18, 9), case["target_ids"].reshape(18), rewards.reshape(-1), group_size=3, cu_seqlens=cu
     )
     w = rk.max_at_k_weights(rewards, 2).reshape(-1)
-    expected = rspo_loss_reference(case["logits"], case["target_ids"], w, temperature=case["temperature"])
+    expected = rspo_loss_reference(
+        case["logits"], case["target_ids"], w, temperature=case["temperature"], loss_agg_mode="seq-mean-token-sum"
+    )  # the module's default aggregation (issue 26)
     for got in (loss_2d, loss_ids, loss_packed):
         assert_matches(got, expected, torch.float32)
     assert "objective='max@k', k=2" in repr(crit)

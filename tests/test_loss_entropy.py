@@ -242,7 +242,7 @@ def test_entropy_coeff_options_and_modules():
     got = crit(x, case["target_ids"], rewards, group_size=4, mask=case["mask"])
     w = crit.weights(rewards, group_size=4)
     want = oracle_loss(
-        case["logits"], case["target_ids"], w, case["mask"], mode="token-mean", temperature=case["temperature"]
-    )
+        case["logits"], case["target_ids"], w, case["mask"], mode="seq-mean-token-sum", temperature=case["temperature"]
+    )  # the module's default aggregation (issue 26)
     assert_matches(got, want, torch.float64)
     assert "entropy_coeff=0.37" in repr(crit)

@@ -183,7 +183,8 @@ def group_labels_to_codes(group_ids: Any, n: int) -> tuple[torch.Tensor, list]:
     if n == 0:
         return torch.zeros(0, dtype=torch.int64), []
     if arr.dtype.kind in "iub":
-        return _integer_codes(torch.from_numpy(np.ascontiguousarray(arr)).to(torch.int64))
+        # A copy (as .to(int64) made for narrower types): torch warns on a read-only buffer (a broadcast view).
+        return _integer_codes(torch.from_numpy(np.array(arr, dtype=np.int64)))
     if arr.dtype.kind in "UST":
         uniq, first, inverse = np.unique(arr, return_index=True, return_inverse=True)
         # np.unique numbers labels by sort order; renumber them by first appearance.

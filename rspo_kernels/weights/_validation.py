@@ -112,8 +112,10 @@ def as_reward_tensor(rewards: Any) -> tuple[torch.Tensor, str]:
                 "float16, float32 or float64"
             )
         # torch reads native byte order only; a big-endian array is converted (one copy).
-        native = rewards.astype(rewards.dtype.newbyteorder("="), copy=False)
-        t, container = torch.from_numpy(np.ascontiguousarray(native)), "numpy"
+        native = np.ascontiguousarray(rewards.astype(rewards.dtype.newbyteorder("="), copy=False))
+        if not native.flags.writeable:  # torch warns on a read-only buffer (a broadcast view, a memmap): copy it
+            native = native.copy()
+        t, container = torch.from_numpy(native), "numpy"
     else:
         raise TypeError(
             f"rewards must be a numpy.ndarray or a torch.Tensor, got {type(rewards).__name__}; "
@@ -152,6 +154,16 @@ def check_estimator(estimator: Any, objective: str) -> None:
         )
 
 
+def _terms(objective: str, k: int) -> tuple[str, str, str]:
+    """How the messages name the objective, the sample-size requirement and the parameter.
+
+    ``"maxrl"`` (:func:`rspo_kernels.maxrl_weights`) passes k=1: its order T is checked on its own.
+    """
+    if objective == "maxrl":
+        return "MaxRL (maxrl_weights)", "T", "order T >= 1"
+    return ("Pass@k" if objective == "pass@k" else "Max@k"), "k", f"k={k}"
+
+
 def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any, k: int, objective: str) -> None:
     """Check that the layout arguments fit the rewards' shape (no data access, no sync).
 
@@ -159,7 +171,7 @@ def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any, k: 
     must admit k: ``(0, 4)`` rewards with k=10 are as wrong as ``(1, 4)`` ones, and ``(B, 0)``
     rewards are B groups with no samples.
     """
-    name = "Pass@k" if objective == "pass@k" else "Max@k"
+    name, param, given = _terms(objective, k)
     if values.dim() == 2:
         if group_size is not None or group_ids is not None:
             raise ValueError(
@@ -169,8 +181,8 @@ def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any, k: 
         n = values.shape[1]
         if values.numel() == 0 and n < k:
             raise ValueError(
-                f"rewards of shape {tuple(values.shape)} have groups (rows) of {n} samples but k={k}; "
-                f"{name} needs n >= k: pass rewards of shape (groups, n) with n >= k"
+                f"rewards of shape {tuple(values.shape)} have groups (rows) of {n} samples but {given}; "
+                f"{name} needs n >= {param}: pass rewards of shape (groups, n) with n >= {param}"
             )
         return
     if (group_size is None) == (group_ids is None):
@@ -192,7 +204,8 @@ def check_layout_args(values: torch.Tensor, group_size: Any, group_ids: Any, k: 
             )
         if n_total == 0 and group_size < k:
             raise ValueError(
-                f"group_size={group_size} but k={k}; {name} needs n >= k: sample more responses or lower k"
+                f"group_size={group_size} but {given}; {name} needs n >= {param}: "
+                f"sample more responses or lower {param}"
             )
 
 
@@ -209,12 +222,12 @@ def check_group_sizes(groups: Groups, restore: Restore, k: int, objective: str, 
         hits = np.flatnonzero(bad(sizes))
         return int(hits[0]) if hits.size else -1
 
-    name = "Pass@k" if objective == "pass@k" else "Max@k"
+    name, param, given = _terms(objective, k)
     g = first(lambda n: n < k)
     if g >= 0:
         raise ValueError(
-            f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; {name} needs n >= k "
-            "(no unbiased estimator exists for n < k): sample more responses or lower k"
+            f"{restore.describe_group(g)} has {sizes[g]} samples but {given}; {name} needs n >= {param} "
+            f"(no unbiased estimator exists for n < {param}): sample more responses or lower {param}"
         )
     g = first(lambda n: n <= k) if estimator == "pkpo_loo" else -1
     if g >= 0:

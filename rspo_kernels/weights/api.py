@@ -74,7 +74,16 @@ def _weights(rewards, k, group_size, group_ids, objective, estimator, validate):
         if validate:
             check.check_values(groups, restore, objective)
         w = fn(groups, k, objective, estimator)
-    return restore.per_sample(w.to(out))
+    w = w.to(out)
+    if validate and objective == "max@k":  # weights are linear in the rewards: near the dtype's limit they overflow
+        overflow = torch.nonzero(~torch.isfinite(w))
+        if overflow.numel():
+            g = int(np.searchsorted(np.cumsum(groups.sizes), int(overflow[0, 0]), side="right"))
+            raise ValueError(
+                f"{restore.describe_group(g)}: its Max@k weights overflow {out} (beyond {torch.finfo(out).max:.1e}; "
+                "they grow with the rewards' spread): rescale the rewards, e.g. divide them by their largest magnitude"
+            )
+    return restore.per_sample(w)
 
 
 def _metric(op, rewards, k, group_size, group_ids, validate):
@@ -402,7 +411,7 @@ def maxrl_weights(
         if order < 1:
             raise ValueError(f"order must be >= 1, got order={order}; it is the truncation order T of MaxRL's series")
         order = int(order)
-    groups, restore, _ = _prepare(rewards, 1, group_size, group_ids, "pass@k", "rspo")
+    groups, restore, _ = _prepare(rewards, 1, group_size, group_ids, "maxrl", "rspo")  # "maxrl": its own messages
     _check_order(groups, restore, order, estimator)
     out = check.output_dtype(rewards)
     if groups.values.numel() == 0:
@@ -421,7 +430,17 @@ def maxrl_weights(
 def _check_order(groups: Groups, restore: Restore, order: int | None, estimator: str) -> None:
     """``order <= n`` for every group; ``"vr_cond"`` only at ``order = n`` (host-side sizes, no sync)."""
     sizes = groups.sizes
-    if order is None or sizes.size == 0:
+    if order is None:
+        return
+    if sizes.size == 0:  # no group, but the layout states their size: (0, n), or group_size=n
+        n = groups.group_size
+        if n is None and len(restore.shape) == 2:
+            n = restore.shape[-1]
+        if n is not None and n < order:
+            raise ValueError(
+                f"rewards of shape {tuple(restore.shape)} have groups of {n} samples but order={order}; MaxRL's "
+                f"J_T needs n >= T (as pass_at_k_weights needs n >= k): pass groups of at least {order} samples"
+            )
         return
     hits = np.flatnonzero(sizes < order)
     if hits.size:
