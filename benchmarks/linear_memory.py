@@ -153,7 +153,7 @@ def run_child(script: str, what: str, argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _make_step(variant: str, smoke: bool, beta: float, entropy_coeff: float = 0.0):
+def _make_step(variant: str, smoke: bool, beta: float, entropy_coeff: float = 0.0, chunk_rows: int | None = None):
     """``step(inputs)``: one forward + backward of ``variant``; returns the loss value."""
     import torch
 
@@ -187,6 +187,7 @@ def _make_step(variant: str, smoke: bool, beta: float, entropy_coeff: float = 0.
                 epsilon_low=EPS_LOW,
                 epsilon_high=EPS_HIGH,
                 entropy_coeff=entropy_coeff,
+                chunk_rows=chunk_rows,
             )
             loss.backward()
             return float(loss.detach())
@@ -278,7 +279,7 @@ def _make_inputs(args: argparse.Namespace, tiny: bool = False) -> tuple:
 
 
 def _child(variant: str, args: argparse.Namespace) -> dict:
-    step = _make_step(variant, args.smoke, args.beta, args.entropy_coeff)
+    step = _make_step(variant, args.smoke, args.beta, args.entropy_coeff, args.chunk_rows)
     return {"variant": variant, **measure_peak(step, lambda tiny: _make_inputs(args, tiny=tiny), 3)}
 
 
@@ -288,7 +289,7 @@ def _timing_child(variants: list[str], args: argparse.Namespace) -> dict:
     steps = {}
     for v in variants:
         try:
-            steps[v] = _make_step(v, args.smoke, args.beta, args.entropy_coeff)
+            steps[v] = _make_step(v, args.smoke, args.beta, args.entropy_coeff, args.chunk_rows)
             steps[v](*inputs)  # warm-up (Liger compiles here)
         except Exception as exc:  # an optional peer may be missing or fail; record why
             steps.pop(v, None)
@@ -312,6 +313,8 @@ def _run_child(variant: str, args: argparse.Namespace) -> dict:
         "--entropy-coeff",
         str(args.entropy_coeff),
     ]
+    if args.chunk_rows:
+        argv += ["--chunk-rows", str(args.chunk_rows)]
     return run_child(__file__, variant, argv + (["--smoke"] if args.smoke else []))
 
 
@@ -402,6 +405,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.04, help="k3 KL weight, with reference log-probs (0: no KL)")
     p.add_argument("--pad", default=None, choices=PADS, help="padding mask (default half-response; long: fifth)")
     p.add_argument("--entropy-coeff", type=float, default=None, help="entropy bonus (default 0; long: 0.01)")
+    p.add_argument("--chunk-rows", type=int, default=None, help="rspo_linear's chunk_rows (default: its own choice)")
     p.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; not a measurement")
     p.add_argument("--out", default=None, help="JSON path (the markdown table goes next to it)")
@@ -460,6 +464,7 @@ def _run_config(args: argparse.Namespace) -> dict:
             "bias": True,
             "pad": args.pad,
             "entropy_coeff": args.entropy_coeff,
+            "chunk_rows": args.chunk_rows,
         },
         "allocator": {"MALLOC_MMAP_THRESHOLD_": "65536"},
         "repeats": args.repeats,
