@@ -310,9 +310,9 @@ def test_65536_tokens_in_one_call(routes):
 
 def test_default_row_blocks_fit_the_budget():
     cpu = torch.device("cpu")
-    assert linear_fused.fused_rows(32000, cpu) == 64  # 64 x 32000 float32 = 7.8 MiB <= 8 MiB
-    assert linear_fused.fused_rows(8192, cpu) == 256
-    assert linear_fused.fused_rows(10**7, cpu) == 1
+    assert linear_fused.fused_rows(32000, cpu) == 256  # 256 x 32000 float32 = 31.25 MiB <= 32 MiB
+    assert linear_fused.fused_rows(8192, cpu) == 1024
+    assert linear_fused.fused_rows(10**8, cpu) == 1
     assert linear_fused.fused_rows(1, cpu) % 16 == 0
     assert linear_fused.fused_rows(32000, torch.device("cuda")) * 32000 * 4 <= 256 << 20
     assert UNIT  # the tolerances shared with test_loss_linear

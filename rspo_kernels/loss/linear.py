@@ -629,7 +629,7 @@ def rspo_linear_loss(
     """The clipped RSPO policy loss from the last hidden states and the ``lm_head``, never building the logits.
 
     Equals ``rspo_loss(hidden @ lm_head.weight.T + bias, ...)`` while keeping only about one
-    block of logits (about 8 MiB of float32 on a CPU) alive at a time; gradients flow to ``hidden``,
+    block of logits (tens of MiB of float32 on a CPU) alive at a time; gradients flow to ``hidden``,
     the head's weight and its bias.
 
     Parameters
@@ -693,7 +693,7 @@ def rspo_linear_loss(
     -----
     With gradients wanted (grad mode on, an input requiring grad) the forward takes the live tokens
     a block of rows at a time, keeps that block's logits over the whole vocabulary (float32
-    accumulation for half inputs; about 8 MiB per block on a CPU, ``chunk_rows`` rows when given),
+    accumulation for half inputs; about 32 MiB per block on a CPU, ``chunk_rows`` rows when given),
     computes their log-sum-exp, target logits and entropies, asks the policy loss for each token's
     ``g = dL/dlogp`` and ``g_H = dL/dentropy``, forms
     ``G = (g (onehot - p) - g_H p (log p + H)) / T`` in place and accumulates ``dhidden = G W``,
