@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import rspo_kernels.loss._checks as _checks
-from rspo_kernels.loss.layout import token_batch
-from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
+from rspo_kernels.loss.layout import GlobalBatch, pg_aggregation, token_batch
+from rspo_kernels.loss.options import LOSS_AGG_MODES, SEQUENCE_POLICY_LOSSES, LossOptions
 from rspo_kernels.loss.policy import policy_loss
 from rspo_kernels.loss.vocab_parallel import id_bound, logprob_op, vocab_shard
 
@@ -125,6 +125,7 @@ def _validate_loss_inputs(
     vocab: int | None,
     name: str = "logits",
     weights_per: Any = None,
+    rollout_is_weights: Any = None,
 ) -> None:
     """Everything :func:`rspo_loss` (and the linear variant) check before any work."""
     _checks.check_logits(name, logits)
@@ -140,9 +141,18 @@ def _validate_loss_inputs(
     _checks.check_weights(weights, shape, n_seqs, dev, weights_per)
     if mask is not None:
         _checks.check_token_tensor("mask", mask, shape, dev, floating=False)
-    for arg, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+    for arg, x in (
+        ("old_logprobs", old_logprobs),
+        ("ref_logprobs", ref_logprobs),
+        ("rollout_is_weights", rollout_is_weights),
+    ):
         if x is not None:
             _checks.check_token_tensor(arg, x, shape, dev, floating=True)
+    if packed and options.policy_loss in SEQUENCE_POLICY_LOSSES and cu_seqlens is None:
+        raise ValueError(
+            f"policy_loss={options.policy_loss!r} works on whole sequences: packed (N, D) inputs need "
+            "cu_seqlens=[0, len_0, len_0 + len_1, ..., N]"
+        )
     if options.beta > 0 and ref_logprobs is None:
         raise ValueError(f"beta={options.beta} > 0 needs ref_logprobs (e.g. rk.token_logprobs(ref_logits, target_ids))")
     if packed and options.loss_agg_mode.startswith("seq-") and cu_seqlens is None:
@@ -182,8 +192,16 @@ def rspo_loss(
     tp_group: Any = None,
     vocab_start: int = 0,
     vocab_size: int | None = None,
+    policy_loss: str = "vanilla",
+    policy_loss_options: Any = None,
+    kl_penalty: str = "k3_unclamped",
+    rollout_is_weights: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Fused clipped policy-gradient loss driven by RSPO weights.
+    """Fused policy-gradient loss driven by RSPO weights: PPO clip, or any of verl's policy losses.
 
     The forward pass keeps O(tokens) state (each token's log-sum-exp); the backward pass
     recomputes the softmax block by block and writes ``dL/dlogits`` once, in the logits' dtype,
@@ -242,6 +260,32 @@ def rspo_loss(
         Vocabulary-parallel logits (this rank's ``(..., V_local)`` slice) and padded vocabularies,
         as in :func:`token_logprobs`. The loss, the statistics and the gradient of the local slice
         equal the single-process ones; the backward needs no communication.
+    policy_loss, policy_loss_options, kl_penalty
+        The policy loss by verl 0.9.1's registered name (``"vanilla"``, ``"dppo_tv"``,
+        ``"dppo_kl"``, ``"gspo"``, ``"sapo"``, ``"gpg"``, ``"clip_cov"``, ``"kl_cov"``,
+        ``"geo_mean"``, ``"dro"``, ``"cispo"``), its settings under verl's key names, and the KL
+        estimator ``beta`` weighs (verl's ``kl_loss_type``); see :class:`LossOptions` and the
+        table in docs/loss.md. The value and gradient equal verl's
+        ``get_policy_loss_fn(policy_loss)`` on the full logits' log-probs, plus
+        ``beta * agg_loss(kl_penalty(logp, ref_logprobs))`` and the entropy bonus, as verl's actor.
+    rollout_is_weights : torch.Tensor, optional
+        Rollout importance-sampling weights (verl's ``rollout_is_weights``, e.g. truncated
+        ``pi_train / pi_rollout``), one per token (the token shape); a constant (no gradient).
+        They multiply each token's policy-gradient loss before the aggregation (geo_mean: their
+        per-sequence geometric mean multiplies the sequence's loss), as verl; not the KL or the
+        entropy term.
+    dp_size, batch_num_tokens, global_batch_size
+        verl's ``global_batch_info`` (its ``agg_loss``): this call's loss is normalised by the
+        global batch, i.e. divided by ``batch_num_tokens`` (valid tokens in the global batch,
+        token-mean) or ``global_batch_size`` (sequences in the global batch, seq-mean-*) instead
+        of the local counts, and multiplied by ``dp_size``, so that the gradient averaged over
+        ``dp_size`` ranks (DDP / FSDP) and summed over micro-batches equals the single-process
+        one however the batch is split. ``dp_size > 1`` needs the count its mode divides by.
+        geo_mean ignores them (verl takes the local mean over sequences).
+    generator : torch.Generator, optional
+        clip_cov only: verl draws the tokens whose gradient it cuts at random
+        (``torch.randperm``); this generator drives the draw (None: torch's global generator,
+        the draw verl makes under the same seed).
 
     Returns
     -------
@@ -296,6 +340,9 @@ def rspo_loss(
         loss_agg_mode=loss_agg_mode,
         max_response_length=max_response_length,
         entropy_coeff=entropy_coeff,
+        policy_loss=policy_loss,
+        policy_loss_options=policy_loss_options,
+        kl_penalty=kl_penalty,
     )
     return rspo_loss_with_options(
         logits,
@@ -312,6 +359,11 @@ def rspo_loss(
         tp_group=tp_group,
         vocab_start=vocab_start,
         vocab_size=vocab_size,
+        rollout_is_weights=rollout_is_weights,
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        generator=generator,
     )
 
 
@@ -332,12 +384,18 @@ def rspo_loss_with_options(
     tp_group: Any = None,
     vocab_start: int = 0,
     vocab_size: int | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_loss` with its hyper-parameters in one :class:`LossOptions` (what ``RSPOLoss`` calls).
 
     ``chunk_rows`` (an int >= 1, or None) sets the rows per chunk of the chunked torch path
     (default: about 8 MiB of float32); the Triton and reference backends have no chunks and
-    ignore it. ``weights_per`` is :func:`rspo_loss`'s.
+    ignore it. ``weights_per``, ``rollout_is_weights``, ``dp_size``, ``batch_num_tokens``,
+    ``global_batch_size`` and ``generator`` are :func:`rspo_loss`'s.
     """
     if not isinstance(options, LossOptions):
         raise TypeError(f"options must be a rspo_kernels.loss.LossOptions, got {type(options).__name__}")
@@ -356,9 +414,23 @@ def rspo_loss_with_options(
         options,
         id_bound(vocab_size, tp_group, logits.shape[-1]),
         weights_per=weights_per,
+        rollout_is_weights=rollout_is_weights,
     )
     _checks.check_inplace("logits", logits, inplace_backward)
-    batch = token_batch(logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, weights_per)
+    batch = token_batch(
+        logits,
+        target_ids,
+        weights,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        cu_seqlens,
+        options,
+        weights_per,
+        rollout_is_weights=rollout_is_weights,
+        global_batch=global_batch(options, dp_size, batch_num_tokens, global_batch_size),
+        generator=check_generator(generator),
+    )
     fn = logprob_op(logits.device.type, logits.dtype, shard, chunk_rows)
     logp, entropy = fn(
         batch.rows,
@@ -369,6 +441,20 @@ def rspo_loss_with_options(
         inplace_backward=bool(inplace_backward) and torch.is_grad_enabled(),
     )
     return policy_loss(batch, logp, entropy, options, return_stats)
+
+
+def global_batch(options: LossOptions, dp_size: Any, batch_num_tokens: Any, global_batch_size: Any) -> GlobalBatch:
+    """The validated global-batch sizes for the aggregations ``options`` uses."""
+    return GlobalBatch.checked(
+        dp_size, batch_num_tokens, global_batch_size, (options.loss_agg_mode, pg_aggregation(options))
+    )
+
+
+def check_generator(generator: Any) -> torch.Generator | None:
+    """``generator`` is None or a ``torch.Generator``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
 
 
 class RSPOLoss(nn.Module):
@@ -386,8 +472,8 @@ class RSPOLoss(nn.Module):
     **loss_kwargs
         Fixed keyword arguments of :func:`rspo_loss`: the :class:`LossOptions` fields
         (``temperature``, ``epsilon_low``, ``epsilon_high``, ``clip_ratio_c``, ``beta``,
-        ``loss_agg_mode``, ``max_response_length``, ``entropy_coeff``) and ``inplace_backward``,
-        ``return_stats``.
+        ``loss_agg_mode``, ``max_response_length``, ``entropy_coeff``, ``policy_loss``,
+        ``policy_loss_options``, ``kl_penalty``) and ``inplace_backward``, ``return_stats``.
 
     Raises
     ------
@@ -502,6 +588,11 @@ class RSPOLoss(nn.Module):
         old_logprobs: torch.Tensor | None = None,
         ref_logprobs: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        rollout_is_weights: torch.Tensor | None = None,
+        dp_size: int = 1,
+        batch_num_tokens: Any = None,
+        global_batch_size: Any = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for one reward per response.
 
@@ -510,6 +601,9 @@ class RSPOLoss(nn.Module):
         logits, target_ids, mask, old_logprobs, ref_logprobs, cu_seqlens
             As in :func:`rspo_loss` (padded ``(B, T, V)`` or packed ``(N, V)`` with
             ``cu_seqlens``).
+        rollout_is_weights, dp_size, batch_num_tokens, global_batch_size, generator
+            Per-batch inputs of :func:`rspo_loss` (rollout importance weights, verl's
+            ``global_batch_info``, clip_cov's random generator).
         rewards : torch.Tensor
             One reward per response (``B`` padded, ``S`` packed): ``(B,)`` with ``group_size``
             or ``group_ids``, or ``(G, n)`` with ``G * n = B`` (responses of a prompt
@@ -535,4 +629,9 @@ class RSPOLoss(nn.Module):
             inplace_backward=self.inplace_backward,
             return_stats=self.return_stats,
             weights_per="sequence",
+            rollout_is_weights=rollout_is_weights,
+            dp_size=dp_size,
+            batch_num_tokens=batch_num_tokens,
+            global_batch_size=global_batch_size,
+            generator=generator,
         )
