@@ -77,8 +77,12 @@ def case64(seed: int = 3, is_weights: bool = True) -> dict:
     pick = (torch.arange(B)[:, None] + torch.arange(T)[None, :]) % 3 == 0
     top = c["logits"].argmax(-1)
     c["target_ids"] = torch.where(pick & (c["target_ids"] >= 0), top, c["target_ids"])
-    true = torch.log_softmax(c["logits"] / c["temperature"], -1).gather(-1, c["target_ids"].clamp(min=0)[..., None])[..., 0]
-    c["old_logprobs"] = torch.where(pick, true - 1.6 * torch.rand(B, T, generator=g, dtype=torch.float64), c["old_logprobs"])
+    true = torch.log_softmax(c["logits"] / c["temperature"], -1).gather(-1, c["target_ids"].clamp(min=0)[..., None])[
+        ..., 0
+    ]
+    c["old_logprobs"] = torch.where(
+        pick, true - 1.6 * torch.rand(B, T, generator=g, dtype=torch.float64), c["old_logprobs"]
+    )
     c["ref_logprobs"] = torch.where(pick, true + 0.2, c["ref_logprobs"])
     c["rollout_is_weights"] = (0.5 + torch.rand(B, T, generator=g, dtype=torch.float64)) if is_weights else None
     return c
@@ -108,7 +112,9 @@ def verl_total(c: dict, name: str, mode: str, logits: torch.Tensor, *, beta=0.0,
         from verl.utils.torch_functional import entropy_from_logits
 
         ent = entropy_from_logits(logits / c["temperature"])
-        total = total - coeff * core_algos.agg_loss(loss_mat=ent, loss_mask=mask, loss_agg_mode=mode, **cfg.global_batch_info)
+        total = total - coeff * core_algos.agg_loss(
+            loss_mat=ent, loss_mask=mask, loss_agg_mode=mode, **cfg.global_batch_info
+        )
     return total, metrics
 
 
@@ -187,8 +193,12 @@ def test_clip_cov_draw_follows_the_generator():
     c = case64()
     kw = ours_kwargs(c, "clip_cov", "token-mean")
     kw["policy_loss_options"] = {**LOSS_OPTIONS["clip_cov"], "clip_cov_ratio": 0.01}  # one token of several
-    a = rk.rspo_loss(c["logits"], c["target_ids"], c["weights"], c["mask"], **kw, generator=torch.Generator().manual_seed(1))
-    b = rk.rspo_loss(c["logits"], c["target_ids"], c["weights"], c["mask"], **kw, generator=torch.Generator().manual_seed(1))
+    a = rk.rspo_loss(
+        c["logits"], c["target_ids"], c["weights"], c["mask"], **kw, generator=torch.Generator().manual_seed(1)
+    )
+    b = rk.rspo_loss(
+        c["logits"], c["target_ids"], c["weights"], c["mask"], **kw, generator=torch.Generator().manual_seed(1)
+    )
     others = {
         float(
             rk.rspo_loss(
@@ -227,7 +237,7 @@ def test_fused_linear_gradients_equal_verl(name):
     )
     grads = torch.autograd.grad(loss, mine)
     close(loss, loss_v, f"{name} value")
-    for what, got, want in zip(("hidden", "weight", "bias"), grads, grads_v):
+    for what, got, want in zip(("hidden", "weight", "bias"), grads, grads_v, strict=True):
         close(got, want, f"{name} d/d{what}")
 
 
@@ -253,7 +263,9 @@ def test_kl_estimators_equal_verl(kl):
         loss_v = loss_v + beta * core_algos.agg_loss(loss_mat=excess, loss_mask=c["mask"], loss_agg_mode=mode)
     (g_v,) = torch.autograd.grad(loss_v, x)
     y = c["logits"].clone().requires_grad_()
-    loss = rk.rspo_loss(y, c["target_ids"], c["weights"], c["mask"], **ours_kwargs(c, "vanilla", mode, beta=beta, kl_penalty=kl))
+    loss = rk.rspo_loss(
+        y, c["target_ids"], c["weights"], c["mask"], **ours_kwargs(c, "vanilla", mode, beta=beta, kl_penalty=kl)
+    )
     (g,) = torch.autograd.grad(loss, y)
     close(loss, loss_v, kl)
     close(g, g_v, kl)
@@ -309,7 +321,9 @@ def test_global_batch_needs_its_count():
     with pytest.raises(ValueError, match="batch_num_tokens"):
         rk.rspo_loss(c["logits"], c["target_ids"], c["weights"], c["mask"], dp_size=2)
     with pytest.raises(ValueError, match="global_batch_size"):
-        rk.rspo_loss(c["logits"], c["target_ids"], c["weights"], c["mask"], dp_size=2, loss_agg_mode="seq-mean-token-sum")
+        rk.rspo_loss(
+            c["logits"], c["target_ids"], c["weights"], c["mask"], dp_size=2, loss_agg_mode="seq-mean-token-sum"
+        )
     with pytest.raises(ValueError, match="global_batch_size"):  # sapo's own seq-mean-token-mean
         rk.rspo_loss(
             c["logits"], c["target_ids"], c["weights"], c["mask"], dp_size=2, batch_num_tokens=10, policy_loss="sapo"

@@ -11,10 +11,9 @@ the only form a backend sees.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
-
-from typing import Any
 
 from rspo_kernels.loss.options import LossOptions
 
@@ -290,8 +289,10 @@ def token_batch(
     flat = lambda x: None if x is None else x.detach().reshape(-1).to(cdt)  # noqa: E731
     coef = aggregation_coefficients(m, seq, n_seqs, options.loss_agg_mode, horizon, global_batch)
     pg_mode = pg_aggregation(options)
-    pg_coef = coef if pg_mode == options.loss_agg_mode else aggregation_coefficients(
-        m, seq, n_seqs, pg_mode, horizon, global_batch
+    pg_coef = (
+        coef
+        if pg_mode == options.loss_agg_mode
+        else aggregation_coefficients(m, seq, n_seqs, pg_mode, horizon, global_batch)
     )
     return TokenBatch(
         rows=rows3,

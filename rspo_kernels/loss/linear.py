@@ -405,7 +405,9 @@ def rspo_linear_loss(
         Vocabulary-parallel head and padded vocabularies, as in :func:`token_logprobs_linear`:
         the loss and every gradient equal the single-process ones (the weight's and bias's for this
         rank's rows).
-    policy_loss, policy_loss_options, kl_penalty, rollout_is_weights, dp_size, batch_num_tokens, global_batch_size, generator
+    policy_loss, policy_loss_options, kl_penalty, rollout_is_weights
+        As in :func:`rspo_kernels.rspo_loss`.
+    dp_size, batch_num_tokens, global_batch_size, generator
         As in :func:`rspo_kernels.rspo_loss`: any of verl's policy losses, its KL estimators,
         rollout importance weights and global-batch normalisation (docs/loss.md).
 

@@ -167,7 +167,7 @@ def _gspo(logp: torch.Tensor, batch: TokenBatch, options: LossOptions) -> tuple[
 
 @_register("sapo", local=True)
 def _sapo(logp: torch.Tensor, batch: TokenBatch, options: LossOptions) -> tuple[torch.Tensor, Parts]:
-    """SAPO (arXiv 2511.20347): ``-A * 4/tau * sigmoid(tau (r - 1))``, ``tau = tau_pos`` if ``A > 0`` else ``tau_neg``."""
+    """SAPO (arXiv 2511.20347): ``-A * 4/tau * sigmoid(tau (r - 1))``, ``tau = tau_pos if A > 0 else tau_neg``."""
     old, a, _ = _inputs(logp, batch)
     log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)

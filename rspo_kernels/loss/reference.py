@@ -27,9 +27,9 @@ Defined behaviour on awkward inputs, the same for every backend:
 
 from __future__ import annotations
 
-import torch
-
 from typing import Any
+
+import torch
 
 from rspo_kernels.loss.layout import GlobalBatch, compute_dtype, pg_aggregation, token_batch
 from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
