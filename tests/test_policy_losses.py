@@ -25,7 +25,7 @@ from test_loss_reference import make_case
 import rspo_kernels as rk
 from rspo_kernels._dispatch import BACKEND_ENV
 from rspo_kernels.loss.layout import token_batch
-from rspo_kernels.loss.options import KL_PENALTIES, LOSS_AGG_MODES, POLICY_LOSSES, LossOptions
+from rspo_kernels.loss.options import KL_PENALTIES, LOSS_AGG_MODES, POLICY_LOSSES, VERL_POLICY_LOSSES, LossOptions
 from rspo_kernels.loss.policy import is_token_local, policy_loss, token_grads
 from rspo_kernels.loss.reference import rspo_loss_reference, token_logprobs_reference
 
@@ -34,7 +34,7 @@ verl_config = pytest.importorskip("verl.workers.config")
 
 EPS_LOW, EPS_HIGH, CLIP_C = 0.2, 0.28, 3.0
 B, T, V = 4, 6, 23
-LOCAL = ("vanilla", "dppo_tv", "dppo_kl", "sapo", "gpg", "dro", "cispo")
+LOCAL = ("vanilla", "dppo_tv", "dppo_kl", "sapo", "gpg", "dro", "cispo", "cispo_trl", "two_sided_clip")
 # Settings that make each loss's special branch fire on this small batch (verl's defaults select
 # one token in 2e-4 of them; clip_cov's bounds are widened so several tokens qualify).
 LOSS_OPTIONS: dict[str, dict[str, float]] = {
@@ -42,6 +42,7 @@ LOSS_OPTIONS: dict[str, dict[str, float]] = {
     "clip_cov": {"clip_cov_ratio": 0.2, "clip_cov_lb": 0.05, "clip_cov_ub": 6.0},
     "kl_cov": {"kl_cov_ratio": 0.2, "ppo_kl_coef": 0.7},
     "dro": {"dro_beta": 0.3},
+    "two_sided_clip": {"delta": 1.6},
 }
 
 
@@ -147,7 +148,7 @@ def seeded(name: str) -> tuple[torch.Generator | None, int]:
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
-@pytest.mark.parametrize("name", POLICY_LOSSES)
+@pytest.mark.parametrize("name", VERL_POLICY_LOSSES)
 def test_logits_value_gradient_and_stats_equal_verl(name, mode):
     c = case64()
     x = c["logits"].clone().requires_grad_()
@@ -211,7 +212,7 @@ def test_clip_cov_draw_follows_the_generator():
     assert len(others | {float(a)}) > 1  # the draw is random: other seeds cut other tokens
 
 
-@pytest.mark.parametrize("name", POLICY_LOSSES)
+@pytest.mark.parametrize("name", VERL_POLICY_LOSSES)
 def test_fused_linear_gradients_equal_verl(name):
     mode = "seq-mean-token-mean" if name in ("gspo", "geo_mean") else "token-mean"
     c = case64(seed=7)
@@ -379,7 +380,7 @@ def test_packed_equals_padded(name, mode):
 def test_packed_sequence_losses_need_cu_seqlens():
     c = case64()
     p, _ = _pack(c)
-    for name in ("gspo", "sapo", "geo_mean"):
+    for name in ("gspo", "sapo", "geo_mean", "vespo", "luspo"):
         with pytest.raises(ValueError, match="cu_seqlens"):
             rk.rspo_loss(p["logits"], p["target_ids"], p["weights"], p["mask"], policy_loss=name)
 
@@ -397,6 +398,7 @@ def test_token_grads_over_chunks_equal_autograd_for_every_local_loss(name, mode)
         policy_loss=name,
         policy_loss_options=LOSS_OPTIONS.get(name),
         kl_penalty="low_var_kl+",
+        epsilon_high=EPS_HIGH,
     )
     assert is_token_local(opts)
     mask = torch.rand(3, 5) > 0.3
@@ -532,3 +534,175 @@ def test_triton_backend_equals_verl(name, monkeypatch):
     (g,) = torch.autograd.grad(loss, y)
     torch.testing.assert_close(loss.double(), loss_v.detach(), rtol=2e-5, atol=2e-5 * float(loss_v.detach().abs()))
     torch.testing.assert_close(g.double(), g_v, rtol=2e-5, atol=2e-5 * float(g_v.abs().max()))
+
+
+# --- TRL 1.16 / Liger-Kernel 0.8.5's variants -------------------------------------------------------
+
+# Our name -> (Liger's loss_type, its keyword arguments, our loss_agg_mode, our options).
+PEER_VARIANTS = {
+    "cispo_trl": ("cispo", {"epsilon_high": 5.0}, "token-mean", {"epsilon_high": 5.0}),
+    "two_sided_clip": (
+        "bnpo",
+        {"epsilon_high": EPS_HIGH, "delta": 1.6},
+        "token-mean",
+        {"epsilon_high": EPS_HIGH, "policy_loss_options": {"delta": 1.6}},
+    ),
+    "vespo": (
+        "vespo",
+        {"vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 2.5, "vespo_lambda_neg": 1.5},
+        "token-mean",
+        {
+            "policy_loss_options": {
+                "vespo_k_pos": 1.5,
+                "vespo_lambda_pos": 2.5,
+                "vespo_k_neg": 2.5,
+                "vespo_lambda_neg": 1.5,
+            }
+        },
+    ),
+    "luspo": (
+        "luspo",
+        {"epsilon_high": EPS_HIGH, "importance_sampling_level": "sequence"},
+        "token-mean",
+        {"epsilon_high": EPS_HIGH},
+    ),
+}
+
+
+def peer_case(seed: int = 21) -> dict:
+    c = case64(seed=seed)
+    c["weights"] = torch.randn(B, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # one per sequence
+    # Shift whole sequences' ratios so the sequence-level weights (vespo's w, luspo's s) spread widely.
+    c["old_logprobs"] = c["old_logprobs"] + torch.tensor([0.3, -0.2, 0.15, -0.35], dtype=torch.float64)[:, None]
+    # Liger (like TRL) folds vespo's rollout ratio over every position: 1 at padding keeps it a no-op there.
+    c["rollout_is_weights"] = torch.where(c["mask"], c["rollout_is_weights"], torch.ones_like(c["rollout_is_weights"]))
+    return c
+
+
+@pytest.mark.parametrize("name", sorted(PEER_VARIANTS))
+def test_trl_liger_variants_equal_liger(name):
+    liger = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
+    loss_type, liger_kw, mode, ours = PEER_VARIANTS[name]
+    c = peer_case()
+    if name == "luspo":
+        # Liger broadcasts luspo's (B, 1) loss to (B, T) with the rollout ratio and then averages over all
+        # T positions, masked or not; TRL sums the masked tokens of each sequence, as we do: compare
+        # without rollout weights, where the two peers agree.
+        c["rollout_is_weights"] = None
+    mask = c["mask"].double()
+    beta = 0.0 if name == "luspo" else 0.04  # Liger adds beta * k3 per token before its aggregation
+    x = c["logits"].clone().requires_grad_()
+    logp = token_logprobs_reference(x, c["target_ids"].clamp(min=0), temperature=c["temperature"])
+    loss_v, _ = liger.LigerFusedLinearGRPOFunction.ppo_loss_fn(
+        logp,
+        mask,
+        c["weights"],
+        mask,
+        ref_per_token_logps=c["ref_logprobs"],
+        old_per_token_logps=c["old_logprobs"],
+        epsilon_low=EPS_LOW,
+        beta=beta,
+        loss_type=loss_type,
+        vllm_is_ratio=c["rollout_is_weights"],
+        **{"epsilon_high": EPS_HIGH, **liger_kw},
+    )
+    (g_v,) = torch.autograd.grad(loss_v, x)
+    y = c["logits"].clone().requires_grad_()
+    kw = dict(
+        old_logprobs=c["old_logprobs"],
+        ref_logprobs=c["ref_logprobs"],
+        temperature=c["temperature"],
+        epsilon_low=EPS_LOW,
+        beta=beta,
+        kl_penalty="k3_unclamped",  # Liger's k3 has no [-10, 10] clamp
+        loss_agg_mode=mode,
+        policy_loss=name,
+        rollout_is_weights=c["rollout_is_weights"],
+        **ours,
+    )
+    loss = rk.rspo_loss(y, c["target_ids"], c["weights"], c["mask"], **kw)
+    (g,) = torch.autograd.grad(loss, y)
+    close(loss, loss_v, name)
+    close(g, g_v, name)
+    # And the fused-linear path, and packed = padded.
+    p, cu = _pack(c)
+    loss_p = rk.rspo_loss(
+        p["logits"], p["target_ids"], c["weights"], p["mask"], cu_seqlens=cu, **{**kw, **_packed(kw, p)}
+    )
+    close(loss_p, loss_v, f"{name} packed")
+
+
+def _packed(kw: dict, p: dict) -> dict:
+    return {k: p[k] for k in ("old_logprobs", "ref_logprobs", "rollout_is_weights")}
+
+
+def test_luspo_rollout_weights_as_trl():
+    """TRL's luspo: ``((per_token_loss * is_ratio) * mask).sum(-1).mean()`` with the (B, 1) sequence loss."""
+    c = peer_case(seed=8)
+    x = c["logits"].clone().requires_grad_()
+    logp = token_logprobs_reference(x, c["target_ids"].clamp(min=0), temperature=c["temperature"])
+    mask = c["mask"].double()
+    # TRL 1.16 grpo_trainer._compute_loss, importance_sampling_level="sequence", loss_type="luspo":
+    log_w = ((logp - c["old_logprobs"]) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    coef_1 = torch.exp(log_w)[:, None]
+    coef_2 = torch.clamp(coef_1, 1 - EPS_LOW, 1 + EPS_HIGH)
+    adv = c["weights"][:, None]
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv) * c["rollout_is_weights"]
+    loss_v = (per_token_loss * mask).sum(-1).mean()
+    (g_v,) = torch.autograd.grad(loss_v, x)
+    y = c["logits"].clone().requires_grad_()
+    loss = rk.rspo_loss(
+        y,
+        c["target_ids"],
+        c["weights"],
+        c["mask"],
+        old_logprobs=c["old_logprobs"],
+        temperature=c["temperature"],
+        epsilon_low=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        policy_loss="luspo",
+        rollout_is_weights=c["rollout_is_weights"],
+    )
+    (g,) = torch.autograd.grad(loss, y)
+    close(loss, loss_v)
+    close(g, g_v)
+
+
+def test_vespo_weights_equal_trl_get_gamma_weights():
+    """VESPO's phi(w) is TRL's own ``GRPOTrainer.get_gamma_weights``: the per-token gradient is ``-phi A``."""
+    grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+    c = peer_case(seed=5)
+    c["old_logprobs"] = c["old_logprobs"] + 0.5  # ratios below 1 and above, across the gamma's peak
+    mask = c["mask"].double()
+    logp = token_logprobs_reference(c["logits"], c["target_ids"].clamp(min=0), temperature=c["temperature"])
+    phi = grpo.GRPOTrainer.get_gamma_weights(
+        advantages=c["weights"][:, None],
+        log_ratio_per_token=logp - c["old_logprobs"],
+        mask=mask,
+        importance_sampling_ratio=c["rollout_is_weights"],
+    )  # (B, 1), TRL's defaults k, lambda = 2, 3 / 3, 2
+    lp = logp.reshape(-1).clone().requires_grad_()
+    opts = LossOptions(policy_loss="vespo", loss_agg_mode="token-sum")
+    batch = token_batch(
+        c["logits"],
+        c["target_ids"],
+        c["weights"],
+        c["mask"],
+        c["old_logprobs"],
+        None,
+        None,
+        opts,
+        rollout_is_weights=c["rollout_is_weights"],
+    )
+    loss = policy_loss(batch, torch.where(batch.live, lp, torch.zeros_like(lp)), None, opts, False)
+    (g,) = torch.autograd.grad(loss, lp)
+    want = (-phi * c["weights"][:, None] * mask).reshape(-1)
+    assert bool((phi[[0, 2, 3]] != 1).all()) and bool(phi.std() > 0.05)  # row 1 is empty: w = 1
+    close(g, want)
+
+
+def test_cispo_trl_needs_its_cap():
+    with pytest.raises(ValueError, match="epsilon_high"):
+        LossOptions(policy_loss="cispo_trl")
+    with pytest.raises(ValueError, match="delta"):
+        LossOptions(policy_loss="two_sided_clip")

@@ -135,8 +135,9 @@ def aggregation_coefficients(
         Divisor of ``"seq-mean-token-sum-norm"``.
     global_batch : GlobalBatch, optional
         verl's ``global_batch_info``: global denominators times ``dp_size`` (None: local ones).
-        The internal mode ``"sequence-mean"`` (GMPO's ``torch.mean`` over all ``n_seqs``
-        sequences of a per-sequence loss spread over its tokens) ignores it, as verl does.
+        The internal modes ``"sequence-mean"`` (GMPO's ``torch.mean`` over all ``n_seqs``
+        sequences of a per-sequence loss spread over its tokens) and ``"sequence-token-sum"``
+        (LUSPO: token sums averaged over all ``n_seqs`` sequences, as TRL) ignore it.
 
     Returns
     -------
@@ -159,6 +160,8 @@ def aggregation_coefficients(
     seq_count = torch.zeros(n_seqs, dtype=mask.dtype, device=mask.device).index_add_(0, seq_index, mask)
     if loss_agg_mode == "sequence-mean":
         return mask / _nonzero_or_one(seq_count)[seq_index] / max(n_seqs, 1)
+    if loss_agg_mode == "sequence-token-sum":
+        return mask / max(n_seqs, 1)
     if gb.global_batch_size is None:
         n_nonempty = _nonzero_or_one((seq_count > 0).to(mask.dtype).sum())
     else:
@@ -315,6 +318,8 @@ def pg_aggregation(options: LossOptions) -> str:
     """The aggregation of the policy-gradient term: ``loss_agg_mode`` but where verl fixes its own.
 
     verl's sapo always aggregates ``seq-mean-token-mean``; its geo_mean takes ``torch.mean`` over
-    the sequences of a per-sequence loss (``"sequence-mean"``, ignoring the global-batch sizes).
+    the sequences of a per-sequence loss (``"sequence-mean"``, ignoring the global-batch sizes);
+    TRL's luspo sums each sequence's tokens and averages over sequences (``"sequence-token-sum"``).
     """
-    return {"sapo": "seq-mean-token-mean", "geo_mean": "sequence-mean"}.get(options.policy_loss, options.loss_agg_mode)
+    fixed = {"sapo": "seq-mean-token-mean", "geo_mean": "sequence-mean", "luspo": "sequence-token-sum"}
+    return fixed.get(options.policy_loss, options.loss_agg_mode)

@@ -21,6 +21,7 @@ __all__ = [
     "POLICY_LOSS_DEFAULTS",
     "POLICY_LOSS_KEYS",
     "SEQUENCE_POLICY_LOSSES",
+    "VERL_POLICY_LOSSES",
     "LossOptions",
 ]
 
@@ -50,8 +51,14 @@ POLICY_LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "geo_mean": (),
     "dro": ("dro_beta",),
     "cispo": (),
+    # Where TRL 1.16 / Liger-Kernel 0.8.5 define a loss differently from verl: their own names.
+    "cispo_trl": (),
+    "two_sided_clip": ("delta",),
+    "vespo": ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+    "luspo": (),
 }
 POLICY_LOSSES = tuple(POLICY_LOSS_KEYS)
+VERL_POLICY_LOSSES = POLICY_LOSSES[:11]
 
 # verl's defaults (``PolicyLossConfig`` and ``ActorConfig``); ``dro_beta`` has none: DRO requires it.
 POLICY_LOSS_DEFAULTS: dict[str, float] = {
@@ -62,10 +69,15 @@ POLICY_LOSS_DEFAULTS: dict[str, float] = {
     "ppo_kl_coef": 0.1,
     "tau_pos": 1.0,
     "tau_neg": 1.05,
+    # TRL's GRPOConfig defaults
+    "vespo_k_pos": 2.0,
+    "vespo_lambda_pos": 3.0,
+    "vespo_k_neg": 3.0,
+    "vespo_lambda_neg": 2.0,
 }
 
 # Losses that read whole sequences (a sequence-level ratio or aggregation): packed inputs need cu_seqlens.
-SEQUENCE_POLICY_LOSSES = ("gspo", "sapo", "geo_mean")
+SEQUENCE_POLICY_LOSSES = ("gspo", "sapo", "geo_mean", "vespo", "luspo")
 
 # verl's ``actor.kl_loss_type`` names (``core_algos.kl_penalty``), each also with a ``+`` suffix (value of
 # the estimator, gradient of k2: straight-through), and ``k3_unclamped``: Schulman's k3 without verl's
@@ -128,12 +140,19 @@ class LossOptions:
         ``seq-mean-token-mean``, as verl does), ``gpg``, ``clip_cov``, ``kl_cov``, ``geo_mean``
         (GMPO: the mean over sequences, ignoring ``loss_agg_mode`` and the global-batch sizes,
         as verl does), ``dro``, ``cispo``. ``epsilon_low`` / ``epsilon_high`` / ``clip_ratio_c``
-        play verl's ``clip_ratio_low`` / ``clip_ratio_high`` / ``clip_ratio_c``.
+        play verl's ``clip_ratio_low`` / ``clip_ratio_high`` / ``clip_ratio_c``. Where TRL 1.16 /
+        Liger-Kernel 0.8.5 define a loss differently, under its own name: ``cispo_trl`` (the
+        ratio capped at ``epsilon_high`` itself, one-sided: TRL's epsilon_high, e.g. 5.0),
+        ``two_sided_clip`` (INTELLECT-2's ``delta`` cap on the unclipped branch), ``vespo``
+        (gamma-weighted sequence ratio), ``luspo`` (sequence ratio, token sums averaged over
+        sequences).
     policy_loss_options : mapping, optional
         The loss's own settings under verl's key names (:data:`POLICY_LOSS_KEYS`): ``tau_pos``,
         ``tau_neg`` (sapo; default 1.0, 1.05), ``clip_cov_ratio``, ``clip_cov_lb``,
         ``clip_cov_ub`` (clip_cov; 0.0002, 1.0, 5.0), ``kl_cov_ratio``, ``ppo_kl_coef``
-        (kl_cov; 0.0002, 0.1), ``dro_beta`` (dro; required, > 0). A key the chosen loss does not
+        (kl_cov; 0.0002, 0.1), ``dro_beta`` (dro; required, > 0), ``delta`` (two_sided_clip;
+        required, > 1), ``vespo_k_pos``, ``vespo_lambda_pos``, ``vespo_k_neg``,
+        ``vespo_lambda_neg`` (vespo; TRL's 2.0, 3.0, 3.0, 2.0). A key the chosen loss does not
         read raises. Stored as a sorted tuple of ``(key, value)`` items (hashable).
     kl_penalty : str, default "k3_unclamped"
         The KL estimator that ``beta`` weighs, verl's ``actor.kl_loss_type`` names
@@ -210,6 +229,11 @@ class LossOptions:
         if not isinstance(self.kl_penalty, str) or self.kl_penalty not in KL_PENALTIES:
             raise ValueError(f"kl_penalty={self.kl_penalty!r} is not one of {KL_PENALTIES}")
         set_("policy_loss_options", self._check_loss_options(self.policy_loss, self.policy_loss_options))
+        if self.policy_loss == "cispo_trl" and self.epsilon_high is None:
+            raise ValueError(
+                "policy_loss='cispo_trl' caps the ratio at epsilon_high itself (TRL's epsilon_high, ScaleRL's "
+                "epsilon_max, e.g. 5.0): pass epsilon_high"
+            )
 
     @staticmethod
     def _check_loss_options(loss: str, given: Any) -> tuple[tuple[str, float], ...]:
@@ -238,6 +262,10 @@ class LossOptions:
         for key in positive:
             if key in out and not out[key] > 0:
                 raise ValueError(f"policy_loss_options[{key!r}] must be > 0, got {out[key]}")
+        if "delta" in out and not out["delta"] > 1:
+            raise ValueError(f"policy_loss_options['delta'] must be > 1 (TRL: above 1 + epsilon_high), got {out['delta']}")
+        if loss == "two_sided_clip" and "delta" not in out:
+            raise ValueError("policy_loss='two_sided_clip' needs policy_loss_options={'delta': ...} (TRL's delta, > 1)")
         if loss == "dro" and "dro_beta" not in out:
             raise ValueError("policy_loss='dro' needs policy_loss_options={'dro_beta': ...} (> 0; verl has no default)")
         lb = out.get("clip_cov_lb", POLICY_LOSS_DEFAULTS["clip_cov_lb"])

@@ -279,6 +279,72 @@ def _cispo(logp: torch.Tensor, batch: TokenBatch, options: LossOptions) -> tuple
     return -clipped_ratio * a * logp, {"clipped": ratio != clipped_ratio, "neg_log_ratio": -log_ratio}
 
 
+# --- TRL 1.16 / Liger-Kernel 0.8.5's variants, under their own names ----------------------------------
+
+
+@_register("cispo_trl", local=True)
+def _cispo_trl(logp: torch.Tensor, batch: TokenBatch, options: LossOptions) -> tuple[torch.Tensor, Parts]:
+    """TRL's CISPO: ``-sg(min(r, epsilon_high)) A logp``, one-sided, capped at ``epsilon_high`` itself (eps_max)."""
+    old, a, _ = _inputs(logp, batch)
+    log_ratio = logp - old  # TRL does not clamp
+    ratio = torch.exp(log_ratio).detach()
+    capped = torch.clamp(ratio, max=options.eps_high)
+    return -capped * a * logp, {"clipped": (ratio > options.eps_high) & (a > 0), "neg_log_ratio": -log_ratio}
+
+
+@_register("two_sided_clip", local=True)
+def _two_sided_clip(logp: torch.Tensor, batch: TokenBatch, options: LossOptions) -> tuple[torch.Tensor, Parts]:
+    """INTELLECT-2's two-sided clip (arXiv 2505.07291, TRL's ``delta``): ``-min(min(r, delta) A, clip(r) A)``."""
+    old, a, _ = _inputs(logp, batch)
+    log_ratio = logp - old  # TRL does not clamp
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - options.epsilon_low, 1.0 + options.eps_high)
+    capped = torch.clamp(ratio, max=options.loss_option("delta"))
+    loss = -torch.minimum(capped * a, clipped * a)
+    return loss, {"clipped": clipped * a < capped * a, "neg_log_ratio": -log_ratio}
+
+
+@_register("vespo", local=False, seq_is_weights=True)
+def _vespo(logp: torch.Tensor, batch: TokenBatch, options: LossOptions) -> tuple[torch.Tensor, Parts]:
+    """VESPO (arXiv 2602.10693; TRL's ``get_gamma_weights``): ``-sg(phi(w)) A logp``, ``phi(w) = e^lam w^k e^(-lam w)``.
+
+    ``w`` is the sequence's ratio ``exp(sum_t clamp(logp - old, ±20))`` times the product of its
+    rollout importance weights (each log clamped to ``[log 1e-8, 20]``, the sum too); ``k, lam``
+    are ``vespo_k_pos, vespo_lambda_pos`` for ``A >= 0``, else the ``_neg`` pair. The rollout
+    weights enter only through ``w`` (not multiplied per token), as TRL and Liger.
+    """
+    old, a, zero = _inputs(logp, batch)
+    log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).detach()
+    lower = -18.420680743952367  # log(1e-8), TRL's floor
+    seq_log = _seq_sum(log_ratio, batch)
+    if batch.is_weights is not None:
+        w_tok = torch.where(batch.live, batch.is_weights, torch.ones_like(batch.is_weights))
+        seq_log = seq_log + _seq_sum(torch.clamp(torch.log(w_tok), lower, LOG_RATIO_CLAMP), batch)
+    assert batch.seq is not None
+    log_w = torch.clamp(seq_log, lower, LOG_RATIO_CLAMP)[batch.seq]
+    nonneg = a >= 0
+    k = torch.where(nonneg, options.loss_option("vespo_k_pos"), options.loss_option("vespo_k_neg")).to(logp.dtype)
+    lam = torch.where(nonneg, options.loss_option("vespo_lambda_pos"), options.loss_option("vespo_lambda_neg"))
+    lam = lam.to(logp.dtype).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return -phi.detach() * a * logp, {"neg_log_ratio": -log_ratio}
+
+
+@_register("luspo", local=False)
+def _luspo(logp: torch.Tensor, batch: TokenBatch, options: LossOptions) -> tuple[torch.Tensor, Parts]:
+    """LUSPO (arXiv 2602.05261, TRL / Liger): PPO clip of ``s = exp(mean_seq(logp - old))``, summed over tokens.
+
+    The gradient flows through the sequence mean (TRL's sequence-level ratio); each token carries
+    its sequence's loss and the aggregation sums them per sequence and averages over all sequences.
+    """
+    old, a, _ = _inputs(logp, batch)
+    log_ratio = logp - old
+    assert batch.seq is not None
+    s = torch.exp(_seq_sum(log_ratio, batch) / _seq_count(batch))[batch.seq]
+    loss, clipped = _ppo_clip(s, a, options)
+    return loss, {"clipped": clipped, "neg_log_ratio": -log_ratio.detach()}
+
+
 assert set(REGISTRY) == set(POLICY_LOSS_KEYS), "options.POLICY_LOSS_KEYS and the registry must list the same losses"
 
 
@@ -421,9 +487,9 @@ def is_token_local(options: LossOptions) -> bool:
     log-prob and entropy are, and a backend may form the logits' gradient block by block during
     its forward (:func:`token_grads`); the aggregation coefficients (``batch.coef``,
     ``batch.pg_coef``) and rollout weights are per-token constants of the batch. True for
-    vanilla, dppo_tv, dppo_kl, sapo, gpg, dro and cispo (with any KL estimator and entropy bonus).
-    Sequence-level ratios (gspo, geo_mean) and batch-level token selection (clip_cov, kl_cov) are
-    not local: their backends take the two-pass route (log-probs first, then autograd through
+    vanilla, dppo_tv, dppo_kl, sapo, gpg, dro, cispo, cispo_trl and two_sided_clip (with any KL
+    estimator and entropy bonus). Sequence-level ratios (gspo, geo_mean, vespo, luspo) and
+    batch-level token selection (clip_cov, kl_cov) are not local: their backends take the two-pass route (log-probs first, then autograd through
     :func:`policy_loss`).
     """
     return REGISTRY[options.policy_loss].local

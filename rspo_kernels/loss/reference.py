@@ -154,8 +154,8 @@ def agg_loss_reference(
     dp_size, batch_num_tokens, global_batch_size
         verl's ``global_batch_info``: the global token count replaces ``sum_b n_b`` (token-mean),
         the global sequence count replaces ``G`` (seq-mean-*), and the result is multiplied by
-        ``dp_size``. The internal mode ``"sequence-mean"`` (GMPO) is ``sum_b (S_b / n_b) / B``
-        over all ``B`` rows and ignores them, as verl's geo_mean.
+        ``dp_size``. The internal modes ``"sequence-mean"`` (GMPO, ``sum_b (S_b / n_b) / B``) and
+        ``"sequence-token-sum"`` (LUSPO, ``sum_b S_b / B``), over all ``B`` rows, ignore them.
 
     Returns
     -------
@@ -198,6 +198,8 @@ def agg_loss_reference(
         return seq_sum.sum() / n_seqs * dp_size / horizon
     if loss_agg_mode == "sequence-mean":
         return (seq_sum / _nonzero_or_one(seq_count)).sum() / max(loss_mat.shape[0], 1)
+    if loss_agg_mode == "sequence-token-sum":
+        return seq_sum.sum() / max(loss_mat.shape[0], 1)
     raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
 
 
