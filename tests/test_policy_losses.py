@@ -571,7 +571,9 @@ PEER_VARIANTS = {
 
 def peer_case(seed: int = 21) -> dict:
     c = case64(seed=seed)
-    c["weights"] = torch.randn(B, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # one per sequence
+    c["weights"] = torch.randn(
+        B, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )  # one per sequence
     # Shift whole sequences' ratios so the sequence-level weights (vespo's w, luspo's s) spread widely.
     c["old_logprobs"] = c["old_logprobs"] + torch.tensor([0.3, -0.2, 0.15, -0.35], dtype=torch.float64)[:, None]
     # Liger (like TRL) folds vespo's rollout ratio over every position: 1 at padding keeps it a no-op there.

@@ -263,7 +263,9 @@ class LossOptions:
             if key in out and not out[key] > 0:
                 raise ValueError(f"policy_loss_options[{key!r}] must be > 0, got {out[key]}")
         if "delta" in out and not out["delta"] > 1:
-            raise ValueError(f"policy_loss_options['delta'] must be > 1 (TRL: above 1 + epsilon_high), got {out['delta']}")
+            raise ValueError(
+                f"policy_loss_options['delta'] must be > 1 (TRL: above 1 + epsilon_high), got {out['delta']}"
+            )
         if loss == "two_sided_clip" and "delta" not in out:
             raise ValueError("policy_loss='two_sided_clip' needs policy_loss_options={'delta': ...} (TRL's delta, > 1)")
         if loss == "dro" and "dro_beta" not in out:

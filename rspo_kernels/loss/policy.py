@@ -489,8 +489,8 @@ def is_token_local(options: LossOptions) -> bool:
     ``batch.pg_coef``) and rollout weights are per-token constants of the batch. True for
     vanilla, dppo_tv, dppo_kl, sapo, gpg, dro, cispo, cispo_trl and two_sided_clip (with any KL
     estimator and entropy bonus). Sequence-level ratios (gspo, geo_mean, vespo, luspo) and
-    batch-level token selection (clip_cov, kl_cov) are not local: their backends take the two-pass route (log-probs first, then autograd through
-    :func:`policy_loss`).
+    batch-level token selection (clip_cov, kl_cov) are not local: their backends take the
+    two-pass route (log-probs first, then autograd through :func:`policy_loss`).
     """
     return REGISTRY[options.policy_loss].local
 
