@@ -308,8 +308,10 @@ def rspo_loss(
     Notes
     -----
     Per token (docs/math.md § The loss the weights feed), with ``r = exp(clamp(logp - old, -20, 20))`` and
-    weight ``A``: ``loss_tok = max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A)``, then
-    ``min(-A c, .)`` for ``A < 0`` under dual-clip, plus ``beta`` times the k3 KL. The
+    weight ``A``, the default ``policy_loss="vanilla"``:
+    ``loss_tok = max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A)``, then ``min(-A c, .)`` for
+    ``A < 0`` under dual-clip; the other losses' formulas are in docs/loss.md. The loss adds
+    ``beta * agg(kl_penalty(logp, ref))`` and subtracts ``entropy_coeff * agg(entropy)``. The
     aggregation is linear in ``loss_tok`` with mask-only coefficients, as verl's ``agg_loss``.
 
     Non-finite inputs: masked tokens are ignored entirely; ``-inf`` logits are tokens of

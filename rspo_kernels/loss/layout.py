@@ -11,6 +11,7 @@ the only form a backend sees.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import torch
@@ -81,8 +82,13 @@ class GlobalBatch:
     @staticmethod
     def checked(dp_size: Any, batch_num_tokens: Any, global_batch_size: Any, modes: tuple[str, ...]) -> GlobalBatch:
         """Validate the three sizes for the aggregation ``modes`` the loss uses."""
-        if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+        try:
+            dp = operator.index(dp_size) if not isinstance(dp_size, bool) else 0  # numpy ints too
+        except TypeError:
+            dp = 0
+        if dp < 1:
             raise ValueError(f"dp_size must be an int >= 1 (the data-parallel world size), got {dp_size!r}")
+        dp_size = dp
         for name, v in (("batch_num_tokens", batch_num_tokens), ("global_batch_size", global_batch_size)):
             if v is None:
                 continue
