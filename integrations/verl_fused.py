@@ -21,13 +21,28 @@ verl's ``apply_fsdp2`` shards as its own unit (untied embeddings) is unsharded a
 reduce-scattered as for the logits; verl's own fused backends read ``lm_head.weight`` directly and
 fail there (verl issue #7520).
 
-Refused, naming the key: vision-language models, ``actor_rollout_ref.actor.calculate_sum_pi_squared``,
-non-FSDP strategies (Megatron has its own fused path), heads that scale or cap the logits, and
-per-sample temperatures.
+Also served:
+
+- ``actor_rollout_ref.actor.calculate_sum_pi_squared=True`` (``algorithm.adv_estimator=
+  optimal_token_baseline``): ``sum_v softmax(z / T)_v^2`` per token from the same fused pass. verl's
+  FSDP engine raises ``NotImplementedError`` for it with every fused backend; :func:`register`
+  patches the engine's ``prepare_model_inputs`` / ``prepare_model_outputs`` (for the rspo forward
+  only) to ask for it and to lay it out as verl does on its logits path.
+- soft-capped heads (``final_logit_softcapping``, Gemma 2/3): ``c * tanh(z / c)`` before the
+  temperature, as the model's own forward and verl's logits path compute it.
+
+Refused, naming the key: vision-language models, non-FSDP strategies (Megatron has its own fused
+path), heads that scale the logits (``logit_scale``, ``logits_scaling``, ``output_multiplier``,
+``lm_head_multiplier``), per-sample temperatures, and top-k distillation
+(``distillation.distillation_loss.loss_mode=forward_kl_topk``, ``distillation_use_topk``): verl's
+FSDP engine gives no fused backend the teacher's top-k ids (only its VeOmni engine does, to
+VeOmni's own kernel), so the ``fused_linear_aux`` outputs it would read cannot be formed here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import numbers
 import os
@@ -36,7 +51,7 @@ from typing import Any
 import torch
 
 from rspo_kernels.integrations._common import when_imported, wrap
-from rspo_kernels.integrations._fused_head import head_logprobs
+from rspo_kernels.integrations._fused_head import head_stats
 
 __all__ = [
     "BACKEND",
@@ -51,9 +66,13 @@ USE_KEY = "actor_rollout_ref.model.use_fused_kernels"
 BACKEND_KEY = "actor_rollout_ref.model.fused_kernel_options.impl_backend"
 _SELECTED = f"{USE_KEY}=True with {BACKEND_KEY}={BACKEND}"
 _FSDP_STRATEGIES = ("fsdp", "fsdp2")
-# Config attributes with which a model's logits are not ``hidden @ W.T + b``.
-_HEAD_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+# Config attributes with which a model's logits are not ``hidden @ W.T + b`` (the soft-cap is served).
+_HEAD_SCALING = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+_SOFTCAP = "final_logit_softcapping"  # Gemma 2/3: logits = c * tanh(z / c), before verl's temperature
+_SUM_PI_SQUARED_KEY = "actor_rollout_ref.actor.calculate_sum_pi_squared"
+_TOPK_KEY = "distillation.distillation_loss.loss_mode"
 _MONKEY_PATCH = "verl.models.transformers.monkey_patch"
+_FSDP_ENGINE = "verl.workers.engine.fsdp.transformer_impl"
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -86,9 +105,24 @@ def _check_text_config(config: Any, source: str) -> None:
         value = get(name)
         if value not in (None, 1.0):
             raise _refusal(
-                f"computes hidden @ lm_head.weight.T (+ bias), but {source} sets {name}={value!r}",
+                f"computes hidden @ lm_head.weight.T (+ bias), soft-capped by {_SOFTCAP}, but {source} sets "
+                f"{name}={value!r}",
                 f"set {USE_KEY}=False for this model",
             )
+    cap = get(_SOFTCAP)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not cap > 0):
+        raise _refusal(
+            f"soft-caps the logits as c * tanh(z / c), which needs c > 0, but {source} sets {_SOFTCAP}={cap!r}",
+            f"set {_SOFTCAP} to a positive number or null",
+        )
+
+
+def _logit_softcap(config: Any) -> float | None:
+    """``final_logit_softcapping`` of an HF config (or of its ``text_config``); None when the head is not capped."""
+    cap = getattr(config, _SOFTCAP, None)
+    if cap is None and getattr(config, "text_config", None) is not None:
+        cap = getattr(config.text_config, _SOFTCAP, None)
+    return None if cap is None else float(cap)
 
 
 def check_fused_config(config: Any) -> None:
@@ -105,11 +139,12 @@ def check_fused_config(config: Any) -> None:
     Raises
     ------
     ValueError
-        ``actor_rollout_ref.actor.strategy`` other than ``fsdp`` / ``fsdp2``,
-        ``actor_rollout_ref.actor.calculate_sum_pi_squared=True`` (needs the full logits), or a
-        vision-language model or logit-scaling head at ``actor_rollout_ref.model.path`` (when the
-        path is a local directory; otherwise :func:`check_model` refuses it when the model loads).
-        Each message names the key to change.
+        ``actor_rollout_ref.actor.strategy`` other than ``fsdp`` / ``fsdp2``, a top-k distillation
+        loss (``distillation.distillation_loss.loss_mode=forward_kl_topk``), or a vision-language
+        model or logit-scaling head at ``actor_rollout_ref.model.path`` (when the path is a local
+        directory; otherwise :func:`check_model` refuses it when the model loads). Each message
+        names the key to change. ``actor_rollout_ref.actor.calculate_sum_pi_squared=True`` and
+        soft-capped heads (``final_logit_softcapping``) are served.
     """
     aro = _get(config, "actor_rollout_ref")
     model = _get(aro, "model") if aro is not None else None
@@ -122,16 +157,37 @@ def check_fused_config(config: Any) -> None:
             f"patches the FSDP engine's HuggingFace model, not actor_rollout_ref.actor.strategy={strategy}",
             f"use actor_rollout_ref.actor.strategy=fsdp2 or unset {BACKEND_KEY}",
         )
-    if _get(actor, "calculate_sum_pi_squared", False):
-        raise _refusal(
-            "never builds the logits, which actor_rollout_ref.actor.calculate_sum_pi_squared=True needs",
-            f"set actor_rollout_ref.actor.calculate_sum_pi_squared=False or {USE_KEY}=False",
-        )
+    distillation = _get(config, "distillation")
+    if distillation is not None and _get(distillation, "enabled", False):
+        loss_mode = _get(_get(distillation, "distillation_loss") or {}, "loss_mode", "k3")
+        if _uses_topk(loss_mode):
+            raise _refusal(_TOPK_WHY.format(value=f"{_TOPK_KEY}={loss_mode}"), _TOPK_FIX)
     path = _get(model, "hf_config_path") or _get(model, "path")
     config_file = os.path.join(os.path.expanduser(str(path)), "config.json") if path else ""
     if config_file and os.path.isfile(config_file):
         with open(config_file) as f:
             _check_text_config(json.load(f), f"actor_rollout_ref.model.path={path}")
+
+
+# verl's FSDP engine hands the teacher's top-k ids to no fused backend (only the VeOmni engine passes
+# them, to VeOmni's own kernel), so the distillation outputs cannot come from this forward.
+_TOPK_WHY = (
+    "does not compute verl's fused top-k distillation outputs (fused_linear_aux): verl's FSDP engine passes "
+    "the teacher's top-k ids to no fused backend, yet {value} needs them"
+)
+_TOPK_FIX = f"choose a distillation loss without top-k (e.g. {_TOPK_KEY}=k3) or set {USE_KEY}=False"
+
+
+def _uses_topk(loss_mode: Any) -> bool:
+    """Whether verl's distillation loss ``loss_mode`` reads the student's log-probs at the teacher's top-k ids."""
+    try:
+        from verl.trainer.distillation.losses import get_distillation_loss_settings
+    except ImportError:  # a verl without distillation: the name is all there is to go by
+        return "topk" in str(loss_mode)
+    try:
+        return bool(get_distillation_loss_settings(str(loss_mode)).use_topk)
+    except ValueError:  # an unknown loss: verl's own check reports it
+        return False
 
 
 def check_model(model: Any) -> None:
@@ -140,8 +196,9 @@ def check_model(model: Any) -> None:
     Raises
     ------
     ValueError
-        A vision-language model, a head that scales or caps the logits, or a model without an
-        ``lm_head`` module of shape ``(V, H)``; the message names :data:`BACKEND_KEY`.
+        A vision-language model, a head that scales the logits (or soft-caps them with a
+        ``final_logit_softcapping`` that is not positive), or a model without an ``lm_head``
+        module of shape ``(V, H)``; the message names :data:`BACKEND_KEY`.
     """
     config = model.config
     _check_text_config(config, f"{type(model).__name__}")
@@ -169,6 +226,18 @@ def _scalar_temperature(temperature: Any) -> float:
     raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
 
 
+@functools.cache
+def _output_class() -> Any:
+    """verl's ``CausalLMOutputForPPO`` with a ``sum_pi_squared`` field (built when verl is first needed)."""
+    from verl.models.transformers.dense_common import CausalLMOutputForPPO
+
+    @dataclasses.dataclass
+    class CausalLMOutputForRSPO(CausalLMOutputForPPO):
+        sum_pi_squared: torch.FloatTensor | None = None
+
+    return CausalLMOutputForRSPO
+
+
 def forward_with_rspo_backend(
     self: Any,
     input_ids: torch.LongTensor | None = None,
@@ -185,6 +254,7 @@ def forward_with_rspo_backend(
     logits_to_keep: int | torch.Tensor = 0,
     temperature: float = 1.0,
     shift_labels: torch.LongTensor | None = None,
+    return_sum_pi_squared: bool = False,
     **loss_kwargs: Any,
 ) -> Any:
     """verl's ``forward_with_torch_backend`` contract, with the head fused by rspo_kernels.
@@ -202,14 +272,20 @@ def forward_with_rspo_backend(
         The rollout's sampling temperature (one value).
     return_dict : bool
         Must be True, as for verl's own fused backends.
+    return_sum_pi_squared : bool
+        Also compute ``sum_v softmax(z / T)_v^2`` per token (verl's ``calculate_sum_pi_squared``);
+        the engine patch of :func:`register` asks for it.
 
     Returns
     -------
-    verl.models.transformers.dense_common.CausalLMOutputForPPO
-        ``log_probs`` and ``entropy`` shaped like the labels: float32 (float64 for a float64 model),
-        both differentiable in the backbone and the head.
+    CausalLMOutputForPPO
+        verl's output class with one more field: ``log_probs`` and ``entropy`` shaped like the
+        labels, float32 (float64 for a float64 model), both differentiable in the backbone and the
+        head; ``sum_pi_squared`` (same shape and dtype, detached) when asked for, else None. The
+        logits are the model's own: ``hidden @ W.T (+ b)``, soft-capped when the config sets
+        ``final_logit_softcapping`` (Gemma 2/3), divided by the temperature.
     """
-    from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
+    from verl.models.transformers.dense_common import forward_base_model
 
     if not return_dict:
         raise NotImplementedError("forward_with_rspo_backend has to return_dict, as verl's fused backends do")
@@ -235,14 +311,19 @@ def forward_with_rspo_backend(
         rolled = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise RuntimeError("forward_with_rspo_backend needs labels, shift_labels or input_ids")
-    log_probs: Any  # verl annotates its outputs as FloatTensor
-    entropy: Any
-    log_probs, entropy = head_logprobs(
-        hidden, self.get_output_embeddings(), rolled, _scalar_temperature(temperature), entropy=True
+    stats = head_stats(
+        hidden,
+        self.get_output_embeddings(),
+        rolled,
+        _scalar_temperature(temperature),
+        entropy=True,
+        sum_pi_squared=return_sum_pi_squared,
+        logit_softcap=_logit_softcap(self.config),
     )
-    return CausalLMOutputForPPO(
-        log_probs=log_probs,
-        entropy=entropy,
+    return _output_class()(
+        log_probs=stats.log_probs,
+        entropy=stats.entropy,
+        sum_pi_squared=stats.sum_pi_squared,
         past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
@@ -262,12 +343,100 @@ def _patch_forward_with_backends(original: Any) -> Any:
     return patch_forward_with_backends
 
 
-def register() -> None:
-    """Teach verl's ``patch_forward_with_backends`` the ``rspo`` backend, in this process; idempotent.
+def _flag(micro_batch: Any, key: str, default: bool) -> bool:
+    from verl.utils import tensordict_utils as tu
 
-    Imports nothing from verl now: the patch is applied when ``verl.models.transformers.monkey_patch``
-    is first imported (or now if it already is), before ``apply_monkey_patch`` can run.
+    return bool(tu.get_non_tensor_data(data=micro_batch, key=key, default=default))
+
+
+def _rspo_serves(engine: Any, micro_batch: Any) -> bool:
+    """Whether this micro-batch runs through :func:`forward_with_rspo_backend` (FSDP1 forwards the attribute)."""
+    backend = getattr(getattr(engine, "module", None), "_verl_fused_kernels_backend", None)
+    return backend == BACKEND and _flag(micro_batch, "use_fused_kernels", False)
+
+
+def _patch_prepare_model_inputs(original: Any) -> Any:
+    def prepare_model_inputs(self, micro_batch):
+        model_inputs, output_args = original(self, micro_batch)
+        if _rspo_serves(self, micro_batch) and _flag(micro_batch, "calculate_sum_pi_squared", False):
+            model_inputs["return_sum_pi_squared"] = True  # a keyword of forward_with_rspo_backend
+        return model_inputs, output_args
+
+    return prepare_model_inputs
+
+
+def _patch_prepare_model_outputs(original: Any) -> Any:
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+        if not _rspo_serves(self, micro_batch):
+            return original(self, output, output_args, micro_batch, logits_processor_func)
+        if _flag(micro_batch, "distillation_use_topk", False):
+            raise _refusal(_TOPK_WHY.format(value="distillation_use_topk=True"), _TOPK_FIX)
+        if not _flag(micro_batch, "calculate_sum_pi_squared", False):
+            return original(self, output, output_args, micro_batch, logits_processor_func)
+        sum_pi_squared = getattr(output, "sum_pi_squared", None)
+        if sum_pi_squared is None:
+            raise RuntimeError(
+                f"{_SELECTED}: the model's forward returned no sum_pi_squared although "
+                f"{_SUM_PI_SQUARED_KEY}=True; was {type(self).__name__}.prepare_model_inputs replaced after "
+                "rspo_kernels.integrations.verl registered its patch?"
+            )
+        from verl.utils import tensordict_utils as tu
+
+        # verl's method raises for Σπ² with any fused backend; it does everything else unchanged.
+        tu.assign_non_tensor(micro_batch, calculate_sum_pi_squared=False)
+        try:
+            model_output = original(self, output, output_args, micro_batch, logits_processor_func)
+        finally:
+            tu.assign_non_tensor(micro_batch, calculate_sum_pi_squared=True)
+        model_output["sum_pi_squared"] = _nested_like_log_probs(self, sum_pi_squared, output_args, micro_batch)
+        return model_output
+
+    return prepare_model_outputs
+
+
+def _nested_like_log_probs(engine: Any, values: torch.Tensor, output_args: dict, micro_batch: Any) -> torch.Tensor:
+    """One per-token output of the fused forward laid out as verl's method lays out ``log_probs``.
+
+    Remove-padding: ``(1, local tokens)`` gathered over the Ulysses group and stripped of the
+    packed pad; padded: ``(B, T)`` with each row's first ``len`` columns kept. Then nested (jagged)
+    on the batch's ``input_ids`` offsets.
+    """
+    cu_seqlens = micro_batch["input_ids"].offsets()
+    if _flag(micro_batch, "use_remove_padding", True):
+        flat = engine._gather_and_unpad_packed(values.squeeze(0), output_args["pad_size"])
+    else:
+        columns = torch.arange(values.shape[1], device=values.device)
+        flat = values[columns < cu_seqlens.diff().to(values.device).unsqueeze(1)]
+    return torch.nested.nested_tensor_from_jagged(flat, cu_seqlens)
+
+
+def _patch_fsdp_engine(module: Any) -> None:
+    engine = getattr(module, "FSDPEngineWithLMHead", None)
+    if engine is None:  # another verl: nothing to adapt
+        return
+    wrap(engine, "prepare_model_inputs", _patch_prepare_model_inputs)
+    wrap(engine, "prepare_model_outputs", _patch_prepare_model_outputs)
+
+
+def register() -> None:
+    """Teach verl the ``rspo`` backend, in this process; idempotent.
+
+    Two patches, each applied when its verl module is first imported (or now if it already is),
+    so that nothing is imported from verl here:
+
+    - ``verl.models.transformers.monkey_patch.patch_forward_with_backends``: for
+      ``impl_backend=rspo`` the causal LM's ``forward`` becomes :func:`forward_with_rspo_backend`
+      (verl knows only its own backends and skips any other name);
+    - ``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead``'s
+      ``prepare_model_inputs`` / ``prepare_model_outputs``, only for a micro-batch that runs through
+      the rspo forward: with ``calculate_sum_pi_squared`` the first asks the forward for
+      ``sum_pi_squared`` and the second, instead of raising verl's ``NotImplementedError`` for
+      fused kernels, runs verl's method without Σπ² and adds the forward's Σπ² laid out as verl
+      lays out ``log_probs`` (gathered over Ulysses, unpadded, nested); with top-k distillation
+      (``distillation_use_topk``) it refuses, naming the key, where verl's method would go on
+      without the distillation outputs. Other backends and engines call verl's methods unchanged.
     """
     when_imported(
         _MONKEY_PATCH, lambda module: wrap(module, "patch_forward_with_backends", _patch_forward_with_backends)
     )
+    when_imported(_FSDP_ENGINE, _patch_fsdp_engine)
