@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         LossOptions,
         RSPOLinearLoss,
         RSPOLoss,
+        TokenStats,
         rspo_linear_loss,
         rspo_loss,
         token_logprobs,
@@ -57,6 +58,7 @@ _EXPORTS = {
     "RSPOLoss": "rspo_kernels.loss",
     "rspo_linear_loss": "rspo_kernels.loss",
     "rspo_loss": "rspo_kernels.loss",
+    "TokenStats": "rspo_kernels.loss",
     "token_logprobs": "rspo_kernels.loss",
     "token_logprobs_linear": "rspo_kernels.loss",
     "ESTIMATORS": "rspo_kernels.weights.api",
@@ -84,6 +86,7 @@ __all__ = [
 ]
 __all__ += ["RSPOLinearLoss", "rspo_linear_loss", "token_logprobs_linear"]
 __all__ += ["MAXRL_ESTIMATORS", "maxrl_weights"]
+__all__ += ["TokenStats"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,8 @@ from rspo_kernels.loss import chunked as _chunked  # noqa: F401  (the CPU backen
 from rspo_kernels.loss.api import RSPOLoss, rspo_loss, rspo_loss_with_options, token_logprobs
 from rspo_kernels.loss.linear import RSPOLinearLoss, rspo_linear_loss, token_logprobs_linear
 from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
+from rspo_kernels.loss.token_stats import TokenStats
 
 __all__ = ["LOSS_AGG_MODES", "LossOptions", "RSPOLoss", "rspo_loss", "rspo_loss_with_options", "token_logprobs"]
 __all__ += ["RSPOLinearLoss", "rspo_linear_loss", "token_logprobs_linear"]
+__all__ += ["TokenStats"]

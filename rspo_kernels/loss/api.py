@@ -19,11 +19,20 @@ import rspo_kernels.loss._checks as _checks
 from rspo_kernels.loss.layout import token_batch
 from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
 from rspo_kernels.loss.policy import policy_loss
+from rspo_kernels.loss.softcap import check_softcap
+from rspo_kernels.loss.token_stats import (
+    TokenStats,
+    check_target_ids,
+    check_topk,
+    shape_stats,
+    token_stats,
+    topk_bound,
+)
 from rspo_kernels.loss.vocab_parallel import id_bound, logprob_op, vocab_shard
 
-__all__ = ["LOSS_AGG_MODES", "LossOptions", "token_logprobs", "rspo_loss", "RSPOLoss"]
+__all__ = ["LOSS_AGG_MODES", "LossOptions", "TokenStats", "token_logprobs", "rspo_loss", "RSPOLoss"]
 
-_CALL_KWARGS = ("inplace_backward", "return_stats")
+_CALL_KWARGS = ("inplace_backward", "return_stats", "logit_softcap")
 
 
 def token_logprobs(
@@ -36,7 +45,10 @@ def token_logprobs(
     tp_group: Any = None,
     vocab_start: int = 0,
     vocab_size: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    logit_softcap: float | None = None,
+    return_sum_pi_squared: bool = False,
+    topk: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | TokenStats:
     """Log-probabilities of ``target_ids`` under ``softmax(logits / temperature)`` (and the entropies).
 
     For the old-policy and reference log-probs a trainer feeds to :func:`rspo_loss` (call it under
@@ -50,7 +62,9 @@ def token_logprobs(
         ``(B, T, V)`` padded or ``(N, V)`` packed; float16, bfloat16, float32 or float64, any
         device. Strided views such as ``logits[:, :-1]`` are read without a copy.
     target_ids : torch.Tensor
-        ``logits.shape[:-1]`` integer ids in ``[0, V)``.
+        ``logits.shape[:-1]`` integer ids in ``[0, V)``; or ``logits.shape[:-1] + (K,)``
+        (multi-target, e.g. a teacher's top-k ids for distillation): the log-probs are then
+        ``(..., K)``, differentiable, with ``dL/dx = sum_k g_k onehot(id_k) - p sum_k g_k``.
     temperature : float, default 1.0
         Divides the logits (use the sampling temperature).
     return_entropy : bool, default False
@@ -70,12 +84,34 @@ def token_logprobs(
     vocab_size : int, optional
         The real vocabulary size when the vocabulary is padded (e.g. to a multiple of the TP size):
         entries at global index ``>= vocab_size`` get probability 0 and gradient 0.
+    logit_softcap : float, optional
+        Final-logit soft-capping (Gemma 2/3's ``final_logit_softcapping``): the logits become
+        ``c * tanh(logits / c)`` before the temperature divides them, as in Hugging Face's
+        generation; the gradient carries the factor ``1 - tanh(logits / c)^2``. ``-inf`` logits
+        stay ``-inf`` (masked entries).
+    return_sum_pi_squared : bool, default False
+        Also return ``sum_v softmax(x)_v^2`` per token (verl's ``sum_pi_squared``, for the
+        optimal-token baseline), ``x`` the capped, scaled logits. Detached.
+    topk : int, optional
+        Also return ``torch.topk`` of each token's log-softmax: ``(..., topk)`` log-probs sorted
+        descending and their (global) ids. Detached; for a differentiable version pass the ids
+        back as multi-target ``target_ids``.
 
     Returns
     -------
-    torch.Tensor or tuple of torch.Tensor
-        ``logits.shape[:-1]`` float32 log-probabilities (float64 for float64 logits), and the
+    torch.Tensor or tuple of torch.Tensor or TokenStats
+        ``target_ids.shape`` float32 log-probabilities (float64 for float64 logits), and the
         entropies when asked. Both require grad when ``logits`` does (outside ``no_grad``).
+        With ``return_sum_pi_squared`` or ``topk``: a :class:`TokenStats`
+        ``(logprobs, entropy, sum_pi_squared, topk_logprobs, topk_ids)``, None where not asked.
+
+    Notes
+    -----
+    Multi-target ids and the statistics are computed by the chunked torch path on every device
+    (:mod:`rspo_kernels.loss.token_stats`): one pass over the logits in row chunks, no
+    ``(tokens x vocab)`` buffer, the statistics adding ``O(tokens x topk)``. Under ``tp_group``
+    they are exact (merged across the vocabulary slices; top-k by an all-gather of each rank's
+    candidates).
 
     Raises
     ------
@@ -93,8 +129,10 @@ def token_logprobs(
     tensor([-0.6931, -0.1269])
     """
     _checks.check_logits("logits", logits)
-    _checks.check_ids(target_ids, tuple(logits.shape[:-1]), logits.device)
+    K = check_target_ids(target_ids, tuple(logits.shape[:-1]), logits.device)
     return_entropy = _checks.check_flag("return_entropy", return_entropy)
+    return_sum_pi_squared = _checks.check_flag("return_sum_pi_squared", return_sum_pi_squared)
+    softcap = check_softcap(logit_softcap)
     temperature = LossOptions(temperature=temperature).temperature
     if cu_seqlens is not None:
         if logits.dim() != 2:
@@ -102,12 +140,35 @@ def token_logprobs(
         _checks.check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device)
     shard = vocab_shard(tp_group, vocab_start, vocab_size, False, logits.shape[-1])
     _checks.check_ids_in_range(target_ids, id_bound(vocab_size, tp_group, logits.shape[-1]), None)
+    topk = check_topk(topk, topk_bound(vocab_size, tp_group, logits.shape[-1]))
     logits3 = logits.unsqueeze(0) if logits.dim() == 2 else logits
+    shape = tuple(target_ids.shape)
+    if K is not None or return_sum_pi_squared or topk is not None:
+        token_shape = tuple(logits.shape[:-1])
+        ids2 = target_ids.reshape(-1, K or 1).long()
+        live = torch.ones(ids2.shape[0], dtype=torch.bool, device=ids2.device)
+        stats = token_stats(
+            logits3,
+            ids2,
+            live,
+            temperature=temperature,
+            with_entropy=return_entropy,
+            sum_pi2=return_sum_pi_squared,
+            topk=topk,
+            softcap=softcap,
+            shard=shard,
+        )
+        stats = shape_stats(stats, shape, token_shape)
+        if return_sum_pi_squared or topk is not None:
+            return stats
+        if return_entropy:
+            assert stats.entropy is not None
+            return stats.logprobs, stats.entropy
+        return stats.logprobs
     ids = target_ids.reshape(-1).long()
     live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     fn = logprob_op(logits.device.type, logits.dtype, shard)
-    logp, entropy = fn(logits3, ids, live, temperature=temperature, with_entropy=return_entropy)
-    shape = tuple(target_ids.shape)
+    logp, entropy = fn(logits3, ids, live, temperature=temperature, with_entropy=return_entropy, softcap=softcap)
     if return_entropy:
         return logp.view(shape), entropy.view(shape)
     return logp.view(shape)
@@ -182,6 +243,7 @@ def rspo_loss(
     tp_group: Any = None,
     vocab_start: int = 0,
     vocab_size: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Fused clipped policy-gradient loss driven by RSPO weights.
 
@@ -242,6 +304,9 @@ def rspo_loss(
         Vocabulary-parallel logits (this rank's ``(..., V_local)`` slice) and padded vocabularies,
         as in :func:`token_logprobs`. The loss, the statistics and the gradient of the local slice
         equal the single-process ones; the backward needs no communication.
+    logit_softcap : float, optional
+        Final-logit soft-capping ``z -> c * tanh(z / c)`` before the temperature (Gemma 2/3's
+        ``final_logit_softcapping``), as in :func:`token_logprobs`; gradients include the cap's.
 
     Returns
     -------
@@ -312,6 +377,7 @@ def rspo_loss(
         tp_group=tp_group,
         vocab_start=vocab_start,
         vocab_size=vocab_size,
+        logit_softcap=logit_softcap,
     )
 
 
@@ -332,18 +398,20 @@ def rspo_loss_with_options(
     tp_group: Any = None,
     vocab_start: int = 0,
     vocab_size: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_loss` with its hyper-parameters in one :class:`LossOptions` (what ``RSPOLoss`` calls).
 
     ``chunk_rows`` (an int >= 1, or None) sets the rows per chunk of the chunked torch path
     (default: about 8 MiB of float32); the Triton and reference backends have no chunks and
-    ignore it. ``weights_per`` is :func:`rspo_loss`'s.
+    ignore it. ``weights_per`` and ``logit_softcap`` are :func:`rspo_loss`'s.
     """
     if not isinstance(options, LossOptions):
         raise TypeError(f"options must be a rspo_kernels.loss.LossOptions, got {type(options).__name__}")
     inplace_backward = _checks.check_flag("inplace_backward", inplace_backward)
     return_stats = _checks.check_flag("return_stats", return_stats)
     chunk_rows = _checks.check_block_size("chunk_rows", chunk_rows)
+    softcap = check_softcap(logit_softcap)
     shard = vocab_shard(tp_group, vocab_start, vocab_size, False, logits.shape[-1])
     _validate_loss_inputs(
         logits,
@@ -367,6 +435,7 @@ def rspo_loss_with_options(
         temperature=options.temperature,
         with_entropy=return_stats or options.entropy_coeff != 0.0,
         inplace_backward=bool(inplace_backward) and torch.is_grad_enabled(),
+        softcap=softcap,
     )
     return policy_loss(batch, logp, entropy, options, return_stats)
 
@@ -387,7 +456,7 @@ class RSPOLoss(nn.Module):
         Fixed keyword arguments of :func:`rspo_loss`: the :class:`LossOptions` fields
         (``temperature``, ``epsilon_low``, ``epsilon_high``, ``clip_ratio_c``, ``beta``,
         ``loss_agg_mode``, ``max_response_length``, ``entropy_coeff``) and ``inplace_backward``,
-        ``return_stats``.
+        ``return_stats``, ``logit_softcap``.
 
     Raises
     ------
@@ -436,6 +505,7 @@ class RSPOLoss(nn.Module):
         self.options = LossOptions(**{n: v for n, v in loss_kwargs.items() if n not in _CALL_KWARGS})
         self.inplace_backward = _checks.check_flag("inplace_backward", loss_kwargs.get("inplace_backward", False))
         self.return_stats = _checks.check_flag("return_stats", loss_kwargs.get("return_stats", False))
+        self.logit_softcap = check_softcap(loss_kwargs.get("logit_softcap"))
         self.loss_kwargs = dict(loss_kwargs)
         # One tiny group of zeros (valid for every objective) runs the estimator's own checks now,
         # so a combination it rejects fails here and not at the first training step.
@@ -535,4 +605,5 @@ class RSPOLoss(nn.Module):
             inplace_backward=self.inplace_backward,
             return_stats=self.return_stats,
             weights_per="sequence",
+            logit_softcap=self.logit_softcap,
         )

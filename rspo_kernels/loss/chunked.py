@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from rspo_kernels.loss.layout import compute_dtype
+from rspo_kernels.loss.softcap import scaled_logits
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -117,6 +118,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         with_entropy: bool,
         inplace_backward: bool,
         chunk_rows: int,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, V = logits.shape
         cdt = compute_dtype(logits.dtype)
@@ -125,7 +127,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         entropy = torch.zeros_like(logp) if with_entropy else logp.new_empty(0)
         for (rows,), r0, r1 in row_chunks((logits,), chunk_rows):
             # Read the caller's rows directly when no upcast or scaling is needed: one pass fewer.
-            x = rows if rows.dtype == cdt and temperature == 1.0 else rows.to(cdt) / temperature  # [n, V]
+            x, _ = scaled_logits(rows, temperature, softcap, cdt)  # [n, V]
             # One fused log_softmax is about 3x faster on CPU than logsumexp's max/sub/exp/sum passes.
             logsm = torch.log_softmax(x, dim=-1)  # [n, V]
             logp[r0:r1] = logsm.gather(1, safe[r0:r1].unsqueeze(-1)).squeeze(-1)
@@ -141,7 +143,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        logits, ids, live, temperature, with_entropy, inplace_backward, chunk_rows = inputs
+        logits, ids, live, temperature, with_entropy, inplace_backward, chunk_rows, softcap = inputs
         if not with_entropy:
             ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
@@ -149,6 +151,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         ctx.chunk_rows = chunk_rows
+        ctx.softcap = softcap
         ctx.consumed = False
 
     @staticmethod
@@ -169,8 +172,9 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             ctx.chunk_rows,
             ctx.inplace_backward,
             g_entropy=g_entropy,
+            softcap=ctx.softcap,
         )
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def logits_grad(
@@ -186,6 +190,7 @@ def logits_grad(
     g_entropy: torch.Tensor | None = None,
     mean_x: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``(g * onehot(ids) - p * (g + g_H * (x - E_p[x]))) / T`` chunk by chunk, in the logits' dtype.
 
@@ -199,6 +204,8 @@ def logits_grad(
     counter is bumped, so any other autograd node that saved them raises instead of reading the
     gradient); else it goes to ``out`` when given (a view into a larger gradient), or a new tensor.
     An id outside ``[0, V)`` adds no one-hot term (a vocabulary slice that does not hold it).
+    With ``softcap`` ``c``, ``x = c tanh(logits / c) / T`` and the result is multiplied by the
+    cap's derivative ``1 - tanh(logits / c)^2`` (:mod:`rspo_kernels.loss.softcap`).
     """
     V = logits.shape[-1]
     cdt = compute_dtype(logits.dtype)
@@ -224,13 +231,22 @@ def logits_grad(
             idx = torch.nonzero(nonzero).squeeze(-1)
             c_lse, c_gh, c_mu = (None if v is None else v[idx] for v in (c_lse, c_gh, c_mu))
             sub = _softmax_grad_rows(
-                rows.index_select(0, idx), c_g[idx], c_ids[idx], c_lse, temperature, cdt, c_gh, c_mu, c_hit[idx]
+                rows.index_select(0, idx),
+                c_g[idx],
+                c_ids[idx],
+                c_lse,
+                temperature,
+                cdt,
+                c_gh,
+                c_mu,
+                c_hit[idx],
+                softcap,
             )
             # After reading: with inplace, grad_rows are the logits.
             grad_rows.index_fill_(0, torch.nonzero(~nonzero).squeeze(-1), 0.0)
             grad_rows.index_copy_(0, idx, sub.to(grad_rows.dtype))
             continue
-        blk = _softmax_grad_rows(rows, c_g, c_ids, c_lse, temperature, cdt, c_gh, c_mu, c_hit)
+        blk = _softmax_grad_rows(rows, c_g, c_ids, c_lse, temperature, cdt, c_gh, c_mu, c_hit, softcap)
         blk.masked_fill_(~nonzero.unsqueeze(-1), 0.0)  # 0 * NaN of a dead row must not leak
         grad_rows.copy_(blk)
     if inplace:
@@ -248,12 +264,18 @@ def _softmax_grad_rows(
     gh: torch.Tensor | None = None,
     mean_x: torch.Tensor | None = None,
     hit: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``hit * onehot(ids) - p * (g + gh * (x - E_p[x]))`` for a block of rows, in a fresh ``cdt`` buffer.
 
-    ``hit`` is ``g`` where the row holds its id (the default), else 0.
+    ``hit`` is ``g`` where the row holds its id (the default), else 0. With ``softcap`` the
+    result is multiplied by the cap's derivative (the chain rule through ``x = cap(z) / T``).
     """
-    x = rows.to(cdt) / temperature if temperature != 1.0 else rows
+    d_cap = None
+    if softcap is None:
+        x = rows.to(cdt) / temperature if temperature != 1.0 else rows
+    else:
+        x, d_cap = scaled_logits(rows, temperature, softcap, cdt, with_grad=True)
     if lse is None:
         out = torch.softmax(x, dim=-1, dtype=cdt)
     else:
@@ -266,7 +288,8 @@ def _softmax_grad_rows(
         mu = torch.linalg.vecdot(out, dev) if mean_x is None else mean_x
         dev.sub_(mu.unsqueeze(-1)).mul_(gh.unsqueeze(-1)).add_(g.unsqueeze(-1))
         out.mul_(dev).neg_()
-    return out.scatter_add_(1, ids.unsqueeze(-1), (g if hit is None else hit).unsqueeze(-1))
+    out.scatter_add_(1, ids.unsqueeze(-1), (g if hit is None else hit).unsqueeze(-1))
+    return out if d_cap is None else out.mul_(d_cap)
 
 
 def check_inplace_backward_once(ctx: Any) -> None:
@@ -290,6 +313,7 @@ def fused_token_logprobs(
     with_entropy: bool,
     inplace_backward: bool = False,
     chunk_rows: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked log-probs of ``ids`` under ``softmax(logits / temperature)``; differentiable.
 
@@ -309,6 +333,9 @@ def fused_token_logprobs(
         Write the gradient over ``logits`` in backward (one backward only).
     chunk_rows : int, optional
         Rows per chunk; by default a float32 chunk is about 8 MiB.
+    softcap : float, optional
+        Final-logit soft-capping ``z -> c * tanh(z / c)`` before the temperature
+        (:mod:`rspo_kernels.loss.softcap`).
 
     Returns
     -------
@@ -326,5 +353,6 @@ def fused_token_logprobs(
         bool(with_entropy),
         bool(inplace_backward),
         int(chunk_rows or default_chunk_rows(logits.shape[-1])),
+        None if softcap is None else float(softcap),
     )
     return logp, (entropy if with_entropy else None)

@@ -31,6 +31,16 @@ from rspo_kernels.loss.layout import compute_dtype, token_batch
 from rspo_kernels.loss.linear_chunked import linear_token_logprobs
 from rspo_kernels.loss.options import LossOptions
 from rspo_kernels.loss.policy import policy_loss
+from rspo_kernels.loss.softcap import check_softcap
+from rspo_kernels.loss.token_stats import (
+    TokenStats,
+    check_target_ids,
+    check_topk,
+    linear_token_stats,
+    shape_stats,
+    token_stats,
+    topk_bound,
+)
 from rspo_kernels.loss.vocab_parallel import VocabShard, id_bound, vocab_shard
 
 __all__ = ["RSPOLinearLoss", "rspo_linear_loss", "rspo_linear_loss_with_options", "token_logprobs_linear"]
@@ -165,6 +175,7 @@ def _logprobs(
     chunk_rows: int | None,
     vocab_block: int | None,
     shard: VocabShard | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat ``(N,)`` log-probs (and entropies) of ``(B, T, H)`` hidden states, blocked or, when forced, unfused.
 
@@ -177,7 +188,7 @@ def _logprobs(
         def fused(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             w, b = _module_parts(module)
             _check_head(h, w, b)
-            return _logprobs(h, w, b, ids, live, temperature, with_entropy, chunk_rows, vocab_block, shard)
+            return _logprobs(h, w, b, ids, live, temperature, with_entropy, chunk_rows, vocab_block, shard, softcap)
 
         return forward_redirect(module, fused, hidden3)
     backend, reference = implementation("token_logprobs", hidden3.device.type, hidden3.dtype)
@@ -191,7 +202,7 @@ def _logprobs(
         # Dead rows may hold NaN: 0 * NaN in dW = G^T hidden would leak it, so they become zeros.
         h = torch.where(live.view(hidden3.shape[:-1]).unsqueeze(-1), hidden3, torch.zeros((), dtype=hidden3.dtype))
         logits = torch.nn.functional.linear(h.to(cdt), weight.to(cdt), None if bias is None else bias.to(cdt))
-        return reference(logits, ids, live, temperature=temperature, with_entropy=with_entropy)
+        return reference(logits, ids, live, temperature=temperature, with_entropy=with_entropy, softcap=softcap)
     return linear_token_logprobs(
         hidden3,
         weight,
@@ -203,7 +214,80 @@ def _logprobs(
         chunk_rows=chunk_rows,
         vocab_block=vocab_block,
         shard=shard,
+        softcap=softcap,
     )
+
+
+def _stats(
+    hidden3: torch.Tensor,
+    weight: Head,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    live: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    sum_pi2: bool,
+    topk: int | None,
+    softcap: float | None,
+    chunk_rows: int | None,
+    vocab_block: int | None,
+    shard: VocabShard | None,
+) -> TokenStats:
+    """Flat :class:`TokenStats` (multi-target ``(N, K)`` ids) of ``(B, T, H)`` hidden states; see :func:`_logprobs`."""
+    if isinstance(weight, nn.Module):
+        module = weight
+
+        def fused(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            w, b = _module_parts(module)
+            _check_head(h, w, b)
+            st = _stats(
+                h, w, b, ids, live, temperature, with_entropy, sum_pi2, topk, softcap, chunk_rows, vocab_block, shard
+            )
+            # Plain tensors through the module's forward (wrappers walk its outputs): None -> empty.
+            return tuple(h.new_empty(0) if v is None else v for v in st)
+
+        out = forward_redirect(module, fused, hidden3)
+        asked = _asked(with_entropy, sum_pi2, topk)
+        return TokenStats(*(v if a else None for v, a in zip(out, asked, strict=True)))
+    backend, _ = implementation("token_logprobs", hidden3.device.type, hidden3.dtype)
+    if backend == "reference":
+        if shard is not None:
+            raise NotImplementedError(
+                "RSPO_KERNELS_BACKEND=reference computes one process's unfused logits: it does not support "
+                "tp_group, vocab_start or vocab_size. Unset it to use the fused-linear path."
+            )
+        cdt = compute_dtype(hidden3.dtype)
+        h = torch.where(live.view(hidden3.shape[:-1]).unsqueeze(-1), hidden3, torch.zeros((), dtype=hidden3.dtype))
+        logits = torch.nn.functional.linear(h.to(cdt), weight.to(cdt), None if bias is None else bias.to(cdt))
+        return token_stats(
+            logits,
+            ids,
+            live,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            sum_pi2=sum_pi2,
+            topk=topk,
+            softcap=softcap,
+        )
+    return linear_token_stats(
+        hidden3,
+        weight,
+        bias,
+        ids,
+        live,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        sum_pi2=sum_pi2,
+        topk=topk,
+        softcap=softcap,
+        shard=shard,
+        chunk_rows=chunk_rows,
+        vocab_block=vocab_block,
+    )
+
+
+def _asked(with_entropy: bool, sum_pi2: bool, topk: int | None) -> tuple[bool, ...]:
+    return (True, with_entropy, sum_pi2, topk is not None, topk is not None)
 
 
 def token_logprobs_linear(
@@ -221,7 +305,10 @@ def token_logprobs_linear(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     sequence_parallel: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    logit_softcap: float | None = None,
+    return_sum_pi_squared: bool = False,
+    topk: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | TokenStats:
     """Log-probabilities of ``target_ids`` under ``softmax((hidden @ W.T + bias) / temperature)``.
 
     The logits are computed block by block and never exist for all tokens at once. Unlike
@@ -241,7 +328,9 @@ def token_logprobs_linear(
         ``fully_shard``-ed or ZeRO-3 partitioned): the op then runs as that module's forward and
         the bias is the module's. Pass the module whenever the weight is sharded.
     target_ids : torch.Tensor
-        ``hidden.shape[:-1]`` integer ids in ``[0, V)`` (wherever ``mask`` is nonzero).
+        ``hidden.shape[:-1]`` integer ids in ``[0, V)`` (wherever ``mask`` is nonzero); or
+        ``hidden.shape[:-1] + (K,)`` multi-target ids, giving ``(..., K)`` differentiable log-probs
+        (as in :func:`rspo_kernels.token_logprobs`).
     bias : torch.Tensor, optional
         ``(V,)`` output bias, with a weight tensor only.
     temperature : float, default 1.0
@@ -269,12 +358,22 @@ def token_logprobs_linear(
     sequence_parallel : bool, default False
         Megatron's sequence parallelism: ``hidden`` is the all-gathered sequence, whose backward
         reduce-scatters; ``hidden``'s gradient is then returned unreduced (this slice's share).
+    logit_softcap : float, optional
+        Final-logit soft-capping ``z -> c * tanh(z / c)`` of ``z = hidden @ W.T + bias`` before the
+        temperature (Gemma 2/3), with its gradient; see :func:`rspo_kernels.token_logprobs`.
+    return_sum_pi_squared : bool, default False
+        Also return ``sum_v softmax(x)_v^2`` per token (detached).
+    topk : int, optional
+        Also return the ``topk`` largest log-probs per token and their (global) ids (detached).
 
     Returns
     -------
-    torch.Tensor or tuple of torch.Tensor
-        ``hidden.shape[:-1]`` float32 log-probabilities (float64 for float64 inputs), and the
-        entropies when asked.
+    torch.Tensor or tuple of torch.Tensor or TokenStats
+        ``target_ids.shape`` float32 log-probabilities (float64 for float64 inputs), and the
+        entropies when asked; with ``return_sum_pi_squared`` or ``topk`` a :class:`TokenStats`
+        (None where not asked; masked tokens hold 0 everywhere, ids included). Multi-target ids
+        and the statistics run one blocked pass of their own
+        (:class:`rspo_kernels.loss.token_stats.StatsLinearLogprobs`).
 
     Raises
     ------
@@ -306,23 +405,51 @@ def token_logprobs_linear(
     tensor([-0.6931, -0.1269], grad_fn=<ViewBackward0>)
     """
     _checks.check_logits("hidden", hidden)
-    _checks.check_ids(target_ids, tuple(hidden.shape[:-1]), hidden.device)
+    K = check_target_ids(target_ids, tuple(hidden.shape[:-1]), hidden.device)
     vocab = _check_lm_head(hidden, lm_head, bias)
     _check_blocks(chunk_rows, vocab_block)
     return_entropy = _checks.check_flag("return_entropy", return_entropy)
+    return_sum_pi_squared = _checks.check_flag("return_sum_pi_squared", return_sum_pi_squared)
+    softcap = check_softcap(logit_softcap)
     temperature = LossOptions(temperature=temperature).temperature
     if mask is not None:
         _checks.check_token_tensor("mask", mask, tuple(hidden.shape[:-1]), hidden.device, floating=False)
     V_local = vocab
     shard = vocab_shard(tp_group, vocab_start, vocab_size, sequence_parallel, V_local)
     _checks.check_ids_in_range(target_ids, id_bound(vocab_size, tp_group, V_local), mask)
+    topk = check_topk(topk, topk_bound(vocab_size, tp_group, V_local))
     hidden3 = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
-    ids = target_ids.reshape(-1).long()
-    live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else (mask != 0).reshape(-1)
-    logp, entropy = _logprobs(
-        hidden3, lm_head, bias, ids, live, temperature, return_entropy, chunk_rows, vocab_block, shard
-    )
     shape = tuple(target_ids.shape)
+    token_shape = tuple(hidden.shape[:-1])
+    n_tokens = hidden3.shape[0] * hidden3.shape[1]
+    live = torch.ones(n_tokens, dtype=torch.bool, device=hidden.device) if mask is None else (mask != 0).reshape(-1)
+    if K is not None or return_sum_pi_squared or topk is not None:
+        stats = _stats(
+            hidden3,
+            lm_head,
+            bias,
+            target_ids.reshape(n_tokens, K or 1).long(),
+            live,
+            temperature,
+            return_entropy,
+            return_sum_pi_squared,
+            topk,
+            softcap,
+            chunk_rows,
+            vocab_block,
+            shard,
+        )
+        stats = shape_stats(stats, shape, token_shape)
+        if return_sum_pi_squared or topk is not None:
+            return stats
+        if return_entropy:
+            assert stats.entropy is not None
+            return stats.logprobs, stats.entropy
+        return stats.logprobs
+    ids = target_ids.reshape(-1).long()
+    logp, entropy = _logprobs(
+        hidden3, lm_head, bias, ids, live, temperature, return_entropy, chunk_rows, vocab_block, shard, softcap
+    )
     if return_entropy:
         assert entropy is not None
         return logp.view(shape), entropy.view(shape)
@@ -356,6 +483,7 @@ def rspo_linear_loss(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     sequence_parallel: bool = False,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped RSPO policy loss from the last hidden states and the ``lm_head``, never building the logits.
 
@@ -397,6 +525,9 @@ def rspo_linear_loss(
         Vocabulary-parallel head and padded vocabularies, as in :func:`token_logprobs_linear`:
         the loss and every gradient equal the single-process ones (the weight's and bias's for this
         rank's rows).
+    logit_softcap : float, optional
+        Final-logit soft-capping ``z -> c * tanh(z / c)`` before the temperature (Gemma 2/3's
+        ``final_logit_softcapping``); gradients include the cap's ``1 - tanh(z / c)^2``.
 
     Returns
     -------
@@ -466,6 +597,7 @@ def rspo_linear_loss(
         vocab_start=vocab_start,
         vocab_size=vocab_size,
         sequence_parallel=sequence_parallel,
+        logit_softcap=logit_softcap,
     )
 
 
@@ -489,6 +621,7 @@ def rspo_linear_loss_with_options(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     sequence_parallel: bool = False,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_linear_loss` with its hyper-parameters in one :class:`LossOptions`.
 
@@ -500,6 +633,7 @@ def rspo_linear_loss_with_options(
     vocab = _check_lm_head(hidden, lm_head, bias)
     _check_blocks(chunk_rows, vocab_block)
     return_stats = _checks.check_flag("return_stats", return_stats)
+    softcap = check_softcap(logit_softcap)
     V_local = vocab
     shard = vocab_shard(tp_group, vocab_start, vocab_size, sequence_parallel, V_local)
     _validate_loss_inputs(
@@ -527,6 +661,7 @@ def rspo_linear_loss_with_options(
         chunk_rows,
         vocab_block,
         shard,
+        softcap,
     )
     return policy_loss(batch, logp, entropy, options, return_stats)
 
@@ -548,7 +683,7 @@ class RSPOLinearLoss(RSPOLoss):
     chunk_rows, vocab_block : int, optional
         Block shape of the logits (see :func:`rspo_linear_loss`).
     **loss_kwargs
-        The :class:`LossOptions` fields and ``return_stats``.
+        The :class:`LossOptions` fields, ``return_stats`` and ``logit_softcap``.
 
     Raises
     ------
@@ -631,4 +766,5 @@ class RSPOLinearLoss(RSPOLoss):
             chunk_rows=self.chunk_rows,
             vocab_block=self.vocab_block,
             weights_per="sequence",
+            logit_softcap=self.logit_softcap,
         )

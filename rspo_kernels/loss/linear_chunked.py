@@ -37,6 +37,7 @@ import torch
 
 from rspo_kernels.loss.chunked import check_backward_mode, entropy_grad
 from rspo_kernels.loss.layout import compute_dtype
+from rspo_kernels.loss.softcap import cap_, cap_derivative
 from rspo_kernels.loss.vocab_parallel import VocabShard, all_reduce_sum, combine_shards
 
 __all__ = ["DEFAULT_VOCAB_BLOCK", "LinearTokenLogprobs", "default_blocks", "linear_token_logprobs"]
@@ -101,12 +102,19 @@ def _rows(hidden: torch.Tensor, index: torch.Tensor | None, cdt: torch.dtype) ->
 
 
 def _block_logits(
-    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, temperature: float, cdt: torch.dtype
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    temperature: float,
+    cdt: torch.dtype,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """``(h w^T + b) / T``, ``[n, vb]`` in the compute dtype."""
+    """``cap(h w^T + b) / T``, ``[n, vb]`` in the compute dtype (``cap``: :mod:`rspo_kernels.loss.softcap`)."""
     x = _mm(h, w.t(), cdt)
     if b is not None:
         x.add_(b.to(cdt))
+    if softcap is not None:
+        cap_(x, softcap)
     if temperature != 1.0:
         x.div_(temperature)
     return x
@@ -154,6 +162,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         chunk_rows: int,
         vocab_block: int,
         shard: VocabShard | None = None,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = hidden.shape
         # A vocabulary shard: only its real rows enter the softmax, ids are global.
@@ -179,7 +188,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 b = None if bias is None else bias[v0:v1]
                 for r0 in range(0, n, chunk_rows):
                     r1 = min(r0 + chunk_rows, n)
-                    x = _block_logits(h[r0:r1], w, b, temperature, cdt)  # [n, vb]
+                    x = _block_logits(h[r0:r1], w, b, temperature, cdt, softcap)  # [n, vb]
                     local = act_ids[r0:r1] - v0
                     inside = (local >= 0) & (local < v1 - v0)
                     hit = x.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(-1)).squeeze(-1)
@@ -219,8 +228,9 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        hidden, weight, bias, ids, live, temperature, with_entropy, chunk_rows, vocab_block, shard = inputs
+        hidden, weight, bias, ids, live, temperature, with_entropy, chunk_rows, vocab_block, shard, softcap = inputs
         ctx.shard = shard
+        ctx.softcap = softcap
         _, lse, entropy = output
         ctx.mark_non_differentiable(*((lse,) if with_entropy else (lse, entropy)))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
@@ -260,7 +270,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         if need_b:
             grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=dev)
         if n == 0:
-            return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 7)
+            return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 8)
         act = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
         a_ids, a_lse, a_g = act(ids if shard is None else ids - shard.start), act(lse), act(g)
         a_gh = None if gh is None else act(gh)
@@ -284,7 +294,9 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 for r0 in range(0, n, ctx.chunk_rows):
                     r1 = min(r0 + ctx.chunk_rows, n)
                     c_g = a_g[r0:r1]
-                    x = _block_logits(h[r0:r1], w, b, temperature, cdt)  # [n, vb]
+                    x = _block_logits(h[r0:r1], w, b, temperature, cdt, ctx.softcap)  # [n, vb]
+                    # The cap's chain-rule factor, read before x becomes G in place.
+                    d_cap = None if ctx.softcap is None else cap_derivative(x, temperature, ctx.softcap)
                     if a_gh is None:
                         # G = g (onehot - softmax), in place.
                         x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))
@@ -301,6 +313,9 @@ class LinearTokenLogprobs(torch.autograd.Function):
                         local.clamp(0, v1 - v0 - 1).unsqueeze(-1),
                         torch.where(inside, c_g, torch.zeros((), dtype=cdt, device=dev)).unsqueeze(-1),
                     )
+                    if d_cap is not None:
+                        x.mul_(d_cap)
+                        del d_cap
                     if need_h:
                         _addmm(acc_h[r0:r1], x, w, cdt)
                     if need_w:
@@ -319,7 +334,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 flat.copy_(acc_h)
             else:
                 flat.index_copy_(0, index, acc_h.to(hidden.dtype))
-        return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 7)
+        return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 8)
 
 
 def linear_token_logprobs(
@@ -334,6 +349,7 @@ def linear_token_logprobs(
     chunk_rows: int | None = None,
     vocab_block: int | None = None,
     shard: VocabShard | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Blocked log-probs of ``ids`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
@@ -357,6 +373,9 @@ def linear_token_logprobs(
         ``weight`` holds a slice of a (possibly padded) vocabulary; ``ids`` are global
         (:mod:`rspo_kernels.loss.vocab_parallel`). Every rank of ``shard.group`` must call with the
         same ``hidden``, ``ids`` and ``live``.
+    softcap : float, optional
+        Final-logit soft-capping ``z -> c * tanh(z / c)`` before the temperature; the backward
+        multiplies each block's gradient by ``1 - tanh(z / c)^2``.
 
     Returns
     -------
@@ -379,5 +398,6 @@ def linear_token_logprobs(
         int(chunk_rows or d_rows),
         int(vocab_block or d_vb),
         shard,
+        None if softcap is None else float(softcap),
     )
     return logp, (entropy if with_entropy else None)

@@ -30,6 +30,7 @@ import torch
 
 from rspo_kernels.loss.layout import compute_dtype
 from rspo_kernels.loss.options import LOG_RATIO_CLAMP, LOSS_AGG_MODES, LossOptions
+from rspo_kernels.loss.softcap import scaled_logits
 
 __all__ = [
     "LOSS_AGG_MODES",
@@ -59,6 +60,7 @@ def token_logprobs_reference(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``log_softmax(logits / temperature)`` at ``target_ids`` (and the entropy), unfused.
 
@@ -72,6 +74,9 @@ def token_logprobs_reference(
         Divides the logits before the softmax.
     return_entropy : bool
         Also return the entropy of ``softmax(logits / temperature)``.
+    logit_softcap : float, optional
+        Gemma's final-logit soft-capping ``z -> c * tanh(z / c)``, applied before the temperature
+        (:mod:`rspo_kernels.loss.softcap`; ``-inf`` stays ``-inf``).
 
     Returns
     -------
@@ -80,7 +85,7 @@ def token_logprobs_reference(
         entropies when asked. Both differentiable (this is the specification).
     """
     V = logits.shape[-1]
-    x = logits.to(compute_dtype(logits.dtype)) / temperature
+    x, _ = scaled_logits(logits, temperature, logit_softcap, compute_dtype(logits.dtype))
     logp_all = torch.log_softmax(x, dim=-1)
     ids = target_ids.long()
     valid = (ids >= 0) & (ids < V)
@@ -101,12 +106,14 @@ def fused_token_logprobs_reference(
     with_entropy: bool,
     inplace_backward: bool = False,
     chunk_rows: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The contract of the fused log-prob backends, unfused (the ``reference`` backend).
 
     ``logits`` ``(B, T, V)``; ``ids`` and ``live`` ``(N,)``. Returns flat ``(N,)`` log-probs and
     entropies (or None), both differentiable; both are 0 at tokens that are not ``live``, and no
-    gradient reaches those rows. ``inplace_backward`` and ``chunk_rows`` are ignored.
+    gradient reaches those rows. ``softcap`` is the final-logit soft-capping constant (None: none).
+    ``inplace_backward`` and ``chunk_rows`` are ignored.
     """
     del inplace_backward, chunk_rows
     V = logits.shape[-1]
@@ -117,9 +124,11 @@ def fused_token_logprobs_reference(
     safe_ids = torch.where(live, ids, torch.zeros_like(ids))
     entropy: torch.Tensor | None = None
     if with_entropy:
-        logp, entropy = token_logprobs_reference(rows, safe_ids, temperature=temperature, return_entropy=True)
+        logp, entropy = token_logprobs_reference(
+            rows, safe_ids, temperature=temperature, return_entropy=True, logit_softcap=softcap
+        )
     else:
-        logp = token_logprobs_reference(rows, safe_ids, temperature=temperature)
+        logp = token_logprobs_reference(rows, safe_ids, temperature=temperature, logit_softcap=softcap)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(live, logp, zero)
     return logp, None if entropy is None else torch.where(live, entropy, zero)
@@ -266,6 +275,7 @@ def rspo_loss_reference(
     return_stats: bool = False,
     inplace_backward: bool = False,
     weights_per: str | None = None,
+    logit_softcap: float | None = None,
     **options: object,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped, weighted policy-gradient loss, unfused; same arguments as :func:`rspo_kernels.rspo_loss`.
@@ -273,7 +283,8 @@ def rspo_loss_reference(
     Packed ``(N, V)`` inputs are unpacked into a padded batch along ``cu_seqlens`` (a copy: this
     is the specification, not a fast path), so both layouts share one aggregation. With
     ``cu_seqlens``, ``S`` weights are one per sequence, also when ``S == N``, unless
-    ``weights_per="token"``. ``inplace_backward`` is ignored.
+    ``weights_per="token"``. ``logit_softcap`` caps the logits before the temperature.
+    ``inplace_backward`` is ignored.
     """
     del inplace_backward
     opts = LossOptions(**options)  # type: ignore[arg-type]
@@ -297,6 +308,7 @@ def rspo_loss_reference(
             old_logprobs=_unpack(old_logprobs, cu),
             ref_logprobs=_unpack(ref_logprobs, cu),
             return_stats=return_stats,
+            logit_softcap=logit_softcap,
             **kw,
         )
     B, T, V = logits.shape
@@ -309,6 +321,7 @@ def rspo_loss_reference(
         live.reshape(-1),
         temperature=opts.temperature,
         with_entropy=return_stats or opts.entropy_coeff != 0.0,
+        softcap=logit_softcap,
     )
     adv = weights.detach().to(cdt)
     adv = adv.unsqueeze(-1).expand(B, T) if adv.dim() == 1 else adv

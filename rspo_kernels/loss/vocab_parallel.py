@@ -42,6 +42,7 @@ from rspo_kernels.loss.chunked import (
     row_chunks,
 )
 from rspo_kernels.loss.layout import compute_dtype
+from rspo_kernels.loss.softcap import scaled_logits
 
 __all__ = [
     "ShardedTokenLogprobs",
@@ -196,6 +197,7 @@ class ShardedTokenLogprobs(torch.autograd.Function):
         inplace_backward: bool,
         chunk_rows: int,
         shard: VocabShard,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = logits.shape
         N, n_real = B * T, shard.n_real
@@ -210,7 +212,7 @@ class ShardedTokenLogprobs(torch.autograd.Function):
         mean_r = torch.zeros(N, dtype=cdt, device=dev) if with_entropy else None
         if n_real:
             for (rows,), r0, r1 in row_chunks((logits[..., :n_real],), chunk_rows):
-                x = rows.to(cdt) / temperature if temperature != 1.0 else rows.to(cdt)  # [n, V_real]
+                x, _ = scaled_logits(rows, temperature, softcap, cdt)  # [n, V_real]
                 lse_c = torch.logsumexp(x, dim=-1)
                 lse_r[r0:r1] = lse_c
                 target_r[r0:r1] = x.gather(1, safe[r0:r1].unsqueeze(-1)).squeeze(-1)
@@ -229,7 +231,7 @@ class ShardedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        logits, ids, live, temperature, with_entropy, inplace_backward, chunk_rows, shard = inputs
+        logits, ids, live, temperature, with_entropy, inplace_backward, chunk_rows, shard, softcap = inputs
         _, entropy, lse, mean = output
         ctx.mark_non_differentiable(*((lse, mean) if with_entropy else (entropy, lse, mean)))
         ctx.set_materialize_grads(False)
@@ -238,6 +240,7 @@ class ShardedTokenLogprobs(torch.autograd.Function):
         ctx.inplace_backward = inplace_backward
         ctx.chunk_rows = chunk_rows
         ctx.shard = shard
+        ctx.softcap = softcap
         ctx.consumed = False
 
     @staticmethod
@@ -268,10 +271,11 @@ class ShardedTokenLogprobs(torch.autograd.Function):
                 g_entropy=g_entropy,
                 mean_x=None if g_entropy is None else mean,
                 out=grad[..., :n_real],
+                softcap=ctx.softcap,
             )
         if ctx.inplace_backward:
             torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def sharded_token_logprobs(
@@ -284,6 +288,7 @@ def sharded_token_logprobs(
     shard: VocabShard,
     inplace_backward: bool = False,
     chunk_rows: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of global ``ids`` from this rank's ``(B, T, V_local)`` logits slice.
 
@@ -299,6 +304,7 @@ def sharded_token_logprobs(
         bool(inplace_backward),
         int(chunk_rows or default_chunk_rows(logits.shape[-1])),
         shard,
+        None if softcap is None else float(softcap),
     )
     return logp, (entropy if with_entropy else None)
 

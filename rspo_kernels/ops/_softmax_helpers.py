@@ -10,11 +10,37 @@ import triton.language as tl
 
 
 @triton.jit
-def load_scaled_block(p_row, o_v, V, inv_temperature):
-    """Load ``logits[o_v] / T`` as float32, ``-inf`` past the end of the vocabulary."""
+def tanh_exp(b_y):
+    """``tanh(y)`` from ``tl.exp`` alone (libdevice's tanh fails under the interpreter).
+
+    The sign-symmetric form ``sign(y) (1 - e) / (1 + e)``, ``e = exp(-2 |y|) <= 1``, never overflows.
+    """
+    b_e = tl.exp(-2.0 * tl.abs(b_y))
+    b_t = (1.0 - b_e) / (1.0 + b_e)
+    return tl.where(b_y < 0, -b_t, b_t)
+
+
+@triton.jit
+def softcap_block(b_z, softcap):
+    """``c * tanh(z / c)`` (Gemma's final-logit soft-capping); ``-inf`` (masking, past the end) stays ``-inf``."""
+    return tl.where(b_z == float("-inf"), b_z, softcap * tanh_exp(b_z / softcap))
+
+
+@triton.jit
+def softcap_grad_block(b_x, temperature_over_cap):
+    """``1 - tanh(z / c)^2`` from the capped, scaled ``x = c tanh(z / c) / T``; 0 where ``x = -inf``."""
+    b_t = b_x * temperature_over_cap
+    return tl.maximum(1.0 - b_t * b_t, 0.0)
+
+
+@triton.jit
+def load_scaled_block(p_row, o_v, V, inv_temperature, softcap, SOFTCAP: tl.constexpr):
+    """Load ``cap(logits[o_v]) / T`` as float32, ``-inf`` past the end of the vocabulary."""
     m_v = o_v < V
-    b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature  # [BV]
-    return b_x, m_v
+    b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)  # [BV]
+    if SOFTCAP:
+        b_z = softcap_block(b_z, softcap)
+    return b_z * inv_temperature, m_v
 
 
 @triton.jit

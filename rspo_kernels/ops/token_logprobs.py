@@ -43,6 +43,8 @@ from rspo_kernels.ops._softmax_helpers import (
     entropy_grad_block,
     load_scaled_block,
     lse_block_update,
+    softcap_block,
+    softcap_grad_block,
     softmax_grad_block,
 )
 
@@ -61,8 +63,10 @@ def _token_logprobs_fwd_kernel(
     stride_lb,
     stride_lt,
     inv_temperature,
+    softcap,
     V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
@@ -73,12 +77,15 @@ def _token_logprobs_fwd_kernel(
         b_s = 0.0
         b_t = 0.0
         for v0 in range(0, V, BLOCK_V):
-            b_x, _ = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
+            b_x, _ = load_scaled_block(p_row, v0 + o_v, V, inv_temperature, softcap, SOFTCAP)  # [BV]
             b_m, b_s, b_t = lse_block_update(b_m, b_s, b_t, b_x, WITH_ENTROPY)
         b_lse = b_m + tl.log(b_s)
         i_target = tl.load(p_ids + i_n)
         m_valid = (i_target >= 0) & (i_target < V)
-        b_xt = tl.load(p_row + tl.where(m_valid, i_target, 0)).to(tl.float32) * inv_temperature
+        b_zt = tl.load(p_row + tl.where(m_valid, i_target, 0)).to(tl.float32)
+        if SOFTCAP:
+            b_zt = softcap_block(b_zt, softcap)
+        b_xt = b_zt * inv_temperature
         # (x_t - m) - log(s), not x_t - lse: for a confident target the rounding of lse = m + log(s)
         # would swamp the small log-prob. An out-of-range id is a NaN log-prob on every backend.
         tl.store(p_logp + i_n, tl.where(m_valid, (b_xt - b_m) - tl.log(b_s), float("nan")))
@@ -107,8 +114,10 @@ def _token_logprobs_bwd_kernel(
     stride_gb,
     stride_gt,
     inv_temperature,
+    softcap,
     V: tl.constexpr,
     WITH_ENTROPY_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
@@ -132,7 +141,7 @@ def _token_logprobs_bwd_kernel(
         b_rest = 0.0  # 1 - p_target, summed off the target so that it keeps full relative precision
         b_ent_t = 0.0  # the entropy term at the target entry, kept when that entry is overwritten
         for v0 in range(0, V, BLOCK_V):
-            b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature)  # [BV]
+            b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature, softcap, SOFTCAP)  # [BV]
             m_t = v0 + o_v == i_target  # [BV]
             b_dx, b_off = softmax_grad_block(b_x, b_lse, m_t, b_g)  # [BV], scalar
             b_rest += b_off
@@ -140,13 +149,21 @@ def _token_logprobs_bwd_kernel(
                 b_de = entropy_grad_block(b_x, b_lse, b_mu, b_gh)  # [BV]
                 b_dx -= b_de
                 b_ent_t += tl.sum(tl.where(m_t, b_de, 0.0), axis=0)
+            if SOFTCAP:
+                # Chain rule through the cap: dx/dz = 1 - tanh(z / c)^2 (the target's entry gets
+                # its factor below, where it is rewritten).
+                b_dx = b_dx * softcap_grad_block(b_x, 1.0 / (inv_temperature * softcap))
             # Whole blocks under the vocabulary mask alone, so the stores stay 16-byte vector stores;
             # the target's entry (-p_t g here) is overwritten once the row is done.
             tl.store(p_grow + v0 + o_v, b_dx.to(p_dlogits.dtype.element_ty), mask=m_v)
         if (i_target >= 0) & (i_target < V):
+            b_dt = b_rest * b_g - b_ent_t
+            if SOFTCAP:
+                b_xt = softcap_block(tl.load(p_row + i_target).to(tl.float32), softcap) * inv_temperature
+                b_dt = b_dt * softcap_grad_block(b_xt, 1.0 / (inv_temperature * softcap))
             # Another thread may have stored the block holding the target: order its store first.
             tl.debug_barrier()
-            tl.store(p_grow + i_target, (b_rest * b_g - b_ent_t).to(p_dlogits.dtype.element_ty))
+            tl.store(p_grow + i_target, b_dt.to(p_dlogits.dtype.element_ty))
 
 
 LAUNCH_ENV = "RSPO_KERNELS_LOSS_LAUNCH"
@@ -170,7 +187,12 @@ def launch_config(vocab: int, device: torch.device) -> tuple[int, int]:
 
 
 def _launch_fwd(
-    logits: torch.Tensor, ids: torch.Tensor, live: torch.Tensor, temperature: float, with_entropy: bool
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    live: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, V = logits.shape
     N = B * T
@@ -191,8 +213,10 @@ def _launch_fwd(
             logits.stride(0),
             logits.stride(1),
             1.0 / temperature,
+            1.0 if softcap is None else softcap,
             V=V,
             WITH_ENTROPY=with_entropy,
+            SOFTCAP=softcap is not None,
             BLOCK_V=block_v,
             num_warps=num_warps,
         )
@@ -208,6 +232,7 @@ def _launch_bwd(
     temperature: float,
     g_entropy: torch.Tensor | None = None,
     mean_x: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> None:
     B, T, V = logits.shape
     if B * T == 0:
@@ -228,8 +253,10 @@ def _launch_bwd(
         dlogits.stride(0),
         dlogits.stride(1),
         1.0 / temperature,
+        1.0 if softcap is None else softcap,
         V=V,
         WITH_ENTROPY_GRAD=with_gh,
+        SOFTCAP=softcap is not None,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
@@ -251,18 +278,20 @@ class TritonTokenLogprobs(torch.autograd.Function):
         temperature: float,
         with_entropy: bool,
         inplace_backward: bool,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _launch_fwd(logits, ids, live, temperature, with_entropy)
+        return _launch_fwd(logits, ids, live, temperature, with_entropy, softcap)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        logits, ids, live, temperature, with_entropy, inplace_backward = inputs
+        logits, ids, live, temperature, with_entropy, inplace_backward, softcap = inputs
         _, lse, entropy = output
         ctx.mark_non_differentiable(*((lse,) if with_entropy else (lse, entropy)))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
         ctx.save_for_backward(logits, ids, live, lse, entropy)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
+        ctx.softcap = softcap
         ctx.consumed = False
 
     @staticmethod
@@ -289,8 +318,9 @@ class TritonTokenLogprobs(torch.autograd.Function):
                 ctx.inplace_backward,
                 g_entropy=g_entropy,
                 mean_x=mean_x,
+                softcap=ctx.softcap,
             )
-            return dlogits, None, None, None, None, None
+            return dlogits, None, None, None, None, None, None
         dlogits = (
             logits if ctx.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         )
@@ -298,10 +328,10 @@ class TritonTokenLogprobs(torch.autograd.Function):
         zero = torch.zeros((), device=g_logp.device)
         g = torch.where(live, g_logp.to(torch.float32), zero).contiguous()
         gh = None if g_entropy is None else torch.where(live, g_entropy.to(torch.float32), zero).contiguous()
-        _launch_bwd(logits, ids, lse, g, dlogits, ctx.temperature, gh, mean_x)
+        _launch_bwd(logits, ids, lse, g, dlogits, ctx.temperature, gh, mean_x, ctx.softcap)
         if ctx.inplace_backward:
             torch.autograd.graph.increment_version(logits)
-        return dlogits, None, None, None, None, None
+        return dlogits, None, None, None, None, None, None
 
 
 def fused_token_logprobs(
@@ -312,6 +342,7 @@ def fused_token_logprobs(
     temperature: float,
     with_entropy: bool,
     inplace_backward: bool = False,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton log-probs of ``ids``; the contract of :func:`rspo_kernels.loss.chunked.fused_token_logprobs`.
 
@@ -322,6 +353,12 @@ def fused_token_logprobs(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     logp, _, entropy = TritonTokenLogprobs.apply(
-        logits, ids.contiguous(), live.contiguous(), float(temperature), bool(with_entropy), bool(inplace_backward)
+        logits,
+        ids.contiguous(),
+        live.contiguous(),
+        float(temperature),
+        bool(with_entropy),
+        bool(inplace_backward),
+        None if softcap is None else float(softcap),
     )
     return logp, (entropy if with_entropy else None)
