@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,10 +22,14 @@ with warnings.catch_warnings():
     pytest.importorskip("verl")
     pytest.importorskip("cachetools", reason="verl's trainer imports cachetools (rspo_kernels[verl] installs it)")
     from omegaconf import OmegaConf
+    from tensordict import TensorDict
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from verl.models.transformers import dense_common
     from verl.models.transformers import monkey_patch as verl_monkey_patch
+    from verl.utils import tensordict_utils as tu
     from verl.utils import torch_functional as verl_F
+    from verl.utils.dataset.dataset_utils import DatasetPadMode
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
     from rspo_kernels.integrations import verl as rspo_verl  # noqa: F401  (the plugin: registers the backend)
     from rspo_kernels.integrations import verl_fused
@@ -32,6 +37,7 @@ with warnings.catch_warnings():
 import trainer_spawn
 
 V, H = 96, 16
+_HF_FORWARD = Qwen2ForCausalLM.forward  # before verl's class-level patch: the oracle's logits path
 TEMPERATURE = 0.7
 ENTROPY_COEFF = 0.05
 # Tolerances from the issue: the fused head against verl's unsharded paths.
@@ -214,29 +220,66 @@ def _trainer_config(**model):
     )
 
 
+def _distillation(loss_mode: str) -> dict:
+    return {"distillation": {"enabled": True, "distillation_loss": {"loss_mode": loss_mode}}}
+
+
 def test_config_checks_run_in_verls_validate_config():
     from verl.utils import config as verl_config
 
-    config = _trainer_config()
-    config.actor_rollout_ref.actor.calculate_sum_pi_squared = True
-    with pytest.raises(ValueError, match=r"actor_rollout_ref\.actor\.calculate_sum_pi_squared=False"):
+    config = OmegaConf.merge(_trainer_config(), _distillation("forward_kl_topk"))
+    with pytest.raises(ValueError, match=r"distillation\.distillation_loss\.loss_mode=forward_kl_topk needs them"):
         verl_config.validate_config(config, use_reference_policy=False, use_critic=False)
 
 
 @pytest.mark.parametrize(
-    ("actor", "match"),
+    ("extra", "match"),
     [
-        ({"strategy": "megatron"}, r"not actor_rollout_ref\.actor\.strategy=megatron.*strategy=fsdp2"),
-        ({"calculate_sum_pi_squared": True}, r"calculate_sum_pi_squared=True needs"),
+        ({"actor": {"strategy": "megatron"}}, r"not actor_rollout_ref\.actor\.strategy=megatron.*strategy=fsdp2"),
+        (_distillation("forward_kl_topk"), r"top-k distillation outputs \(fused_linear_aux\).*loss_mode=k3"),
     ],
 )
-def test_config_refusals_name_the_key(actor, match):
+def test_config_refusals_name_the_key(extra, match):
     config = _trainer_config()
-    config.actor_rollout_ref.actor.update(actor)
+    if "actor" in extra:
+        config.actor_rollout_ref.actor.update(extra["actor"])
+    else:
+        config = OmegaConf.merge(config, extra)
     with pytest.raises(ValueError, match=match):
         verl_fused.check_fused_config(config)
     config.actor_rollout_ref.model.fused_kernel_options.impl_backend = "torch"
     verl_fused.check_fused_config(config)  # only the rspo backend is ours to check
+
+
+def test_sum_pi_squared_and_non_topk_distillation_are_accepted():
+    config = _trainer_config()
+    config.actor_rollout_ref.actor.calculate_sum_pi_squared = True
+    config.algorithm.adv_estimator = "optimal_token_baseline"
+    verl_fused.check_fused_config(config)
+    verl_fused.check_fused_config(OmegaConf.merge(config, _distillation("k3")))
+
+
+def test_optimal_token_baseline_with_fused_rspo_passes_main_ppos_validation(capsys):
+    """The whole ``main_ppo`` configuration (verl's hydra defaults) with Σπ² on the rspo backend."""
+    from hydra import compose, initialize_config_module
+    from verl.trainer import main_ppo
+
+    overrides = [
+        "algorithm.adv_estimator=optimal_token_baseline",
+        "actor_rollout_ref.actor.calculate_sum_pi_squared=True",
+        "actor_rollout_ref.model.use_fused_kernels=True",
+        "actor_rollout_ref.model.fused_kernel_options.impl_backend=rspo",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2",
+        "trainer.n_gpus_per_node=1",
+    ]
+    with initialize_config_module("verl.trainer.config", version_base=None):
+        config = compose("ppo_trainer", overrides=overrides)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"verl\.")
+        main_ppo.validate_config(config=config, use_reference_policy=False, use_critic=False)
+    assert "All configuration checks passed" in capsys.readouterr().out
 
 
 def test_vision_language_model_is_refused_at_configuration_and_at_patch_time(tmp_path):
@@ -249,11 +292,191 @@ def test_vision_language_model_is_refused_at_configuration_and_at_patch_time(tmp
         _patched(model)
 
 
-def test_logit_softcapping_head_is_refused():
+@pytest.mark.parametrize(("name", "value"), [("logit_scale", 0.5), ("logits_scaling", 4.0)])
+def test_logit_scaling_heads_are_refused(name, value):
     model = _model(False, torch.float32)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0"):
+    setattr(model.config, name, value)
+    with pytest.raises(ValueError, match=rf"{name}={value}"):
         _patched(model)
+
+
+def test_non_positive_softcap_is_refused():
+    model = _model(False, torch.float32)
+    model.config.final_logit_softcapping = 0.0
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=0\.0.*positive number or null"):
+        _patched(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Σπ² (calculate_sum_pi_squared) through verl's FSDP engine: its prepare_model_inputs, the model's
+# forward and its prepare_model_outputs, as FSDPEngineWithLMHead.forward_step chains them; the oracle
+# is the same engine code with use_fused_kernels=False (Σπ² from the full logits).
+
+
+# verl's unfused path divides by the temperature as a float32 tensor, the fused one by the float:
+# a temperature exact in float32 keeps the float64 comparison at 1e-10.
+ENGINE_TEMPERATURE = 0.75
+
+
+def _unfused(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
+    """The model with HuggingFace's forward (logits), whatever verl's patch made of its class."""
+    model.forward = _HF_FORWARD.__get__(model)
+    return model
+
+
+def _engine(module: torch.nn.Module, sp_size: int = 1):
+    """An ``FSDPEngineWithLMHead`` holding ``module``, with the attributes its two methods read (its
+    ``__init__`` builds a whole worker: configs, device mesh, optimizer)."""
+    engine = object.__new__(FSDPEngineWithLMHead)
+    engine.module = module
+    engine.use_ulysses_sp = sp_size > 1
+    engine.ulysses_sequence_parallel_size = sp_size
+    engine.pad_to_length = None
+    engine.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    engine.compute_entropy_from_logits = verl_F.entropy_from_logits
+    return engine
+
+
+def _micro_batch(lengths: list[int], seed: int, fused: bool, remove_padding: bool = True, **flags):
+    """verl's micro-batch: nested (jagged) input_ids / position_ids and the engine's non-tensor flags."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, V, (n,), generator=g) for n in lengths]
+    nested = {
+        "input_ids": torch.nested.nested_tensor(ids, layout=torch.jagged),
+        "position_ids": torch.nested.nested_tensor([torch.arange(n) for n in lengths], layout=torch.jagged),
+    }
+    batch = TensorDict(nested, batch_size=[len(lengths)])
+    settings = {"calculate_entropy": True, "calculate_sum_pi_squared": True} | flags
+    tu.assign_non_tensor(
+        batch,
+        temperature=ENGINE_TEMPERATURE,
+        use_remove_padding=remove_padding,
+        pad_mode=DatasetPadMode.NO_PADDING,
+        use_fused_kernels=fused,
+        **settings,
+    )
+    return batch
+
+
+def _engine_outputs(engine, batch) -> dict:
+    """``forward_step``'s three calls (it also moves the batch to the accelerator and autocasts)."""
+    model_inputs, output_args = engine.prepare_model_inputs(micro_batch=batch)
+    output = engine.module(**model_inputs, use_cache=False)
+    return engine.prepare_model_outputs(
+        output=output, output_args=output_args, micro_batch=batch, logits_processor_func=None
+    )
+
+
+def _check_engine_outputs(mine: dict, theirs: dict, dtype: torch.dtype, what: str, last_labels: bool = True) -> None:
+    """``last_labels=False``: skip each sequence's last log-prob, whose label is not the same token on
+    verl's two padded paths (the fused forward rolls each padded row, the logits path the packed stream);
+    it predicts nothing in the response."""
+    assert set(mine) == set(theirs) == {"log_probs", "entropy", "sum_pi_squared"}, (set(mine), set(theirs))
+    for key in theirs:
+        assert mine[key].is_nested and mine[key].offsets().equal(theirs[key].offsets()), key
+        keep = torch.ones(mine[key].values().shape[0], dtype=torch.bool)
+        if key == "log_probs" and not last_labels:
+            keep[mine[key].offsets()[1:] - 1] = False
+        _check_close(f"{what} {key}", mine[key].values()[keep], theirs[key].values()[keep], dtype)
+
+
+@pytest.mark.parametrize("remove_padding", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sum_pi_squared_through_verls_engine_matches_its_unfused_path(dtype, remove_padding):
+    ref = _model(False, dtype)
+    model = _patched(copy.deepcopy(ref), remove_padding=remove_padding)
+    lengths = [5, 7, 4]
+    layout = {"remove_padding": remove_padding}
+    mine = _engine_outputs(_engine(model), _micro_batch(lengths, 3, fused=True, **layout))
+    theirs = _engine_outputs(_engine(_unfused(ref)), _micro_batch(lengths, 3, fused=False, **layout))
+    _check_engine_outputs(mine, theirs, dtype, f"{dtype} remove_padding={remove_padding}", remove_padding)
+    # The Σπ² of a distribution lies in [1/V, 1]: a check that does not lean on the oracle.
+    values = mine["sum_pi_squared"].values()
+    assert bool(((values >= 1 / V - 1e-12) & (values <= 1)).all())
+
+
+def test_sum_pi_squared_is_computed_only_when_verl_asks():
+    model = _patched(_model(False, torch.float64))
+    batch = _micro_batch([4, 6], 5, fused=True, calculate_sum_pi_squared=False)
+    engine = _engine(model)
+    model_inputs, _ = engine.prepare_model_inputs(micro_batch=batch)
+    assert "return_sum_pi_squared" not in model_inputs
+    assert engine.module(**model_inputs, use_cache=False).sum_pi_squared is None
+    assert set(_engine_outputs(engine, batch)) == {"log_probs", "entropy"}
+    # Another backend keeps verl's own refusal.
+    torch_backend = _model(False, torch.float64)
+    verl_monkey_patch.apply_monkey_patch(torch_backend, use_fused_kernels=True, fused_kernels_backend="torch")
+    with pytest.raises(NotImplementedError, match="calculate_sum_pi_squared=True is not supported"):
+        _engine_outputs(_engine(torch_backend), _micro_batch([4, 6], 5, fused=True))
+
+
+def test_topk_distillation_is_refused_in_the_engine():
+    model = _patched(_model(False, torch.float64))
+    batch = _micro_batch([4, 6], 5, fused=True, distillation_use_topk=True, calculate_sum_pi_squared=False)
+    with pytest.raises(ValueError, match=r"distillation_use_topk=True needs them.*loss_mode=k3"):
+        _engine_outputs(_engine(model), batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Soft-capped heads: a tiny Gemma 2 against its own logits path.
+
+SOFTCAP = 1.5  # small, so that the cap changes the logits of this tiny model substantially
+
+
+def _gemma2(dtype: torch.dtype):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=SOFTCAP,
+        attn_logit_softcapping=None,  # lets sdpa run the attention
+        tie_word_embeddings=False,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    model = Gemma2ForCausalLM(config)
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # raw logits of a few units: the cap bites
+    return model.to(dtype)
+
+
+@pytest.fixture
+def gemma2_forward():
+    """Gemma 2's own forward, restored after verl's class-level patch."""
+    from transformers import Gemma2ForCausalLM
+
+    forward = Gemma2ForCausalLM.forward
+    yield forward
+    Gemma2ForCausalLM.forward = forward
+
+
+def test_softcapped_gemma2_matches_its_own_logits_path(gemma2_forward):
+    dtype = torch.float64
+    batch = _packed([6, 5], seed=7)
+    ref = _gemma2(dtype)
+    model = _patched(copy.deepcopy(ref))
+    out = _call(model, batch)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    logits = gemma2_forward(ref, **inputs).logits  # capped by Gemma 2's own forward
+    with torch.no_grad():
+        raw = ref.lm_head(ref.model(**inputs).last_hidden_state)
+    assert raw.abs().max() > 2 * SOFTCAP > 2 * logits.abs().max().item() - SOFTCAP
+    logits = logits / TEMPERATURE  # verl's logits path: the model's logits, then the temperature
+    logp = verl_F.logprobs_from_logits(logits, batch["shift_labels"])
+    ent = verl_F.entropy_from_logits(logits)
+    torch.testing.assert_close(out.log_probs, logp, **TOL[dtype])
+    torch.testing.assert_close(out.entropy, ent, **TOL[dtype])
+    _loss(out.log_probs, out.entropy, 7).backward()
+    _loss(logp, ent, 7).backward()
+    mine, theirs = _grads(model), _grads(ref)
+    for name, g in theirs.items():
+        torch.testing.assert_close(mine[name], g, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,13 +559,38 @@ def _sequence_split(rank: int, world: int, tied: bool) -> None:
         ulysses.set_ulysses_sequence_parallel_group(None)
 
 
+def _engine_sum_pi_squared(rank: int, world: int) -> None:
+    """verl's engine on FSDP2: data parallel (each rank its micro-batch) and Ulysses (one micro-batch
+    split across the ranks at a sequence boundary, gathered by the engine), against the engine's
+    unfused path on the unsharded model."""
+    from verl.utils import ulysses
+
+    for dtype, tied in ((torch.float64, False), (torch.float64, True), (torch.float32, False)):
+        ref = _model(tied, dtype)
+        model = _fsdp2(_patched(copy.deepcopy(ref)), world, reshard=True)
+        lengths, seed = DP_BATCHES[rank]
+        mine = _engine_outputs(_engine(model), _micro_batch(lengths, seed, fused=True))
+        theirs = _engine_outputs(_engine(_unfused(ref)), _micro_batch(lengths, seed, fused=False))
+        _check_engine_outputs(mine, theirs, dtype, f"data parallel rank {rank} {dtype} tied={tied}")
+    ulysses.set_ulysses_sequence_parallel_group(torch.distributed.group.WORLD)
+    try:
+        ref = _model(False, torch.float64)
+        model = _fsdp2(_patched(copy.deepcopy(ref)), world, reshard=True)
+        mine = _engine_outputs(_engine(model, sp_size=world), _micro_batch([6, 6], 21, fused=True))
+    finally:
+        ulysses.set_ulysses_sequence_parallel_group(None)
+    theirs = _engine_outputs(_engine(_unfused(ref)), _micro_batch([6, 6], 21, fused=False))
+    _check_engine_outputs(mine, theirs, torch.float64, f"ulysses rank {rank}")
+
+
 def _all_scenarios(rank: int, world: int) -> None:
     warnings.filterwarnings("ignore")
     for dtype, tied, reshard in SCENARIOS:
         _data_parallel(rank, world, dtype, tied, reshard)
     for tied in (False, True):
         _sequence_split(rank, world, tied)
+    _engine_sum_pi_squared(rank, world)
 
 
 def test_fsdp2_data_parallel_and_sequence_split_match_one_process():
-    trainer_spawn.run(_all_scenarios, 2, timeout=150)
+    trainer_spawn.run(_all_scenarios, 2, timeout=300)
