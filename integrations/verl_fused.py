@@ -3,7 +3,7 @@
 ::
 
     actor_rollout_ref.model.use_fused_kernels=True \\
-    +actor_rollout_ref.model.fused_kernel_options.impl_backend=rspo
+    actor_rollout_ref.model.fused_kernel_options.impl_backend=rspo
 
 verl builds every actor and reference model through
 ``verl.models.transformers.monkey_patch.apply_monkey_patch``, which ends with
