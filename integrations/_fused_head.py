@@ -55,14 +55,17 @@ def head_stats(
         ``labels.shape`` tensors; ``entropy`` / ``sum_pi_squared`` None unless asked for.
     """
     labels = labels.long()
-    extra: dict[str, object] = {}
-    if sum_pi_squared:
-        extra["return_sum_pi_squared"] = True
-    if logit_softcap is not None:
-        extra["logit_softcap"] = logit_softcap
-    out = rk.token_logprobs_linear(hidden, head, labels, temperature=temperature, return_entropy=entropy, **extra)
-    if sum_pi_squared:
-        return HeadStats(out.logprobs, out.entropy, out.sum_pi_squared)  # type: ignore[union-attr]
+    out = rk.token_logprobs_linear(
+        hidden,
+        head,
+        labels,
+        temperature=temperature,
+        return_entropy=entropy,
+        return_sum_pi_squared=sum_pi_squared,
+        logit_softcap=logit_softcap,
+    )
+    if isinstance(out, rk.TokenStats):
+        return HeadStats(out.logprobs, out.entropy, out.sum_pi_squared)
     if entropy:
         assert isinstance(out, tuple)
         return HeadStats(out[0], out[1], None)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import numbers
 import os
 from typing import Any
@@ -110,9 +111,12 @@ def _check_text_config(config: Any, source: str) -> None:
                 f"set {USE_KEY}=False for this model",
             )
     cap = get(_SOFTCAP)
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not cap > 0):
+    if cap is not None and (
+        isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not (math.isfinite(cap) and float(cap) > 0)
+    ):
         raise _refusal(
-            f"soft-caps the logits as c * tanh(z / c), which needs c > 0, but {source} sets {_SOFTCAP}={cap!r}",
+            f"soft-caps the logits as c * tanh(z / c), which needs a finite c > 0, but {source} sets "
+            f"{_SOFTCAP}={cap!r}",
             f"set {_SOFTCAP} to a positive number or null",
         )
 
