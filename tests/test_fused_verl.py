@@ -292,6 +292,15 @@ def test_vision_language_model_is_refused_at_configuration_and_at_patch_time(tmp
         _patched(model)
 
 
+def test_model_path_config_accepts_a_softcap_and_refuses_a_scaling(tmp_path):
+    config = {"model_type": "gemma2", "final_logit_softcapping": 30.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    verl_fused.check_fused_config(_trainer_config(path=str(tmp_path)))
+    (tmp_path / "config.json").write_text(json.dumps(config | {"logit_scale": 0.0625}))
+    with pytest.raises(ValueError, match=r"sets logit_scale=0\.0625; set actor_rollout_ref\.model\.use_fused_kernels"):
+        verl_fused.check_fused_config(_trainer_config(path=str(tmp_path)))
+
+
 @pytest.mark.parametrize(("name", "value"), [("logit_scale", 0.5), ("logits_scaling", 4.0)])
 def test_logit_scaling_heads_are_refused(name, value):
     model = _model(False, torch.float32)
