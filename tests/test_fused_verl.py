@@ -404,6 +404,43 @@ def test_sum_pi_squared_through_verls_engine_matches_its_unfused_path(dtype, rem
     assert bool(((values >= 1 / V - 1e-12) & (values <= 1)).all())
 
 
+def test_optimal_token_baseline_advantages_from_the_fused_engine_equal_the_unfused_ones():
+    """The trainer's path after ``compute_log_prob``: ``no_padding_2_padding`` of the engine's
+    ``log_probs`` and ``sum_pi_squared`` (as ``_compute_old_log_prob`` does), then verl's
+    ``optimal_token_baseline`` estimator, with Σπ² from each engine path."""
+    import numpy as np
+    from verl.trainer.ppo import core_algos
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    prompts, responses = [3, 2, 4, 3], [4, 5, 2, 4]
+    ref = _model(False, torch.float64)
+    model = _patched(copy.deepcopy(ref))
+    advantages = []
+    for module, fused in ((model, True), (_unfused(ref), False)):
+        batch = _micro_batch([p + r for p, r in zip(prompts, responses, strict=True)], 8, fused=fused)
+        ids = batch["input_ids"].unbind()
+        batch["prompts"] = torch.nested.nested_tensor(
+            [i[:p] for i, p in zip(ids, prompts, strict=True)], layout=torch.jagged
+        )
+        batch["responses"] = torch.nested.nested_tensor(
+            [i[p:] for i, p in zip(ids, prompts, strict=True)], layout=torch.jagged
+        )
+        out = _engine_outputs(_engine(module), batch)
+        old_log_probs = no_padding_2_padding(out["log_probs"], batch)
+        sum_pi_squared = no_padding_2_padding(out["sum_pi_squared"], batch)
+        assert sum_pi_squared.shape == (len(prompts), max(responses))
+        mask = (torch.arange(max(responses)) < torch.tensor(responses).unsqueeze(1)).to(torch.float64)
+        rewards = torch.zeros_like(mask)
+        last = torch.tensor(responses) - 1
+        rewards[torch.arange(len(responses)), last] = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+        adv, _ = core_algos.compute_optimal_token_baseline_advantage(
+            rewards, mask, np.array(["a", "a", "b", "b"]), old_log_probs, sum_pi_squared
+        )
+        advantages.append(adv)
+    assert advantages[1].abs().max() > 0.1  # the baseline is not trivial here
+    _check_close("optimal_token_baseline advantages", advantages[0], advantages[1], torch.float64)
+
+
 def test_sum_pi_squared_is_computed_only_when_verl_asks():
     model = _patched(_model(False, torch.float64))
     batch = _micro_batch([4, 6], 5, fused=True, calculate_sum_pi_squared=False)
