@@ -6,7 +6,9 @@ Modules, in dependency order: :mod:`~rspo_kernels.loss.options` (the hyper-param
 (the CPU fused log-probs), :mod:`~rspo_kernels.loss.policy` (log-probs to loss, shared by every
 fast path) and :mod:`~rspo_kernels.loss.api` (the public functions). The Triton op lives in
 :mod:`rspo_kernels.ops.token_logprobs`; :mod:`~rspo_kernels.loss.vocab_parallel` merges the
-statistics of vocabulary slices held by tensor-parallel ranks.
+statistics of vocabulary slices held by tensor-parallel ranks. :mod:`~rspo_kernels.loss.softcap` is
+the final-logit soft-capping every backend applies, and :mod:`~rspo_kernels.loss.token_stats` the
+per-token statistics (sum pi^2, top-k) and multi-target log-probs.
 """
 
 from rspo_kernels.loss import chunked as _chunked  # noqa: F401  (the CPU backend: pure torch, import it now)

@@ -143,7 +143,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        logits, ids, live, temperature, with_entropy, inplace_backward, chunk_rows, softcap = inputs
+        logits, ids, live, temperature, with_entropy, inplace_backward, chunk_rows = inputs[:7]
+        softcap = inputs[7] if len(inputs) > 7 else None  # a caller that predates the cap passes 7
         if not with_entropy:
             ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it

@@ -247,8 +247,14 @@ def _stats(
             return tuple(h.new_empty(0) if v is None else v for v in st)
 
         out = forward_redirect(module, fused, hidden3)
-        asked = _asked(with_entropy, sum_pi2, topk)
-        return TokenStats(*(v if a else None for v, a in zip(out, asked, strict=True)))
+        _, e_ok, q_ok, k_ok, _ = _asked(with_entropy, sum_pi2, topk)
+        return TokenStats(
+            out[0],
+            out[1] if e_ok else None,
+            out[2] if q_ok else None,
+            out[3] if k_ok else None,
+            out[4] if k_ok else None,
+        )
     backend, _ = implementation("token_logprobs", hidden3.device.type, hidden3.dtype)
     if backend == "reference":
         if shard is not None:

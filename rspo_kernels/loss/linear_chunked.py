@@ -228,7 +228,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        hidden, weight, bias, ids, live, temperature, with_entropy, chunk_rows, vocab_block, shard, softcap = inputs
+        hidden, weight, bias, ids, live, temperature, with_entropy, chunk_rows, vocab_block, shard = inputs[:10]
+        softcap = inputs[10] if len(inputs) > 10 else None  # a caller that predates the cap passes 10
         ctx.shard = shard
         ctx.softcap = softcap
         _, lse, entropy = output

@@ -269,15 +269,18 @@ def _finish(
         lse = lse_r
     nan = torch.full((), float("nan"), dtype=cdt, device=dev)
     logp = torch.where(live2, torch.where(found > 0, target - lse.unsqueeze(-1), nan), zero)
-    empty = logp.new_empty(0)
-    entropy = torch.where(live, lse - mean, zero) if (with_entropy and mean is not None) else empty
-    sum_pi2 = empty if q is None else torch.where(live, q, zero)
+
+    def empty() -> torch.Tensor:  # one per output: an autograd.Function must not return one tensor twice
+        return logp.new_empty(0)
+
+    entropy = torch.where(live, lse - mean, zero) if (with_entropy and mean is not None) else empty()
+    sum_pi2 = empty() if q is None else torch.where(live, q, zero)
     if vals is not None and idx is not None:
         topk_logp = torch.where(live2, vals - lse.unsqueeze(-1), zero)
         topk_ids = torch.where(live2, idx, torch.zeros((), dtype=idx.dtype, device=dev))
     else:
-        topk_logp, topk_ids = empty, torch.empty(0, dtype=torch.long, device=dev)
-    return logp, entropy, sum_pi2, topk_logp, topk_ids, lse, (empty if mean is None else mean)
+        topk_logp, topk_ids = empty(), torch.empty(0, dtype=torch.long, device=dev)
+    return logp, entropy, sum_pi2, topk_logp, topk_ids, lse, (empty() if mean is None else mean)
 
 
 def _grad_block(

@@ -231,7 +231,8 @@ class ShardedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        logits, ids, live, temperature, with_entropy, inplace_backward, chunk_rows, shard, softcap = inputs
+        logits, ids, live, temperature, with_entropy, inplace_backward, chunk_rows, shard = inputs[:8]
+        softcap = inputs[8] if len(inputs) > 8 else None  # a caller that predates the cap passes 8
         _, entropy, lse, mean = output
         ctx.mark_non_differentiable(*((lse, mean) if with_entropy else (entropy, lse, mean)))
         ctx.set_materialize_grads(False)

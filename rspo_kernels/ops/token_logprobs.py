@@ -140,6 +140,7 @@ def _token_logprobs_bwd_kernel(
         i_target = tl.load(p_ids + i_n)
         b_rest = 0.0  # 1 - p_target, summed off the target so that it keeps full relative precision
         b_ent_t = 0.0  # the entropy term at the target entry, kept when that entry is overwritten
+        b_cap_t = 0.0  # the cap's derivative at the target, read before the row is overwritten (inplace)
         for v0 in range(0, V, BLOCK_V):
             b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature, softcap, SOFTCAP)  # [BV]
             m_t = v0 + o_v == i_target  # [BV]
@@ -150,17 +151,18 @@ def _token_logprobs_bwd_kernel(
                 b_dx -= b_de
                 b_ent_t += tl.sum(tl.where(m_t, b_de, 0.0), axis=0)
             if SOFTCAP:
-                # Chain rule through the cap: dx/dz = 1 - tanh(z / c)^2 (the target's entry gets
-                # its factor below, where it is rewritten).
-                b_dx = b_dx * softcap_grad_block(b_x, 1.0 / (inv_temperature * softcap))
+                # Chain rule through the cap: dx/dz = 1 - tanh(z / c)^2. The target's factor is kept
+                # for its entry, rewritten below (with inplace_backward the logits are gone by then).
+                b_dcap = softcap_grad_block(b_x, 1.0 / (inv_temperature * softcap))  # [BV]
+                b_dx = b_dx * b_dcap
+                b_cap_t += tl.sum(tl.where(m_t, b_dcap, 0.0), axis=0)
             # Whole blocks under the vocabulary mask alone, so the stores stay 16-byte vector stores;
             # the target's entry (-p_t g here) is overwritten once the row is done.
             tl.store(p_grow + v0 + o_v, b_dx.to(p_dlogits.dtype.element_ty), mask=m_v)
         if (i_target >= 0) & (i_target < V):
             b_dt = b_rest * b_g - b_ent_t
             if SOFTCAP:
-                b_xt = softcap_block(tl.load(p_row + i_target).to(tl.float32), softcap) * inv_temperature
-                b_dt = b_dt * softcap_grad_block(b_xt, 1.0 / (inv_temperature * softcap))
+                b_dt = b_dt * b_cap_t
             # Another thread may have stored the block holding the target: order its store first.
             tl.debug_barrier()
             tl.store(p_grow + i_target, b_dt.to(p_dlogits.dtype.element_ty))
@@ -284,7 +286,8 @@ class TritonTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        logits, ids, live, temperature, with_entropy, inplace_backward, softcap = inputs
+        logits, ids, live, temperature, with_entropy, inplace_backward = inputs[:6]
+        softcap = inputs[6] if len(inputs) > 6 else None  # a caller that predates the cap passes 6
         _, lse, entropy = output
         ctx.mark_non_differentiable(*((lse,) if with_entropy else (lse, entropy)))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
