@@ -67,8 +67,13 @@ USE_KEY = "actor_rollout_ref.model.use_fused_kernels"
 BACKEND_KEY = "actor_rollout_ref.model.fused_kernel_options.impl_backend"
 _SELECTED = f"{USE_KEY}=True with {BACKEND_KEY}={BACKEND}"
 _FSDP_STRATEGIES = ("fsdp", "fsdp2")
-# Config attributes with which a model's logits are not ``hidden @ W.T + b`` (the soft-cap is served).
-_HEAD_SCALING = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+# Config attributes with which a model's logits are not ``hidden @ W.T + b`` and that are not served.
+_HEAD_SCALING = ("output_multiplier", "lm_head_multiplier")
+# Served through the temperature, ``(z * s) / T = z / (T / s)``: the factor ``s`` each one means.
+_LOGIT_FACTORS = {
+    "logit_scale": lambda value: value,  # Cohere, Cohere2: logits * logit_scale
+    "logits_scaling": lambda value: 1.0 / value,  # Granite: logits / logits_scaling
+}
 _SOFTCAP = "final_logit_softcapping"  # Gemma 2/3: logits = c * tanh(z / c), before verl's temperature
 _SUM_PI_SQUARED_KEY = "actor_rollout_ref.actor.calculate_sum_pi_squared"
 _TOPK_KEY = "distillation.distillation_loss.loss_mode"
@@ -106,27 +111,47 @@ def _check_text_config(config: Any, source: str) -> None:
         value = get(name)
         if value not in (None, 1.0):
             raise _refusal(
-                f"computes hidden @ lm_head.weight.T (+ bias), soft-capped by {_SOFTCAP}, but {source} sets "
-                f"{name}={value!r}",
+                f"computes hidden @ lm_head.weight.T (+ bias), scaled by {' or '.join(_LOGIT_FACTORS)} or "
+                f"soft-capped by {_SOFTCAP}, but {source} sets {name}={value!r}",
                 f"set {USE_KEY}=False for this model",
             )
-    cap = get(_SOFTCAP)
-    if cap is not None and (
-        isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not (math.isfinite(cap) and float(cap) > 0)
-    ):
+    served: dict[str, Any] = {name: get(name) for name in (*_LOGIT_FACTORS, _SOFTCAP) if get(name) is not None}
+    for name, value in served.items():
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and float(value) > 0):
+            raise _refusal(
+                f"reads {name} as a factor of the logits (or the c of c * tanh(z / c)), which needs a finite "
+                f"positive number, but {source} sets {name}={value!r}",
+                f"set {name} to a positive number or null",
+            )
+    if len(served) > 1:
         raise _refusal(
-            f"soft-caps the logits as c * tanh(z / c), which needs a finite c > 0, but {source} sets "
-            f"{_SOFTCAP}={cap!r}",
-            f"set {_SOFTCAP} to a positive number or null",
+            f"serves one of {', '.join(served)} on a head, but {source} sets {len(served)} of them",
+            f"set {USE_KEY}=False for this model",
         )
 
 
+def _text_attribute(config: Any, name: str) -> Any:
+    """``config.name``, or ``config.text_config.name`` when the first is unset."""
+    value = getattr(config, name, None)
+    if value is None and getattr(config, "text_config", None) is not None:
+        value = getattr(config.text_config, name, None)
+    return value
+
+
 def _logit_softcap(config: Any) -> float | None:
-    """``final_logit_softcapping`` of an HF config (or of its ``text_config``); None when the head is not capped."""
-    cap = getattr(config, _SOFTCAP, None)
-    if cap is None and getattr(config, "text_config", None) is not None:
-        cap = getattr(config.text_config, _SOFTCAP, None)
+    """``final_logit_softcapping`` of an HF config; None when the head is not capped."""
+    cap = _text_attribute(config, _SOFTCAP)
     return None if cap is None else float(cap)
+
+
+def _logit_factor(config: Any) -> float:
+    """The constant the model multiplies its logits by (:data:`_LOGIT_FACTORS`); 1.0 for none."""
+    for name, factor in _LOGIT_FACTORS.items():
+        value = _text_attribute(config, name)
+        if value is not None:
+            return float(factor(float(value)))
+    return 1.0
 
 
 def check_fused_config(config: Any) -> None:
@@ -319,7 +344,7 @@ def forward_with_rspo_backend(
         hidden,
         self.get_output_embeddings(),
         rolled,
-        _scalar_temperature(temperature),
+        _scalar_temperature(temperature) / _logit_factor(self.config),  # (z * s) / T = z / (T / s)
         entropy=True,
         sum_pi_squared=return_sum_pi_squared,
         logit_softcap=_logit_softcap(self.config),

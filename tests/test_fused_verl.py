@@ -292,27 +292,33 @@ def test_vision_language_model_is_refused_at_configuration_and_at_patch_time(tmp
         _patched(model)
 
 
-def test_model_path_config_accepts_a_softcap_and_refuses_a_scaling(tmp_path):
+def test_model_path_config_accepts_a_softcap_and_refuses_a_multiplier(tmp_path):
     config = {"model_type": "gemma2", "final_logit_softcapping": 30.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
     verl_fused.check_fused_config(_trainer_config(path=str(tmp_path)))
-    (tmp_path / "config.json").write_text(json.dumps(config | {"logit_scale": 0.0625}))
-    with pytest.raises(ValueError, match=r"sets logit_scale=0\.0625; set actor_rollout_ref\.model\.use_fused_kernels"):
+    (tmp_path / "config.json").write_text(json.dumps(config | {"lm_head_multiplier": 0.5}))
+    with pytest.raises(
+        ValueError, match=r"sets lm_head_multiplier=0\.5; set actor_rollout_ref\.model\.use_fused_kernels"
+    ):
         verl_fused.check_fused_config(_trainer_config(path=str(tmp_path)))
 
 
-@pytest.mark.parametrize(("name", "value"), [("logit_scale", 0.5), ("logits_scaling", 4.0)])
-def test_logit_scaling_heads_are_refused(name, value):
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"lm_head_multiplier": 2.0}, r"sets lm_head_multiplier=2\.0; set .*use_fused_kernels=False"),
+        ({"output_multiplier": 0.5}, r"sets output_multiplier=0\.5"),
+        ({"final_logit_softcapping": 0.0}, r"final_logit_softcapping=0\.0; set final_logit_softcapping to a positive"),
+        ({"logit_scale": -1.0}, r"logit_scale=-1\.0; set logit_scale to a positive number or null"),
+        ({"logits_scaling": float("inf")}, r"logits_scaling=inf"),
+        ({"logit_scale": 0.5, "final_logit_softcapping": 30.0}, r"serves one of logit_scale, final_logit_softcapping"),
+    ],
+)
+def test_heads_it_cannot_serve_are_refused(settings, match):
     model = _model(False, torch.float32)
-    setattr(model.config, name, value)
-    with pytest.raises(ValueError, match=rf"{name}={value}"):
-        _patched(model)
-
-
-def test_non_positive_softcap_is_refused():
-    model = _model(False, torch.float32)
-    model.config.final_logit_softcapping = 0.0
-    with pytest.raises(ValueError, match=r"final_logit_softcapping=0\.0.*positive number or null"):
+    for name, value in settings.items():
+        setattr(model.config, name, value)
+    with pytest.raises(ValueError, match=match):
         _patched(model)
 
 
@@ -464,55 +470,67 @@ def test_topk_distillation_is_refused_in_the_engine():
 
 
 # ----------------------------------------------------------------------------------------------
-# Soft-capped heads: a tiny Gemma 2 against its own logits path.
+# Heads that transform the logits: tiny random Gemma 2 (soft-cap), Cohere (logit_scale) and Granite
+# (logits_scaling) against their own forward's logits, then verl's temperature.
 
-SOFTCAP = 1.5  # small, so that the cap changes the logits of this tiny model substantially
+SOFTCAP = 1.5  # small, so that the cap changes the logits of these tiny models substantially
+HEADS = {
+    # family: (config class, model class, the head's setting)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": SOFTCAP, "head_dim": 8}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.3}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 3.0}),
+}
 
 
-def _gemma2(dtype: torch.dtype):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+@pytest.fixture(params=sorted(HEADS))
+def head_family(request):
+    """(family, its model class); the class's own forward is restored after verl's class-level patch."""
+    import transformers
 
+    config_name, model_name, settings = HEADS[request.param]
+    cls = getattr(transformers, model_name)
+    forward = cls.forward
+    yield request.param, getattr(transformers, config_name), cls, settings, forward
+    cls.forward = forward
+
+
+def _head_model(config_cls, model_cls, settings, dtype):
     torch.manual_seed(0)
-    config = Gemma2Config(
+    config = config_cls(
         vocab_size=V,
         hidden_size=H,
         intermediate_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=8,
-        final_logit_softcapping=SOFTCAP,
-        attn_logit_softcapping=None,  # lets sdpa run the attention
         tie_word_embeddings=False,
         use_cache=False,
         attn_implementation="sdpa",
+        **settings,
     )
-    model = Gemma2ForCausalLM(config)
+    if hasattr(config, "attn_logit_softcapping"):
+        config.attn_logit_softcapping = None  # lets sdpa run Gemma 2's attention
+    model = model_cls(config)
     torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # raw logits of a few units: the cap bites
     return model.to(dtype)
 
 
-@pytest.fixture
-def gemma2_forward():
-    """Gemma 2's own forward, restored after verl's class-level patch."""
-    from transformers import Gemma2ForCausalLM
-
-    forward = Gemma2ForCausalLM.forward
-    yield forward
-    Gemma2ForCausalLM.forward = forward
-
-
-def test_softcapped_gemma2_matches_its_own_logits_path(gemma2_forward):
+def test_heads_that_transform_the_logits_match_their_own_logits_path(head_family):
+    family, config_cls, model_cls, settings, own_forward = head_family
     dtype = torch.float64
     batch = _packed([6, 5], seed=7)
-    ref = _gemma2(dtype)
+    ref = _head_model(config_cls, model_cls, settings, dtype)
     model = _patched(copy.deepcopy(ref))
     out = _call(model, batch)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    logits = gemma2_forward(ref, **inputs).logits  # capped by Gemma 2's own forward
+    logits = own_forward(ref, **inputs).logits  # capped / scaled by the model's own forward
     with torch.no_grad():
         raw = ref.lm_head(ref.model(**inputs).last_hidden_state)
-    assert raw.abs().max() > 2 * SOFTCAP > 2 * logits.abs().max().item() - SOFTCAP
+    if family == "gemma2":
+        assert raw.abs().max() > 2 * SOFTCAP >= 2 * logits.abs().max()
+    else:  # the head's factor, seen in the model's own logits
+        factor = settings.get("logit_scale", 1 / settings.get("logits_scaling", 1.0))
+        torch.testing.assert_close(logits, raw * factor, **TOL[dtype])
     logits = logits / TEMPERATURE  # verl's logits path: the model's logits, then the temperature
     logp = verl_F.logprobs_from_logits(logits, batch["shift_labels"])
     ent = verl_F.entropy_from_logits(logits)
@@ -522,7 +540,7 @@ def test_softcapped_gemma2_matches_its_own_logits_path(gemma2_forward):
     _loss(logp, ent, 7).backward()
     mine, theirs = _grads(model), _grads(ref)
     for name, g in theirs.items():
-        torch.testing.assert_close(mine[name], g, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(mine[name], g, **TOL[dtype], msg=lambda m, name=name: f"{family} {name}: {m}")
 
 
 # ----------------------------------------------------------------------------------------------
