@@ -29,11 +29,15 @@ Also served:
   patches the engine's ``prepare_model_inputs`` / ``prepare_model_outputs`` (for the rspo forward
   only) to ask for it and to lay it out as verl does on its logits path.
 - soft-capped heads (``final_logit_softcapping``, Gemma 2/3): ``c * tanh(z / c)`` before the
-  temperature, as the model's own forward and verl's logits path compute it.
+  temperature, as the model's own forward and verl's logits path compute it;
+- heads that multiply the logits by a constant, ``s = logit_scale`` (Cohere, Cohere2) or
+  ``s = 1 / logits_scaling`` (Granite): the fused op runs at temperature ``T / s``, since
+  ``(z * s) / T = z / (T / s)``.
 
 Refused, naming the key: vision-language models, non-FSDP strategies (Megatron has its own fused
-path), heads that scale the logits (``logit_scale``, ``logits_scaling``, ``output_multiplier``,
-``lm_head_multiplier``), per-sample temperatures, and top-k distillation
+path), heads scaled by ``output_multiplier`` / ``lm_head_multiplier`` (no model to test them on),
+non-positive or non-finite head factors and soft-caps, a head that sets more than one of them,
+per-sample temperatures, and top-k distillation
 (``distillation.distillation_loss.loss_mode=forward_kl_topk``, ``distillation_use_topk``): verl's
 FSDP engine gives no fused backend the teacher's top-k ids (only its VeOmni engine does, to
 VeOmni's own kernel), so the ``fused_linear_aux`` outputs it would read cannot be formed here.
@@ -172,8 +176,9 @@ def check_fused_config(config: Any) -> None:
         loss (``distillation.distillation_loss.loss_mode=forward_kl_topk``), or a vision-language
         model or logit-scaling head at ``actor_rollout_ref.model.path`` (when the path is a local
         directory; otherwise :func:`check_model` refuses it when the model loads). Each message
-        names the key to change. ``actor_rollout_ref.actor.calculate_sum_pi_squared=True`` and
-        soft-capped heads (``final_logit_softcapping``) are served.
+        names the key to change. ``actor_rollout_ref.actor.calculate_sum_pi_squared=True``,
+        soft-capped heads (``final_logit_softcapping``) and heads scaled by ``logit_scale`` /
+        ``logits_scaling`` are served.
     """
     aro = _get(config, "actor_rollout_ref")
     model = _get(aro, "model") if aro is not None else None
@@ -225,8 +230,9 @@ def check_model(model: Any) -> None:
     Raises
     ------
     ValueError
-        A vision-language model, a head that scales the logits (or soft-caps them with a
-        ``final_logit_softcapping`` that is not positive), or a model without an ``lm_head``
+        A vision-language model, a head scaled by ``output_multiplier`` / ``lm_head_multiplier``, a
+        ``logit_scale`` / ``logits_scaling`` / ``final_logit_softcapping`` that is not a finite
+        positive number (or more than one of them), or a model without an ``lm_head``
         module of shape ``(V, H)``; the message names :data:`BACKEND_KEY`.
     """
     config = model.config
@@ -312,7 +318,8 @@ def forward_with_rspo_backend(
         labels, float32 (float64 for a float64 model), both differentiable in the backbone and the
         head; ``sum_pi_squared`` (same shape and dtype, detached) when asked for, else None. The
         logits are the model's own: ``hidden @ W.T (+ b)``, soft-capped when the config sets
-        ``final_logit_softcapping`` (Gemma 2/3), divided by the temperature.
+        ``final_logit_softcapping`` (Gemma 2/3) or scaled by ``logit_scale`` (Cohere) /
+        ``logits_scaling`` (Granite), divided by the temperature.
     """
     from verl.models.transformers.dense_common import forward_base_model
 
