@@ -32,15 +32,18 @@ Also served:
   temperature, as the model's own forward and verl's logits path compute it;
 - heads that multiply the logits by a constant, ``s = logit_scale`` (Cohere, Cohere2) or
   ``s = 1 / logits_scaling`` (Granite): the fused op runs at temperature ``T / s``, since
-  ``(z * s) / T = z / (T / s)``.
+  ``(z * s) / T = z / (T / s)``;
+- top-k distillation (``distillation.distillation_loss.loss_mode=forward_kl_topk``): verl's FSDP
+  engine reads a fused forward's ``fused_linear_aux`` but hands the teacher's top-k ids to no fused
+  backend; the engine patch passes them, the forward computes the student's log-probs at them in
+  the same pass as the labels', and ``prepare_model_outputs`` forms verl's ``distillation_losses``,
+  ``student_mass`` and ``teacher_mass`` from them.
 
 Refused, naming the key: vision-language models, non-FSDP strategies (Megatron has its own fused
 path), heads scaled by ``output_multiplier`` / ``lm_head_multiplier`` (no model to test them on),
 non-positive or non-finite head factors and soft-caps, a head that sets more than one of them,
-per-sample temperatures, and top-k distillation
-(``distillation.distillation_loss.loss_mode=forward_kl_topk``, ``distillation_use_topk``): verl's
-FSDP engine gives no fused backend the teacher's top-k ids (only its VeOmni engine does, to
-VeOmni's own kernel), so the ``fused_linear_aux`` outputs it would read cannot be formed here.
+per-sample temperatures, and top-k distillation on padded sequences
+(``actor_rollout_ref.model.use_remove_padding=False``, where verl does not read ``fused_linear_aux``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import json
 import math
 import numbers
 import os
+import types
 from typing import Any
 
 import torch
@@ -173,7 +177,8 @@ def check_fused_config(config: Any) -> None:
     ------
     ValueError
         ``actor_rollout_ref.actor.strategy`` other than ``fsdp`` / ``fsdp2``, a top-k distillation
-        loss (``distillation.distillation_loss.loss_mode=forward_kl_topk``), or a vision-language
+        loss (``distillation.distillation_loss.loss_mode=forward_kl_topk``) with
+        ``actor_rollout_ref.model.use_remove_padding=False``, or a vision-language
         model or logit-scaling head at ``actor_rollout_ref.model.path`` (when the path is a local
         directory; otherwise :func:`check_model` refuses it when the model loads). Each message
         names the key to change. ``actor_rollout_ref.actor.calculate_sum_pi_squared=True``,
@@ -194,7 +199,7 @@ def check_fused_config(config: Any) -> None:
     distillation = _get(config, "distillation")
     if distillation is not None and _get(distillation, "enabled", False):
         loss_mode = _get(_get(distillation, "distillation_loss") or {}, "loss_mode", "k3")
-        if _uses_topk(loss_mode):
+        if _uses_topk(loss_mode) and not _get(model, "use_remove_padding", True):
             raise _refusal(_TOPK_WHY.format(value=f"{_TOPK_KEY}={loss_mode}"), _TOPK_FIX)
     path = _get(model, "hf_config_path") or _get(model, "path")
     config_file = os.path.join(os.path.expanduser(str(path)), "config.json") if path else ""
@@ -203,13 +208,14 @@ def check_fused_config(config: Any) -> None:
             _check_text_config(json.load(f), f"actor_rollout_ref.model.path={path}")
 
 
-# verl's FSDP engine hands the teacher's top-k ids to no fused backend (only the VeOmni engine passes
-# them, to VeOmni's own kernel), so the distillation outputs cannot come from this forward.
+# verl's FSDP engine reads a fused forward's distillation outputs (fused_linear_aux) on packed
+# sequences only; on padded ones it would go on without them.
+_REMOVE_PADDING_KEY = "actor_rollout_ref.model.use_remove_padding"
 _TOPK_WHY = (
-    "does not compute verl's fused top-k distillation outputs (fused_linear_aux): verl's FSDP engine passes "
-    "the teacher's top-k ids to no fused backend, yet {value} needs them"
+    "serves verl's fused top-k distillation outputs (fused_linear_aux) on packed sequences only, which verl "
+    f"reads there only, but {{value}} runs with {_REMOVE_PADDING_KEY}=False"
 )
-_TOPK_FIX = f"choose a distillation loss without top-k (e.g. {_TOPK_KEY}=k3) or set {USE_KEY}=False"
+_TOPK_FIX = f"set {_REMOVE_PADDING_KEY}=True, or {USE_KEY}=False"
 
 
 def _uses_topk(loss_mode: Any) -> bool:
@@ -269,6 +275,8 @@ def _output_class() -> Any:
     @dataclasses.dataclass
     class CausalLMOutputForRSPO(CausalLMOutputForPPO):
         sum_pi_squared: torch.FloatTensor | None = None
+        teacher_topk_student_log_probs: torch.FloatTensor | None = None
+        fused_linear_aux: Any = None  # set by the engine patch from the field above
 
     return CausalLMOutputForRSPO
 
@@ -290,6 +298,7 @@ def forward_with_rspo_backend(
     temperature: float = 1.0,
     shift_labels: torch.LongTensor | None = None,
     return_sum_pi_squared: bool = False,
+    teacher_topk_ids: torch.LongTensor | None = None,
     **loss_kwargs: Any,
 ) -> Any:
     """verl's ``forward_with_torch_backend`` contract, with the head fused by rspo_kernels.
@@ -310,13 +319,19 @@ def forward_with_rspo_backend(
     return_sum_pi_squared : bool
         Also compute ``sum_v softmax(z / T)_v^2`` per token (verl's ``calculate_sum_pi_squared``);
         the engine patch of :func:`register` asks for it.
+    teacher_topk_ids : torch.LongTensor, optional
+        ``labels.shape + (K,)``: a teacher's top-k token ids (verl's top-k distillation; the engine
+        patch passes them). The student's log-probs at these ids, differentiable, are returned
+        as ``teacher_topk_student_log_probs``, from the same pass as the labels' (``K + 1``
+        targets per token).
 
     Returns
     -------
     CausalLMOutputForPPO
         verl's output class with one more field: ``log_probs`` and ``entropy`` shaped like the
         labels, float32 (float64 for a float64 model), both differentiable in the backbone and the
-        head; ``sum_pi_squared`` (same shape and dtype, detached) when asked for, else None. The
+        head; ``sum_pi_squared`` (same shape and dtype, detached) when asked for, else None;
+        ``teacher_topk_student_log_probs`` ``(..., K)`` with ``teacher_topk_ids``, else None. The
         logits are the model's own: ``hidden @ W.T (+ b)``, soft-capped when the config sets
         ``final_logit_softcapping`` (Gemma 2/3) or scaled by ``logit_scale`` (Cohere) /
         ``logits_scaling`` (Granite), divided by the temperature.
@@ -347,19 +362,24 @@ def forward_with_rspo_backend(
         rolled = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise RuntimeError("forward_with_rspo_backend needs labels, shift_labels or input_ids")
+    targets = rolled if teacher_topk_ids is None else torch.cat([rolled.unsqueeze(-1), teacher_topk_ids], dim=-1)
     stats = head_stats(
         hidden,
         self.get_output_embeddings(),
-        rolled,
+        targets,
         _scalar_temperature(temperature) / _logit_factor(self.config),  # (z * s) / T = z / (T / s)
         entropy=True,
         sum_pi_squared=return_sum_pi_squared,
         logit_softcap=_logit_softcap(self.config),
     )
+    log_probs, teacher_topk = stats.log_probs, None
+    if teacher_topk_ids is not None:
+        log_probs, teacher_topk = log_probs[..., 0], log_probs[..., 1:]
     return _output_class()(
-        log_probs=stats.log_probs,
+        log_probs=log_probs,
         entropy=stats.entropy,
         sum_pi_squared=stats.sum_pi_squared,
+        teacher_topk_student_log_probs=teacher_topk,
         past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
@@ -391,14 +411,61 @@ def _rspo_serves(engine: Any, micro_batch: Any) -> bool:
     return backend == BACKEND and _flag(micro_batch, "use_fused_kernels", False)
 
 
+def _local_tokens(engine: Any, nested: torch.Tensor) -> torch.Tensor:
+    """A nested ``(B, j, K)`` teacher tensor as the packed ``(1, local tokens, K)`` this rank's forward
+    sees: Ulysses-sliced along the tokens as verl slices ``input_ids`` (padded to a multiple of
+    the group), as verl's VeOmni engine slices the same tensors."""
+    packed = nested.values().unsqueeze(0)
+    if getattr(engine, "use_ulysses_sp", False):
+        from verl.utils.ulysses import slice_input_tensor
+
+        packed = slice_input_tensor(packed, dim=1, padding=True)
+    return packed
+
+
 def _patch_prepare_model_inputs(original: Any) -> Any:
     def prepare_model_inputs(self, micro_batch):
         model_inputs, output_args = original(self, micro_batch)
-        if _rspo_serves(self, micro_batch) and _flag(micro_batch, "calculate_sum_pi_squared", False):
-            model_inputs["return_sum_pi_squared"] = True  # a keyword of forward_with_rspo_backend
+        if not _rspo_serves(self, micro_batch):
+            return model_inputs, output_args
+        if _flag(micro_batch, "calculate_sum_pi_squared", False):
+            model_inputs["return_sum_pi_squared"] = True  # keywords of forward_with_rspo_backend
+        if _flag(micro_batch, "distillation_use_topk", False):
+            if not _flag(micro_batch, "use_remove_padding", True):
+                raise _refusal(_TOPK_WHY.format(value="distillation_use_topk=True"), _TOPK_FIX)
+            model_inputs["teacher_topk_ids"] = _local_tokens(self, micro_batch["teacher_ids"]).long()
         return model_inputs, output_args
 
     return prepare_model_inputs
+
+
+def _topk_distillation(output: Any, micro_batch: Any, engine: Any, loss_function: Any) -> Any:
+    """verl's top-k distillation outputs (``distillation_losses``, ``student_mass``, ``teacher_mass``)
+    from the student's log-probs at the teacher's top-k ids, as verl's FSDP
+    ``compute_forward_kl_topk`` forms them from the logits (its test is the parity check): the masses
+    before, the KL (verl's ``kl_divergence``) after clamping both log-probs at
+    ``distillation.distillation_loss.log_prob_min_clamp``."""
+    from verl.trainer.distillation.fsdp.losses import kl_divergence
+
+    student = output.teacher_topk_student_log_probs
+    # The engine's worker builds its loss as partial(distillation_ppo_loss, config=..., distillation_config=...).
+    config = getattr(loss_function, "keywords", {}).get("distillation_config")
+    if student is None or config is None:
+        raise RuntimeError(
+            f"{_SELECTED}: top-k distillation needs the teacher's ids in the forward and verl's "
+            "distillation_config in the engine's loss function; got "
+            f"{'no' if student is None else 'the'} student log-probs and loss function {loss_function!r}"
+        )
+    teacher = _local_tokens(engine, micro_batch["teacher_logprobs"])
+    student_mass, teacher_mass = student.exp().sum(dim=-1), teacher.exp().sum(dim=-1)
+    clamp = config.distillation_loss.log_prob_min_clamp
+    if clamp is not None:
+        student, teacher = student.clamp_min(clamp), teacher.clamp_min(clamp)
+    return types.SimpleNamespace(
+        distillation_losses=kl_divergence(log_q=student, log_p=teacher),
+        student_mass=student_mass,
+        teacher_mass=teacher_mass,
+    )
 
 
 def _patch_prepare_model_outputs(original: Any) -> Any:
@@ -406,7 +473,7 @@ def _patch_prepare_model_outputs(original: Any) -> Any:
         if not _rspo_serves(self, micro_batch):
             return original(self, output, output_args, micro_batch, logits_processor_func)
         if _flag(micro_batch, "distillation_use_topk", False):
-            raise _refusal(_TOPK_WHY.format(value="distillation_use_topk=True"), _TOPK_FIX)
+            output.fused_linear_aux = _topk_distillation(output, micro_batch, self, logits_processor_func)
         if not _flag(micro_batch, "calculate_sum_pi_squared", False):
             return original(self, output, output_args, micro_batch, logits_processor_func)
         sum_pi_squared = getattr(output, "sum_pi_squared", None)
@@ -469,8 +536,9 @@ def register() -> None:
       ``sum_pi_squared`` and the second, instead of raising verl's ``NotImplementedError`` for
       fused kernels, runs verl's method without Σπ² and adds the forward's Σπ² laid out as verl
       lays out ``log_probs`` (gathered over Ulysses, unpadded, nested); with top-k distillation
-      (``distillation_use_topk``) it refuses, naming the key, where verl's method would go on
-      without the distillation outputs. Other backends and engines call verl's methods unchanged.
+      (``distillation_use_topk``) the first passes the teacher's ids to the forward and the second
+      sets the ``fused_linear_aux`` that verl's method reads. Other backends and engines call
+      verl's methods unchanged.
     """
     when_imported(
         _MONKEY_PATCH, lambda module: wrap(module, "patch_forward_with_backends", _patch_forward_with_backends)

@@ -227,8 +227,8 @@ def _distillation(loss_mode: str) -> dict:
 def test_config_checks_run_in_verls_validate_config():
     from verl.utils import config as verl_config
 
-    config = OmegaConf.merge(_trainer_config(), _distillation("forward_kl_topk"))
-    with pytest.raises(ValueError, match=r"distillation\.distillation_loss\.loss_mode=forward_kl_topk needs them"):
+    config = OmegaConf.merge(_trainer_config(use_remove_padding=False), _distillation("forward_kl_topk"))
+    with pytest.raises(ValueError, match=r"loss_mode=forward_kl_topk runs with .*use_remove_padding=False"):
         verl_config.validate_config(config, use_reference_policy=False, use_critic=False)
 
 
@@ -236,7 +236,10 @@ def test_config_checks_run_in_verls_validate_config():
     ("extra", "match"),
     [
         ({"actor": {"strategy": "megatron"}}, r"not actor_rollout_ref\.actor\.strategy=megatron.*strategy=fsdp2"),
-        (_distillation("forward_kl_topk"), r"top-k distillation outputs \(fused_linear_aux\).*loss_mode=k3"),
+        (
+            _distillation("forward_kl_topk") | {"actor_rollout_ref": {"model": {"use_remove_padding": False}}},
+            r"top-k distillation outputs \(fused_linear_aux\) on packed sequences.*use_remove_padding=True",
+        ),
     ],
 )
 def test_config_refusals_name_the_key(extra, match):
@@ -251,12 +254,13 @@ def test_config_refusals_name_the_key(extra, match):
     verl_fused.check_fused_config(config)  # only the rspo backend is ours to check
 
 
-def test_sum_pi_squared_and_non_topk_distillation_are_accepted():
+def test_sum_pi_squared_and_distillation_are_accepted():
     config = _trainer_config()
     config.actor_rollout_ref.actor.calculate_sum_pi_squared = True
     config.algorithm.adv_estimator = "optimal_token_baseline"
     verl_fused.check_fused_config(config)
-    verl_fused.check_fused_config(OmegaConf.merge(config, _distillation("k3")))
+    for loss_mode in ("k3", "forward_kl_topk"):
+        verl_fused.check_fused_config(OmegaConf.merge(config, _distillation(loss_mode)))
 
 
 def test_optimal_token_baseline_with_fused_rspo_passes_main_ppos_validation(capsys):
@@ -462,11 +466,89 @@ def test_sum_pi_squared_is_computed_only_when_verl_asks():
         _engine_outputs(_engine(torch_backend), _micro_batch([4, 6], 5, fused=True))
 
 
-def test_topk_distillation_is_refused_in_the_engine():
+# Top-k distillation: verl's unfused engine computes the outputs from the logits in its logits
+# processor, the loss function the worker builds (partial(distillation_ppo_loss, ...)); the clamp
+# (about log(1 / V)) cuts some of the log-probs.
+K_TEACHER = 8
+DISTILLATION_CONFIG = SimpleNamespace(
+    distillation_loss=SimpleNamespace(log_prob_min_clamp=-4.5, use_chunked_topk=False)
+)
+DISTILLATION_KEYS = ("distillation_losses", "student_mass", "teacher_mass")
+
+
+def _distillation_loss_function():
+    import functools
+
+    from verl.trainer.distillation import distillation_ppo_loss
+
+    return functools.partial(
+        distillation_ppo_loss, config=SimpleNamespace(strategy="fsdp2"), distillation_config=DISTILLATION_CONFIG
+    )
+
+
+def _with_teacher(batch, lengths: list[int], seed: int):
+    """A teacher's top-k ids and log-probs per token, nested like verl's ``teacher_ids`` / ``teacher_logprobs``."""
+    g = torch.Generator().manual_seed(500 + seed)
+    top = [(2 * torch.randn(n, V, generator=g, dtype=torch.float64)).log_softmax(-1).topk(K_TEACHER) for n in lengths]
+    batch["teacher_ids"] = torch.nested.nested_tensor([t.indices for t in top], layout=torch.jagged)
+    batch["teacher_logprobs"] = torch.nested.nested_tensor([t.values for t in top], layout=torch.jagged)
+    return batch
+
+
+def _distillation_outputs(engine, lengths, seed, fused):
+    batch = _micro_batch(lengths, seed, fused=fused, distillation_use_topk=True, calculate_sum_pi_squared=False)
+    batch = _with_teacher(batch, lengths, seed)
+    model_inputs, output_args = engine.prepare_model_inputs(micro_batch=batch)
+    output = engine.module(**model_inputs, use_cache=False)
+    return engine.prepare_model_outputs(output, output_args, batch, _distillation_loss_function())
+
+
+def _distillation_loss(out: dict, seed: int) -> torch.Tensor:
+    values = out["distillation_losses"].values()
+    adv, w = _weights(values.numel(), seed, values.dtype)
+    return (w * values).sum() - (adv * out["log_probs"].values()).sum()
+
+
+def test_topk_distillation_through_verls_engine_matches_its_unfused_path():
+    ref = _model(False, torch.float64)
+    model = _patched(copy.deepcopy(ref))
+    lengths = [5, 7, 4]
+    mine = _distillation_outputs(_engine(model), lengths, 4, fused=True)
+    theirs = _distillation_outputs(_engine(_unfused(ref)), lengths, 4, fused=False)
+    # The clamp bites on the student's and the teacher's side: some log-probs lie below it, some above.
+    batch = _with_teacher(_micro_batch(lengths, 4, fused=False), lengths, 4)
+    with torch.no_grad():
+        ids, pos = batch["input_ids"].values().unsqueeze(0), batch["position_ids"].values().unsqueeze(0)
+        logits = ref.lm_head(ref.model(input_ids=ids, position_ids=pos).last_hidden_state)[0] / ENGINE_TEMPERATURE
+    student = logits.log_softmax(-1).gather(-1, batch["teacher_ids"].values())
+    clamp = DISTILLATION_CONFIG.distillation_loss.log_prob_min_clamp
+    for side in (student, batch["teacher_logprobs"].values()):
+        assert bool((side < clamp).any()) and bool((side > clamp).any())
+    for key in ("log_probs", "entropy", *DISTILLATION_KEYS):
+        assert mine[key].is_nested and mine[key].offsets().equal(theirs[key].offsets()), key
+        _check_close(f"distillation {key}", mine[key].values(), theirs[key].values(), torch.float64)
+    _distillation_loss(mine, 4).backward()
+    _distillation_loss(theirs, 4).backward()
+    mine_grads, their_grads = _grads(model), _grads(ref)
+    for name, g in their_grads.items():
+        _check_close(f"distillation grad {name}", mine_grads[name], g, torch.float64)
+
+
+def test_topk_distillation_on_padded_sequences_is_refused_in_the_engine():
+    model = _patched(_model(False, torch.float64), remove_padding=False)
+    batch = _micro_batch([4, 6], 5, fused=True, remove_padding=False, distillation_use_topk=True)
+    with pytest.raises(ValueError, match=r"distillation_use_topk=True runs with .*use_remove_padding=False"):
+        _engine(model).prepare_model_inputs(micro_batch=_with_teacher(batch, [4, 6], 5))
+
+
+def test_topk_distillation_needs_verls_distillation_loss_function():
     model = _patched(_model(False, torch.float64))
     batch = _micro_batch([4, 6], 5, fused=True, distillation_use_topk=True, calculate_sum_pi_squared=False)
-    with pytest.raises(ValueError, match=r"distillation_use_topk=True needs them.*loss_mode=k3"):
-        _engine_outputs(_engine(model), batch)
+    engine = _engine(model)
+    model_inputs, output_args = engine.prepare_model_inputs(micro_batch=_with_teacher(batch, [4, 6], 5))
+    output = engine.module(**model_inputs, use_cache=False)
+    with pytest.raises(RuntimeError, match=r"distillation_config in the engine's loss function"):
+        engine.prepare_model_outputs(output, output_args, batch, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,6 +727,15 @@ def _engine_sum_pi_squared(rank: int, world: int) -> None:
         ulysses.set_ulysses_sequence_parallel_group(None)
     theirs = _engine_outputs(_engine(_unfused(ref)), _micro_batch([6, 6], 21, fused=False))
     _check_engine_outputs(mine, theirs, torch.float64, f"ulysses rank {rank}")
+    # Top-k distillation under Ulysses: the teacher's tensors sliced as the tokens, the outputs gathered.
+    ulysses.set_ulysses_sequence_parallel_group(torch.distributed.group.WORLD)
+    try:
+        mine = _distillation_outputs(_engine(model, sp_size=world), [6, 6], 22, fused=True)
+    finally:
+        ulysses.set_ulysses_sequence_parallel_group(None)
+    theirs = _distillation_outputs(_engine(ref), [6, 6], 22, fused=False)
+    for key in ("log_probs", "entropy", *DISTILLATION_KEYS):
+        _check_close(f"ulysses distillation {key} rank {rank}", mine[key].values(), theirs[key].values(), torch.float64)
 
 
 def _all_scenarios(rank: int, world: int) -> None:
