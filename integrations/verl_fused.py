@@ -433,6 +433,11 @@ def _patch_prepare_model_inputs(original: Any) -> Any:
         if _flag(micro_batch, "distillation_use_topk", False):
             if not _flag(micro_batch, "use_remove_padding", True):
                 raise _refusal(_TOPK_WHY.format(value="distillation_use_topk=True"), _TOPK_FIX)
+            missing = [key for key in ("teacher_ids", "teacher_logprobs") if key not in micro_batch.keys()]
+            if missing:
+                raise RuntimeError(
+                    f"{_SELECTED}: the micro-batch says distillation_use_topk=True but has no {' or '.join(missing)}"
+                )
             model_inputs["teacher_topk_ids"] = _local_tokens(self, micro_batch["teacher_ids"]).long()
         return model_inputs, output_args
 
@@ -441,10 +446,13 @@ def _patch_prepare_model_inputs(original: Any) -> Any:
 
 def _topk_distillation(output: Any, micro_batch: Any, engine: Any, loss_function: Any) -> Any:
     """verl's top-k distillation outputs (``distillation_losses``, ``student_mass``, ``teacher_mass``)
-    from the student's log-probs at the teacher's top-k ids, as verl's FSDP
-    ``compute_forward_kl_topk`` forms them from the logits (its test is the parity check): the masses
-    before, the KL (verl's ``kl_divergence``) after clamping both log-probs at
-    ``distillation.distillation_loss.log_prob_min_clamp``."""
+    from the student's log-probs at the teacher's top-k ids.
+
+    The definition is verl's ``verl.trainer.distillation.fsdp.losses.compute_forward_kl_topk``, which
+    forms them from the logits and against which tests/test_fused_verl.py checks these: the masses
+    ``sum_k exp(log p_k)`` first, then verl's ``kl_divergence`` after clamping both sides at
+    ``distillation.distillation_loss.log_prob_min_clamp``. Each is ``(1, local tokens)``.
+    """
     from verl.trainer.distillation.fsdp.losses import kl_divergence
 
     student = output.teacher_topk_student_log_probs
