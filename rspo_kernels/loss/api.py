@@ -10,7 +10,7 @@ loss in O(tokens) torch. Validation never reads tensor values from a GPU.
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -33,6 +33,74 @@ from rspo_kernels.loss.vocab_parallel import id_bound, logprob_op, vocab_shard
 __all__ = ["LOSS_AGG_MODES", "LossOptions", "TokenStats", "token_logprobs", "rspo_loss", "RSPOLoss"]
 
 _CALL_KWARGS = ("inplace_backward", "return_stats", "logit_softcap")
+
+
+@overload
+def token_logprobs(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    temperature: float = ...,
+    return_entropy: bool = ...,
+    cu_seqlens: torch.Tensor | None = ...,
+    tp_group: Any = ...,
+    vocab_start: int = ...,
+    vocab_size: int | None = ...,
+    logit_softcap: float | None = ...,
+    return_sum_pi_squared: Literal[False] = ...,
+    topk: None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def token_logprobs(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    temperature: float = ...,
+    return_entropy: bool = ...,
+    cu_seqlens: torch.Tensor | None = ...,
+    tp_group: Any = ...,
+    vocab_start: int = ...,
+    vocab_size: int | None = ...,
+    logit_softcap: float | None = ...,
+    return_sum_pi_squared: Literal[True],
+    topk: int | None = ...,
+) -> TokenStats: ...
+
+
+@overload
+def token_logprobs(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    temperature: float = ...,
+    return_entropy: bool = ...,
+    cu_seqlens: torch.Tensor | None = ...,
+    tp_group: Any = ...,
+    vocab_start: int = ...,
+    vocab_size: int | None = ...,
+    logit_softcap: float | None = ...,
+    return_sum_pi_squared: bool = ...,
+    topk: int,
+) -> TokenStats: ...
+
+
+@overload
+def token_logprobs(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    temperature: float = ...,
+    return_entropy: bool = ...,
+    cu_seqlens: torch.Tensor | None = ...,
+    tp_group: Any = ...,
+    vocab_start: int = ...,
+    vocab_size: int | None = ...,
+    logit_softcap: float | None = ...,
+    return_sum_pi_squared: bool = ...,
+    topk: int | None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | TokenStats: ...
 
 
 def token_logprobs(

@@ -18,7 +18,7 @@ parameters in forward and backward and reduce its gradients as they would for th
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias, overload
 
 import torch
 from torch import nn
@@ -294,6 +294,94 @@ def _stats(
 
 def _asked(with_entropy: bool, sum_pi2: bool, topk: int | None) -> tuple[bool, ...]:
     return (True, with_entropy, sum_pi2, topk is not None, topk is not None)
+
+
+@overload
+def token_logprobs_linear(
+    hidden: torch.Tensor,
+    lm_head: Head,
+    target_ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    temperature: float = ...,
+    return_entropy: bool = ...,
+    mask: torch.Tensor | None = ...,
+    chunk_rows: int | None = ...,
+    vocab_block: int | None = ...,
+    tp_group: Any = ...,
+    vocab_start: int = ...,
+    vocab_size: int | None = ...,
+    sequence_parallel: bool = ...,
+    logit_softcap: float | None = ...,
+    return_sum_pi_squared: Literal[False] = ...,
+    topk: None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def token_logprobs_linear(
+    hidden: torch.Tensor,
+    lm_head: Head,
+    target_ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    temperature: float = ...,
+    return_entropy: bool = ...,
+    mask: torch.Tensor | None = ...,
+    chunk_rows: int | None = ...,
+    vocab_block: int | None = ...,
+    tp_group: Any = ...,
+    vocab_start: int = ...,
+    vocab_size: int | None = ...,
+    sequence_parallel: bool = ...,
+    logit_softcap: float | None = ...,
+    return_sum_pi_squared: Literal[True],
+    topk: int | None = ...,
+) -> TokenStats: ...
+
+
+@overload
+def token_logprobs_linear(
+    hidden: torch.Tensor,
+    lm_head: Head,
+    target_ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    temperature: float = ...,
+    return_entropy: bool = ...,
+    mask: torch.Tensor | None = ...,
+    chunk_rows: int | None = ...,
+    vocab_block: int | None = ...,
+    tp_group: Any = ...,
+    vocab_start: int = ...,
+    vocab_size: int | None = ...,
+    sequence_parallel: bool = ...,
+    logit_softcap: float | None = ...,
+    return_sum_pi_squared: bool = ...,
+    topk: int,
+) -> TokenStats: ...
+
+
+@overload
+def token_logprobs_linear(
+    hidden: torch.Tensor,
+    lm_head: Head,
+    target_ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    temperature: float = ...,
+    return_entropy: bool = ...,
+    mask: torch.Tensor | None = ...,
+    chunk_rows: int | None = ...,
+    vocab_block: int | None = ...,
+    tp_group: Any = ...,
+    vocab_start: int = ...,
+    vocab_size: int | None = ...,
+    sequence_parallel: bool = ...,
+    logit_softcap: float | None = ...,
+    return_sum_pi_squared: bool = ...,
+    topk: int | None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | TokenStats: ...
 
 
 def token_logprobs_linear(
