@@ -29,7 +29,7 @@ from rspo_kernels._dispatch import BACKEND_ENV
 
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
-from benchmarks import risk_sensitive_bias  # noqa: E402
+from benchmarks import risk_sensitive_bias, variance  # noqa: E402
 
 BACKENDS = ["reference"] + (["cpp"] if EXTENSION_BUILT else [])
 try:  # the Triton backend runs under TRITON_INTERPRET=1 on CPU tensors (set by conftest)
@@ -465,3 +465,50 @@ def test_docs_table_of_the_risk_sensitive_bias_is_the_generated_one():
     assert start in text and end in text, "docs/math.md lost the RS-GRPO bias table markers"
     table = text.split(start, 1)[1].split(end, 1)[0]
     assert table == risk_sensitive_bias.table_markdown(), "regenerate with python -m benchmarks.risk_sensitive_bias"
+
+
+# ----------------------------------------------------------------------------- the variance table
+@pytest.fixture(scope="module")
+def exact_rows():
+    old = os.environ.pop(BACKEND_ENV, None)
+    try:
+        return variance.run(variance.DOCS_NS, (), 0)
+    finally:
+        if old is not None:
+            os.environ[BACKEND_ENV] = old
+
+
+def test_docs_variance_table_is_the_generated_one(exact_rows):
+    text = (_ROOT / "docs" / "weights.md").read_text(encoding="utf-8")
+    start, end = "<!-- variance-table:start -->\n", "\n<!-- variance-table:end -->"
+    assert start in text and end in text, "docs/weights.md lost the variance table markers"
+    table = text.split(start, 1)[1].split(end, 1)[0]
+    assert table == variance.exact_docs_table(exact_rows), "regenerate with benchmarks.variance.exact_docs_table"
+
+
+def test_the_demo_report_names_the_lowest_variance_estimator_as_the_table_does(exact_rows):
+    """Every statement of report.VARIANCE_VERDICT (and of docs/weights.md's summary) against the enumeration."""
+    from rspo_kernels.demo.report import VARIANCE_VERDICT, format_report
+
+    by = {(r["policy"], r["n"], r["k"], r["estimator"]): r for r in exact_rows}
+
+    def lowest(p, n, k):
+        return set(variance._lowest(by, p.name, n, k))
+
+    for p in variance.POLICIES:
+        for n in (8, 16):
+            assert lowest(p, n, n // 2) == {"rspo"}, (p.name, n)
+            assert lowest(p, n, 1) <= {"ordergrad", "pkpo_loo"}, (p.name, n)
+        for n in (4, 8, 16):
+            if p.objective == "max@k":
+                assert lowest(p, n, 2) == {"ordergrad"}, n
+            if p.name.endswith("p=0.5"):
+                assert lowest(p, n, 2) == {"rspo"}, n
+                ratio = by[(p.name, n, 2, "ordergrad")]["ratio_to_rspo"]
+                assert 3.99 <= ratio <= 9, ratio  # exactly 4 at n = 4
+    for p in variance.POLICIES:  # k = n is ordergrad-free, and RSPO is lowest
+        assert lowest(p, 4, 4) == {"rspo"}
+    text = format_report(
+        {"config": {"seeds": [0], "eval_prompts": 1, "eval_samples": 1}, "tables": {}, "claims": []}
+    )
+    assert VARIANCE_VERDICT in text and "'ordergrad'" in VARIANCE_VERDICT and "'rspo' at k = n/2" in VARIANCE_VERDICT
