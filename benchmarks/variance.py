@@ -270,7 +270,7 @@ def run_maxrl(ns_exact, ns_mc, samples: int, seed: int = 0) -> list[dict]:
     ``tr Cov / alpha^2`` (the biased ``vr_cond`` at the scale of the unbiased ones)."""
     rows = _run(MAXRL_POLICIES, MAXRL_ESTIMATORS, ns_exact, ns_mc, samples, seed, lambda n, exact: k_values(n))
     for r in rows:
-        r["matched"] = r["trace_cov"] / r["scale"] ** 2
+        r["matched"] = r["trace_cov"] / r["scale"] ** 2 if r["scale"] ** 2 else float("inf")
     return rows
 
 
@@ -290,9 +290,7 @@ def run_risk_sensitive(ns_exact, ns_mc, samples: int, seed: int = 0, betas=RISK_
             if not exact:
                 rng = np.random.default_rng([seed, n])
                 actions = rng.choice(m, size=(samples, n), p=policy.probs)
-            base = (
-                exact_moments(policy, n, 1, "rspo") if exact else monte_carlo_moments(policy, n, 1, "rspo", actions)
-            )
+            base = exact_moments(policy, n, 1, "rspo") if exact else monte_carlo_moments(policy, n, 1, "rspo", actions)
             for beta in betas:
                 res = (
                     exact_moments(policy, n, beta, "risk_sensitive")
@@ -397,7 +395,8 @@ def markdown_table(rows: list[dict]) -> str:
                 ci = f" ± {r['ci95']:.2g}" if r["ci95"] else ""
                 cells.append(f"{r['trace_cov']:.4g}{ci}")
             elif e == "passk_training_std":
-                matched = f"[{r['ratio_to_rspo'] / r['scale'] ** 2:.2f}x]" if r["scale"] else "[E g = 0]"
+                # alpha^2 underflows to 0 where E g vanishes to float precision (k near n)
+                matched = f"[{r['ratio_to_rspo'] / r['scale'] ** 2:.2f}x]" if r["scale"] ** 2 else "[E g = 0]"
                 cells.append(f"{r['trace_cov']:.4g} ({r['ratio_to_rspo']:.2f}x) {matched}")
             else:
                 cells.append(f"{r['trace_cov']:.4g} ({r['ratio_to_rspo']:.2f}x)")
@@ -659,8 +658,8 @@ def _series(panel: list[dict], estimator: str) -> tuple[list[dict], list[float],
     """
     sel = sorted((r for r in panel if r["estimator"] == estimator), key=lambda r: r["k"])
     if estimator == _MATCHED:
-        vanished = [r["k"] for r in sel if not r["scale"]]
-        sel = [r for r in sel if r["scale"]]
+        vanished = [r["k"] for r in sel if not (r["scale"] ** 2)]  # 0, or so small that alpha^2 underflows
+        sel = [r for r in sel if r["scale"] ** 2]
         return (
             sel,
             [r["trace_cov"] / r["scale"] ** 2 for r in sel],
@@ -739,7 +738,9 @@ def plot(rows: list[dict], path: Path) -> bool:
                         label="plugin (biased: variance + bias², the MSE)",
                     )
                     handles["plugin (MSE)"] = mse[0]
-            for b, r in enumerate(sorted((r for r in risk if r["policy"] == policy and r["n"] == n), key=lambda r: r["beta"])):
+            for b, r in enumerate(
+                sorted((r for r in risk if r["policy"] == policy and r["n"] == n), key=lambda r: r["beta"])
+            ):
                 if r["trace_cov"] > 0:
                     line = ax.axhline(r["trace_cov"], color=("#666666", "#111111")[b % 2], ls=":", lw=1.3)
                     handles[f"risk_sensitive beta={r['beta']:g}"] = line

@@ -197,8 +197,10 @@ def _exact_max_at_k_gradient(probs: list[Fraction], rewards: list[Fraction], k: 
         for v in set(rewards):
             at_or_below = sum((probs[b] for b in range(m) if rewards[b] <= v), Fraction(0))
             below = sum((probs[b] for b in range(m) if rewards[b] < v), Fraction(0))
-            total += v * k * (
-                (at_or_below ** (k - 1) if rewards[a] <= v else 0) - (below ** (k - 1) if rewards[a] < v else 0)
+            total += (
+                v
+                * k
+                * ((at_or_below ** (k - 1) if rewards[a] <= v else 0) - (below ** (k - 1) if rewards[a] < v else 0))
             )
         d_pi.append(total)
     return [sum(d_pi[a] * probs[a] * ((a == b) - probs[b]) for a in range(m)) for b in range(m)]
@@ -229,7 +231,9 @@ def test_exactly_unbiased_on_graded_categorical_policies(probs, rewards):
 # ----------------------------------------------------------------------------- OrderGrad: API
 def test_k_equal_to_n_is_refused_naming_the_group_size_and_k():
     for objective in ("pass@k", "max@k"):
-        with pytest.raises(ValueError, match=r"group 0 has 4 samples but k=4; the 'ordergrad' estimator needs k <= n-1"):
+        with pytest.raises(
+            ValueError, match=r"group 0 has 4 samples but k=4; the 'ordergrad' estimator needs k <= n-1"
+        ):
             WEIGHTS[objective](np.array([[1.0, 0.0, 0.0, 1.0]]), 4, estimator="ordergrad")
         with pytest.raises(ValueError, match=r"group 1 \(group_id 'b'\) has 2 samples but k=2; .* needs k <= n-1"):
             WEIGHTS[objective](np.array([1.0, 0.0, 0.0, 1.0, 1.0]), 2, group_ids=list("aaabb"), estimator="ordergrad")
@@ -508,7 +512,5 @@ def test_the_demo_report_names_the_lowest_variance_estimator_as_the_table_does(e
                 assert 3.99 <= ratio <= 9, ratio  # exactly 4 at n = 4
     for p in variance.POLICIES:  # k = n is ordergrad-free, and RSPO is lowest
         assert lowest(p, 4, 4) == {"rspo"}
-    text = format_report(
-        {"config": {"seeds": [0], "eval_prompts": 1, "eval_samples": 1}, "tables": {}, "claims": []}
-    )
+    text = format_report({"config": {"seeds": [0], "eval_prompts": 1, "eval_samples": 1}, "tables": {}, "claims": []})
     assert VARIANCE_VERDICT in text and "'ordergrad'" in VARIANCE_VERDICT and "'rspo' at k = n/2" in VARIANCE_VERDICT
