@@ -357,6 +357,11 @@ def _order(policy: str) -> int:
     return names.index(policy) if policy in names else len(names)
 
 
+def _percent(bias: float, grad: float) -> str:
+    """``bias`` as a percentage of ``|grad|``; "grad = 0" where the gradient underflows (p = 0.5, k near 64)."""
+    return f"{100 * bias / grad:.0f}%" if grad > 0 else "grad = 0"
+
+
 def _lowest(by: dict, p: str, n: int, k: int) -> list[str]:
     """The unbiased estimators of lowest tr Cov at (policy, n, k); several when they tie (to 1e-12)."""
     cands = [(by[(p, n, k, e)]["trace_cov"], e) for e in UNBIASED if (p, n, k, e) in by]
@@ -402,7 +407,7 @@ def markdown_table(rows: list[dict]) -> str:
                 cells.append(f"{r['trace_cov']:.4g} ({r['ratio_to_rspo']:.2f}x)")
         for e in BIASED:
             r = by.get((p, n, k, e))
-            cells.append("-" if r is None else f"{r['bias']:.3g} ({100 * r['bias'] / grad:.0f}%)")
+            cells.append("-" if r is None else f"{r['bias']:.3g} ({_percent(r['bias'], grad)})")
         cells.append(" = ".join(_lowest(by, p, n, k)) if method == "exact" else "(Monte Carlo)")
         lines.append(f"| {p} | {n} | {k} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -315,7 +315,7 @@ def test_cpp_matches_the_specification_on_random_ragged_groups(monkeypatch, dtyp
     np.testing.assert_allclose(out["cpp"], out["reference"], rtol=1e-11, atol=1e-11)
 
 
-def test_triton_backend_serves_ordergrad_at_small_shapes(monkeypatch):
+def test_triton_kernels_serve_ordergrad_at_small_shapes(monkeypatch):
     pytest.importorskip("triton")
     from rspo_kernels.ops import weights as triton_weights
     from rspo_kernels.weights import estimators

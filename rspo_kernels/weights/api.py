@@ -507,6 +507,9 @@ def risk_sensitive_weights(
     unbiased n-sample estimator exists for binary rewards). On this library's scale,
     :math:`E[\frac1n \sum_i A_i \nabla \log\pi(y_i)] = \alpha \nabla J_\beta` for a binary
     reward; the exact factor :math:`\alpha` is tabulated in docs/math.md (benchmarks/risk_sensitive_bias.py).
+    Matches the released ``compute_rs_grpo_advantage`` (github.com/Jackory/RS-GRPO), ``beta = 0``
+    included, except for a group of one response: the definition gives ``S = R`` and ``A = 0``, where
+    the released code sets ``S = 0``.
     Evaluated with ``log1p`` / ``expm1`` around the group's max (min for ``beta < 0``), so nothing
     overflows for any finite beta, and with the second-order expansion
     :math:`A_i = x_i + \frac\beta2 (x_i^2 - \overline{x^2})`, :math:`x = R - \bar R`, where
