@@ -70,14 +70,19 @@ def test_authors_binary_formula_equals_the_definition_in_exact_fractions():
 @pytest.mark.parametrize("n", [2, 3, 5, 8, 13, 16, 40])
 def test_binary_groups_match_the_authors_formula(backend, n):
     """Every c = 0..n and every k <= n-1, Pass@k and Max@k of 0/1 rewards, in exact fractions."""
+    if backend == "triton" and n > 16:
+        pytest.skip("the interpreter runs every program in turn: small shapes only (C++ and the spec cover n = 40)")
+    rows = []
     for c in range(n + 1):
         r = [1, 0] * min(c, n - c) + [1] * max(0, 2 * c - n) + [0] * max(0, n - 2 * c)  # mixed order
         assert sum(r) == c and len(r) == n
-        for k in range(1, n):
-            exact = oracles.ordergrad_binary_formula(r, k)
-            for objective in ("pass@k", "max@k"):
-                got = WEIGHTS[objective](_f64(r), k, estimator="ordergrad")[0]
-                _close(got, exact, scale=k)
+        rows.append(r)
+    batch = np.array(rows, dtype=np.float64)  # one group per count c, one call per k
+    for k in range(1, n):
+        for objective in ("pass@k", "max@k"):
+            got = WEIGHTS[objective](batch, k, estimator="ordergrad")
+            for r, w in zip(rows, got, strict=True):
+                _close(w, oracles.ordergrad_binary_formula(r, k), scale=k)
 
 
 def test_binary_worked_values():
@@ -281,7 +286,7 @@ def test_layouts_containers_and_dtypes_agree(backend, objective):
 def test_pass_at_k_equals_max_at_k_on_binary_rewards(backend):
     rng = np.random.default_rng(5)
     r = rng.integers(0, 2, size=(40, 9)).astype(np.float64)
-    for k in range(1, 9):
+    for k in (1, 2, 5, 8):
         np.testing.assert_allclose(
             rk.pass_at_k_weights(r, k, estimator="ordergrad"),
             rk.max_at_k_weights(r, k, estimator="ordergrad"),
