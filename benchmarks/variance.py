@@ -11,9 +11,22 @@ For each estimator we report ``tr Cov[g_hat]``, the bias ``||E g_hat - grad||`` 
 ``passk_training_std`` (Pass@k only) is on another scale: with binary rewards its expectation is
 ``alpha * grad``, so the table also gives its variance at matched scale, ``tr Cov / alpha^2``:
 
-- exactly, by enumerating all ``m^n`` ordered groups (small n; hitchhiking depends on the order);
+- exactly, by enumerating the multisets of actions: every estimator but hitchhiking gives tied
+  rewards one weight and commutes with reordering a group, so ``g_hat`` depends only on the counts
+  ``(c_1, ..., c_m)``, whose law is multinomial: ``C(n+m-1, m-1)`` cases (969 for m = 4, n = 16)
+  instead of ``m^n``. Hitchhiking depends on the order, but its ``g_hat`` is the mean of ``n/k``
+  independent one-block estimates, so its mean is the block's and its ``tr Cov`` is ``k/n`` times
+  the block's, enumerated over the ``m^k`` ordered blocks. (:func:`exact_moments_ordered`, all
+  ``m^n`` ordered groups, is the cross-check the tests use);
 - by Monte Carlo for larger n, with a 95% confidence interval from the CLT on the per-sample
   squared deviations. All estimators see the same samples (common random numbers).
+
+OrderGrad / MaxPO (``"ordergrad"``, exactly centred and unbiased) sits beside RSPO in every row, and
+:func:`markdown_table` ends each row with the unbiased estimator of lowest variance. RS-GRPO
+(:func:`rspo_kernels.risk_sensitive_weights`) estimates another objective, ``J_beta = (1/beta) log
+E exp(beta R)``, and has no k: its rows (:func:`run_risk_sensitive`, one per beta) give its
+``tr Cov``, its scale ``alpha`` and bias relative to ``grad J_beta``, and the figure draws it as a
+horizontal line on each panel.
 
 The MaxRL family (:func:`rspo_kernels.maxrl_weights`) gets its own rows, table and figure: the
 target is ``grad J_T`` with ``J_T = sum_{k<=T} (1/k) pass@k`` (the ``k`` column holds the order
@@ -22,6 +35,8 @@ matched scale, ``tr Cov / alpha^2``.
 
 Run ``python -m benchmarks.variance`` (or ``rspo-kernels bench --variance``): it prints a table and
 writes ``benchmarks/results/variance-<date>.json``, ``.md`` and, if matplotlib is installed, ``.png``.
+The default run (exact n = 4, 8, 16, Monte Carlo n = 64) takes about 2 minutes of CPU time (5.5 minutes
+wall on a 2-core machine shared with other jobs, 2026-12-07); the exact rows alone take seconds.
 """
 
 from __future__ import annotations
@@ -47,12 +62,17 @@ __all__ = [
     "exact_moments",
     "monte_carlo_moments",
     "run_maxrl",
+    "run_risk_sensitive",
+    "exact_moments_ordered",
+    "winners",
     "main",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ESTIMATORS = ("rspo", "pkpo", "pkpo_loo", "hitchhiking", "plugin", "passk_training_std")
+ESTIMATORS = ("rspo", "ordergrad", "pkpo", "pkpo_loo", "hitchhiking", "plugin", "passk_training_std")
 BIASED = ("plugin", "passk_training_std")
+UNBIASED = tuple(e for e in ESTIMATORS if e not in BIASED)
+RISK_BETAS = (1.0, 4.0)  # RS-GRPO's risk parameters in the variance rows
 EXACT_MAX_GROUPS = 1 << 17  # enumerate m^n ordered groups up to this many
 MAXRL_ESTIMATORS = ("rspo", "rloo", "maclaurin", "cross_fitted", "vr_cond")
 MAXRL_BIASED = ("vr_cond",)  # for J_T with T < n (it estimates J_n)
@@ -67,6 +87,9 @@ class Policy:
 
 
 POLICIES = (
+    # Bernoulli policies: one correct and one wrong answer (the wrong one's score is minus the correct one's).
+    Policy("pass@k, Bernoulli p=0.1", "pass@k", (0.9, 0.1), (0.0, 1.0)),
+    Policy("pass@k, Bernoulli p=0.5", "pass@k", (0.5, 0.5), (0.0, 1.0)),
     # One correct answer of four, found 10% of the time: the regime Pass@k training targets.
     Policy("pass@k, p(correct)=0.1", "pass@k", (0.4, 0.3, 0.2, 0.1), (0.0, 0.0, 0.0, 1.0)),
     # Graded rewards; the best response is the rarest.
@@ -99,9 +122,25 @@ def true_gradient(policy: Policy, k: int) -> np.ndarray:
     return grad.numpy()
 
 
-def _weights(policy: Policy, rewards: np.ndarray, k: int, estimator: str) -> np.ndarray:
+def risk_sensitive_gradient(policy: Policy, beta: float) -> np.ndarray:
+    """``grad_theta`` of RS-GRPO's ``J_beta = (1/beta) log sum_a pi_a exp(beta r_a)`` (autograd, float64)."""
+    theta = torch.tensor(np.log(policy.probs), dtype=torch.float64, requires_grad=True)
+    r = torch.tensor(policy.rewards, dtype=torch.float64)
+    objective = torch.logsumexp(torch.log_softmax(theta, 0) + beta * r, 0) / beta
+    (grad,) = torch.autograd.grad(objective, theta)
+    return grad.numpy()
+
+
+def _target(policy: Policy, k: float, estimator: str) -> np.ndarray:
+    """The gradient an estimator aims at: ``grad J_beta`` for RS-GRPO (``k`` holds beta), else :func:`true_gradient`."""
+    return risk_sensitive_gradient(policy, k) if estimator == "risk_sensitive" else true_gradient(policy, int(k))
+
+
+def _weights(policy: Policy, rewards: np.ndarray, k: float, estimator: str) -> np.ndarray:
     from rspo_kernels.weights import api
 
+    if estimator == "risk_sensitive":  # no k: the slot holds RS-GRPO's beta
+        return np.asarray(api.risk_sensitive_weights(rewards, k, validate=False))
     if policy.objective == "maxrl":
         order = None if estimator == "vr_cond" else k
         return np.asarray(api.maxrl_weights(rewards, order, estimator=estimator, validate=False))
@@ -109,7 +148,7 @@ def _weights(policy: Policy, rewards: np.ndarray, k: int, estimator: str) -> np.
     return np.asarray(fn(rewards, k, estimator=estimator, validate=False))
 
 
-def _estimates(policy: Policy, actions: np.ndarray, k: int, estimator: str) -> np.ndarray:
+def _estimates(policy: Policy, actions: np.ndarray, k: float, estimator: str) -> np.ndarray:
     """``(T, m)`` gradient estimates of the groups ``actions`` (``(T, n)`` action indices)."""
     m = len(policy.probs)
     n = actions.shape[1]
@@ -127,28 +166,57 @@ def valid(estimator: str, n: int, k: int, objective: str = "pass@k") -> bool:
         return objective == "pass@k"
     if estimator == "hitchhiking":
         return n % k == 0
-    if estimator == "pkpo_loo":
+    if estimator in ("pkpo_loo", "ordergrad"):
         return k < n
     return True
 
 
-def exact_moments(policy: Policy, n: int, k: int, estimator: str) -> dict:
-    """Exact ``tr Cov`` and bias by enumerating all ``m^n`` ordered groups."""
-    m = len(policy.probs)
-    actions = np.array(list(itertools.product(range(m), repeat=n)), dtype=np.int64)
-    prob = np.prod(np.asarray(policy.probs)[actions], axis=1)
-    g = _estimates(policy, actions, k, estimator)
+def _compositions(n: int, m: int) -> np.ndarray:
+    """Every ``(c_1, ..., c_m)`` of non-negative counts summing to ``n``, ``(C(n+m-1, m-1), m)`` int64."""
+    rows = []
+    for bars in itertools.combinations(range(n + m - 1), m - 1):  # stars and bars
+        edges = (-1, *bars, n + m - 1)
+        rows.append([edges[i + 1] - edges[i] - 1 for i in range(m)])
+    return np.array(rows, dtype=np.int64).reshape(-1, m)
+
+
+def _moments(prob: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, float]:
     mean = prob @ g
-    trace = float(prob @ ((g - mean) ** 2).sum(1))
-    grad = true_gradient(policy, k)
-    bias = float(np.linalg.norm(mean - grad))
+    return mean, float(prob @ ((g - mean) ** 2).sum(1))
+
+
+def exact_moments_ordered(policy: Policy, n: int, k: float, estimator: str) -> tuple[np.ndarray, float]:
+    """``(E g_hat, tr Cov g_hat)`` by enumerating all ``m^n`` ordered groups (any estimator, small n)."""
+    m = len(policy.probs)
+    if m**n > EXACT_MAX_GROUPS:
+        raise ValueError(f"{m}^{n} ordered groups are too many to enumerate")
+    actions = np.array(list(itertools.product(range(m), repeat=n)), dtype=np.int64).reshape(-1, n)
+    prob = np.prod(np.asarray(policy.probs)[actions], axis=1)
+    return _moments(prob, _estimates(policy, actions, k, estimator))
+
+
+def exact_moments(policy: Policy, n: int, k: float, estimator: str) -> dict:
+    """Exact ``tr Cov`` and bias (module docstring: multisets, or blocks for hitchhiking)."""
+    m = len(policy.probs)
+    if estimator == "hitchhiking":
+        # n/k independent blocks, each the hitchhiking estimate of a group of k: same mean, k/n the trace.
+        mean, block_trace = exact_moments_ordered(policy, int(k), k, estimator)
+        trace, cases = block_trace * k / n, m ** int(k)
+    else:
+        counts = _compositions(n, m)
+        log_coef = math.lgamma(n + 1) - np.array([sum(math.lgamma(c + 1) for c in row) for row in counts])
+        prob = np.exp(log_coef + (counts * np.log(np.asarray(policy.probs))[None, :]).sum(1))
+        actions = np.stack([np.repeat(np.arange(m), row) for row in counts])  # one ordering per multiset
+        mean, trace = _moments(prob, _estimates(policy, actions, k, estimator))
+        cases = counts.shape[0]
+    grad = _target(policy, k, estimator)
     return {
         "method": "exact",
         "trace_cov": trace,
         "ci95": 0.0,
-        "bias": bias,
+        "bias": float(np.linalg.norm(mean - grad)),
         "scale": _scale(mean, grad),
-        "samples": int(actions.shape[0]),
+        "samples": int(cases),
     }
 
 
@@ -166,7 +234,7 @@ def monte_carlo_moments(policy: Policy, n: int, k: int, estimator: str, actions:
     sq = ((g - mean) ** 2).sum(1) * t / (t - 1)
     trace = float(sq.mean())
     ci = float(1.96 * sq.std(ddof=1) / math.sqrt(t))
-    grad = true_gradient(policy, k)
+    grad = _target(policy, k, estimator)
     bias = float(np.linalg.norm(mean - grad))
     # The bias estimate includes sampling noise of size about sqrt(trace / T).
     return {
@@ -180,7 +248,13 @@ def monte_carlo_moments(policy: Policy, n: int, k: int, estimator: str, actions:
     }
 
 
-def k_values(n: int) -> list[int]:
+EXACT_KS = (1, 2, 4)  # and n/2: the exact grid of issue 29
+
+
+def k_values(n: int, exact: bool = False) -> list[int]:
+    """The ks of a row: ``{1, 2, 4, n/2}`` for exact n, a wider spread for Monte Carlo n."""
+    if exact:
+        return sorted(k for k in {*EXACT_KS, n // 2} if 1 <= k <= n)
     if n <= 8:
         return list(range(1, n + 1))
     ks = {1, 2, 4, n // 4, n // 2, 3 * n // 4, n - 1, n}
@@ -189,31 +263,67 @@ def k_values(n: int) -> list[int]:
 
 
 def run(ns_exact, ns_mc, samples: int, seed: int = 0) -> list[dict]:
-    return _run(POLICIES, ESTIMATORS, ns_exact, ns_mc, samples, seed)
+    return _run(POLICIES, ESTIMATORS, ns_exact, ns_mc, samples, seed, k_values)
 
 
 def run_maxrl(ns_exact, ns_mc, samples: int, seed: int = 0) -> list[dict]:
     """The MaxRL rows: ``k`` is the order T, the target ``grad J_T``; ``"matched"`` is
     ``tr Cov / alpha^2`` (the biased ``vr_cond`` at the scale of the unbiased ones)."""
-    rows = _run(MAXRL_POLICIES, MAXRL_ESTIMATORS, ns_exact, ns_mc, samples, seed)
+    rows = _run(MAXRL_POLICIES, MAXRL_ESTIMATORS, ns_exact, ns_mc, samples, seed, lambda n, exact: k_values(n))
     for r in rows:
-        r["matched"] = r["trace_cov"] / r["scale"] ** 2
+        r["matched"] = r["trace_cov"] / r["scale"] ** 2 if r["scale"] ** 2 else float("inf")
     return rows
 
 
-def _run(policies, estimators, ns_exact, ns_mc, samples: int, seed: int) -> list[dict]:
+def run_risk_sensitive(ns_exact, ns_mc, samples: int, seed: int = 0, betas=RISK_BETAS) -> list[dict]:
+    """RS-GRPO's rows on :data:`POLICIES`: ``k`` is None and ``beta`` set; the target is ``grad J_beta``.
+
+    ``scale`` is ``alpha`` with ``E g = alpha grad J_beta`` along the gradient (exactly parallel for
+    binary rewards), ``bias`` its distance from ``grad J_beta``; ``ratio_to_rspo`` compares its
+    ``tr Cov`` with RSPO's at k = 1 (plain policy gradient, the beta -> 0 end) on the same groups.
+    """
+    rows = []
+    for policy in POLICIES:
+        m = len(policy.probs)
+        for n in list(ns_exact) + list(ns_mc):
+            exact = n in ns_exact
+            actions = None
+            if not exact:
+                rng = np.random.default_rng([seed, n])
+                actions = rng.choice(m, size=(samples, n), p=policy.probs)
+            base = exact_moments(policy, n, 1, "rspo") if exact else monte_carlo_moments(policy, n, 1, "rspo", actions)
+            for beta in betas:
+                res = (
+                    exact_moments(policy, n, beta, "risk_sensitive")
+                    if exact
+                    else monte_carlo_moments(policy, n, beta, "risk_sensitive", actions)
+                )
+                rows.append(
+                    {
+                        "policy": policy.name,
+                        "objective": "risk-sensitive",
+                        "n": n,
+                        "k": None,
+                        "beta": beta,
+                        "estimator": "risk_sensitive",
+                        **res,
+                        "ratio_to_rspo": res["trace_cov"] / base["trace_cov"],
+                    }
+                )
+    return rows
+
+
+def _run(policies, estimators, ns_exact, ns_mc, samples: int, seed: int, grid) -> list[dict]:
     rows = []
     for policy in policies:
         m = len(policy.probs)
         for n in list(ns_exact) + list(ns_mc):
             exact = n in ns_exact
-            if exact and m**n > EXACT_MAX_GROUPS:
-                raise ValueError(f"{m}^{n} groups are too many to enumerate; use Monte Carlo for n={n}")
             actions = None
             if not exact:
                 rng = np.random.default_rng([seed, n])
                 actions = rng.choice(m, size=(samples, n), p=policy.probs)
-            for k in k_values(n):
+            for k in grid(n, exact):
                 for estimator in estimators:
                     if not valid(estimator, n, k, policy.objective):
                         continue
@@ -240,22 +350,44 @@ def _run(policies, estimators, ns_exact, ns_mc, samples: int, seed: int) -> list
     return rows
 
 
+_KINDS = ("pass@k", "max@k")  # the rows of the main table (MaxRL and RS-GRPO have their own)
+
+
+def _order(policy: str) -> int:
+    names = [p.name for p in POLICIES + MAXRL_POLICIES]
+    return names.index(policy) if policy in names else len(names)
+
+
+def _percent(bias: float, grad: float) -> str:
+    """``bias`` as a percentage of ``|grad|``; "grad = 0" where the gradient underflows (p = 0.5, k near 64)."""
+    return f"{100 * bias / grad:.0f}%" if grad > 0 else "grad = 0"
+
+
+def _lowest(by: dict, p: str, n: int, k: int) -> list[str]:
+    """The unbiased estimators of lowest tr Cov at (policy, n, k); several when they tie (to 1e-12)."""
+    cands = [(by[(p, n, k, e)]["trace_cov"], e) for e in UNBIASED if (p, n, k, e) in by]
+    best = min(t for t, _ in cands)
+    return [e for t, e in cands if t <= best * (1 + 1e-12) + 1e-300]
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """One row per (policy, n, k): tr Cov of each estimator (x RSPO), and the biased ones' bias.
+    """One row per (policy, n, k): tr Cov of each estimator (x RSPO), the biased ones' bias, and the
+    unbiased estimator(s) of lowest variance.
 
     ``passk_training_std`` also shows ``[x RSPO at matched scale]``: its tr Cov divided by
-    ``alpha^2`` (``[E g = 0]`` at k = n, where it is identically 0). MaxRL rows: :func:`maxrl_table`.
+    ``alpha^2`` (``[E g = 0]`` at k = n, where it is identically 0). MaxRL rows: :func:`maxrl_table`;
+    RS-GRPO rows: :func:`risk_sensitive_table`.
     """
-    rows = [r for r in rows if r["objective"] != "maxrl"]
+    rows = [r for r in rows if r["objective"] in _KINDS]
     lines = [
         "| policy | n | k | method | "
         + " | ".join(f"{e} tr Cov (x rspo)" for e in ESTIMATORS)
         + " | "
         + " | ".join(f"{e} bias (% of grad)" for e in BIASED)
-        + " |",
-        "|---|---|---|---|" + "---|" * (len(ESTIMATORS) + len(BIASED)),
+        + " | lowest (unbiased) |",
+        "|---|---|---|---|" + "---|" * (len(ESTIMATORS) + len(BIASED) + 1),
     ]
-    keys = sorted({(r["policy"], r["n"], r["k"]) for r in rows}, key=lambda t: (t[0], t[1], t[2]))
+    keys = sorted({(r["policy"], r["n"], r["k"]) for r in rows}, key=lambda t: (_order(t[0]), t[1], t[2]))
     by = {(r["policy"], r["n"], r["k"], r["estimator"]): r for r in rows}
     for p, n, k in keys:
         cells = []
@@ -269,20 +401,79 @@ def markdown_table(rows: list[dict]) -> str:
                 ci = f" ± {r['ci95']:.2g}" if r["ci95"] else ""
                 cells.append(f"{r['trace_cov']:.4g}{ci}")
             elif e == "passk_training_std":
-                matched = f"[{r['ratio_to_rspo'] / r['scale'] ** 2:.2f}x]" if r["scale"] else "[E g = 0]"
+                # alpha^2 underflows to 0 where E g vanishes to float precision (k near n)
+                matched = f"[{r['ratio_to_rspo'] / r['scale'] ** 2:.2f}x]" if r["scale"] ** 2 else "[E g = 0]"
                 cells.append(f"{r['trace_cov']:.4g} ({r['ratio_to_rspo']:.2f}x) {matched}")
             else:
                 cells.append(f"{r['trace_cov']:.4g} ({r['ratio_to_rspo']:.2f}x)")
         for e in BIASED:
             r = by.get((p, n, k, e))
-            cells.append("-" if r is None else f"{r['bias']:.3g} ({100 * r['bias'] / grad:.0f}%)")
+            cells.append("-" if r is None else f"{r['bias']:.3g} ({_percent(r['bias'], grad)})")
+        cells.append(" = ".join(_lowest(by, p, n, k)) if method == "exact" else "(Monte Carlo)")
         lines.append(f"| {p} | {n} | {k} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+DOCS_NS = (4, 8, 16)  # the exact table of docs/weights.md
+
+
+def exact_docs_table(rows: list[dict]) -> str:
+    """The compact exact table docs/weights.md embeds: tr Cov of the unbiased estimators (x RSPO)
+    and the lowest, one row per (policy, n, k) of the exact rows."""
+    rows = [r for r in rows if r["objective"] in _KINDS and r["method"] == "exact"]
+    by = {(r["policy"], r["n"], r["k"], r["estimator"]): r for r in rows}
+    lines = [
+        "| policy | n | k | " + " | ".join(UNBIASED) + " | lowest |",
+        "|---|---|---|" + "---|" * (len(UNBIASED) + 1),
+    ]
+    keys = sorted({(r["policy"], r["n"], r["k"]) for r in rows}, key=lambda t: (_order(t[0]), t[1], t[2]))
+    for p, n, k in keys:
+        cells = []
+        for e in UNBIASED:
+            r = by.get((p, n, k, e))
+            if r is None:
+                cells.append("-")
+            elif e == "rspo":
+                cells.append(f"{r['trace_cov']:.3g}")
+            else:
+                cells.append(f"{r['trace_cov']:.3g} ({r['ratio_to_rspo']:.2f}x)")
+        cells.append(" = ".join(_lowest(by, p, n, k)))
+        lines.append(f"| {p} | {n} | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def winners(rows: list[dict]) -> str:
+    """Which unbiased estimator has the lowest exact variance where, and OrderGrad against RSPO.
+
+    One bullet per policy: the ks (per n) at which each estimator is lowest, and the range of
+    ``tr Cov(ordergrad) / tr Cov(rspo)`` over the exact rows where both exist.
+    """
+    rows = [r for r in rows if r["objective"] in _KINDS and r["method"] == "exact"]
+    by = {(r["policy"], r["n"], r["k"], r["estimator"]): r for r in rows}
+    lines = []
+    for p in POLICIES:
+        keys = sorted({(r["n"], r["k"]) for r in rows if r["policy"] == p.name})
+        if not keys:
+            continue
+        wins: dict[str, dict[int, list[int]]] = {}
+        for n, k in keys:
+            for e in _lowest(by, p.name, n, k):
+                wins.setdefault(e, {}).setdefault(n, []).append(k)
+        parts = []
+        for e, per_n in sorted(wins.items(), key=lambda item: -sum(map(len, item[1].values()))):
+            where = "; ".join(f"n={n}: k={','.join(map(str, ks))}" for n, ks in sorted(per_n.items()))
+            parts.append(f"{e} ({where})")
+        ratios = [
+            by[(p.name, n, k, "ordergrad")]["ratio_to_rspo"] for n, k in keys if (p.name, n, k, "ordergrad") in by
+        ]
+        span = f"; ordergrad / rspo tr Cov {min(ratios):.2f}x to {max(ratios):.2f}x" if ratios else ""
+        lines.append(f"- {p.name}: lowest is " + ", ".join(parts) + span)
     return "\n".join(lines)
 
 
 def headline(rows: list[dict]) -> str:
     """Variance ratios to RSPO at the largest exact n (k = n/2) and the largest Monte Carlo n (k = n/4)."""
-    rows = [r for r in rows if r["objective"] != "maxrl"]
+    rows = [r for r in rows if r["objective"] in _KINDS]
     sentences = []
     for method, frac in (("exact", 2), ("monte-carlo", 4)):
         sel = [r for r in rows if r["method"] == method]
@@ -293,13 +484,17 @@ def headline(rows: list[dict]) -> str:
         parts = []
         for p in POLICIES:
             by = {r["estimator"]: r for r in sel if r["policy"] == p.name and r["n"] == n and r["k"] == k}
+            if "rspo" not in by:
+                continue
             grad = float(np.linalg.norm(true_gradient(p, k)))
             ratios = ", ".join(
-                f"{e} {by[e]['ratio_to_rspo']:.2f}x" for e in ("pkpo", "pkpo_loo", "hitchhiking") if e in by
+                f"{e} {by[e]['ratio_to_rspo']:.2f}x"
+                for e in ("ordergrad", "pkpo", "pkpo_loo", "hitchhiking")
+                if e in by
             )
             plugin = by["plugin"]
             part = (
-                f"{p.objective}: {ratios}; plugin {plugin['ratio_to_rspo']:.2f}x with bias "
+                f"{p.name}: {ratios}; plugin {plugin['ratio_to_rspo']:.2f}x with bias "
                 f"{100 * plugin['bias'] / grad:.0f}% of |grad|"
             )
             if "passk_training_std" in by:
@@ -312,6 +507,24 @@ def headline(rows: list[dict]) -> str:
             parts.append(part)
         sentences.append(f"n={n}, k={k} ({method}), tr Cov relative to RSPO -- " + " | ".join(parts) + ".")
     return " ".join(sentences)
+
+
+def risk_sensitive_table(rows: list[dict]) -> str:
+    """RS-GRPO's rows: tr Cov (x RSPO at k = 1 on the same groups), ``alpha`` and bias for ``grad J_beta``."""
+    rows = [r for r in rows if r["objective"] == "risk-sensitive"]
+    lines = [
+        "| policy | n | beta | method | risk_sensitive tr Cov (x rspo at k=1) | E[g] = alpha grad J_beta: alpha "
+        "| bias (% of grad J_beta) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (_order(r["policy"]), r["n"], r["beta"])):
+        grad = float(np.linalg.norm(risk_sensitive_gradient(_policy(r["policy"]), r["beta"])))
+        ci = f" ± {r['ci95']:.2g}" if r["ci95"] else ""
+        lines.append(
+            f"| {r['policy']} | {r['n']} | {r['beta']:g} | {r['method']} | {r['trace_cov']:.4g}{ci} "
+            f"({r['ratio_to_rspo']:.2f}x) | {r['scale']:.3f} | {r['bias']:.3g} ({100 * r['bias'] / grad:.0f}%) |"
+        )
+    return "\n".join(lines)
 
 
 def _policy(name: str) -> Policy:
@@ -427,6 +640,7 @@ def plot_maxrl(rows: list[dict], path: Path) -> bool:
 # Colour and marker per estimator; an estimator not listed here still gets a distinct style.
 _STYLES = {
     "rspo": ("#b2182b", "o"),
+    "ordergrad": ("#e7298a", "*"),
     "pkpo": ("#ef8a62", "s"),
     "pkpo_loo": ("#1b7837", "^"),
     "hitchhiking": ("#2166ac", "D"),
@@ -450,8 +664,8 @@ def _series(panel: list[dict], estimator: str) -> tuple[list[dict], list[float],
     """
     sel = sorted((r for r in panel if r["estimator"] == estimator), key=lambda r: r["k"])
     if estimator == _MATCHED:
-        vanished = [r["k"] for r in sel if not r["scale"]]
-        sel = [r for r in sel if r["scale"]]
+        vanished = [r["k"] for r in sel if not (r["scale"] ** 2)]  # 0, or so small that alpha^2 underflows
+        sel = [r for r in sel if r["scale"] ** 2]
         return (
             sel,
             [r["trace_cov"] / r["scale"] ** 2 for r in sel],
@@ -469,7 +683,9 @@ def plot(rows: list[dict], path: Path) -> bool:
     have none). ``passk_training_std`` is biased with ``E[g] = alpha grad`` for a binary reward, so
     it is drawn at matched scale, ``tr Cov / alpha^2``: at its raw scale it would look best only
     because its gradient is shrunk. At k = n its advantages are all 0 (alpha = 0), which a log axis
-    cannot show: that point is marked on the panel's lower edge instead.
+    cannot show: that point is marked on the panel's lower edge instead. RS-GRPO has no k: each
+    beta is a horizontal dotted line (its raw tr Cov; it estimates ``grad J_beta``, not this k's
+    gradient, and is biased for it: :func:`risk_sensitive_table`).
     """
     try:
         from matplotlib.figure import Figure
@@ -477,6 +693,8 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed; skipping the plot (pip install matplotlib)", file=sys.stderr)
         return False
+    risk = [r for r in rows if r["objective"] == "risk-sensitive"]
+    rows = [r for r in rows if r["objective"] != "risk-sensitive"]
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     estimators = list(dict.fromkeys(r["estimator"] for r in rows))
     ns = sorted({r["n"] for r in rows})
@@ -526,6 +744,12 @@ def plot(rows: list[dict], path: Path) -> bool:
                         label="plugin (biased: variance + bias², the MSE)",
                     )
                     handles["plugin (MSE)"] = mse[0]
+            for b, r in enumerate(
+                sorted((r for r in risk if r["policy"] == policy and r["n"] == n), key=lambda r: r["beta"])
+            ):
+                if r["trace_cov"] > 0:
+                    line = ax.axhline(r["trace_cov"], color=("#666666", "#111111")[b % 2], ls=":", lw=1.3)
+                    handles[f"risk_sensitive beta={r['beta']:g}"] = line
             ax.set_yscale("log")
             ax.set_xscale("log", base=2)
             ks = sorted({r["k"] for r in panel})
@@ -552,10 +776,14 @@ def plot(rows: list[dict], path: Path) -> bool:
             ax.grid(alpha=0.3, which="major")
             ax.tick_params(labelsize=8)
             del method
-    order = [e for e in estimators if e in handles]
+    order = [e for e in estimators if e in handles] + sorted(h for h in handles if h.startswith("risk_sensitive"))
     if "plugin (MSE)" in handles:
         order.insert(order.index("plugin") + 1 if "plugin" in order else len(order), "plugin (MSE)")
-    legend_handles = [handles[e] for e in order]
+    legend_handles = []
+    for e in order:
+        if e.startswith("risk_sensitive"):
+            handles[e].set_label(f"RS-GRPO {e.split()[1]} (no k; biased for its own objective J_beta)")
+        legend_handles.append(handles[e])
     legend_handles.append(
         Line2D([], [], color=_style(_MATCHED, 0)[0], marker="P", ls="", label="passk_training_std at k = n (alpha = 0)")
     )
@@ -568,7 +796,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     )
     fig.suptitle(
         "Variance of the Pass@k / Max@k policy-gradient estimate per estimator: lower is better\n"
-        "(4-action categorical policy; unbiased estimators solid, biased dashed)",
+        "(Bernoulli and 4-action categorical policies; unbiased estimators solid, biased dashed)",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0.8 / height, 1, 1))
@@ -600,14 +828,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         ns_exact, ns_mc, samples = (2, 4), (8,), args.samples or 2000
     else:
-        ns_exact, ns_mc, samples = (4, 8), (16, 64), args.samples or 40000
-    rows = run(ns_exact, ns_mc, samples) + run_maxrl(ns_exact, ns_mc, samples)
+        ns_exact, ns_mc, samples = (4, 8, 16), (64,), args.samples or 40000
+    rows = (
+        run(ns_exact, ns_mc, samples)
+        + run_risk_sensitive(ns_exact, ns_mc, samples)
+        + run_maxrl(ns_exact, ns_mc, samples)
+    )
     table = markdown_table(rows)
     head = headline(rows)
+    best = winners(rows)
+    risk = risk_sensitive_table(rows)
     maxrl, maxrl_head = maxrl_table(rows), maxrl_headline(rows)
     print(table)
     print()
     print(head)
+    print()
+    print(best)
+    print()
+    print(risk)
     print()
     print(maxrl)
     print()
@@ -624,12 +862,17 @@ def main(argv: list[str] | None = None) -> int:
         "monte_carlo_samples": samples,
         "versions": {"rspo_kernels": rspo_kernels.__version__, "torch": torch.__version__, "numpy": np.__version__},
         "headline": head,
+        "winners": best,
         "maxrl_headline": maxrl_head,
         "rows": rows,
     }
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     maxrl_md = f"## MaxRL (target: grad J_T)\n\n{maxrl_head}\n\n{maxrl}\n"
-    (args.out / f"{stem}.md").write_text(f"# Estimator variance ({date})\n\n{head}\n\n{table}\n\n{maxrl_md}")
+    risk_md = f"## RS-GRPO (target: grad J_beta, biased)\n\n{risk}\n"
+    (args.out / f"{stem}.md").write_text(
+        f"# Estimator variance ({date})\n\n{head}\n\nLowest exact variance among the unbiased estimators:\n\n"
+        f"{best}\n\n{table}\n\n{risk_md}\n{maxrl_md}"
+    )
     wrote = [f"{stem}.json", f"{stem}.md"]
     if plot(rows, args.out / f"{stem}.png"):
         wrote.append(f"{stem}.png")

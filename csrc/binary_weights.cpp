@@ -48,6 +48,16 @@ PairOfWeights binary_pair(int64_t n, int64_t c, int64_t k, Estimator est) {
             const double wrong = c < n ? 0.0 - static_cast<double>(c) / static_cast<double>(n - c) * miss / denom : 0.0;
             return {miss / denom, wrong};
         }
+        case Estimator::ordergrad: {
+            // OrderGrad / MaxPO, k (q_i - M_i) (needs k < n): a correct response gets k times the chance
+            // that k of the others all fail, k C(n-c, k)/C(n-1, k); a wrong one
+            // -k c/(n-k) C(n-1-c, k-1)/C(n-1, k-1) (docs/math.md).
+            const double correct = c > 0 ? dk * miss_ratio(c - 1, n - 1, k) : 0.0;
+            const double wrong = c > 0 && c < n ? 0.0 - dk * static_cast<double>(c) / static_cast<double>(n - k) *
+                                                           miss_ratio(c, n - 1, k - 1)
+                                                : 0.0;
+            return {correct, wrong};
+        }
         case Estimator::hitchhiking:  // rejected before the parallel region (no throwing inside it)
             break;
     }
@@ -161,7 +171,7 @@ template <typename T>
 int64_t pass_at_k_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Estimator est,
                           bool validate, T* out) {
     if (est == Estimator::hitchhiking) throw std::invalid_argument("use hitchhiking_weights");
-    check_groups(offsets, num_groups, k, est == Estimator::pkpo_loo);
+    check_groups(offsets, num_groups, k, est == Estimator::pkpo_loo || est == Estimator::ordergrad);
     const int64_t total = offsets[num_groups];
     int64_t first_bad_group = num_groups;  // groups are stored in order: the first bad group holds the first bad value
     if (num_groups < 4 && total >= kParallelMinSamplesCheap) {

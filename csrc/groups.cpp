@@ -18,8 +18,9 @@ Estimator parse_estimator(const std::string& name) {
     if (name == "pkpo") return Estimator::pkpo;
     if (name == "pkpo_loo") return Estimator::pkpo_loo;
     if (name == "passk_training_std") return Estimator::passk_training_std;
+    if (name == "ordergrad") return Estimator::ordergrad;
     throw std::invalid_argument("unknown estimator '" + name +
-                                "'; expected one of rspo, plugin, hitchhiking, pkpo, pkpo_loo, passk_training_std");
+                                "'; expected one of rspo, plugin, hitchhiking, pkpo, pkpo_loo, passk_training_std, ordergrad");
 }
 
 namespace {

@@ -13,12 +13,12 @@
 namespace rspo {
 
 enum class Objective { pass_at_k, max_at_k };
-enum class Estimator { rspo, plugin, hitchhiking, pkpo, pkpo_loo, passk_training_std };
+enum class Estimator { rspo, plugin, hitchhiking, pkpo, pkpo_loo, passk_training_std, ordergrad };
 
 Objective parse_objective(const std::string& name);
 Estimator parse_estimator(const std::string& name);
 
-// Max@k weights of real rewards (sorted_weights.cpp): rspo, plugin, pkpo, pkpo_loo.
+// Max@k weights of real rewards (sorted_weights.cpp): rspo, plugin, pkpo, pkpo_loo, ordergrad.
 // passk_training_std is defined for binary rewards only and is rejected.
 template <typename T>
 void max_at_k_weights(const T* values, const int64_t* offsets, int64_t num_groups, int64_t k, Estimator est, T* out);
@@ -68,8 +68,8 @@ int64_t grouped_weights(const T* values, const int64_t* offsets, int64_t num_gro
     return -1;
 }
 
-// Checks the offsets and that every group admits k: k <= n, plus k < n (`strict`) or n % k == 0
-// (`divisible`) where an estimator needs it. Returns the common group size, or -1 if ragged.
+// Checks the offsets and that every group admits k: k <= n, plus k < n (`strict`: pkpo_loo, ordergrad)
+// or n % k == 0 (`divisible`) where an estimator needs it. Returns the common group size, or -1 if ragged.
 int64_t check_groups(const int64_t* offsets, int64_t num_groups, int64_t k, bool strict = false,
                      bool divisible = false);
 

@@ -22,6 +22,7 @@ struct Workspace {
     std::vector<double> q;   // q[j] = C(j, k-1) / C(n-1, k-1),             j = 0..n-1
     std::vector<double> a1;  // a1[j] = C(j, k-2) / C(n-1, k-1): max@(k-1) of n-1 others, j = 0..n-2
     std::vector<double> ak;  // ak[j] = C(j, k-1) / C(n-1, k):   max@k of n-1 others,     j = 0..n-2
+    std::vector<double> up;  // up[j] = C(j, k) / C(n-1, k) (ordergrad),                 j = 0..n-1
     int64_t table_n = -1;
 
     void prepare(int64_t n, int64_t k, Estimator est) {
@@ -37,6 +38,10 @@ struct Workspace {
         table_n = n;
         q.resize(n);
         tail_ratios(n - 1, k - 1, q.data());
+        if (est == Estimator::ordergrad) {
+            up.resize(n);
+            tail_ratios(n - 1, k, up.data());  // k < n (checked), so C(n-1, k) > 0
+        }
         if (est == Estimator::pkpo || est == Estimator::pkpo_loo) {
             // Unbiased max@m of the n-1 others puts C(j, m-1)/C(n-1, m) on their j-th smallest;
             // C(j, m-1)/C(n-1, m) = [C(j, m-1)/C(n-2, m-1)] * m/(n-1).
@@ -121,9 +126,29 @@ void pkpo_sorted(Workspace<T>& ws, int64_t n, int64_t k, bool loo, double* w) {
     }
 }
 
+// OrderGrad / MaxPO, k (q_i - M_i), in gap form (docs/math.md; estimators._max_ordergrad):
+//   w[p] = k [ sum_{j=1..p} up[j] gap_j  -  sum_{j=p+1..n-1} q[j-1] (n-j)/(n-k) gap_j ],
+// with gap_j = s[j] - s[j-1]: both sums have non-negative terms and gaps vanish inside a tie run,
+// so tied samples get bitwise-identical weights and the weights are shift-invariant.
+inline void ordergrad_sorted(const double* s, const double* q, const double* up, int64_t n, int64_t k, double* w) {
+    const double nk = static_cast<double>(n - k);
+    double down = 0.0;  // w[p] first holds minus the suffix sum over j > p ...
+    w[n - 1] = 0.0;
+    for (int64_t p = n - 2; p >= 0; --p) {
+        const int64_t j = p + 1;
+        down += q[j - 1] * (static_cast<double>(n - j) / nk) * (s[j] - s[j - 1]);
+        w[p] = -down;
+    }
+    double acc = 0.0;  // ... then gains the prefix sum over j <= p
+    for (int64_t p = 0; p < n; ++p) {
+        if (p > 0) acc += up[p] * (s[p] - s[p - 1]);
+        w[p] = static_cast<double>(k) * (acc + w[p]);
+    }
+}
+
 template <typename T>
 void one_group(const T* v, int64_t n, int64_t k, Estimator est, Workspace<T>& ws, T* out) {
-    if (k == 1 && est != Estimator::pkpo_loo) {
+    if (k == 1 && est != Estimator::pkpo_loo && est != Estimator::ordergrad) {
         // rspo, plugin and pkpo all reduce to the plain policy gradient w_i = R_i.
         std::copy(v, v + n, out);
         return;
@@ -145,6 +170,9 @@ void one_group(const T* v, int64_t n, int64_t k, Estimator est, Workspace<T>& ws
         case Estimator::pkpo_loo:
             pkpo_sorted(ws, n, k, est == Estimator::pkpo_loo, w);
             break;
+        case Estimator::ordergrad:
+            ordergrad_sorted(s, ws.q.data(), ws.up.data(), n, k, w);
+            break;
         case Estimator::hitchhiking:  // rejected before the parallel region (no throwing inside it)
         case Estimator::passk_training_std:
             break;
@@ -159,7 +187,8 @@ void max_at_k_weights(const T* values, const int64_t* offsets, int64_t num_group
     if (est == Estimator::hitchhiking) throw std::invalid_argument("use hitchhiking_weights");
     if (est == Estimator::passk_training_std)
         throw std::invalid_argument("the passk_training_std estimator is defined for Pass@k (binary rewards) only");
-    const int64_t common = check_groups(offsets, num_groups, k, est == Estimator::pkpo_loo);
+    const int64_t common =
+        check_groups(offsets, num_groups, k, est == Estimator::pkpo_loo || est == Estimator::ordergrad);
     const int64_t total = offsets[num_groups];
 #pragma omp parallel if (total >= kParallelMinSamples && num_groups > 1)
     {

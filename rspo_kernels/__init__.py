@@ -7,6 +7,8 @@ pass_at_k_weights, max_at_k_weights
     estimators users compare against).
 maxrl_weights
     Weights for maximum-likelihood RL's truncated objective sum_{k<=T} (1/k) pass@k.
+risk_sensitive_weights
+    RS-GRPO's risk-sensitive advantage for (1/beta) log E exp(beta R) (biased; centred).
 pass_at_k, max_at_k
     The matching unbiased evaluation metrics, one value per group.
 token_logprobs, rspo_loss, RSPOLoss
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         maxrl_weights,
         pass_at_k,
         pass_at_k_weights,
+        risk_sensitive_weights,
     )
 
 __version__ = "0.1.0"
@@ -68,6 +71,7 @@ _EXPORTS = {
     "pass_at_k_weights": "rspo_kernels.weights.api",
     "MAXRL_ESTIMATORS": "rspo_kernels.weights.api",
     "maxrl_weights": "rspo_kernels.weights.api",
+    "risk_sensitive_weights": "rspo_kernels.weights.api",
 }
 
 __all__ = [
@@ -87,6 +91,7 @@ __all__ = [
 __all__ += ["RSPOLinearLoss", "rspo_linear_loss", "token_logprobs_linear"]
 __all__ += ["MAXRL_ESTIMATORS", "maxrl_weights"]
 __all__ += ["TokenStats"]
+__all__ += ["risk_sensitive_weights"]
 
 
 def __getattr__(name: str) -> Any:

@@ -32,6 +32,7 @@ _IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("weights", "reference"): "rspo_kernels.weights.estimators:grouped_weights",
     ("pass_at_k", "reference"): "rspo_kernels.weights.estimators:grouped_pass_at_k",
     ("max_at_k", "reference"): "rspo_kernels.weights.estimators:grouped_max_at_k",
+    ("risk_sensitive_weights", "reference"): "rspo_kernels.weights.estimators:grouped_risk_sensitive_weights",
     ("first_invalid", "reference"): "rspo_kernels.weights._validation:first_invalid",
     ("first_invalid", "cpp"): "rspo_kernels.weights._cpu_backend:first_invalid",
     ("weights", "triton"): "rspo_kernels.ops.weights:grouped_weights",

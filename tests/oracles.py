@@ -175,6 +175,86 @@ def passk_training_std_formula(r: list[float], k: int) -> list[float]:
     return [correct if x == 1 else wrong for x in r]
 
 
+def subset_ordergrad(r: list, k: int) -> list:
+    """OrderGrad / MaxPO by definition: ``A_i = k (q_i - M_i)``, by subset enumeration.
+
+    ``q_i``: the mean over the (k-1)-subsets S of the others of ``max(R_i, max S)``; ``M_i``: the
+    mean over the k-subsets of the others of their max. Exact when the rewards are Fractions
+    (or ints); needs ``k <= n - 1``.
+    """
+    n = len(r)
+    out = []
+    for i in range(n):
+        others = [r[j] for j in range(n) if j != i]
+        include = [max([r[i], *s]) for s in itertools.combinations(others, k - 1)]
+        leave = [max(s) for s in itertools.combinations(others, k)]
+        out.append(k * (sum(include, Fraction(0)) / len(include) - sum(leave, Fraction(0)) / len(leave)))
+    return out if isinstance(r[0], (Fraction, int)) else [float(x) for x in out]
+
+
+def ordergrad_binary_formula(r: list, k: int) -> list[Fraction]:
+    """The authors' closed form for 0/1 rewards, ``c`` correct (issue 29), in exact fractions.
+
+    Correct: ``k C(n-c, k) / C(n-1, k)``; wrong: ``-k c/(n-k) C(n-1-c, k-1) / C(n-1, k-1)``.
+    """
+    n, c = len(r), int(sum(1 for x in r if x))
+
+    def comb(a: int, b: int) -> int:
+        return math.comb(a, b) if 0 <= b <= a else 0
+
+    correct = Fraction(k * comb(n - c, k), comb(n - 1, k))
+    wrong = -Fraction(k * c, n - k) * Fraction(comb(n - 1 - c, k - 1), comb(n - 1, k - 1))
+    return [correct if x else wrong for x in r]
+
+
+def _rspo_exact(r: list[Fraction], k: int) -> list[Fraction]:
+    """docs/math.md fact 2 in exact fractions: ``w_i = k E_S[max(R_i - max S, 0)]``."""
+    n = len(r)
+    if k == 1:
+        return list(r)
+    out = []
+    for i in range(n):
+        others = r[:i] + r[i + 1 :]
+        gains = [max(r[i] - max(s), Fraction(0)) for s in itertools.combinations(others, k - 1)]
+        out.append(k * sum(gains, Fraction(0)) / len(gains))
+    return out
+
+
+def ordergrad_leave_two_out(r: list, k: int) -> list[Fraction]:
+    """OrderGrad as "RSPO minus a leave-two-out baseline" (issue 29), in exact fractions.
+
+    ``A_i = w_i - mean_{j != i} w_j^(-i)``, where ``w`` are RSPO's weights of the whole group and
+    ``w_j^(-i)`` RSPO's weight of ``j`` recomputed in the group without ``i`` (so ``j``'s own
+    subsets leave out both i and j). A second, differently built route to the same numbers.
+    """
+    rs = [Fraction(x) for x in r]
+    n = len(rs)
+    w = _rspo_exact(rs, k)
+    out = []
+    for i in range(n):
+        without_i = _rspo_exact(rs[:i] + rs[i + 1 :], k)
+        out.append(w[i] - sum(without_i, Fraction(0)) / (n - 1))
+    return out
+
+
+def risk_sensitive(r: list[float], beta: float, digits: int = 50) -> list[float]:
+    """RS-GRPO's advantage from its printed definition, in ``digits``-digit arithmetic (mpmath).
+
+    ``S = (1/beta) log mean_j exp(beta R_j)``, ``A_i = (exp(beta (R_i - S)) - 1) / beta``; the
+    limit ``beta -> 0`` is ``R_i - mean R``.
+    """
+    import mpmath
+
+    with mpmath.workdps(digits):
+        rs = [mpmath.mpf(x) for x in r]
+        if beta == 0:
+            mean = sum(rs) / len(rs)
+            return [float(x - mean) for x in rs]
+        b = mpmath.mpf(beta)
+        s = mpmath.log(sum(mpmath.exp(b * x) for x in rs) / len(rs)) / b
+        return [float((mpmath.exp(b * (x - s)) - 1) / b) for x in rs]
+
+
 ORACLES = {
     ("max@k", "rspo"): subset_rspo,
     ("max@k", "plugin"): plugin_max,
@@ -187,6 +267,8 @@ ORACLES = {
     ("pass@k", "pkpo"): subset_pkpo,
     ("pass@k", "pkpo_loo"): subset_pkpo_loo,
     ("pass@k", "passk_training_std"): passk_training_std,
+    ("max@k", "ordergrad"): subset_ordergrad,
+    ("pass@k", "ordergrad"): subset_ordergrad,
 }
 
 

@@ -21,7 +21,9 @@ def _binary(fn):
 
 # ----------------------------------------------------------------------------------- layouts
 @pytest.mark.parametrize("fn", ALL_FNS)
-@pytest.mark.parametrize("estimator", ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std"])
+@pytest.mark.parametrize(
+    "estimator", ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std", "ordergrad"]
+)
 @given(data=st.data())
 def test_layouts_agree(fn, estimator, data):
     """2-D rows, flat with group_size, and shuffled string group_ids give the same numbers."""
@@ -270,7 +272,7 @@ def _backends_for_weights():
 
 
 @pytest.mark.parametrize("backend", _backends_for_weights())
-@pytest.mark.parametrize("estimator", ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"])
+@pytest.mark.parametrize("estimator", ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "ordergrad"])
 def test_unvalidated_pass_at_k_counts_every_non_zero_reward_as_correct(monkeypatch, backend, estimator):
     """Issue 14 §3.5: with validate=False every backend reads Pass@k rewards as ``R != 0``."""
     from rspo_kernels._dispatch import BACKEND_ENV

@@ -86,6 +86,45 @@ def test_variance_exact_moments_are_unbiased_and_ordered(tmp_path):
         assert by[(p.name, 2, "plugin")]["bias"] > 1e-3  # plugin is biased
 
 
+@pytest.mark.parametrize("policy", range(len(variance.POLICIES)))
+def test_variance_exact_moments_by_multisets_equal_the_ordered_enumeration(policy):
+    """The multiset (and, for hitchhiking, block) shortcut of exact_moments against all m^n ordered groups."""
+    p = variance.POLICIES[policy]
+    for n in (2, 4):
+        for k in variance.k_values(n, exact=True):
+            for e in variance.ESTIMATORS:
+                if not variance.valid(e, n, k, p.objective):
+                    continue
+                fast = variance.exact_moments(p, n, k, e)
+                mean, trace = variance.exact_moments_ordered(p, n, k, e)
+                assert fast["trace_cov"] == pytest.approx(trace, rel=1e-11, abs=1e-15), (p.name, n, k, e)
+                grad = variance.true_gradient(p, k)
+                assert fast["bias"] == pytest.approx(float(np.linalg.norm(mean - grad)), abs=1e-12)
+        for beta in variance.RISK_BETAS:
+            fast = variance.exact_moments(p, n, beta, "risk_sensitive")
+            assert fast["trace_cov"] == pytest.approx(
+                variance.exact_moments_ordered(p, n, beta, "risk_sensitive")[1], rel=1e-11, abs=1e-15
+            )
+
+
+def test_variance_ordergrad_and_risk_sensitive_rows():
+    """OrderGrad is exactly unbiased beside RSPO on the exact grid k in {1, 2, 4, n/2}, k < n; RS-GRPO
+    is biased for grad J_beta (on binary policies E g = alpha grad J_beta with alpha < 1: docs/math.md)."""
+    rows = variance.run(ns_exact=(4, 16), ns_mc=(), samples=0)
+    og = [r for r in rows if r["estimator"] == "ordergrad"]
+    assert {r["k"] for r in og} == {1, 2, 4, 8} and all(r["k"] < r["n"] for r in og)
+    assert all(r["bias"] < 1e-12 for r in og)
+    risk = variance.run_risk_sensitive(ns_exact=(4,), ns_mc=(), samples=0)
+    assert {r["beta"] for r in risk} == set(variance.RISK_BETAS)
+    for r in risk:
+        if r["policy"].startswith("pass@k"):  # binary: E g = alpha grad J_beta exactly, alpha < 1
+            assert 0 < r["scale"] < 1 and r["bias"] > 1e-3
+    text = variance.winners(rows)
+    assert "ordergrad" in text and "rspo" in text
+    assert "lowest (unbiased)" in variance.markdown_table(rows)
+    assert "| 4 | 1 | exact |" in variance.risk_sensitive_table(risk)
+
+
 def test_variance_maxrl_rows_exact():
     """MaxRL rows: unbiased for grad J_T (exact, n = 4); vr_cond is unbiased only at T = n; on the
     categorical policy the leave-one-out "rloo" beats the released "maclaurin" for T >= 2."""
@@ -111,22 +150,24 @@ def test_variance_quick_writes_outputs(tmp_path, capsys):
         assert len(list(tmp_path.glob("*-maxrl.png"))) == 1
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert report["headline"] and report["rows"] and report["maxrl_headline"]
-    assert {r["objective"] for r in report["rows"]} == {"pass@k", "max@k", "maxrl"}
+    assert {r["objective"] for r in report["rows"]} == {"pass@k", "max@k", "maxrl", "risk-sensitive"}
+    assert report["winners"].startswith("- pass@k, Bernoulli")
     assert "tr Cov relative to RSPO" in capsys.readouterr().out
 
 
 def test_variance_figure_shows_passk_training_std_at_matched_scale_and_its_k_equals_n_point():
     rows = variance.run(ns_exact=(4,), ns_mc=(), samples=0)
-    panel = [r for r in rows if r["objective"] == "pass@k"]
+    categorical = next(p.name for p in variance.POLICIES if p.objective == "pass@k" and len(p.probs) == 4)
+    panel = [r for r in rows if r["policy"] == categorical]
     sel, values, _, vanished = variance._series(panel, "passk_training_std")
     assert vanished == [4]  # k = n: every advantage is 0, alpha = 0; marked on the axis edge instead
-    assert [r["k"] for r in sel] == [1, 2, 3]
+    assert [r["k"] for r in sel] == [1, 2]  # the exact grid k in {1, 2, 4, n/2}
     # Matched scale: the variance of g / alpha, whose mean is the true gradient (binary rewards).
     for r, value in zip(sel, values, strict=True):
         assert value == pytest.approx(r["trace_cov"] / r["scale"] ** 2) and value > 0
     assert r["scale"] < 1 < sel[0]["scale"]  # alpha is not a fraction: above 1 at k = 1 here
     _, raw, _, none = variance._series(panel, "rspo")
-    assert none == [] and len(raw) == 4
+    assert none == [] and len(raw) == 3
 
 
 def test_variance_replot_redraws_a_results_file(tmp_path):

@@ -24,10 +24,10 @@ from rspo_kernels.weights import _cpu_backend, api
 from rspo_kernels.weights import estimators as spec
 from rspo_kernels.weights._layout import Groups
 
-ESTIMATORS = ("rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo")
+ESTIMATORS = ("rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "ordergrad")
 OBJECTIVES = ("pass@k", "max@k")
 DTYPES = (torch.float32, torch.float64)
-SORTED_ESTIMATORS = ("rspo", "plugin", "pkpo", "pkpo_loo")  # tied rewards must get equal weights
+SORTED_ESTIMATORS = ("rspo", "plugin", "pkpo", "pkpo_loo", "ordergrad")  # tied rewards must get equal weights
 
 
 def make_groups(values, sizes, dtype) -> Groups:
@@ -69,7 +69,7 @@ def grouped_case(draw, estimator: str, binary: bool):
     if estimator == "hitchhiking":
         size = st.integers(1, 4).map(lambda m: m * k)
     else:
-        lo = k + 1 if estimator == "pkpo_loo" else k
+        lo = k + 1 if estimator in ("pkpo_loo", "ordergrad") else k
         # Mostly small groups (insertion sort); sometimes > 48 (the radix-sort path).
         size = st.one_of(st.integers(lo, lo + 9), st.integers(lo + 45, lo + 70))
     if ragged:
@@ -162,6 +162,7 @@ def test_weights_match_subset_enumeration(rewards, k):
     }
     if k < len(rewards):
         expected["pkpo_loo"] = oracles.subset_pkpo_loo(rewards, k)
+        expected["ordergrad"] = oracles.subset_ordergrad(rewards, k)
     if len(rewards) % k == 0:
         expected["hitchhiking"] = oracles.hitchhiking(rewards, k)
     if binary:
@@ -286,7 +287,7 @@ def test_public_api_routes_cpu_tensors_to_cpp():
 def test_public_api_with_shuffled_ragged_group_ids_matches_reference(monkeypatch, estimator):
     gen = np.random.default_rng(3)
     k = 2
-    sizes = gen.integers(1, 12, size=40) * 2 + (2 if estimator == "pkpo_loo" else 0)
+    sizes = gen.integers(1, 12, size=40) * 2 + (2 if estimator in ("pkpo_loo", "ordergrad") else 0)
     ids = np.repeat(np.arange(sizes.size), sizes)
     gen.shuffle(ids)
     rewards = gen.choice(np.linspace(-1, 1, 9), size=ids.size)

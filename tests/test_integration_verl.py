@@ -63,7 +63,13 @@ def _expected(scores, uids, mask, objective, k, estimator="rspo"):
 
 @pytest.mark.parametrize(
     "objective,k,estimator,binary",
-    [("pass@k", 2, "rspo", True), ("pass@k", 4, "plugin", True), ("max@k", 3, "rspo", False)],
+    [
+        ("pass@k", 2, "rspo", True),
+        ("pass@k", 4, "plugin", True),
+        ("max@k", 3, "rspo", False),
+        ("max@k", 3, "ordergrad", False),
+        ("pass@k", 2, "ordergrad", True),
+    ],
 )
 def test_ray_trainer_compute_advantage_returns_rspo_weights(objective, k, estimator, binary):
     rng = np.random.default_rng(k)

@@ -75,7 +75,7 @@ def test_pass_at_k_zero_when_group_nearly_sure(n, data):
 
 
 @pytest.mark.parametrize("objective", ["pass@k", "max@k"])
-@pytest.mark.parametrize("estimator", ["rspo", "plugin", "pkpo", "pkpo_loo"])
+@pytest.mark.parametrize("estimator", ["rspo", "plugin", "pkpo", "pkpo_loo", "ordergrad"])
 @given(data=st.data())
 def test_permutation_equivariant(objective, estimator, data):
     """Every order-free estimator commutes with shuffling a group (hitchhiking is order-based)."""
@@ -87,7 +87,7 @@ def test_permutation_equivariant(objective, estimator, data):
     np.testing.assert_allclose(w_perm, w[perm], rtol=1e-12, atol=_atol(r, k))
 
 
-@pytest.mark.parametrize("estimator", ["rspo", "plugin", "pkpo", "pkpo_loo"])
+@pytest.mark.parametrize("estimator", ["rspo", "plugin", "pkpo", "pkpo_loo", "ordergrad"])
 @given(r=reward_groups(2, 10), data=st.data())
 def test_tied_rewards_share_a_weight(estimator, r, data):
     k = data.draw(st.integers(1, len(r) - 1))

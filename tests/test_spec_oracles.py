@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import rspo_kernels as rk
 from rspo_kernels._dispatch import BACKEND_ENV
 
-ESTIMATORS = ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"]
+ESTIMATORS = ["rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "ordergrad"]
 WEIGHTS = {"pass@k": rk.pass_at_k_weights, "max@k": rk.max_at_k_weights}
 
 
@@ -28,7 +28,7 @@ def _reference_backend(monkeypatch):
 def _valid(estimator: str, n: int, k: int) -> bool:
     if estimator == "hitchhiking":
         return n % k == 0
-    if estimator == "pkpo_loo":
+    if estimator in ("pkpo_loo", "ordergrad"):
         return k < n
     return True
 
@@ -124,7 +124,7 @@ def test_plugin_pass_is_not_plugin_max_on_binary():
 
 
 @pytest.mark.parametrize("big_first", [True, False])
-@pytest.mark.parametrize("estimator", ["rspo", "plugin", "pkpo", "pkpo_loo"])
+@pytest.mark.parametrize("estimator", ["rspo", "plugin", "pkpo", "pkpo_loo", "ordergrad"])
 def test_ragged_scans_keep_each_groups_precision(estimator, big_first):
     """Issue 14 §3.1: a 3e15 reward in one group must not round another group's scans away."""
     big, small = [0.0, 3e15, 1.0], [0.1, 0.2, 0.3, 0.0]

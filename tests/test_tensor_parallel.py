@@ -194,6 +194,44 @@ def _cases(rank: int, tp: int, group, errors: list[str]) -> None:
             gl_pad[..., :vocab] = gl_r
             _close(gz, gl_pad[..., rows], f"logits grad {tag}", errors)
 
+    # Other policy losses (sequence-level, batch-level, rollout weights): the same per-token algebra
+    # on the same log-probs, so the vocabulary-parallel loss and slice gradient equal single-process ones.
+    from rspo_kernels.loss.reference import rspo_loss_reference
+
+    is_w = 0.5 + torch.rand(B, T, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    for name, opts in (("gspo", None), ("clip_cov", {"clip_cov_ratio": 0.3, "clip_cov_lb": 0.0}), ("vespo", None)):
+        kw = dict(
+            old_logprobs=x["old"],
+            ref_logprobs=x["ref"],
+            policy_loss=name,
+            policy_loss_options=opts,
+            rollout_is_weights=is_w,
+            kl_penalty="low_var_kl",
+            **LOSS_KW,
+        )
+        full = (x["hidden"] @ x["weight"][:V_REAL].T + x["bias"][:V_REAL]).requires_grad_()
+        loss_r = rspo_loss_reference(
+            full, x["ids"], x["weights"], x["mask"], generator=torch.Generator().manual_seed(3), **kw
+        )
+        (g_r,) = torch.autograd.grad(loss_r, full)
+        z = (x["hidden"] @ x["weight"].T + x["bias"])[..., rows].clone().requires_grad_()
+        loss_z = rk.rspo_loss(
+            z,
+            x["ids"],
+            x["weights"],
+            x["mask"],
+            tp_group=group,
+            vocab_start=start,
+            vocab_size=V_REAL,
+            generator=torch.Generator().manual_seed(3),
+            **kw,
+        )
+        (gz,) = torch.autograd.grad(loss_z, z)
+        _close(loss_z, loss_r, f"{name} loss", errors)
+        g_pad = torch.zeros(B, T, v_pad, dtype=torch.float64)
+        g_pad[..., :V_REAL] = g_r
+        _close(gz, g_pad[..., rows], f"{name} logits grad", errors)
+
     # Both outputs of the log-prob functions, with random upstream gradients, packed rows.
     g = torch.Generator().manual_seed(5)
     up_lp, up_h = torch.randn(B * T, generator=g, dtype=torch.float64), torch.randn(B * T, generator=g).double()

@@ -22,9 +22,9 @@ def _groups(values: torch.Tensor, group_ids=None, group_size=None):
     return to_groups(values, shape=values.shape, container="torch", group_size=group_size, group_ids=group_ids)[0]
 
 
-def _compare(groups, k, objective):
-    got = triton_weights.grouped_weights(groups, k, objective, "rspo")
-    want = estimators.grouped_weights(groups, k, objective, "rspo")
+def _compare(groups, k, objective, estimator="rspo"):
+    got = triton_weights.grouped_weights(groups, k, objective, estimator)
+    want = estimators.grouped_weights(groups, k, objective, estimator)
     assert got.dtype == want.dtype and got.device == want.device
     scale = max(1.0, float(groups.values.abs().max())) * k
     tol = TOL[groups.values.dtype]
@@ -60,6 +60,26 @@ def test_ragged_groups_span_several_chunks(objective, data):
     else:
         r = rng.integers(-3, 4, size=ids.shape[0]) * 0.5
     _compare(_groups(torch.tensor(r, dtype=torch.float64, device=DEVICE), group_ids=ids), k, objective)
+
+
+@pytest.mark.parametrize("objective", ["pass@k", "max@k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(data=st.data())
+def test_ordergrad_kernels_dense_and_ragged(objective, dtype, data):
+    """OrderGrad's kernels (sorted gap form; binary closed form) against the specification, k < n."""
+    sizes = data.draw(st.lists(st.sampled_from([2, 3, 9, 40, 300]), min_size=1, max_size=3))
+    k = data.draw(st.integers(1, min(sizes) - 1))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    ids = np.repeat(np.arange(len(sizes)), sizes)
+    ids = ids[rng.permutation(ids.shape[0])]
+    if objective == "pass@k":
+        r = rng.integers(0, 2, size=ids.shape[0])
+    else:
+        r = rng.integers(-3, 4, size=ids.shape[0]) * 0.5 + data.draw(st.sampled_from([0.0, 100.0]))
+    values = torch.tensor(r, dtype=dtype, device=DEVICE)
+    _compare(_groups(values, group_ids=ids), k, objective, "ordergrad")
+    if len(set(sizes)) == 1:
+        _compare(_groups(values.reshape(len(sizes), -1)), k, objective, "ordergrad")
 
 
 def test_other_estimators_fall_back_to_the_specification():
@@ -99,6 +119,12 @@ for dt in ("fp32", "fp64"):
         compile_(W._rspo_chunk_sums_kernel, dict(base, p_sums="*fp64"), consts)
         sig = dict(base, p_order="*i64", p_out="*" + dt, p_carry="*fp64", p_total="*fp64")
         compile_(W._rspo_weights_kernel, sig, consts)
+    consts = dict(BLOCK=1024)
+    base = dict(p_v="*" + dt, p_offsets="*i64", p_chunks="*i64", p_lf="*fp64", k="i32")
+    compile_(W._ordergrad_chunk_sums_kernel, dict(base, p_up="*fp64", p_down="*fp64"), consts)
+    sig = dict(base, p_order="*i64", p_out="*" + dt, p_carry_up="*fp64", p_carry_down="*fp64", p_total_down="*fp64")
+    compile_(W._ordergrad_weights_kernel, sig, consts)
+    compile_(W._ordergrad_pass_kernel, dict(base, p_out="*" + dt, p_total="*fp64"), consts)
 print("compiled")
 """
 

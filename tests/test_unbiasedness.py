@@ -15,7 +15,7 @@ from oracles import expected_gradient
 import rspo_kernels as rk
 from rspo_kernels._dispatch import BACKEND_ENV
 
-UNBIASED = ["rspo", "hitchhiking", "pkpo", "pkpo_loo"]
+UNBIASED = ["rspo", "hitchhiking", "pkpo", "pkpo_loo", "ordergrad"]
 
 # (rewards per response, logits): ties among rewards on purpose.
 MAX_POLICIES = [
@@ -61,7 +61,7 @@ def _cases(policies):
 
 
 def _applicable(estimator: str, n: int, k: int) -> bool:
-    return not ((estimator == "hitchhiking" and n % k) or (estimator == "pkpo_loo" and k >= n))
+    return not ((estimator == "hitchhiking" and n % k) or (estimator in ("pkpo_loo", "ordergrad") and k >= n))
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,16 @@ from typing import Any
 
 from rspo_kernels.demo.config import DemoConfig
 
-__all__ = ["check_claims", "json_record", "format_report"]
+__all__ = ["check_claims", "json_record", "format_report", "VARIANCE_VERDICT"]
+
+# Which unbiased estimator has the lowest variance where: the exact table of docs/weights.md
+# (benchmarks/variance.py, Bernoulli and categorical policies, n = 4, 8, 16); tests/test_estimators_v3.py
+# checks every statement against that enumeration.
+VARIANCE_VERDICT = (
+    "Lowest-variance estimator (exact enumeration, docs/weights.md): 'rspo' at k = n/2 (n >= 8) and k = n; "
+    "a leave-one-out baseline ('ordergrad', RLOO at k = 1, or 'pkpo_loo') at k = 1 for n >= 8; at k = 2 "
+    "'ordergrad' for graded rewards and 'rspo' for balanced binary ones"
+)
 
 
 def check_claims(tables: dict[str, Any], config: DemoConfig) -> list[dict[str, Any]]:
@@ -152,6 +161,8 @@ def format_report(result: dict[str, Any]) -> str:
                 "docs/math.md (benchmarks/passk_alpha.py)"
             )
         lines.append("")
+    lines.append(VARIANCE_VERDICT)
+    lines.append("")
     lines.append("Paper claims, checked on the means (criteria: rspo_kernels/demo/report.py, check_claims):")
     for claim in result["claims"]:
         lines.append(

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import rspo_kernels.loss._checks as _checks
-from rspo_kernels.loss.layout import token_batch
-from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
+from rspo_kernels.loss.layout import GlobalBatch, pg_aggregation, token_batch
+from rspo_kernels.loss.options import LOSS_AGG_MODES, SEQUENCE_POLICY_LOSSES, LossOptions
 from rspo_kernels.loss.policy import policy_loss
 from rspo_kernels.loss.softcap import check_softcap
 from rspo_kernels.loss.token_stats import (
@@ -254,6 +254,7 @@ def _validate_loss_inputs(
     vocab: int | None,
     name: str = "logits",
     weights_per: Any = None,
+    rollout_is_weights: Any = None,
 ) -> None:
     """Everything :func:`rspo_loss` (and the linear variant) check before any work."""
     _checks.check_logits(name, logits)
@@ -269,9 +270,18 @@ def _validate_loss_inputs(
     _checks.check_weights(weights, shape, n_seqs, dev, weights_per)
     if mask is not None:
         _checks.check_token_tensor("mask", mask, shape, dev, floating=False)
-    for arg, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+    for arg, x in (
+        ("old_logprobs", old_logprobs),
+        ("ref_logprobs", ref_logprobs),
+        ("rollout_is_weights", rollout_is_weights),
+    ):
         if x is not None:
             _checks.check_token_tensor(arg, x, shape, dev, floating=True)
+    if packed and options.policy_loss in SEQUENCE_POLICY_LOSSES and cu_seqlens is None:
+        raise ValueError(
+            f"policy_loss={options.policy_loss!r} works on whole sequences: packed (N, D) inputs need "
+            "cu_seqlens=[0, len_0, len_0 + len_1, ..., N]"
+        )
     if options.beta > 0 and ref_logprobs is None:
         raise ValueError(f"beta={options.beta} > 0 needs ref_logprobs (e.g. rk.token_logprobs(ref_logits, target_ids))")
     if packed and options.loss_agg_mode.startswith("seq-") and cu_seqlens is None:
@@ -312,8 +322,16 @@ def rspo_loss(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     logit_softcap: float | None = None,
+    policy_loss: str = "vanilla",
+    policy_loss_options: Any = None,
+    kl_penalty: str = "k3_unclamped",
+    rollout_is_weights: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Fused clipped policy-gradient loss driven by RSPO weights.
+    """Fused policy-gradient loss driven by RSPO weights: PPO clip, or any of verl's policy losses.
 
     Aggregation: the default ``loss_agg_mode="token-mean"`` (verl's) divides by the batch's token
     count, which biases the Pass@k / Max@k gradient of per-response weights; pass
@@ -380,6 +398,32 @@ def rspo_loss(
     logit_softcap : float, optional
         Final-logit soft-capping ``z -> c * tanh(z / c)`` before the temperature (Gemma 2/3's
         ``final_logit_softcapping``), as in :func:`token_logprobs`; gradients include the cap's.
+    policy_loss, policy_loss_options, kl_penalty
+        The policy loss by verl 0.9.1's registered name (``"vanilla"``, ``"dppo_tv"``,
+        ``"dppo_kl"``, ``"gspo"``, ``"sapo"``, ``"gpg"``, ``"clip_cov"``, ``"kl_cov"``,
+        ``"geo_mean"``, ``"dro"``, ``"cispo"``), its settings under verl's key names, and the KL
+        estimator ``beta`` weighs (verl's ``kl_loss_type``); see :class:`LossOptions` and the
+        table in docs/loss.md. The value and gradient equal verl's
+        ``get_policy_loss_fn(policy_loss)`` on the full logits' log-probs, plus
+        ``beta * agg_loss(kl_penalty(logp, ref_logprobs))`` and the entropy bonus, as verl's actor.
+    rollout_is_weights : torch.Tensor, optional
+        Rollout importance-sampling weights (verl's ``rollout_is_weights``, e.g. truncated
+        ``pi_train / pi_rollout``), one per token (the token shape); a constant (no gradient).
+        They multiply each token's policy-gradient loss before the aggregation (geo_mean: their
+        per-sequence geometric mean multiplies the sequence's loss), as verl; not the KL or the
+        entropy term.
+    dp_size, batch_num_tokens, global_batch_size
+        verl's ``global_batch_info`` (its ``agg_loss``): this call's loss is normalised by the
+        global batch, i.e. divided by ``batch_num_tokens`` (valid tokens in the global batch,
+        token-mean) or ``global_batch_size`` (sequences in the global batch, seq-mean-*) instead
+        of the local counts, and multiplied by ``dp_size``, so that the gradient averaged over
+        ``dp_size`` ranks (DDP / FSDP) and summed over micro-batches equals the single-process
+        one however the batch is split. ``dp_size > 1`` needs the count its mode divides by.
+        geo_mean ignores them (verl takes the local mean over sequences).
+    generator : torch.Generator, optional
+        clip_cov only: verl draws the tokens whose gradient it cuts at random
+        (``torch.randperm``); this generator drives the draw (None: torch's global generator,
+        the draw verl makes under the same seed).
 
     Returns
     -------
@@ -402,8 +446,10 @@ def rspo_loss(
     Notes
     -----
     Per token (docs/math.md § The loss the weights feed), with ``r = exp(clamp(logp - old, -20, 20))`` and
-    weight ``A``: ``loss_tok = max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A)``, then
-    ``min(-A c, .)`` for ``A < 0`` under dual-clip, plus ``beta`` times the k3 KL. The
+    weight ``A``, the default ``policy_loss="vanilla"``:
+    ``loss_tok = max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A)``, then ``min(-A c, .)`` for
+    ``A < 0`` under dual-clip; the other losses' formulas are in docs/loss.md. The loss adds
+    ``beta * agg(kl_penalty(logp, ref))`` and subtracts ``entropy_coeff * agg(entropy)``. The
     aggregation is linear in ``loss_tok`` with mask-only coefficients, as verl's ``agg_loss``.
 
     Non-finite inputs: masked tokens are ignored entirely; ``-inf`` logits are tokens of
@@ -434,6 +480,9 @@ def rspo_loss(
         loss_agg_mode=loss_agg_mode,
         max_response_length=max_response_length,
         entropy_coeff=entropy_coeff,
+        policy_loss=policy_loss,
+        policy_loss_options=policy_loss_options,
+        kl_penalty=kl_penalty,
     )
     return rspo_loss_with_options(
         logits,
@@ -451,6 +500,11 @@ def rspo_loss(
         vocab_start=vocab_start,
         vocab_size=vocab_size,
         logit_softcap=logit_softcap,
+        rollout_is_weights=rollout_is_weights,
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        generator=generator,
     )
 
 
@@ -472,12 +526,18 @@ def rspo_loss_with_options(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     logit_softcap: float | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_loss` with its hyper-parameters in one :class:`LossOptions` (what ``RSPOLoss`` calls).
 
     ``chunk_rows`` (an int >= 1, or None) sets the rows per chunk of the chunked torch path
     (default: about 8 MiB of float32); the Triton and reference backends have no chunks and
-    ignore it. ``weights_per`` and ``logit_softcap`` are :func:`rspo_loss`'s.
+    ignore it. ``weights_per``, ``logit_softcap``, ``rollout_is_weights``, ``dp_size``,
+    ``batch_num_tokens``, ``global_batch_size`` and ``generator`` are :func:`rspo_loss`'s.
     """
     if not isinstance(options, LossOptions):
         raise TypeError(f"options must be a rspo_kernels.loss.LossOptions, got {type(options).__name__}")
@@ -497,9 +557,23 @@ def rspo_loss_with_options(
         options,
         id_bound(vocab_size, tp_group, logits.shape[-1]),
         weights_per=weights_per,
+        rollout_is_weights=rollout_is_weights,
     )
     _checks.check_inplace("logits", logits, inplace_backward)
-    batch = token_batch(logits, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, weights_per)
+    batch = token_batch(
+        logits,
+        target_ids,
+        weights,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        cu_seqlens,
+        options,
+        weights_per,
+        rollout_is_weights=rollout_is_weights,
+        global_batch=global_batch(options, dp_size, batch_num_tokens, global_batch_size),
+        generator=check_generator(generator),
+    )
     fn = logprob_op(logits.device.type, logits.dtype, shard, chunk_rows)
     logp, entropy = fn(
         batch.rows,
@@ -511,6 +585,20 @@ def rspo_loss_with_options(
         softcap=softcap,
     )
     return policy_loss(batch, logp, entropy, options, return_stats)
+
+
+def global_batch(options: LossOptions, dp_size: Any, batch_num_tokens: Any, global_batch_size: Any) -> GlobalBatch:
+    """The validated global-batch sizes for the aggregations ``options`` uses."""
+    return GlobalBatch.checked(
+        dp_size, batch_num_tokens, global_batch_size, (options.loss_agg_mode, pg_aggregation(options))
+    )
+
+
+def check_generator(generator: Any) -> torch.Generator | None:
+    """``generator`` is None or a ``torch.Generator``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
 
 
 class RSPOLoss(nn.Module):
@@ -535,8 +623,9 @@ class RSPOLoss(nn.Module):
         Fixed keyword arguments of :func:`rspo_loss`: the :class:`LossOptions` fields
         (``temperature``, ``epsilon_low``, ``epsilon_high``, ``clip_ratio_c``, ``beta``,
         ``loss_agg_mode`` (default here ``"seq-mean-token-sum"``, see above), ``max_response_length``,
-        ``entropy_coeff``), ``inplace_backward``, ``return_stats``, ``logit_softcap`` and the
-        vocabulary-parallel ``tp_group``, ``vocab_start``, ``vocab_size`` (as in :func:`rspo_loss`).
+        ``entropy_coeff``, ``policy_loss``, ``policy_loss_options``, ``kl_penalty``),
+        ``inplace_backward``, ``return_stats``, ``logit_softcap`` and the vocabulary-parallel
+        ``tp_group``, ``vocab_start``, ``vocab_size`` (as in :func:`rspo_loss`).
 
     Raises
     ------
@@ -663,6 +752,11 @@ class RSPOLoss(nn.Module):
         old_logprobs: torch.Tensor | None = None,
         ref_logprobs: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        rollout_is_weights: torch.Tensor | None = None,
+        dp_size: int = 1,
+        batch_num_tokens: Any = None,
+        global_batch_size: Any = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for one reward per response.
 
@@ -671,6 +765,9 @@ class RSPOLoss(nn.Module):
         logits, target_ids, mask, old_logprobs, ref_logprobs, cu_seqlens
             As in :func:`rspo_loss` (padded ``(B, T, V)`` or packed ``(N, V)`` with
             ``cu_seqlens``).
+        rollout_is_weights, dp_size, batch_num_tokens, global_batch_size, generator
+            Per-batch inputs of :func:`rspo_loss` (rollout importance weights, verl's
+            ``global_batch_info``, clip_cov's random generator).
         rewards : torch.Tensor
             One reward per response (``B`` padded, ``S`` packed): ``(B,)`` with ``group_size``
             or ``group_ids``, or ``(G, n)`` with ``G * n = B`` (responses of a prompt
@@ -698,4 +795,9 @@ class RSPOLoss(nn.Module):
             weights_per="sequence",
             logit_softcap=self.logit_softcap,
             **self.shard_kwargs,
+            rollout_is_weights=rollout_is_weights,
+            dp_size=dp_size,
+            batch_num_tokens=batch_num_tokens,
+            global_batch_size=global_batch_size,
+            generator=generator,
         )

@@ -11,12 +11,15 @@ the only form a backend sees.
 from __future__ import annotations
 
 import dataclasses
+import operator
+from typing import Any
 
 import torch
 
 from rspo_kernels.loss.options import LossOptions
 
 __all__ = [
+    "GlobalBatch",
     "TokenBatch",
     "aggregation_coefficients",
     "compute_dtype",
@@ -61,10 +64,68 @@ def sequence_index(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class GlobalBatch:
+    """verl's ``global_batch_info``: how one rank's (micro-)batch is normalised by the global batch.
+
+    ``dp_size`` ranks each compute ``agg_loss`` of their part divided by the global token count
+    (``batch_num_tokens``, token-mean) or sequence count (``global_batch_size``, seq-mean-*) and
+    multiplied by ``dp_size``; DDP / FSDP average the ranks' gradients and micro-batch gradients
+    accumulate, so the update equals the single-process one whatever the split
+    (``verl.trainer.ppo.core_algos.agg_loss``). None: the local count (``dp_size`` must be 1).
+    """
+
+    dp_size: int = 1
+    batch_num_tokens: Any = None
+    global_batch_size: Any = None
+
+    @staticmethod
+    def checked(dp_size: Any, batch_num_tokens: Any, global_batch_size: Any, modes: tuple[str, ...]) -> GlobalBatch:
+        """Validate the three sizes for the aggregation ``modes`` the loss uses."""
+        try:
+            dp = operator.index(dp_size) if not isinstance(dp_size, bool) else 0  # numpy ints too
+        except TypeError:
+            dp = 0
+        if dp < 1:
+            raise ValueError(f"dp_size must be an int >= 1 (the data-parallel world size), got {dp_size!r}")
+        dp_size = dp
+        for name, v in (("batch_num_tokens", batch_num_tokens), ("global_batch_size", global_batch_size)):
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1 or v.is_complex():
+                    raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(v.shape)}")
+                if v.device.type == "cpu" and not float(v) > 0:
+                    raise ValueError(f"{name} must be > 0, got {float(v)}")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a number > 0 (the global batch's count), got {v!r}")
+        if dp_size > 1:
+            if "token-mean" in modes and batch_num_tokens is None:
+                raise ValueError(
+                    f"dp_size={dp_size} > 1 with loss_agg_mode='token-mean' needs batch_num_tokens "
+                    "(the number of valid tokens in the global batch), as verl's agg_loss"
+                )
+            if any(m.startswith("seq-mean") for m in modes) and global_batch_size is None:
+                raise ValueError(
+                    f"dp_size={dp_size} > 1 with a seq-mean-* aggregation ({[m for m in modes if m != 'token-mean']}) "
+                    "needs global_batch_size (the number of sequences in the global batch), as verl's agg_loss"
+                )
+        return GlobalBatch(dp_size, batch_num_tokens, global_batch_size)
+
+
+def _as_count(v: Any, like: torch.Tensor) -> torch.Tensor:
+    return v.to(device=like.device, dtype=like.dtype).reshape(()) if isinstance(v, torch.Tensor) else like.new_tensor(v)
+
+
 def aggregation_coefficients(
-    mask: torch.Tensor, seq_index: torch.Tensor, n_seqs: int, loss_agg_mode: str, horizon: int
+    mask: torch.Tensor,
+    seq_index: torch.Tensor,
+    n_seqs: int,
+    loss_agg_mode: str,
+    horizon: int,
+    global_batch: GlobalBatch | None = None,
 ) -> torch.Tensor:
-    """Per-token ``c`` with ``agg_loss(loss_tok, mask, mode) == (c * loss_tok).sum()``.
+    """Per-token ``c`` with ``agg_loss(loss_tok, mask, mode, **global_batch_info) == (c * loss_tok).sum()``.
 
     Parameters
     ----------
@@ -78,6 +139,11 @@ def aggregation_coefficients(
         One of :data:`rspo_kernels.loss.LOSS_AGG_MODES`.
     horizon : int
         Divisor of ``"seq-mean-token-sum-norm"``.
+    global_batch : GlobalBatch, optional
+        verl's ``global_batch_info``: global denominators times ``dp_size`` (None: local ones).
+        The internal modes ``"sequence-mean"`` (GMPO's ``torch.mean`` over all ``n_seqs``
+        sequences of a per-sequence loss spread over its tokens) and ``"sequence-token-sum"``
+        (LUSPO: token sums averaged over all ``n_seqs`` sequences, as TRL) ignore it.
 
     Returns
     -------
@@ -90,18 +156,28 @@ def aggregation_coefficients(
     non-empty sequences ``G``, per-sequence counts ``n_s``, the horizon), so the aggregation is
     linear in the token losses and ``dL/dloss_tok = c_tok`` exactly (docs/math.md § The loss the weights feed).
     """
+    gb = GlobalBatch() if global_batch is None else global_batch
+    dp = gb.dp_size
     if loss_agg_mode == "token-mean":
-        return mask / _nonzero_or_one(mask.sum())
+        tokens = _nonzero_or_one(mask.sum()) if gb.batch_num_tokens is None else _as_count(gb.batch_num_tokens, mask)
+        return mask / tokens * dp
     if loss_agg_mode == "token-sum":
-        return mask.clone()
+        return mask * dp
     seq_count = torch.zeros(n_seqs, dtype=mask.dtype, device=mask.device).index_add_(0, seq_index, mask)
-    n_nonempty = _nonzero_or_one((seq_count > 0).to(mask.dtype).sum())
+    if loss_agg_mode == "sequence-mean":
+        return mask / _nonzero_or_one(seq_count)[seq_index] / max(n_seqs, 1)
+    if loss_agg_mode == "sequence-token-sum":
+        return mask / max(n_seqs, 1)
+    if gb.global_batch_size is None:
+        n_nonempty = _nonzero_or_one((seq_count > 0).to(mask.dtype).sum())
+    else:
+        n_nonempty = _as_count(gb.global_batch_size, mask)
     if loss_agg_mode == "seq-mean-token-sum":
-        return mask / n_nonempty
+        return mask / n_nonempty * dp
     if loss_agg_mode == "seq-mean-token-mean":
-        return mask / _nonzero_or_one(seq_count)[seq_index] / n_nonempty
+        return mask / _nonzero_or_one(seq_count)[seq_index] / n_nonempty * dp
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        return mask / n_nonempty / horizon
+        return mask / n_nonempty * dp / horizon
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
 
 
@@ -125,7 +201,19 @@ class TokenBatch:
     old, ref : torch.Tensor or None
         Behaviour and reference log-probs, compute dtype.
     coef : torch.Tensor
-        Coefficient of each token in the aggregated loss (:func:`aggregation_coefficients`).
+        Coefficient of each token in the aggregated loss (:func:`aggregation_coefficients`), for
+        the entropy and KL terms and every policy loss aggregated with ``loss_agg_mode``.
+    seq : torch.Tensor
+        int64 sequence of each token, in ``[0, n_seqs)``.
+    pg_coef : torch.Tensor
+        Coefficient of each token in the policy-gradient term: ``coef``, except for the losses
+        verl aggregates its own way (sapo: ``seq-mean-token-mean``; geo_mean: mean over sequences).
+    is_weights : torch.Tensor or None
+        Rollout importance-sampling weights (verl's ``rollout_is_weights``), compute dtype, no grad.
+    n_seqs : int
+        Number of sequences ``S`` (padded: ``B``; packed: ``len(cu_seqlens) - 1``, else 1).
+    generator : torch.Generator or None
+        Source of clip_cov's random token choice (None: torch's global generator, as verl).
     """
 
     rows: torch.Tensor
@@ -136,6 +224,11 @@ class TokenBatch:
     old: torch.Tensor | None
     ref: torch.Tensor | None
     coef: torch.Tensor
+    seq: torch.Tensor | None = None
+    pg_coef: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
+    n_seqs: int = 1
+    generator: torch.Generator | None = None
 
     def take(self, index: torch.Tensor | slice) -> TokenBatch:
         """The tokens ``index`` of this batch: every ``(N,)`` vector indexed, ``rows`` unchanged.
@@ -165,13 +258,18 @@ def token_batch(
     cu_seqlens: torch.Tensor | None,
     options: LossOptions,
     weights_per: str | None = None,
+    *,
+    rollout_is_weights: torch.Tensor | None = None,
+    global_batch: GlobalBatch | None = None,
+    generator: torch.Generator | None = None,
 ) -> TokenBatch:
     """Normalise validated padded or packed inputs into a :class:`TokenBatch` (O(tokens) work).
 
     ``rows`` (logits or hidden states) is ``(B, T, D)`` (padded) or ``(N, D)`` (packed); ``weights`` is per response
     ``(B,)`` / per sequence ``(S,)`` or per token, read as :func:`weights_per_token` says. Packed inputs without
     ``cu_seqlens`` are one sequence per token-mean purposes; the seq-* modes need ``cu_seqlens`` (checked by the
-    caller).
+    caller). ``rollout_is_weights`` has the token shape; ``global_batch`` is verl's
+    ``global_batch_info``; ``generator`` drives clip_cov's random choice.
     """
     packed = rows.dim() == 2
     dev = rows.device
@@ -198,6 +296,13 @@ def token_batch(
     else:  # one weight per response / sequence
         adv = w[seq.clamp(max=max(w.numel() - 1, 0))] if packed else w.repeat_interleave(T)
     flat = lambda x: None if x is None else x.detach().reshape(-1).to(cdt)  # noqa: E731
+    coef = aggregation_coefficients(m, seq, n_seqs, options.loss_agg_mode, horizon, global_batch)
+    pg_mode = pg_aggregation(options)
+    pg_coef = (
+        coef
+        if pg_mode == options.loss_agg_mode
+        else aggregation_coefficients(m, seq, n_seqs, pg_mode, horizon, global_batch)
+    )
     return TokenBatch(
         rows=rows3,
         ids=target_ids.reshape(-1).long(),
@@ -206,5 +311,21 @@ def token_batch(
         adv=adv,
         old=flat(old_logprobs),
         ref=flat(ref_logprobs),
-        coef=aggregation_coefficients(m, seq, n_seqs, options.loss_agg_mode, horizon),
+        coef=coef,
+        seq=seq,
+        pg_coef=pg_coef,
+        is_weights=flat(rollout_is_weights),
+        n_seqs=n_seqs,
+        generator=generator,
     )
+
+
+def pg_aggregation(options: LossOptions) -> str:
+    """The aggregation of the policy-gradient term: ``loss_agg_mode`` but where verl fixes its own.
+
+    verl's sapo always aggregates ``seq-mean-token-mean``; its geo_mean takes ``torch.mean`` over
+    the sequences of a per-sequence loss (``"sequence-mean"``, ignoring the global-batch sizes);
+    TRL's luspo sums each sequence's tokens and averages over sequences (``"sequence-token-sum"``).
+    """
+    fixed = {"sapo": "seq-mean-token-mean", "geo_mean": "sequence-mean", "luspo": "sequence-token-sum"}
+    return fixed.get(options.policy_loss, options.loss_agg_mode)

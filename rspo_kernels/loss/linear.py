@@ -37,7 +37,7 @@ from torch import nn
 import rspo_kernels.loss._checks as _checks
 from rspo_kernels._dispatch import implementation
 from rspo_kernels.distributed import forward_redirect, is_dtensor, is_zero3_param
-from rspo_kernels.loss.api import RSPOLoss, _validate_loss_inputs
+from rspo_kernels.loss.api import RSPOLoss, _validate_loss_inputs, check_generator, global_batch
 from rspo_kernels.loss.layout import TokenBatch, compute_dtype, token_batch
 from rspo_kernels.loss.linear_chunked import linear_token_logprobs
 from rspo_kernels.loss.linear_fused import fused_linear_loss, use_one_pass
@@ -625,6 +625,14 @@ def rspo_linear_loss(
     vocab_size: int | None = None,
     sequence_parallel: bool = False,
     logit_softcap: float | None = None,
+    policy_loss: str = "vanilla",
+    policy_loss_options: Any = None,
+    kl_penalty: str = "k3_unclamped",
+    rollout_is_weights: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped RSPO policy loss from the last hidden states and the ``lm_head``, never building the logits.
 
@@ -671,6 +679,11 @@ def rspo_linear_loss(
     logit_softcap : float, optional
         Final-logit soft-capping ``z -> c * tanh(z / c)`` before the temperature (Gemma 2/3's
         ``final_logit_softcapping``); gradients include the cap's ``1 - tanh(z / c)^2``.
+    policy_loss, policy_loss_options, kl_penalty, rollout_is_weights
+        As in :func:`rspo_kernels.rspo_loss`.
+    dp_size, batch_num_tokens, global_batch_size, generator
+        As in :func:`rspo_kernels.rspo_loss`: any of verl's policy losses, its KL estimators,
+        rollout importance weights and global-batch normalisation (docs/loss.md).
 
     Returns
     -------
@@ -725,6 +738,9 @@ def rspo_linear_loss(
         loss_agg_mode=loss_agg_mode,
         max_response_length=max_response_length,
         entropy_coeff=entropy_coeff,
+        policy_loss=policy_loss,
+        policy_loss_options=policy_loss_options,
+        kl_penalty=kl_penalty,
     )
     return rspo_linear_loss_with_options(
         hidden,
@@ -746,6 +762,11 @@ def rspo_linear_loss(
         vocab_size=vocab_size,
         sequence_parallel=sequence_parallel,
         logit_softcap=logit_softcap,
+        rollout_is_weights=rollout_is_weights,
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        generator=generator,
     )
 
 
@@ -770,6 +791,11 @@ def rspo_linear_loss_with_options(
     vocab_size: int | None = None,
     sequence_parallel: bool = False,
     logit_softcap: float | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`rspo_linear_loss` with its hyper-parameters in one :class:`LossOptions`.
 
@@ -796,8 +822,22 @@ def rspo_linear_loss_with_options(
         id_bound(vocab_size, tp_group, V_local),
         name="hidden",
         weights_per=weights_per,
+        rollout_is_weights=rollout_is_weights,
     )
-    batch = token_batch(hidden, target_ids, weights, mask, old_logprobs, ref_logprobs, cu_seqlens, options, weights_per)
+    batch = token_batch(
+        hidden,
+        target_ids,
+        weights,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        cu_seqlens,
+        options,
+        weights_per,
+        rollout_is_weights=rollout_is_weights,
+        global_batch=global_batch(options, dp_size, batch_num_tokens, global_batch_size),
+        generator=check_generator(generator),
+    )
     with_entropy = return_stats or options.entropy_coeff != 0.0
     if shard is None and softcap is None and _one_pass(batch.rows, lm_head, bias, options):
         loss, logp1, entropy1 = _fused_loss(batch.rows, lm_head, bias, batch, options, with_entropy, chunk_rows)
@@ -894,6 +934,11 @@ class RSPOLinearLoss(RSPOLoss):
         old_logprobs: torch.Tensor | None = None,
         ref_logprobs: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        rollout_is_weights: torch.Tensor | None = None,
+        dp_size: int = 1,
+        batch_num_tokens: Any = None,
+        global_batch_size: Any = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for one reward per response.
 
@@ -901,6 +946,8 @@ class RSPOLinearLoss(RSPOLoss):
         ----------
         hidden, lm_head, target_ids, bias, mask, old_logprobs, ref_logprobs, cu_seqlens
             As in :func:`rspo_linear_loss`.
+        rollout_is_weights, dp_size, batch_num_tokens, global_batch_size, generator
+            Per-batch inputs, as in :func:`rspo_kernels.rspo_loss`.
         rewards : torch.Tensor
             One reward per response (``B`` padded, ``S`` packed), as in :class:`rspo_kernels.RSPOLoss`.
         group_size, group_ids
@@ -929,4 +976,9 @@ class RSPOLinearLoss(RSPOLoss):
             weights_per="sequence",
             logit_softcap=self.logit_softcap,
             **self.shard_kwargs,
+            rollout_is_weights=rollout_is_weights,
+            dp_size=dp_size,
+            batch_num_tokens=batch_num_tokens,
+            global_batch_size=global_batch_size,
+            generator=generator,
         )

@@ -4,8 +4,9 @@ Nothing here is clever. The ``(tokens x vocab)`` log-softmax is materialised, au
 differentiates it, the per-token objective follows verl's ``compute_policy_loss`` and the
 aggregation follows verl's ``agg_loss`` line by line (``dp_size = 1``). The fused backends
 (:mod:`rspo_kernels.loss.chunked`, :mod:`rspo_kernels.ops.token_logprobs`) replace only the
-log-softmax and gather; they call :func:`token_objective` from here for the O(tokens) rest, so the
-per-token algebra is written once.
+log-softmax and gather. The per-token algebra of every policy loss and KL estimator is written
+once, in :mod:`rspo_kernels.loss.policy`; this specification calls it on the unfused log-probs and
+aggregates with its own line-by-line copy of verl's ``agg_loss`` (:func:`agg_loss_reference`).
 
 Notation (docs/math.md § The loss the weights feed), per token with weight ``A``::
 
@@ -26,10 +27,13 @@ Defined behaviour on awkward inputs, the same for every backend:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from rspo_kernels.loss.layout import compute_dtype
-from rspo_kernels.loss.options import LOG_RATIO_CLAMP, LOSS_AGG_MODES, LossOptions
+from rspo_kernels.loss.layout import GlobalBatch, compute_dtype, pg_aggregation, token_batch
+from rspo_kernels.loss.options import LOSS_AGG_MODES, LossOptions
+from rspo_kernels.loss.policy import kl_terms, policy_terms, summarize_stats
 from rspo_kernels.loss.softcap import scaled_logits
 
 __all__ = [
@@ -37,8 +41,8 @@ __all__ = [
     "agg_loss_reference",
     "token_logprobs_reference",
     "fused_token_logprobs_reference",
-    "token_objective",
     "rspo_loss_reference",
+    "summarize_stats",
 ]
 
 
@@ -134,70 +138,17 @@ def fused_token_logprobs_reference(
     return logp, None if entropy is None else torch.where(live, entropy, zero)
 
 
-def token_objective(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    adv: torch.Tensor,
-    live: torch.Tensor,
-    options: LossOptions,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss of verl's ``compute_policy_loss`` (dual-clip, log-ratio clamp) plus k3 KL.
-
-    Parameters
-    ----------
-    logp : torch.Tensor
-        ``(N,)`` log-probabilities of the current policy (differentiable).
-    old_logp, ref_logp : torch.Tensor or None
-        ``(N,)`` behaviour and reference log-probs (constants); ``old_logp=None`` is on-policy.
-    adv : torch.Tensor
-        ``(N,)`` token weights (the RSPO weights as advantages).
-    live : torch.Tensor
-        ``(N,)`` bool; other tokens get loss 0 and gradient 0 whatever their inputs hold.
-    options : LossOptions
-        Clip ranges, dual-clip constant and ``beta``.
-
-    Returns
-    -------
-    loss_tok : torch.Tensor
-        ``(N,)`` differentiable in ``logp``.
-    parts : dict of torch.Tensor
-        Detached ``(N,)`` pieces the statistics need: ``clipped`` (verl's ``pg_clipfrac``
-        indicator), ``dual_clipped`` (``pg_clipfrac_lower``), ``neg_log_ratio`` (verl's
-        ``ppo_kl`` terms, ``old - logp`` clamped) and, with ``ref_logp``, ``kl``.
-    """
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    lp_const = logp.detach()
-    # Dead tokens get inputs that make every term finite, so 0 * (local derivative) stays 0.
-    old = lp_const if old_logp is None else torch.where(live, old_logp, lp_const)
-    a = torch.where(live, adv, zero)
-    log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    pg1 = -a * ratio
-    pg2 = -a * torch.clamp(ratio, 1.0 - options.epsilon_low, 1.0 + options.eps_high)
-    loss = torch.maximum(pg1, pg2)
-    parts = {"clipped": (pg2 > pg1) & live, "neg_log_ratio": torch.where(live, -log_ratio, zero).detach()}
-    if options.clip_ratio_c is not None:
-        pg3 = -a * options.clip_ratio_c
-        parts["dual_clipped"] = (loss > pg3) & (a < 0) & live
-        loss = torch.where(a < 0, torch.minimum(pg3, loss), loss)
-    if ref_logp is not None:
-        ref = torch.where(live, ref_logp, lp_const)
-        delta = torch.clamp(ref - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = torch.exp(delta) - delta - 1.0
-        parts["kl"] = torch.where(live, kl, zero).detach()
-        if options.beta != 0.0:
-            loss = loss + options.beta * kl
-    return torch.where(live, loss, zero), parts
-
-
 def agg_loss_reference(
     loss_mat: torch.Tensor,
     mask: torch.Tensor,
     loss_agg_mode: str,
     max_response_length: int | None = None,
+    *,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
 ) -> torch.Tensor:
-    """Aggregate a per-token loss into a scalar exactly as verl's ``agg_loss`` (``dp_size = 1``).
+    """Aggregate a per-token loss into a scalar exactly as verl's ``agg_loss`` (with ``global_batch_info``).
 
     Parameters
     ----------
@@ -208,7 +159,12 @@ def agg_loss_reference(
     loss_agg_mode : str
         One of :data:`LOSS_AGG_MODES`.
     max_response_length : int, optional
-        The divisor of ``seq-mean-token-sum-norm``; ``T`` when not given.
+        The divisor of ``seq-mean-token-sum-norm``; ``T`` when not given (verl's ``loss_scale_factor``).
+    dp_size, batch_num_tokens, global_batch_size
+        verl's ``global_batch_info``: the global token count replaces ``sum_b n_b`` (token-mean),
+        the global sequence count replaces ``G`` (seq-mean-*), and the result is multiplied by
+        ``dp_size``. The internal modes ``"sequence-mean"`` (GMPO, ``sum_b (S_b / n_b) / B``) and
+        ``"sequence-token-sum"`` (LUSPO, ``sum_b S_b / B``), over all ``B`` rows, ignore them.
 
     Returns
     -------
@@ -233,23 +189,27 @@ def agg_loss_reference(
     seq_sum = masked.sum(dim=-1)
     seq_count = m.sum(dim=-1)
     n_seqs = _nonzero_or_one((seq_count > 0).to(loss_mat.dtype).sum())
+    if global_batch_size is not None:
+        n_seqs = torch.as_tensor(global_batch_size, dtype=loss_mat.dtype, device=loss_mat.device)
     if loss_agg_mode == "token-mean":
-        return seq_sum.sum() / _nonzero_or_one(seq_count.sum())
+        tokens = _nonzero_or_one(seq_count.sum())
+        if batch_num_tokens is not None:
+            tokens = torch.as_tensor(batch_num_tokens, dtype=loss_mat.dtype, device=loss_mat.device)
+        return seq_sum.sum() / tokens * dp_size
     if loss_agg_mode == "token-sum":
-        return seq_sum.sum()
+        return seq_sum.sum() * dp_size
     if loss_agg_mode == "seq-mean-token-sum":
-        return seq_sum.sum() / n_seqs
+        return seq_sum.sum() / n_seqs * dp_size
     if loss_agg_mode == "seq-mean-token-mean":
-        return (seq_sum / _nonzero_or_one(seq_count)).sum() / n_seqs
+        return (seq_sum / _nonzero_or_one(seq_count)).sum() / n_seqs * dp_size
     if loss_agg_mode == "seq-mean-token-sum-norm":
         horizon = loss_mat.shape[-1] if max_response_length is None else max_response_length
-        return seq_sum.sum() / n_seqs / horizon
+        return seq_sum.sum() / n_seqs * dp_size / horizon
+    if loss_agg_mode == "sequence-mean":
+        return (seq_sum / _nonzero_or_one(seq_count)).sum() / max(loss_mat.shape[0], 1)
+    if loss_agg_mode == "sequence-token-sum":
+        return seq_sum.sum() / max(loss_mat.shape[0], 1)
     raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
-
-
-def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    x = torch.where(m != 0, x.to(m.dtype) * m, torch.zeros_like(m))
-    return x.sum() / _nonzero_or_one(m.sum())
 
 
 def _unpack(x: torch.Tensor | None, cu: list[int], fill: float = 0.0) -> torch.Tensor | None:
@@ -276,9 +236,14 @@ def rspo_loss_reference(
     inplace_backward: bool = False,
     weights_per: str | None = None,
     logit_softcap: float | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    generator: torch.Generator | None = None,
     **options: object,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped, weighted policy-gradient loss, unfused; same arguments as :func:`rspo_kernels.rspo_loss`.
+    """The weighted policy loss, unfused; same arguments as :func:`rspo_kernels.rspo_loss`.
 
     Packed ``(N, V)`` inputs are unpacked into a padded batch along ``cu_seqlens`` (a copy: this
     is the specification, not a fast path), so both layouts share one aggregation. With
@@ -288,6 +253,9 @@ def rspo_loss_reference(
     """
     del inplace_backward
     opts = LossOptions(**options)  # type: ignore[arg-type]
+    extra: dict[str, Any] = dict(
+        dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, generator=generator
+    )
     if logits.dim() == 2:  # packed
         N = logits.shape[0]
         cu = [0, N] if cu_seqlens is None else [int(v) for v in cu_seqlens.tolist()]
@@ -307,8 +275,10 @@ def rspo_loss_reference(
             _unpack(m, cu),
             old_logprobs=_unpack(old_logprobs, cu),
             ref_logprobs=_unpack(ref_logprobs, cu),
+            rollout_is_weights=_unpack(rollout_is_weights, cu),
             return_stats=return_stats,
             logit_softcap=logit_softcap,
+            **extra,
             **kw,
         )
     B, T, V = logits.shape
@@ -325,39 +295,38 @@ def rspo_loss_reference(
     )
     adv = weights.detach().to(cdt)
     adv = adv.unsqueeze(-1).expand(B, T) if adv.dim() == 1 else adv
-    flat = lambda x: None if x is None else x.detach().to(cdt).reshape(-1)  # noqa: E731
-    loss_tok, parts = token_objective(
-        logp, flat(old_logprobs), flat(ref_logprobs), adv.reshape(-1), live.reshape(-1), opts
+    # The per-token algebra is the registry's (the batch's coefficients are not used here: the
+    # aggregation below is this module's own copy of verl's agg_loss).
+    batch = token_batch(
+        logits,
+        target_ids,
+        adv,
+        m,
+        old_logprobs,
+        ref_logprobs,
+        None,
+        opts,
+        "token",
+        rollout_is_weights=rollout_is_weights,
+        generator=generator,
     )
-    loss = agg_loss_reference(loss_tok.view(B, T), m, opts.loss_agg_mode, opts.max_response_length)
+    loss_tok, parts = policy_terms(logp, batch, opts)
+    agg = {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size}
+    GlobalBatch.checked(dp_size, batch_num_tokens, global_batch_size, (opts.loss_agg_mode, pg_aggregation(opts)))
+    loss = agg_loss_reference(loss_tok.view(B, T), m, pg_aggregation(opts), opts.max_response_length, **agg)
+    kl = kl_terms(logp, batch, opts)
+    if kl is not None:
+        parts["kl"] = kl.detach()
+        if opts.beta != 0.0:
+            # verl's actor: policy_loss += kl_loss_coef * agg_loss(kl_penalty(logp, ref), mask, loss_agg_mode).
+            loss = loss + opts.beta * agg_loss_reference(
+                kl.view(B, T), m, opts.loss_agg_mode, opts.max_response_length, **agg
+            )
     if opts.entropy_coeff != 0.0:
         assert entropy is not None
         # verl's ppo_loss: policy_loss -= entropy_coeff * agg_loss(entropy, mask, loss_agg_mode).
-        ent = agg_loss_reference(entropy.view(B, T), m, opts.loss_agg_mode, opts.max_response_length)
+        ent = agg_loss_reference(entropy.view(B, T), m, opts.loss_agg_mode, opts.max_response_length, **agg)
         loss = loss - opts.entropy_coeff * ent
     if not return_stats:
         return loss
     return loss, summarize_stats(m.reshape(-1), logp, None if entropy is None else entropy.detach(), parts)
-
-
-def summarize_stats(
-    mask: torch.Tensor, logp: torch.Tensor, entropy: torch.Tensor | None, parts: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Masked token means of what trainers log; detached 0-d tensors (0 where nothing is live).
-
-    Keys: ``logprob_mean``, ``entropy_mean``, ``clip_fraction`` (verl's ``pg_clipfrac``),
-    ``approx_kl`` (verl's ``ppo_kl``: mean clamped ``old - logp``), and when present
-    ``dual_clip_fraction`` (verl's ``pg_clipfrac_lower``) and ``ref_kl`` (mean k3 KL).
-    """
-    with torch.no_grad():
-        stats = {
-            "logprob_mean": _masked_mean(logp.detach(), mask),
-            "entropy_mean": _masked_mean(entropy if entropy is not None else torch.zeros_like(mask), mask),
-            "clip_fraction": _masked_mean(parts["clipped"], mask),
-            "approx_kl": _masked_mean(parts["neg_log_ratio"], mask),
-        }
-        if "dual_clipped" in parts:
-            stats["dual_clip_fraction"] = _masked_mean(parts["dual_clipped"], mask)
-        if "kl" in parts:
-            stats["ref_kl"] = _masked_mean(parts["kl"], mask)
-    return {k: v.detach() for k, v in stats.items()}

@@ -13,8 +13,11 @@ sort ``w = k * cumsum_j q(j) (v[j] - v[j-1])`` with ``q(j) = C(j, k-1) / C(n-1, 
 vanish inside tie runs, so ties need no extra pass. Pass@k (Theorem 4.3) needs no sort:
 ``w = k q(n - c) R`` with ``c`` the group's total. ``q`` comes from a host-computed float64
 log-factorial table (no libdevice, so the kernels also run under ``TRITON_INTERPRET=1``).
-The other estimators are not kernel-worthy hot paths; this backend hands them to the
-specification on the same device.
+OrderGrad / MaxPO (``"ordergrad"``) has its own kernels of the same two-pass shape: its sorted gap
+form (``estimators._max_ordergrad``) needs a prefix sum of ``a(j) gap_j`` and a suffix sum of
+``b(j) gap_j``, the latter as the group total minus the inclusive prefix; its Pass@k form needs only
+the per-group count. The other estimators are not kernel-worthy hot paths; this backend hands them
+to the specification on the same device.
 """
 
 from __future__ import annotations
@@ -102,6 +105,71 @@ def _rspo_weights_kernel(
         tl.store(p_out + o_dst, b_w.to(p_out.dtype.element_ty), mask=m_slot)
 
 
+@triton.jit
+def _ordergrad_terms(p_v, start, o_slot, n, k, p_lf, m_slot):
+    """``(a(j) gap_j, b(j) gap_j)`` of one chunk of a sorted group, float64 ``[BLOCK]`` each.
+
+    ``a(j) = C(j, k)/C(n-1, k)`` and ``b(j) = C(j-1, k-1)/C(n-1, k-1) (n-j)/(n-k)`` are ``q`` ratios
+    of ``k + 1`` and ``k``; ``gap_j = v[j] - v[j-1]`` (0 at the group's first slot).
+    """
+    b_v = tl.load(p_v + start + o_slot, mask=m_slot, other=0.0).to(tl.float64)
+    b_prev = tl.load(p_v + start + o_slot - 1, mask=m_slot & (o_slot > 0), other=0.0).to(tl.float64)
+    b_gap = tl.where(o_slot > 0, b_v - b_prev, 0.0)
+    b_up = _q_ratio(o_slot, n, k + 1, p_lf, m_slot) * b_gap
+    b_share = (n - o_slot).to(tl.float64) / (n - k).to(tl.float64)
+    b_down = _q_ratio(o_slot - 1, n, k, p_lf, m_slot & (o_slot > 0)) * b_share * b_gap
+    return b_up, b_down
+
+
+@triton.jit
+def _ordergrad_chunk_sums_kernel(p_v, p_offsets, p_chunks, p_up, p_down, p_lf, k, BLOCK: tl.constexpr):
+    i_c = tl.program_id(0)
+    i_g, start, n, o_slot, m_slot = _chunk_slots(i_c, p_offsets, p_chunks, BLOCK)
+    b_up, b_down = _ordergrad_terms(p_v, start, o_slot, n, k, p_lf, m_slot)  # [BLOCK] each
+    tl.store(p_up + i_c, tl.sum(tl.where(m_slot, b_up, 0.0), axis=0))
+    tl.store(p_down + i_c, tl.sum(tl.where(m_slot, b_down, 0.0), axis=0))
+
+
+@triton.jit
+def _ordergrad_weights_kernel(
+    p_v,
+    p_order,
+    p_out,
+    p_offsets,
+    p_chunks,
+    p_carry_up,
+    p_carry_down,
+    p_total_down,
+    p_lf,
+    k,
+    BLOCK: tl.constexpr,
+):
+    """``A = k [prefix of a gap  -  (group total - inclusive prefix) of b gap]`` on sorted slots."""
+    i_c = tl.program_id(0)
+    i_g, start, n, o_slot, m_slot = _chunk_slots(i_c, p_offsets, p_chunks, BLOCK)
+    b_up, b_down = _ordergrad_terms(p_v, start, o_slot, n, k, p_lf, m_slot)
+    b_prefix_up = tl.cumsum(b_up, axis=0) + tl.load(p_carry_up + i_c)
+    b_prefix_down = tl.cumsum(b_down, axis=0) + tl.load(p_carry_down + i_c)
+    b_w = k * (b_prefix_up - (tl.load(p_total_down + i_g) - b_prefix_down))
+    o_dst = tl.load(p_order + start + o_slot, mask=m_slot, other=0)
+    tl.store(p_out + o_dst, b_w.to(p_out.dtype.element_ty), mask=m_slot)
+
+
+@triton.jit
+def _ordergrad_pass_kernel(p_v, p_out, p_offsets, p_chunks, p_total, p_lf, k, BLOCK: tl.constexpr):
+    """Binary rewards, ``c`` correct: ``k C(n-c, k)/C(n-1, k)`` or ``-k c/(n-k) C(n-1-c, k-1)/C(n-1, k-1)``."""
+    i_c = tl.program_id(0)
+    i_g, start, n, o_slot, m_slot = _chunk_slots(i_c, p_offsets, p_chunks, BLOCK)
+    b_r = tl.load(p_v + start + o_slot, mask=m_slot, other=0.0)
+    c = tl.load(p_total + i_g).to(tl.int64)
+    n_wrong = n - c + 0 * o_slot  # [BLOCK]
+    b_correct = k * _q_ratio(n_wrong, n, k + 1, p_lf, m_slot)
+    b_scale = c.to(tl.float64) / (n - k).to(tl.float64)
+    b_wrong = 0.0 - k * b_scale * _q_ratio(n_wrong - 1, n, k, p_lf, m_slot)
+    b_w = tl.where(b_r != 0.0, b_correct, b_wrong)  # non-zero counts as correct
+    tl.store(p_out + start + o_slot, b_w.to(p_out.dtype.element_ty), mask=m_slot)
+
+
 def prepare_chunks(sizes: np.ndarray, block: int, device: torch.device, uniform: int | None = None) -> torch.Tensor:
     """``(C, 2)`` int64 ``[group, chunk-in-group]`` for every ``block``-slot chunk of every group.
 
@@ -174,6 +242,43 @@ def _rspo_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
     return out
 
 
+def _ordergrad_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
+    """OrderGrad / MaxPO on the grouped layout (every group has ``n > k``, validated)."""
+    values = groups.values
+    device = values.device
+    sizes = groups.sizes
+    block = _block_size(int(sizes.max()))
+    chunks = prepare_chunks(sizes, block, device, groups.group_size)
+    n_chunks = chunks.shape[0]
+    log_factorial = torch.lgamma(torch.arange(int(sizes.max()) + 2, dtype=torch.float64, device=device) + 1)
+    chunk_group = chunks[:, 0]
+    out = torch.empty_like(values)
+    v = values.contiguous()
+    if objective == "pass@k":
+        counts = torch.empty(n_chunks, dtype=torch.float64, device=device)
+        _rspo_chunk_sums_kernel[(n_chunks,)](
+            v, groups.offsets, chunks, counts, log_factorial, k, IS_PASS=True, BLOCK=block
+        )
+        total = torch.zeros(groups.num_groups, dtype=torch.float64, device=device).index_add_(0, chunk_group, counts)
+        _ordergrad_pass_kernel[(n_chunks,)](v, out, groups.offsets, chunks, total, log_factorial, k, BLOCK=block)
+        return out
+    v, order = sort_within_groups(groups)
+    v = v.contiguous()
+    up = torch.empty(n_chunks, dtype=torch.float64, device=device)
+    down = torch.empty_like(up)
+    _ordergrad_chunk_sums_kernel[(n_chunks,)](v, groups.offsets, chunks, up, down, log_factorial, k, BLOCK=block)
+    per_group = -(-sizes // block)
+    uniform = int(per_group[0]) if groups.group_size is not None else None
+    chunk_groups = Groups(up, chunk_offsets(sizes, block, device, groups.group_size), uniform, per_group)
+    carry_up = estimators.segment_cumsum(up, chunk_groups, exclusive=True)
+    carry_down = estimators.segment_cumsum(down, chunk_groups, exclusive=True)
+    total_down = torch.zeros(groups.num_groups, dtype=torch.float64, device=device).index_add_(0, chunk_group, down)
+    _ordergrad_weights_kernel[(n_chunks,)](
+        v, order, out, groups.offsets, chunks, carry_up, carry_down, total_down, log_factorial, k, BLOCK=block
+    )
+    return out
+
+
 def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> torch.Tensor:
     """Backend entry point with the specification's signature (see ``estimators.grouped_weights``).
 
@@ -184,13 +289,16 @@ def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> t
     k : int
     objective : {"pass@k", "max@k"}
     estimator : str
-        ``"rspo"`` runs the kernels; other estimators run the specification on the same device.
+        ``"rspo"`` and ``"ordergrad"`` run the kernels; other estimators run the specification on
+        the same device.
 
     Returns
     -------
     torch.Tensor
         ``(N,)`` weights in the grouped order, dtype of ``groups.values``.
     """
-    if estimator != "rspo" or groups.values.numel() == 0:
+    if estimator not in ("rspo", "ordergrad") or groups.values.numel() == 0:
         return estimators.grouped_weights(groups, k, objective, estimator)
+    if estimator == "ordergrad":
+        return _ordergrad_weights(groups, k, objective)
     return _rspo_weights(groups, k, objective)

@@ -19,6 +19,7 @@ from rspo_kernels.weights.api import (
     maxrl_weights,
     pass_at_k,
     pass_at_k_weights,
+    risk_sensitive_weights,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "maxrl_weights",
     "pass_at_k",
     "pass_at_k_weights",
+    "risk_sensitive_weights",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "output_dtype",
     "check_integer_range",
     "check_k",
+    "check_beta",
     "check_estimator",
     "check_layout_args",
     "check_group_sizes",
@@ -138,6 +139,19 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
+def check_beta(beta: Any) -> float:
+    """RS-GRPO's risk parameter: a finite real number (0 means the limit ``beta -> 0``)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)):
+        raise TypeError(f"beta must be a real number (int or float), got {type(beta).__name__} ({beta!r})")
+    value = float(beta)
+    if not np.isfinite(value):
+        raise ValueError(
+            f"beta must be finite, got beta={beta!r}; beta > 0 is risk-seeking (towards max@n), beta < 0 risk-averse, "
+            "and beta = 0 the mean-reward limit"
+        )
+    return value
+
+
 _CHOICES = ", ".join(map(repr, ESTIMATORS))
 
 
@@ -234,6 +248,12 @@ def check_group_sizes(groups: Groups, restore: Restore, k: int, objective: str, 
         raise ValueError(
             f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; the 'pkpo_loo' "
             "estimator needs n > k (its baseline uses k of the other n-1 samples): lower k or use 'rspo'"
+        )
+    g = first(lambda n: n <= k) if estimator == "ordergrad" else -1
+    if g >= 0:
+        raise ValueError(
+            f"{restore.describe_group(g)} has {sizes[g]} samples but k={k}; the 'ordergrad' estimator needs "
+            f"k <= n-1 (its baseline is the max@k of the n-1 others): lower k to at most {sizes[g] - 1} or use 'rspo'"
         )
     g = first(lambda n: n % k != 0) if estimator == "hitchhiking" else -1
     if g >= 0:

@@ -24,6 +24,7 @@ __all__ = [
     "pass_at_k",
     "max_at_k",
     "maxrl_weights",
+    "risk_sensitive_weights",
     "ESTIMATORS",
     "MAXRL_ESTIMATORS",
 ]
@@ -125,12 +126,14 @@ def pass_at_k_weights(
         For 1-D rewards: a label per response (ints, strings such as verl's uids, any hashable).
         Groups may be non-contiguous and of different sizes. Float labels, and bools beside
         other labels, are refused: Python treats ``1``, ``1.0`` and ``True`` as one label.
-    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std"}, default "rspo"
+    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std", "ordergrad"}, default "rspo"
         ``"rspo"`` is unbiased (Theorem 4.3); ``"plugin"`` is the biased eq. 7;
         ``"hitchhiking"`` is the Section 3 baseline (group sizes must be multiples of k);
         ``"pkpo"`` and ``"pkpo_loo"`` are PKPO's estimators (``"pkpo_loo"`` needs n > k);
         ``"passk_training_std"`` is the analytic advantage of Chen et al., "Pass@k Training"
-        (arXiv 2508.10751), std-normalised GRPO-style, so biased and not on this scale (see Notes).
+        (arXiv 2508.10751), std-normalised GRPO-style, so biased and not on this scale (see Notes);
+        ``"ordergrad"`` is OrderGrad / MaxPO's unbiased and exactly centred advantage (needs
+        k <= n-1; see Notes).
     validate : bool, default True
         Check that rewards are finite and binary. These checks need one device-to-host sync; pass
         False inside a training step on validated rewards. Shape and size checks always run.
@@ -173,6 +176,13 @@ def pass_at_k_weights(
     k and the prompt's pass rate and is neither bounded by 1 nor constant (1.86 at n=8, k=1,
     p=0.5; 0 at k = n; table in docs/math.md § Other estimators); k = 1 gives GRPO's advantage.
 
+    ``"ordergrad"`` (OrderGrad, arXiv 2606.06096; MaxPO, arXiv 2606.06080): ``A_i = k (q_i - M_i)``,
+    with ``q_i`` the chance that response i and k-1 random others hold a correct one, and ``M_i``
+    the unbiased pass@k of the n-1 others. A correct response gets ``k C(n-c, k)/C(n-1, k)``, a
+    wrong one ``-k c/(n-k) C(n-1-c, k-1)/C(n-1, k-1)``; every group sums to exactly 0, the
+    expectation is the Pass@k gradient (on this scale), and ``k = 1`` gives RLOO,
+    ``R_i - mean_{j != i} R_j``. Needs ``k <= n-1``.
+
     Integer rewards wider than 16 bits (int32, int64) are computed in float64, so they keep
     their exact values (``validate=True`` refuses int64 beyond ``+-2**53``, where float64 is no
     longer exact); the weights are then rounded once to float32.
@@ -207,8 +217,9 @@ def max_at_k_weights(
         Number of samples Max@k draws, ``1 <= k <= n`` for every group.
     group_size, group_ids, validate
         As in :func:`pass_at_k_weights` (``validate`` checks finiteness only).
-    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo"}, default "rspo"
-        ``"rspo"`` is unbiased and tie-aware (Theorem C.4); ``"plugin"`` is the biased eq. 11.
+    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "ordergrad"}, default "rspo"
+        ``"rspo"`` is unbiased and tie-aware (Theorem C.4); ``"plugin"`` is the biased eq. 11;
+        ``"ordergrad"`` is unbiased and exactly centred (needs k <= n-1; see Notes).
         ``"passk_training_std"`` has no Max@k form and raises ValueError.
 
     Returns
@@ -237,6 +248,13 @@ def max_at_k_weights(
     shift-invariant, equal for tied rewards, and zero for the lowest k-1; ``k = n`` gives only the
     top response ``n (R_max - R_second)``; ``k = 1`` gives ``w = R``. Binary rewards give exactly
     the Pass@k weights.
+
+    ``"ordergrad"`` (OrderGrad, arXiv 2606.06096; MaxPO, arXiv 2606.06080) is "include one minus
+    leave one out": :math:`A_i = k (E_S[\max(R_i, \max S)] - M_i)`, with S as above and
+    :math:`M_i` the unbiased max@k of the n-1 others. It is unbiased, every group's weights sum to
+    exactly 0, tied rewards share one weight, it is shift-invariant, and ``k = 1`` gives RLOO,
+    :math:`R_i - \mathrm{mean}_{j \ne i} R_j`. O(n log n) per group in the sorted gap form of
+    docs/math.md. Needs ``k <= n-1``.
 
     Examples
     --------
@@ -457,3 +475,84 @@ def _check_order(groups: Groups, restore: Restore, order: int | None, estimator:
             f"the 'vr_cond' estimator has no truncation order (it estimates J_n, n the group size), but order={order} "
             f"and {restore.describe_group(g)} has {sizes[g]} samples: pass order=None"
         )
+
+
+def risk_sensitive_weights(
+    rewards: ArrayLike,
+    beta: float,
+    *,
+    group_size: int | None = None,
+    group_ids: GroupIds | None = None,
+    validate: bool = True,
+) -> ArrayLike:
+    r"""RS-GRPO's risk-sensitive advantage (Jiang et al., arXiv 2509.24261), centred in every group.
+
+    Parameters
+    ----------
+    rewards : numpy.ndarray or torch.Tensor
+        Real rewards (bool, integer or float; ties allowed), in any layout
+        :func:`max_at_k_weights` takes: ``(B, n)``, or ``(N,)`` with ``group_size`` or ``group_ids``.
+    beta : float
+        The risk parameter, finite. ``beta > 0`` is risk-seeking (the objective moves from the
+        mean reward towards the best one as beta grows), ``beta < 0`` risk-averse, and
+        ``beta = 0`` is the limit ``beta -> 0``: ``A_i = R_i - mean R``.
+    group_size, group_ids
+        As in :func:`pass_at_k_weights`.
+    validate : bool, default True
+        Check that the rewards are finite (one device-to-host sync).
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        Advantages with the shape, order and container of ``rewards``: float64 for float64
+        rewards, float32 otherwise. Every group's advantages sum to 0.
+
+    Raises
+    ------
+    ValueError
+        Non-finite rewards, a non-finite ``beta``, bad layout arguments.
+    TypeError
+        As in :func:`pass_at_k_weights`; ``beta`` that is not a real number.
+
+    Notes
+    -----
+    With :math:`S = \frac1\beta \log \frac1n \sum_j e^{\beta R_j}`,
+
+    .. math:: A_i = \frac{e^{\beta (R_i - S)} - 1}{\beta} = \frac{n\, \mathrm{softmax}(\beta R)_i - 1}{\beta}.
+
+    The objective is :math:`J_\beta = \frac1\beta \log E[e^{\beta R}]`, whose gradient is
+    :math:`E[\frac{e^{\beta (R - J_\beta)} - 1}{\beta} \nabla \log \pi]`; plugging in the
+    group's own estimate S makes the weights **biased** for :math:`\nabla J_\beta` (and no
+    unbiased n-sample estimator exists for binary rewards). On this library's scale,
+    :math:`E[\frac1n \sum_i A_i \nabla \log\pi(y_i)] = \alpha \nabla J_\beta` for a binary
+    reward; the exact factor :math:`\alpha` is tabulated in docs/math.md (benchmarks/risk_sensitive_bias.py).
+    Matches the released ``compute_rs_grpo_advantage`` (github.com/Jackory/RS-GRPO), ``beta = 0``
+    included, except for a group of one response: the definition gives ``S = R`` and ``A = 0``, where
+    the released code sets ``S = 0``.
+    Evaluated with ``log1p`` / ``expm1`` around the group's max (min for ``beta < 0``), so nothing
+    overflows for any finite beta, and with the second-order expansion
+    :math:`A_i = x_i + \frac\beta2 (x_i^2 - \overline{x^2})`, :math:`x = R - \bar R`, where
+    :math:`|\beta| (\max R - \min R) < 10^{-8}` (exact to float64 there).
+
+    Examples
+    --------
+    >>> import numpy as np, rspo_kernels as rk
+    >>> rk.risk_sensitive_weights(np.array([[0.0, 0.0, 0.0, 1.0]]), beta=np.log(3.0))  # (4 softmax - 1) / beta
+    array([[-0.30341308, -0.30341308, -0.30341308,  0.91023923]])
+    """
+    beta = check.check_beta(beta)
+    values, container = check.as_reward_tensor(rewards)
+    check.check_layout_args(values, group_size, group_ids, 1, "max@k")
+    groups, restore = to_groups(
+        values, shape=values.shape, container=container, group_size=group_size, group_ids=group_ids
+    )
+    check.check_group_sizes(groups, restore, 1, "max@k", "rspo")
+    out = check.output_dtype(rewards)
+    if validate:
+        check.check_integer_range(rewards)
+    if groups.values.numel() == 0:
+        return restore.per_sample(groups.values.to(out, copy=True))
+    if validate:
+        check.check_values(groups, restore, "max@k")
+    _, fn = implementation("risk_sensitive_weights", groups.values.device.type)
+    return restore.per_sample(fn(groups, beta).to(out))

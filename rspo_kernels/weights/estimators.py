@@ -34,10 +34,11 @@ __all__ = [
     "grouped_pass_at_k",
     "grouped_max_at_k",
     "segment_cumsum",
+    "grouped_risk_sensitive_weights",
 ]
 
 OBJECTIVES = ("pass@k", "max@k")
-ESTIMATORS = ("rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std")
+ESTIMATORS = ("rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std", "ordergrad")
 # Estimators whose formula exists only for binary rewards (no Max@k form).
 BINARY_ONLY_ESTIMATORS = ("passk_training_std",)
 # Chen et al.'s released code adds this to the group std before dividing.
@@ -243,6 +244,34 @@ def _max_pkpo_loo(s: _SortedGroups, k: int) -> torch.Tensor:
     return _max_pkpo(s, k) - s.n / (s.n - 1) * k * _leave_one_out_max_at(s, k)
 
 
+def _max_ordergrad(s: _SortedGroups, k: int) -> torch.Tensor:
+    """OrderGrad / MaxPO (arXiv 2606.06096, 2606.06080): ``A_i = k (q_i - M_i)``, needs ``k <= n-1``.
+
+    ``q_i = E_S[max(R_i, max S)]`` (S a uniform (k-1)-subset of the others) and ``M_i`` the
+    unbiased max@k of the other ``n-1``: pkpo minus ``k M_i``. Unbiased (``M_i`` does not depend on
+    ``y_i``) and exactly centred (both sums are ``n`` times the group's max@k).
+
+    Computed in gap form, so shift-invariant and tie-exact: write ``max T = v[0] + sum_j
+    gap_j 1[T reaches slot j]`` with ``gap_j = v[j] - v[j-1]``. For the sample at sorted slot
+    ``p``, a gap ``j <= p`` is always reached by ``{i} + S`` and by a k-subset of the others with
+    probability ``1 - C(j, k)/C(n-1, k)``; a gap ``j > p`` is reached by S with probability
+    ``1 - C(j-1, k-1)/C(n-1, k-1)`` and by the k-subset with ``1 - C(j-1, k)/C(n-1, k)``. So
+
+        A_p = k [ sum_{j=1..p} a(j) gap_j  -  sum_{j=p+1..n-1} b(j) gap_j ],
+        a(j) = C(j, k) / C(n-1, k),    b(j) = C(j-1, k-1) / C(n-1, k-1) * (n-j)/(n-k),
+
+    a prefix and a suffix sum of non-negative terms. Gaps vanish inside a tie run, so tied
+    rewards get identical weights. ``k = 1`` gives RLOO, ``R_i - mean_{j != i} R_j``.
+    """
+    pos = s.pos.to(_F64)
+    gaps = torch.zeros_like(s.v)
+    not_first = s.pos > 0
+    gaps[not_first] = (s.v[1:] - s.v[:-1])[not_first[1:]]
+    up = _binom_ratio(pos, k, s.n - 1, k) * gaps  # a(j) gap_j
+    down = _binom_ratio(pos - 1, k - 1, s.n - 1, k - 1) * (s.n - pos) / (s.n - k) * gaps  # b(j) gap_j
+    return k * (s.cumsum(up) - s.cumsum(down, exclusive=True, reverse=True))
+
+
 def _hitchhiking(groups: Groups, k: int) -> torch.Tensor:
     """The paper's Section 3 baseline: blocks of k in the given order, each gets ``k * max(block)``.
 
@@ -267,6 +296,19 @@ def _pass_rspo(groups: Groups, k: int) -> torch.Tensor:
     """RSPO, Theorem 4.3: ``w_i = k C(n-c, k-1) / C(n-1, k-1) R_i``, O(n) per group."""
     r, n, c = _correct_counts(groups)
     return k * _binom_ratio(n - c, k - 1, n - 1, k - 1) * r
+
+
+def _pass_ordergrad(groups: Groups, k: int) -> torch.Tensor:
+    """OrderGrad / MaxPO for binary rewards, ``c`` correct of ``n`` (needs ``k <= n-1``), O(n) per group.
+
+    A correct response gets ``k C(n-c, k)/C(n-1, k)`` (k times the chance that k of the others all
+    fail), a wrong one ``-k c/(n-k) C(n-1-c, k-1)/C(n-1, k-1)``: :func:`_max_ordergrad` with the
+    single gap at sorted slot ``n - c``.
+    """
+    r, n, c = _correct_counts(groups)
+    correct = k * _binom_ratio(n - c, k, n - 1, k)
+    wrong = 0.0 - k * c / (n - k) * _binom_ratio(n - 1 - c, k - 1, n - 1, k - 1)  # 0.0 - : no -0.0 at c = 0
+    return torch.where(r != 0, correct, wrong)
 
 
 def _pass_plugin(groups: Groups, k: int) -> torch.Tensor:
@@ -313,12 +355,14 @@ _MAX_AT_K: dict[str, Callable[[Groups, int], torch.Tensor]] = {
     "hitchhiking": _hitchhiking,
     "pkpo": _sorted(_max_pkpo),
     "pkpo_loo": _sorted(_max_pkpo_loo),
+    "ordergrad": _sorted(_max_ordergrad),
 }
 _PASS_AT_K: dict[str, Callable[[Groups, int], torch.Tensor]] = {
     **_MAX_AT_K,
     "rspo": _pass_rspo,
     "plugin": _pass_plugin,
     "passk_training_std": _pass_passk_training_std,
+    "ordergrad": _pass_ordergrad,
 }
 _TABLES = {"pass@k": _PASS_AT_K, "max@k": _MAX_AT_K}
 
@@ -333,8 +377,9 @@ def grouped_weights(groups: Groups, k: int, objective: str, estimator: str) -> t
     k : int
         Sample size of the objective, ``1 <= k <= n`` for every group.
     objective : {"pass@k", "max@k"}
-    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std"}
-        ``"passk_training_std"`` exists for ``"pass@k"`` only.
+    estimator : {"rspo", "plugin", "hitchhiking", "pkpo", "pkpo_loo", "passk_training_std", "ordergrad"}
+        ``"passk_training_std"`` exists for ``"pass@k"`` only; ``"pkpo_loo"`` and ``"ordergrad"``
+        need ``k < n``.
 
     Returns
     -------
@@ -397,3 +442,53 @@ def grouped_max_at_k(groups: Groups, k: int) -> torch.Tensor:
     s = _SortedGroups(groups)
     terms = s.v * (k / s.n) * s.q(s.pos, k)
     return _segment_sum(terms, groups, s.seg).to(groups.values.dtype)
+
+
+# --------------------------------------------------------------------------- risk-sensitive (RS-GRPO)
+# Below this |beta| * (group range) the second-order expansion is exact to float64 (the next term is
+# beta^2 range^3 / 6 < 1e-16 range), and the direct formula would lose beta * R to underflow.
+RISK_SENSITIVE_TAYLOR_BELOW = 1e-8
+
+
+def grouped_risk_sensitive_weights(groups: Groups, beta: float) -> torch.Tensor:
+    """RS-GRPO's advantage (Jiang et al., arXiv 2509.24261) for validated, grouped rewards, ``(N,)``.
+
+    ``A_i = (exp(beta (R_i - S)) - 1) / beta`` with ``S = (1/beta) log mean_j exp(beta R_j)``, i.e.
+    ``A_i = (n softmax(beta R)_i - 1) / beta``: centred in every group, and a biased estimate of the
+    gradient of ``(1/beta) log E exp(beta R)`` (S is estimated from the same samples).
+
+    Evaluated without overflow or cancellation: with ``c`` the group's max (``beta > 0``) or min
+    (``beta < 0``), every ``beta (R_j - c) <= 0``, and
+
+        R_i - S = (R_i - c) - (1/beta) log1p(mean_j expm1(beta (R_j - c))),   A_i = expm1(beta (R_i - S)) / beta.
+
+    When ``|beta| * (max - min)`` is below :data:`RISK_SENSITIVE_TAYLOR_BELOW` (``beta = 0``
+    included) the expansion ``A_i = x_i + (beta/2) (x_i^2 - mean x^2)``, ``x = R - mean R``, is used:
+    the limit ``beta -> 0`` is ``R_i - mean R`` (GRPO's advantage without the std).
+
+    Parameters
+    ----------
+    groups : Groups
+        Canonical layout, finite values.
+    beta : float
+        Finite risk parameter (``> 0`` risk-seeking, ``< 0`` risk-averse, ``0`` the limit).
+    """
+    values = groups.values
+    if values.numel() == 0:
+        return values.clone()
+    r = values.to(_F64)
+    seg = groups.segment_ids()
+    n = (groups.offsets[1:] - groups.offsets[:-1]).to(_F64)
+    top = torch.full_like(n, -torch.inf).scatter_reduce(0, seg, r, "amax")
+    bottom = torch.full_like(n, torch.inf).scatter_reduce(0, seg, r, "amin")
+    x = r - (_segment_sum(r, groups, seg) / n)[seg]
+    var = (_segment_sum(x * x, groups, seg) / n)[seg]
+    taylor = x + (beta / 2) * (x * x - var)
+    if beta == 0:
+        return taylor.to(values.dtype)
+    ref = (top if beta > 0 else bottom)[seg]
+    shifted = r - ref  # beta * shifted <= 0
+    log_mean = torch.log1p(_segment_sum(torch.expm1(beta * shifted), groups, seg) / n)[seg]
+    direct = torch.expm1(beta * shifted - log_mean) / beta  # beta (R_i - S) <= log n: no overflow
+    small = (abs(beta) * (top - bottom) < RISK_SENSITIVE_TAYLOR_BELOW)[seg]
+    return torch.where(small, taylor, direct).to(values.dtype)
