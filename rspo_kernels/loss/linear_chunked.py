@@ -247,7 +247,9 @@ class LinearTokenLogprobs(torch.autograd.Function):
         g = zero.expand(N) if g_logp is None else torch.where(live, g_logp.to(cdt) / temperature, zero)
         # The entropy's share, dH/dx = -p (x - E_p[x]) with E_p[x] = lse - H (no extra pass).
         gh = None if g_entropy is None else torch.where(live, g_entropy.to(cdt) / temperature, zero)
-        index = _active(g != 0 if gh is None else (g != 0) | (gh != 0))
+        # Rows with any gradient: a clipped token (g = 0) still has its entropy's (gh != 0).
+        needed = g != 0 if gh is None else (g != 0) | (gh != 0)
+        index = _active(needed)
         n = N if index is None else index.numel()
         # Optional buffers, each present exactly when its gradient is needed (Any: mypy cannot see that).
         grad_h: Any = None
@@ -269,7 +271,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         direct_h = need_h and index is None and hidden.dtype == cdt and grad_h.is_contiguous()
         acc_h: Any = grad_h.view(N, H) if direct_h else (torch.zeros(n, H, dtype=cdt, device=dev) if need_h else None)
         with torch.autocast(dev.type, enabled=False):
-            h = _zero_dead_rows(_rows(hidden, index, cdt), g != 0, index)
+            h = _zero_dead_rows(_rows(hidden, index, cdt), needed, index)
             for v0 in range(0, V, ctx.vocab_block):
                 v1 = min(v0 + ctx.vocab_block, V)
                 w = weight[v0:v1]
