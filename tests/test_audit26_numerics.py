@@ -383,3 +383,29 @@ def test_tensor_parallel_entropy_ignores_a_constant_offset(offset):
     from dist_workers import spawn
 
     spawn(_tp_offset_worker, 2, offset, timeout=240.0)
+
+
+# item 8: vocab_size larger than V without a tp_group -------------------------------------------------
+def _vocab_size_calls():
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(2, 3, 4, generator=g)
+    W = torch.randn(6, 4, generator=g)
+    logits = hidden @ W.T
+    ids = torch.tensor([[0, 7, 1], [2, 3, 4]])  # 7 is in [V, vocab_size) = [6, 9)
+    w = torch.tensor([1.0, -1.0])
+    return {
+        "token_logprobs": lambda **kw: rk.token_logprobs(logits, ids, **kw),
+        "rspo_loss": lambda **kw: rk.rspo_loss(logits, ids, w, **kw),
+        "token_logprobs_linear": lambda **kw: rk.token_logprobs_linear(hidden, W, ids, **kw),
+        "rspo_linear_loss": lambda **kw: rk.rspo_linear_loss(hidden, W, ids, w, **kw),
+    }
+
+
+@pytest.mark.parametrize("fn", ["token_logprobs", "rspo_loss", "token_logprobs_linear", "rspo_linear_loss"])
+def test_vocab_size_above_the_rows_without_tp_group_is_refused(fn):
+    call = _vocab_size_calls()[fn]
+    with pytest.raises(ValueError, match=r"vocab_size=9 .*V=6.*tp_group"):
+        call(vocab_size=9)
+    # vocab_size == V is the whole vocabulary: id 7 is out of range there, an error too (not a NaN).
+    with pytest.raises(ValueError, match="7"):
+        call(vocab_size=6)

@@ -115,7 +115,14 @@ def vocab_shard(
             )
         if sequence_parallel:
             raise ValueError("sequence_parallel=True needs tp_group (the tensor-parallel process group)")
-        if size is None or size >= local_vocab:
+        if size is not None and size > local_vocab:
+            # Ids in [V, vocab_size) would pass the range check and name no row: a NaN loss.
+            raise ValueError(
+                f"vocab_size={size} is larger than the V={local_vocab} vocabulary rows given, with no tp_group: "
+                f"without tensor parallelism vocab_size is the real size of a padded vocabulary (<= V). Pass "
+                f"vocab_size <= {local_vocab} (or None), or tp_group= when the rows are one rank's slice"
+            )
+        if size is None or size == local_vocab:
             return None
     else:
         import torch.distributed as dist
