@@ -409,3 +409,52 @@ def test_vocab_size_above_the_rows_without_tp_group_is_refused(fn):
     # vocab_size == V is the whole vocabulary: id 7 is out of range there, an error too (not a NaN).
     with pytest.raises(ValueError, match="7"):
         call(vocab_size=6)
+
+
+# item 6: a head module's own forward --------------------------------------------------------------
+class _ScaledReadout(torch.nn.Linear):
+    """A logit-scaling readout (as mup's ``MuReadout``): its forward is not ``nn.Linear.forward``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.25
+
+
+def _head_module_calls(head):
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 3, 4, generator=g)
+    ids = torch.randint(0, 5, (2, 3), generator=g)
+    w = torch.tensor([1.0, -1.0])
+    return [
+        lambda: rk.token_logprobs_linear(hidden, head, ids),
+        lambda: rk.rspo_linear_loss(hidden, head, ids, w, entropy_coeff=0.1),
+        lambda: rk.RSPOLinearLoss("pass@k", k=2)(hidden, head, ids, torch.tensor([1.0, 0.0]), group_size=2),
+    ]
+
+
+def test_head_module_with_its_own_forward_is_refused():
+    for call in _head_module_calls(_ScaledReadout(4, 5)):
+        with pytest.raises(ValueError, match=r"_ScaledReadout has its own forward _ScaledReadout.forward"):
+            call()
+    head = torch.nn.Linear(4, 5)
+    head.forward = lambda x: torch.nn.Linear.forward(head, x) * 2.0  # an instance override
+    with pytest.raises(ValueError, match=r"lm_head module Linear has an instance forward"):
+        _head_module_calls(head)[0]()
+
+
+@pytest.mark.parametrize("kind", ["post", "pre"])
+def test_head_module_with_a_forward_hook_is_refused(kind):
+    head = torch.nn.Linear(4, 5)
+    if kind == "post":
+        head.register_forward_hook(lambda m, args, out: out * 3.0)
+    else:
+        head.register_forward_pre_hook(lambda m, args: (args[0] * 3.0,))
+    for call in _head_module_calls(head):
+        what = "forward pre-hook" if kind == "pre" else "forward hook"
+        with pytest.raises(ValueError, match=rf"lm_head module Linear carries {what} .*<lambda>"):
+            call()
+
+
+def test_plain_linear_head_module_is_still_accepted():
+    head = torch.nn.Linear(4, 5)
+    for call in _head_module_calls(head):
+        call()

@@ -234,7 +234,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     target[r0:r1] = torch.where(inside, hit, target[r0:r1])
                     c_m, c_s, c_u = block_stats_update(m[r0:r1], s[r0:r1], None if u is None else u[r0:r1], x)
                     m[r0:r1], s[r0:r1] = c_m, c_s
-                    if u is not None:
+                    if u is not None and c_u is not None:
                         u[r0:r1] = c_u
                     del x
         zero = torch.zeros((), dtype=cdt, device=dev)

@@ -291,7 +291,7 @@ class ShardedTokenLogprobs(torch.autograd.Function):
                 target_r[r0:r1] = x.gather(1, safe[r0:r1].unsqueeze(-1)).squeeze(-1)
                 m, s, u = block_stats_update(m_r[r0:r1], s_r[r0:r1], None if u_r is None else u_r[r0:r1], x)
                 m_r[r0:r1], s_r[r0:r1] = m, s
-                if u_r is not None:
+                if u_r is not None and u is not None:
                     u_r[r0:r1] = u
         # Dead rows may hold anything (NaN, inf): neutral values keep them out of the collectives.
         ninf = torch.full((), float("-inf"), dtype=cdt, device=dev)
