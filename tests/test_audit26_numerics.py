@@ -48,7 +48,7 @@ def _compiled(fn, backend):
 @pytest.mark.parametrize("backend, form", [("aot_eager", "weight"), ("aot_eager", "module"), ("inductor", "weight")])
 def test_compiled_linear_loss_entropy_gradient_at_zero_policy_gradient_tokens(backend, form):
     hidden, W, bias, ids, weights, mask, old = _compile_case()
-    kw = dict(old_logprobs=old, epsilon_low=0.1, epsilon_high=0.1, entropy_coeff=0.37, chunk_rows=3, vocab_block=4)
+    kw = dict(old_logprobs=old, epsilon_low=0.1, epsilon_high=0.1, entropy_coeff=0.37, chunk_rows=10, vocab_block=6)
 
     def head():
         if form == "weight":
