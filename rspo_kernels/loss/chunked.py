@@ -266,6 +266,8 @@ def _softmax_grad_rows(
             # Relative to the row max (an exact logit): x - max is exact where it matters.
             m = x.amax(dim=-1).to(cdt)
             dev = x.to(cdt).sub(torch.where(m == float("-inf"), zero, m).unsqueeze(-1))
+    elif gh is None:
+        out = x.to(cdt).sub(lse[0].unsqueeze(-1)).sub_(lse[1].unsqueeze(-1)).exp_()  # one buffer
     else:
         dev = x.to(cdt).sub(lse[0].unsqueeze(-1))  # x - offset, -inf stays -inf
         out = dev.sub(lse[1].unsqueeze(-1)).exp_()
