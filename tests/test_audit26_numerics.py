@@ -458,3 +458,24 @@ def test_plain_linear_head_module_is_still_accepted():
     head = torch.nn.Linear(4, 5)
     for call in _head_module_calls(head):
         call()
+
+
+def test_compiled_backward_stays_finite_at_a_zero_gradient_row_with_very_low_logits():
+    """Compiled, rows without a gradient are computed from zeroed hidden states: exp() must not overflow there."""
+    hidden, W, bias, ids, weights, mask, old = _compile_case(seed=9)
+    W = torch.cat([W, torch.ones(W.shape[0], 1, dtype=F64)], -1)
+    hidden = torch.cat([hidden, torch.zeros(hidden.shape[:-1] + (1,), dtype=F64)], -1)
+    hidden[1, :, -1] = -1000.0  # response 1 (weight 0): every logit near -1000, far below the bias
+
+    def step(h, w):
+        return rk.rspo_linear_loss(h, w, ids, weights, mask, bias=bias, old_logprobs=old, chunk_rows=10, vocab_block=6)
+
+    h_ref, w_ref = hidden.clone().requires_grad_(), W.clone().requires_grad_()
+    logits = torch.nn.functional.linear(h_ref, w_ref, bias)
+    rspo_loss_reference(logits, ids, weights, mask, old_logprobs=old).backward()
+    h, w = hidden.clone().requires_grad_(), W.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _compiled(step, "aot_eager")(h, w).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    torch.testing.assert_close(w.grad, w_ref.grad)

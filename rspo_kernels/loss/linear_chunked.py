@@ -305,6 +305,10 @@ class LinearTokenLogprobs(torch.autograd.Function):
         if n == 0:
             return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 7)
         act = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
+        # Rows computed without a gradient (compiled: no gather) have zeroed hidden states, so their
+        # logits are the shifted bias (<= 0): offset 0 and log s = 0 keep exp() finite there (inf * 0
+        # would be NaN).
+        off, ell = torch.where(needed, off, zero), torch.where(needed, ell, zero)
         a_ids, a_off, a_g = act(ids if shard is None else ids - shard.start), act(off), act(g)
         # p = exp(x - offset) / s: 1 / s per row folded into the coefficients (one pass fewer).
         a_inv_s = torch.exp(-act(ell))
