@@ -502,3 +502,102 @@ def test_compiled_backward_with_softcap_stays_finite_at_a_zero_gradient_row():
         _compiled(step, "aot_eager")(h, w).backward()
     torch.testing.assert_close(h.grad, h_ref.grad.float(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w.grad, w_ref.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+# item 4 on the statistics path (issue 27 item 5): sum pi^2, top-k and multi-target log-probs ------
+K_IDS, K_TOP = 3, 4
+
+
+def _stats_oracle(logits64: torch.Tensor, ids_k: torch.Tensor, coef_k: torch.Tensor):
+    """float64 multi-target log-probs, entropy, ``sum pi^2``, top-k and the objective ``sum(coef lp) + sum(H)``."""
+    logp_all = torch.log_softmax(logits64, -1)
+    p = logp_all.exp()
+    lp = logp_all.gather(-1, ids_k)
+    ent = -(p * torch.where(p > 0, logp_all, torch.zeros((), dtype=F64))).sum(-1)
+    top_v, top_i = torch.topk(logp_all, K_TOP, dim=-1)
+    return lp, ent, (p * p).sum(-1), top_v, top_i, (coef_k * lp).sum() + ent.sum()
+
+
+def _stats_ids(seed: int, banned: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids_k = torch.randint(banned, V4, (B4, T4, K_IDS), generator=g)
+    coef_k = torch.randn(B4, T4, K_IDS, generator=g, dtype=F64)
+    return ids_k, coef_k
+
+
+def _check_stats(st, want, leaves_grads):
+    lp, ent, spi2, top_v, top_i, _ = want
+    assert _rel(st.logprobs, lp) <= REL
+    assert _rel(st.entropy, ent) <= REL
+    assert _rel(st.sum_pi_squared, spi2) <= REL
+    assert _rel(st.topk_logprobs, top_v) <= REL
+    assert torch.equal(st.topk_ids, top_i)
+    for name, got, grad in leaves_grads:
+        assert torch.isfinite(got).all(), name
+        assert _rel(got, grad) <= REL, name
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
+def test_logits_stats_ignore_a_constant_offset(offset):
+    hidden, W, b, _, _ = _head_case(seed=3)
+    ids_k, coef_k = _stats_ids(3)
+    x32 = (torch.nn.functional.linear(hidden.double(), W.double(), b.double()) + offset).float()
+    x = x32.clone().requires_grad_()
+    st = rk.token_logprobs(x, ids_k, return_entropy=True, return_sum_pi_squared=True, topk=K_TOP)
+    ((coef_k * st.logprobs).sum() + st.entropy.sum()).backward()
+    ref = x32.double().requires_grad_()
+    want = _stats_oracle(ref, ids_k, coef_k)
+    want[-1].backward()
+    _check_stats(st, want, [("logits", x.grad, ref.grad)])
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
+def test_linear_stats_ignore_a_constant_offset(offset):
+    hidden, W, b, _, _ = _linear_inputs(offset)  # the offset arrives through the bias
+    ids_k, coef_k = _stats_ids(4)
+    leaves = [t.clone().requires_grad_() for t in (hidden, W, b)]
+    st = rk.token_logprobs_linear(
+        leaves[0], leaves[1], ids_k, bias=leaves[2], return_entropy=True, return_sum_pi_squared=True, topk=K_TOP,
+        vocab_block=VB, chunk_rows=4,
+    )  # fmt: skip
+    ((coef_k * st.logprobs).sum() + st.entropy.sum()).backward()
+    refs = [t.double().requires_grad_() for t in (hidden, W, b)]
+    want = _stats_oracle(torch.nn.functional.linear(*refs), ids_k, coef_k)
+    want[-1].backward()
+    names = ("hidden", "weight", "bias")
+    _check_stats(st, want, [(n, t.grad, r.grad) for n, t, r in zip(names, leaves, refs, strict=True)])
+
+
+def test_linear_stats_with_a_whole_minus_inf_vocab_block_are_finite_and_exact():
+    """The first vocabulary block is masked by a ``-inf`` bias: it adds 0, never NaN (ids avoid it)."""
+    hidden, W, b, _, _ = _head_case(seed=5)
+    b = b.clone()
+    b[:VB] = float("-inf")
+    ids_k, coef_k = _stats_ids(5, banned=VB)
+    leaves = [t.double().requires_grad_() for t in (hidden, W, b)]
+    st = rk.token_logprobs_linear(
+        leaves[0], leaves[1], ids_k, bias=leaves[2], return_entropy=True, return_sum_pi_squared=True, topk=K_TOP,
+        vocab_block=VB, chunk_rows=4,
+    )  # fmt: skip
+    ((coef_k * st.logprobs).sum() + st.entropy.sum()).backward()
+    refs = [t.double().requires_grad_() for t in (hidden, W, b)]
+    want = _stats_oracle(torch.nn.functional.linear(*refs), ids_k, coef_k)
+    want[-1].backward()
+    grads = [(n, t.grad, r.grad) for n, t, r in zip(("hidden", "weight"), leaves[:2], refs[:2], strict=True)]
+    # The masked bias entries: gradient 0 (p = 0), the oracle's too.
+    grads.append(("bias", leaves[2].grad, torch.nan_to_num(refs[2].grad)))
+    _check_stats(st, want, grads)
+
+
+def test_logits_stats_with_a_whole_minus_inf_block_are_finite_and_exact():
+    hidden, W, b, _, _ = _head_case(seed=6)
+    x64 = torch.nn.functional.linear(hidden.double(), W.double(), b.double())
+    x64[..., :VB] = float("-inf")
+    ids_k, coef_k = _stats_ids(6, banned=VB)
+    x = x64.clone().requires_grad_()
+    st = rk.token_logprobs(x, ids_k, return_entropy=True, return_sum_pi_squared=True, topk=K_TOP)
+    ((coef_k * st.logprobs).sum() + st.entropy.sum()).backward()
+    ref = x64.clone().requires_grad_()
+    want = _stats_oracle(ref, ids_k, coef_k)
+    want[-1].backward()
+    _check_stats(st, want, [("logits", x.grad, torch.nan_to_num(ref.grad))])

@@ -175,6 +175,16 @@ def _shifted(bias: torch.Tensor | None, shift: torch.Tensor, n_real: int, cdt: t
     return None if bias is None else bias[:n_real].to(cdt) - shift
 
 
+def idle_row_offset(softcap: float | None, temperature: float, cdt: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """The exp offset for rows the backward computes without a gradient (compiled: no gather).
+
+    Their hidden states are zeroed, so their logits are the shifted bias (``<= 0``,
+    :func:`_bias_shift`), or under a soft-cap ``c`` the capped bias (``<= c / T``): relative to that
+    bound, with ``log s = 0``, exp() stays finite there (``inf * 0`` would be NaN).
+    """
+    return torch.full((), 0.0 if softcap is None else softcap / temperature, dtype=cdt, device=dev)
+
+
 def _active(mask: torch.Tensor) -> torch.Tensor | None:
     """Indices of the true entries of ``mask``; None when every entry is true (no gather needed).
 
@@ -330,10 +340,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
         if n == 0:
             return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 8)
         act = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
-        # Rows computed without a gradient (compiled: no gather) have zeroed hidden states, so their
-        # logits are the shifted bias (<= 0), or with a soft-cap c the capped bias (<= c / T): an
-        # offset of that bound and log s = 0 keep exp() finite there (inf * 0 would be NaN).
-        bound = zero if ctx.softcap is None else torch.full((), ctx.softcap / temperature, dtype=cdt, device=dev)
+        # Rows computed without a gradient (compiled: no gather): an offset bounding their logits.
+        bound = idle_row_offset(ctx.softcap, temperature, cdt, dev)
         off, ell = torch.where(needed, off, bound), torch.where(needed, ell, zero)
         a_ids, a_off, a_g = act(ids if shard is None else ids - shard.start), act(off), act(g)
         # p = exp(x - offset) / s: 1 / s per row folded into the coefficients (one pass fewer).
