@@ -42,18 +42,23 @@ for kernel in (K._token_logprobs_fwd_kernel, K._token_logprobs_bwd_kernel):
     assert [p.name for p in kernel.params if p.do_not_specialize] == ["T"], kernel.fn.__name__
 
 V = 151936
+# Each flag combination without the soft-cap, and the soft-capped one with the entropy (its extra work).
+FLAGS = ((False, False), (True, False), (True, True))
 for dt in ("fp32", "bf16", "fp16"):
-    for entropy in (False, True):
-        sig = dict(p_logits="*" + dt, p_ids="*i64", p_live="*u8", p_logp="*fp32", p_lse="*fp32",
-                   p_entropy="*fp32", T="i32", stride_lb="i64", stride_lt="i64", inv_temperature="fp32")
-        ptx = compile_(K._token_logprobs_fwd_kernel, sig, dict(V=V, WITH_ENTROPY=entropy, BLOCK_V=4096),
+    for entropy, softcap in FLAGS:
+        sig = dict(p_logits="*" + dt, p_ids="*i64", p_live="*u8", p_logp="*fp32", p_lse="*fp32", p_lse_lo="*fp32",
+                   p_entropy="*fp32", T="i32", stride_lb="i64", stride_lt="i64", inv_temperature="fp32",
+                   softcap="fp32")
+        ptx = compile_(K._token_logprobs_fwd_kernel, sig,
+                       dict(V=V, WITH_ENTROPY=entropy, SOFTCAP=softcap, BLOCK_V=4096),
                        ["p_logits", "stride_lb", "stride_lt"])
         assert re.search(r"ld\.global(\.\w+)*\.v4", ptx), f"forward {dt}: no 16-byte loads"
-    sig = dict(p_logits="*" + dt, p_ids="*i64", p_lse="*fp32", p_glogp="*fp32", p_gentropy="*fp32",
+    sig = dict(p_logits="*" + dt, p_ids="*i64", p_lse="*fp32", p_lse_lo="*fp32", p_glogp="*fp32", p_gentropy="*fp32",
                p_mean_x="*fp32", p_dlogits="*" + dt, T="i32", stride_lb="i64", stride_lt="i64", stride_gb="i64",
-               stride_gt="i64", inv_temperature="fp32")
-    for entropy_grad in (False, True):
-        ptx = compile_(K._token_logprobs_bwd_kernel, sig, dict(V=V, WITH_ENTROPY_GRAD=entropy_grad, BLOCK_V=4096),
+               stride_gt="i64", inv_temperature="fp32", softcap="fp32")
+    for entropy_grad, softcap in FLAGS:
+        ptx = compile_(K._token_logprobs_bwd_kernel, sig,
+                       dict(V=V, WITH_ENTROPY_GRAD=entropy_grad, SOFTCAP=softcap, BLOCK_V=4096),
                        ["p_logits", "p_dlogits", "stride_lb", "stride_lt", "stride_gb", "stride_gt"])
         assert re.search(r"ld\.global(\.\w+)*\.v4", ptx), f"backward {dt}: no 16-byte loads"
         assert re.search(r"st\.global(\.\w+)*\.v4", ptx), f"backward {dt}: no 16-byte stores"

@@ -182,7 +182,7 @@ def logits_grad(
     logits: torch.Tensor,
     ids: torch.Tensor,
     live: torch.Tensor,
-    lse: torch.Tensor | None,
+    lse: tuple[torch.Tensor, torch.Tensor] | None,
     g_logp: torch.Tensor,
     temperature: float,
     chunk_rows: int,
@@ -197,11 +197,14 @@ def logits_grad(
 
     ``x = logits / T``, ``p = softmax(x)``, ``g = dL/dlogp``, ``g_H = dL/dentropy`` (None: no
     entropy term); ``dH/dx = -p (x - E_p[x])`` since ``H = lse(x) - E_p[x]``. With the forward's
-    per-token log-sum-exp ``lse`` of ``x`` the softmax is ``exp(x - lse)``; with ``lse=None`` it
-    is recomputed by ``torch.softmax`` (one fused pass, the faster choice on CPU). ``E_p[x]`` is
-    ``mean_x`` when given (with ``lse``), else recomputed from the chunk's softmax. Rows with
-    ``g = g_H = 0`` (padding, clipped tokens) are written as zeros without reading their logits, so
-    NaN or inf there never leaks. With ``inplace`` the result overwrites ``logits`` (whose version
+    per-token log-sum-exp in two parts, ``lse = (offset, log s)`` (``lse = offset + log s``,
+    :func:`rspo_kernels.loss.vocab_parallel.finish_stats`), the softmax is
+    ``exp((x - offset) - log s)``; with ``lse=None`` it is recomputed by ``torch.softmax`` (one
+    fused pass, the faster choice on CPU). ``mean_x`` is ``E_p[x - offset]`` when given (with
+    ``lse``), else recomputed from the chunk's softmax relative to the row max: ``x - E_p[x]`` is
+    never formed from absolute logits, so a constant offset of the logits costs no precision.
+    Rows with ``g = g_H = 0`` (padding, clipped tokens) are written as zeros without reading their
+    logits, so NaN or inf there never leaks. With ``inplace`` the result overwrites ``logits`` (whose version
     counter is bumped, so any other autograd node that saved them raises instead of reading the
     gradient); else it goes to ``out`` when given (a view into a larger gradient), or a new tensor.
     An id outside ``[0, V)`` adds no one-hot term (a vocabulary slice that does not hold it).
@@ -224,13 +227,14 @@ def logits_grad(
     for (rows, grad_rows), r0, r1 in row_chunks((logits, grad), chunk_rows):
         c_g, c_ids, c_hit = g[r0:r1], safe[r0:r1], hit[r0:r1]
         c_gh = None if gh is None else gh[r0:r1]
-        c_lse = None if lse is None else lse[r0:r1]
+        c_lse = None if lse is None else (lse[0][r0:r1], lse[1][r0:r1])
         c_mu = None if mean_x is None else mean_x[r0:r1]
         nonzero = c_g != 0 if c_gh is None else (c_g != 0) | (c_gh != 0)
         if sparse_ok and not bool(nonzero.all()):
             # Clipped and padded tokens are common in RL batches: compute only the others.
             idx = torch.nonzero(nonzero).squeeze(-1)
-            c_lse, c_gh, c_mu = (None if v is None else v[idx] for v in (c_lse, c_gh, c_mu))
+            c_gh, c_mu = (None if v is None else v[idx] for v in (c_gh, c_mu))
+            c_lse = None if c_lse is None else (c_lse[0][idx], c_lse[1][idx])
             sub = _softmax_grad_rows(
                 rows.index_select(0, idx),
                 c_g[idx],
@@ -259,7 +263,7 @@ def _softmax_grad_rows(
     rows: torch.Tensor,
     g: torch.Tensor,
     ids: torch.Tensor,
-    lse: torch.Tensor | None,
+    lse: tuple[torch.Tensor, torch.Tensor] | None,
     temperature: float,
     cdt: torch.dtype,
     gh: torch.Tensor | None = None,
@@ -269,23 +273,33 @@ def _softmax_grad_rows(
 ) -> torch.Tensor:
     """``hit * onehot(ids) - p * (g + gh * (x - E_p[x]))`` for a block of rows, in a fresh ``cdt`` buffer.
 
-    ``hit`` is ``g`` where the row holds its id (the default), else 0. With ``softcap`` the
-    result is multiplied by the cap's derivative (the chain rule through ``x = cap(z) / T``).
+    ``hit`` is ``g`` where the row holds its id (the default), else 0. ``lse`` and ``mean_x`` as in
+    :func:`logits_grad` (``mean_x`` relative to ``lse[0]``), both of the capped, scaled ``x``. With
+    ``softcap`` the result is multiplied by the cap's derivative (the chain rule through
+    ``x = cap(z) / T``).
     """
     d_cap = None
     if softcap is None:
         x = rows.to(cdt) / temperature if temperature != 1.0 else rows
     else:
         x, d_cap = scaled_logits(rows, temperature, softcap, cdt, with_grad=True)
+    zero = torch.zeros((), dtype=cdt, device=rows.device)
     if lse is None:
         out = torch.softmax(x, dim=-1, dtype=cdt)
+        if gh is not None:
+            # Relative to the row max (an exact logit): x - max is exact where it matters.
+            m = x.amax(dim=-1).to(cdt)
+            dev = x.to(cdt).sub(torch.where(m == float("-inf"), zero, m).unsqueeze(-1))
+    elif gh is None:
+        out = x.to(cdt).sub(lse[0].unsqueeze(-1)).sub_(lse[1].unsqueeze(-1)).exp_()  # one buffer
     else:
-        out = torch.sub(x, lse.unsqueeze(-1)).to(cdt).exp_()
+        dev = x.to(cdt).sub(lse[0].unsqueeze(-1))  # x - offset, -inf stays -inf
+        out = dev.sub(lse[1].unsqueeze(-1)).exp_()
     if gh is None:
         out.mul_(-g.unsqueeze(-1))
     else:
         # (x - E_p[x]) where p > 0 only: a -inf logit (p = 0) must give 0, never 0 * -inf.
-        dev = torch.where(out > 0, x.to(cdt), torch.zeros((), dtype=cdt, device=out.device))  # [n, V]
+        dev.masked_fill_(out == 0, 0.0)  # [n, V]
         mu = torch.linalg.vecdot(out, dev) if mean_x is None else mean_x
         dev.sub_(mu.unsqueeze(-1)).mul_(gh.unsqueeze(-1)).add_(g.unsqueeze(-1))
         out.mul_(dev).neg_()

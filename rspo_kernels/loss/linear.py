@@ -29,6 +29,7 @@ parameters in forward and backward and reduce its gradients as they would for th
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, TypeAlias, overload
 
 import torch
@@ -81,6 +82,56 @@ def _check_not_sharded(weight: Any, bias: Any) -> None:
             )
 
 
+# Modules whose forward hooks on the head are the data-parallel wrappers' own: FSDP2's fully_shard
+# (bound methods of its FSDPState, or its group hooks) and DeepSpeed ZeRO-3's gather / release
+# hooks. They move parameters, never change the output, and must see the fused op run.
+_WRAPPER_HOOK_MODULES = ("torch.distributed.", "deepspeed.")
+
+
+def _hook_origin(hook: Any) -> str:
+    """The module that defined ``hook`` (through ``functools.partial`` and bound methods)."""
+    fn = hook
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)
+    return str(getattr(fn, "__module__", None) or getattr(type(fn), "__module__", ""))
+
+
+def _foreign_forward_hooks(module: nn.Module) -> list[str]:
+    """The forward (pre-)hooks on ``module`` that are not a data-parallel wrapper's own, by name."""
+    found = []
+    for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks)):
+        for hook in hooks.values():
+            if not _hook_origin(hook).startswith(_WRAPPER_HOOK_MODULES):
+                found.append(f"{kind} {getattr(hook, '__qualname__', type(hook).__name__)}")
+    return found
+
+
+def _check_head_forward(module: nn.Module) -> None:
+    """``module`` computes exactly ``nn.Linear``'s ``hidden @ weight.T + bias``; else ValueError naming its type.
+
+    The fused op reads the parameters and never calls the module's own forward, so an overridden
+    forward (mup's ``MuReadout``, a logit scale or soft-cap) or an output-changing forward hook
+    would be skipped silently.
+    """
+    name = type(module).__name__
+    fix = (
+        "The fused op computes hidden @ weight.T + bias from the parameters and would skip it. Pass the weight "
+        "tensor and apply the transform to it or to hidden yourself (e.g. a logit scale s: pass hidden * s; a "
+        "final-logit soft-cap c: pass logit_softcap=c), or compute the logits and use rk.rspo_loss"
+    )
+    forward = type(module).forward
+    if forward is not nn.Linear.forward or "forward" in module.__dict__:
+        where = "an instance forward" if "forward" in module.__dict__ else f"its own forward {forward.__qualname__}"
+        raise ValueError(f"lm_head module {name} has {where}, not nn.Linear.forward. {fix}")
+    hooks = _foreign_forward_hooks(module)
+    if hooks:
+        raise ValueError(
+            f"lm_head module {name} carries {', '.join(hooks)}, which may change its output (only FSDP2's and "
+            f"DeepSpeed ZeRO-3's own hooks are run with the fused op). {fix}; or remove the hooks"
+        )
+
+
 def _check_head_module(hidden: torch.Tensor, module: nn.Module, bias: Any) -> int:
     """``module`` computes ``hidden @ weight.T + bias`` from its own parameters; returns its vocabulary size V.
 
@@ -100,6 +151,7 @@ def _check_head_module(hidden: torch.Tensor, module: nn.Module, bias: Any) -> in
             f"like nn.Linear; {type(module).__name__} has parameters {names}. Pass its weight tensor and "
             "apply the rest yourself"
         )
+    _check_head_forward(module)
     shape = tuple(getattr(weight, "ds_shape", weight.shape))
     H = hidden.shape[-1]
     if len(shape) != 2 or shape[1] != H or shape[0] == 0:
@@ -524,7 +576,10 @@ def token_logprobs_linear(
     ValueError
         Mismatched shapes or devices, ``temperature <= 0``, ids out of range (checked on CPU; on a
         GPU an out-of-range id gives NaN), ``bias`` given with a module, a DTensor or ZeRO-3
-        parameter given as the bare weight (pass its module).
+        parameter given as the bare weight (pass its module), a head module whose forward is not
+        ``nn.Linear.forward`` (a subclass such as mup's ``MuReadout``) or that carries forward hooks
+        other than FSDP2's and DeepSpeed ZeRO-3's own (the fused op would skip them), ``vocab_size``
+        above the rows given without ``tp_group``.
 
     Notes
     -----
@@ -698,7 +753,9 @@ def rspo_linear_loss(
         and ``bias``.
     ValueError
         Shapes, devices or hyper-parameters out of range; each message names the argument.
-        ``bias`` given with a module; a DTensor or ZeRO-3 parameter given as the bare weight.
+        ``bias`` given with a module; a DTensor or ZeRO-3 parameter given as the bare weight; a head
+        module whose forward is not ``nn.Linear.forward`` or that carries forward hooks other than
+        FSDP2's and ZeRO-3's own (see :func:`token_logprobs_linear`).
     RuntimeError
         In backward with ``create_graph=True`` (use ``RSPO_KERNELS_BACKEND=reference``).
 

@@ -6,13 +6,21 @@
 ``vocab_block`` vocabulary entries, vocabulary outermost (each block of ``W`` is read, and for
 half types up-cast, once per pass):
 
-- forward: each block of logits, accumulated in float32 (float64 for float64 inputs), updates a
-  running per-token log-sum-exp (and entropy) and yields the target logits that fall inside it;
-  then it is freed. Only the ``(N,)`` log-sum-exp (and entropy) is saved.
+- forward: each block of logits, accumulated in float32 (float64 for float64 inputs), updates
+  per-token running statistics relative to the running max (``m``, ``s = sum exp(x - m)``,
+  ``u = sum exp(x - m) (x - m)``: :func:`~rspo_kernels.loss.vocab_parallel.block_stats_update`)
+  and yields the target logits that fall inside it; then it is freed. Only ``(N,)`` vectors are
+  saved: ``lse`` as two parts (offset ``m`` and ``log s``) and the entropy ``H = log s - u / s``,
+  so no absolute logit enters a sum. The bias enters shifted by its largest finite entry (a
+  per-row constant: the softmax ignores it), so an offset carried by the bias does not round the
+  logits either (not under a soft-cap, which does not commute with the shift: :func:`_bias_shift`).
+  With a soft-cap every block is capped before the temperature, and the backward multiplies its
+  gradient by the cap's derivative (:mod:`rspo_kernels.loss.softcap`).
 - backward: each block is recomputed, turned into ``G = g (onehot - softmax) / T`` in place
   (``g = dL/dlogp``, grad_output included; with an entropy gradient ``g_H``, minus
-  ``g_H p (x - E_p[x]) / T``, ``E_p[x] = lse - H``), and contributes ``G W_blk`` to ``dh``,
-  ``G^T h`` to ``dW[blk]`` and ``G.sum(0)`` to ``db[blk]`` (docs/math.md, "The loss").
+  ``g_H p (x - E_p[x]) / T``, with ``x - E_p[x]`` formed as ``(x - m) - (log s - H)``), and
+  contributes ``G W_blk`` to ``dh``, ``G^T h`` to ``dW[blk]`` and ``G.sum(0)`` to ``db[blk]``
+  (docs/math.md, "The loss").
 - with a :class:`~rspo_kernels.loss.vocab_parallel.VocabShard` the weight holds a slice of the
   vocabulary: the per-rank statistics are merged by two all-reduces after the forward loop, the
   backward runs on the global statistics and all-reduces ``dh`` (docs/tensor-parallel.md).
@@ -42,7 +50,14 @@ import torch
 from rspo_kernels.loss.chunked import check_backward_mode, entropy_grad
 from rspo_kernels.loss.layout import compute_dtype
 from rspo_kernels.loss.softcap import cap_, cap_derivative
-from rspo_kernels.loss.vocab_parallel import VocabShard, all_reduce_sum, combine_shards
+from rspo_kernels.loss.vocab_parallel import (
+    VocabShard,
+    all_reduce_max_,
+    all_reduce_sum,
+    block_stats_update,
+    combine_shards,
+    finish_stats,
+)
 
 __all__ = ["DEFAULT_VOCAB_BLOCK", "LinearTokenLogprobs", "default_blocks", "linear_token_logprobs"]
 
@@ -124,6 +139,56 @@ def _block_logits(
     return x
 
 
+def _bias_shift(
+    bias: torch.Tensor | None,
+    n_real: int,
+    cdt: torch.dtype,
+    dev: torch.device,
+    shard: VocabShard | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """``c``, ``(1,)`` in the compute dtype: the largest finite bias entry of the real rows (0 if none).
+
+    Empty without a bias; 0 with a ``softcap``.
+
+    The blocks use ``bias - c`` (:func:`_block_logits`).
+
+    Softmax, log-probs and entropy ignore a per-row constant, but ``h W^T + b`` rounds each logit
+    to the unit roundoff of ``|b|`` (5e-4 at 1e4): shifted, a constant offset carried by the bias
+    costs nothing. Under tensor parallelism ``c`` is the group's maximum (one scalar all-reduce),
+    so every rank shifts its slice by the same constant.
+
+    With a soft-cap there is no shift: the cap acts on the raw logits, and
+    ``c tanh((z - shift) / c)`` is not ``c tanh(z / c)`` minus a constant, so shifting the bias would
+    change the capped logits' differences, hence the softmax (and a capped logit is bounded by ``c``
+    anyway, so an offset carried by the bias saturates instead of rounding the softmax away).
+    """
+    if bias is None:
+        return torch.zeros(0, dtype=cdt, device=dev)
+    if softcap is not None:
+        return torch.zeros(1, dtype=cdt, device=dev)
+    b = bias[:n_real].to(cdt)
+    ninf = torch.full((), float("-inf"), dtype=cdt, device=b.device)
+    c = torch.where(torch.isfinite(b), b, ninf).amax().reshape(1) if n_real else ninf.reshape(1)
+    all_reduce_max_(c, shard)
+    return torch.where(torch.isfinite(c), c, torch.zeros((), dtype=cdt, device=b.device))
+
+
+def _shifted(bias: torch.Tensor | None, shift: torch.Tensor, n_real: int, cdt: torch.dtype) -> torch.Tensor | None:
+    """``bias - c`` over the real rows in the compute dtype (b and c share their leading digits: exact)."""
+    return None if bias is None else bias[:n_real].to(cdt) - shift
+
+
+def idle_row_offset(softcap: float | None, temperature: float, cdt: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """The exp offset for rows the backward computes without a gradient (compiled: no gather).
+
+    Their hidden states are zeroed, so their logits are the shifted bias (``<= 0``,
+    :func:`_bias_shift`), or under a soft-cap ``c`` the capped bias (``<= c / T``): relative to that
+    bound, with ``log s = 0``, exp() stays finite there (``inf * 0`` would be NaN).
+    """
+    return torch.full((), 0.0 if softcap is None else softcap / temperature, dtype=cdt, device=dev)
+
+
 def _active(mask: torch.Tensor) -> torch.Tensor | None:
     """Indices of the true entries of ``mask``; None when every entry is true (no gather needed).
 
@@ -146,7 +211,9 @@ def _zero_dead_rows(h: torch.Tensor, keep: torch.Tensor, index: torch.Tensor | N
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
-    """``(hidden, weight, bias, ids, live) -> (logp, lse, entropy)``; ``logp`` and ``entropy`` are differentiable.
+    """``(hidden, weight, bias, ids, live) -> (logp, offset, log_s, entropy, c)``; ``logp``, ``entropy`` differentiable.
+
+    ``lse = offset + log_s`` per token; ``c`` is the bias shift (:func:`_bias_shift`).
 
     Outputs are flat ``(N,)`` in the compute dtype (float32; float64 for float64 inputs). Tokens
     that are not ``live`` get 0 everywhere and zero gradient rows, whatever their hidden states
@@ -167,7 +234,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         vocab_block: int,
         shard: VocabShard | None = None,
         softcap: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = hidden.shape
         # A vocabulary shard: only its real rows enter the softmax, ids are global.
         N, V = B * T, (weight.shape[0] if shard is None else shard.n_real)
@@ -179,17 +246,22 @@ class LinearTokenLogprobs(torch.autograd.Function):
         if shard is not None:
             act_ids = act_ids - shard.start
         valid = (act_ids >= 0) & (act_ids < V)
-        lse = torch.full((n,), float("-inf"), dtype=cdt, device=dev)
+        # Running per-row statistics relative to the running max (block_stats_update): never the
+        # absolute logits, so a constant offset costs no precision and a -inf block adds 0.
+        m = torch.full((n,), float("-inf"), dtype=cdt, device=dev)
+        s = torch.zeros(n, dtype=cdt, device=dev)
+        u = torch.zeros(n, dtype=cdt, device=dev) if with_entropy else None
         target = torch.zeros(n, dtype=cdt, device=dev)
-        mean_x = torch.zeros(n, dtype=cdt, device=dev) if with_entropy else None
         with torch.autocast(dev.type, enabled=False):
+            shift = _bias_shift(bias, V, cdt, dev, shard, softcap)
+            bias_c = _shifted(bias, shift, V, cdt)
             h = _rows(hidden, index, cdt) if n else hidden.new_empty(0, hidden.shape[-1], dtype=cdt)
             h = _zero_dead_rows(h, live, index)
             for v0 in range(0, V, vocab_block):
                 v1 = min(v0 + vocab_block, V)
                 w = weight[v0:v1]
                 w = w if w.is_cuda else w.to(cdt)
-                b = None if bias is None else bias[v0:v1]
+                b = None if bias_c is None else bias_c[v0:v1]
                 for r0 in range(0, n, chunk_rows):
                     r1 = min(r0 + chunk_rows, n)
                     x = _block_logits(h[r0:r1], w, b, temperature, cdt, softcap)  # [n, vb]
@@ -197,38 +269,29 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     inside = (local >= 0) & (local < v1 - v0)
                     hit = x.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(-1)).squeeze(-1)
                     target[r0:r1] = torch.where(inside, hit, target[r0:r1])
-                    blk_lse = torch.logsumexp(x, dim=-1)  # [n]
-                    new_lse = torch.logaddexp(lse[r0:r1], blk_lse)
-                    if mean_x is not None:
-                        # Running E_p[x]: each block's mean under its own softmax, reweighted by
-                        # exp(lse_blk - lse). A -inf logit has p = 0 and adds nothing (not 0 * -inf).
-                        p = x.sub(blk_lse.unsqueeze(-1)).exp_()
-                        blk_mean = p.mul_(x.masked_fill_(x == float("-inf"), 0.0)).sum(dim=-1)
-                        finite = new_lse > float("-inf")
-                        w_old = torch.where(finite, (lse[r0:r1] - new_lse).exp(), 0.0)
-                        w_blk = torch.where(finite, (blk_lse - new_lse).exp(), 0.0)
-                        mean_x[r0:r1] = w_old * mean_x[r0:r1] + w_blk * blk_mean
-                    lse[r0:r1] = new_lse
+                    c_m, c_s, c_u = block_stats_update(m[r0:r1], s[r0:r1], None if u is None else u[r0:r1], x)
+                    m[r0:r1], s[r0:r1] = c_m, c_s
+                    if u is not None and c_u is not None:
+                        u[r0:r1] = c_u
                     del x
+        zero = torch.zeros((), dtype=cdt, device=dev)
         if shard is not None:
-            zero = torch.zeros((), dtype=cdt, device=dev)
-            lse, mean_x, target, found = combine_shards(
-                lse, mean_x, torch.where(valid, target, zero), valid.to(cdt), shard
-            )
+            m, s, u, target, found = combine_shards(m, s, u, torch.where(valid, target, zero), valid.to(cdt), shard)
             valid = found > 0
-        logp_act = torch.where(valid, target - lse, torch.full((), float("nan"), dtype=cdt, device=dev))
+        off, ell, ent = finish_stats(m, s, u)
+        # (target - offset) - log s: lse = offset + log s is never rounded as one number.
+        logp_act = torch.where(valid, (target - off) - ell, torch.full((), float("nan"), dtype=cdt, device=dev))
         if index is None:  # every row computed (all live, or compiled): dead ones read 0
-            zero = torch.zeros((), dtype=cdt, device=dev)
-            logp_act, lse = torch.where(live, logp_act, zero), torch.where(live, lse, zero)
-            mean_x = None if mean_x is None else torch.where(live, mean_x, zero)
+            logp_act, off, ell = (torch.where(live, v, zero) for v in (logp_act, off, ell))
+            ent = None if ent is None else torch.where(live, ent, zero)
 
         def scatter(v: torch.Tensor) -> torch.Tensor:
             if index is None:
                 return v
             return torch.zeros(N, dtype=cdt, device=dev).index_copy_(0, index, v)
 
-        entropy = scatter(lse - mean_x) if mean_x is not None else lse.new_empty(0)
-        return scatter(logp_act), scatter(lse), entropy
+        entropy = scatter(ent) if ent is not None else off.new_empty(0)
+        return scatter(logp_act), scatter(off), scatter(ell), entropy, shift
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -236,33 +299,37 @@ class LinearTokenLogprobs(torch.autograd.Function):
         softcap = inputs[10] if len(inputs) > 10 else None  # a caller that predates the cap passes 10
         ctx.shard = shard
         ctx.softcap = softcap
-        _, lse, entropy = output
-        ctx.mark_non_differentiable(*((lse,) if with_entropy else (lse, entropy)))
+        _, off, ell, entropy, shift = output
+        ctx.mark_non_differentiable(*((off, ell, shift) if with_entropy else (off, ell, entropy, shift)))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
-        ctx.save_for_backward(hidden, weight, bias, ids, live, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, ids, live, off, ell, entropy, shift)
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows
         ctx.vocab_block = vocab_block
 
     @staticmethod
-    def backward(ctx: Any, g_logp: torch.Tensor | None, _g_lse: Any, g_entropy: torch.Tensor | None) -> tuple:
+    def backward(
+        ctx: Any, g_logp: torch.Tensor | None, _g_off: Any, _g_ell: Any, g_entropy: torch.Tensor | None, _g_c: Any
+    ) -> tuple:
         check_backward_mode("rspo_linear_loss")
-        hidden, weight, bias, ids, live, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, ids, live, off, ell, entropy, shift = ctx.saved_tensors
         g_entropy = entropy_grad(g_entropy)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         shard: VocabShard | None = ctx.shard
         B, T, H = hidden.shape
         N, V = B * T, (weight.shape[0] if shard is None else shard.n_real)
-        cdt = lse.dtype
+        cdt = off.dtype
         dev = hidden.device
         temperature = ctx.temperature
         zero = torch.zeros((), dtype=cdt, device=dev)
         # g / T: the gradient with respect to the logits before the temperature. Dead tokens take
         # none, whatever reaches their constant 0 log-prob; a NaN g at a live token stays NaN.
         g = zero.expand(N) if g_logp is None else torch.where(live, g_logp.to(cdt) / temperature, zero)
-        # The entropy's share, dH/dx = -p (x - E_p[x]) with E_p[x] = lse - H (no extra pass).
+        # The entropy's share, dH/dx = -p (x - E_p[x]), from the saved relative statistics.
         gh = None if g_entropy is None else torch.where(live, g_entropy.to(cdt) / temperature, zero)
-        index = _active(g != 0 if gh is None else (g != 0) | (gh != 0))
+        # Rows with any gradient: a clipped token (g = 0) still has its entropy's (gh != 0).
+        needed = g != 0 if gh is None else (g != 0) | (gh != 0)
+        index = _active(needed)
         n = N if index is None else index.numel()
         # Optional buffers, each present exactly when its gradient is needed (Any: mypy cannot see that).
         grad_h: Any = None
@@ -277,19 +344,26 @@ class LinearTokenLogprobs(torch.autograd.Function):
         if n == 0:
             return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *([None] * 8)
         act = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
-        a_ids, a_lse, a_g = act(ids if shard is None else ids - shard.start), act(lse), act(g)
+        # Rows computed without a gradient (compiled: no gather): an offset bounding their logits.
+        bound = idle_row_offset(ctx.softcap, temperature, cdt, dev)
+        off, ell = torch.where(needed, off, bound), torch.where(needed, ell, zero)
+        a_ids, a_off, a_g = act(ids if shard is None else ids - shard.start), act(off), act(g)
+        # p = exp(x - offset) / s: 1 / s per row folded into the coefficients (one pass fewer).
+        a_inv_s = torch.exp(-act(ell))
         a_gh = None if gh is None else act(gh)
-        a_mu: Any = None if gh is None else act(lse - entropy)
+        # E_p[x - offset] = log s - H: both relative, so x - E_p[x] keeps its precision at any offset.
+        a_mu: Any = None if gh is None else act(ell - entropy)
         # Accumulate dh in the compute dtype: directly into the result when it already is one.
         direct_h = need_h and index is None and hidden.dtype == cdt and grad_h.is_contiguous()
         acc_h: Any = grad_h.view(N, H) if direct_h else (torch.zeros(n, H, dtype=cdt, device=dev) if need_h else None)
         with torch.autocast(dev.type, enabled=False):
-            h = _zero_dead_rows(_rows(hidden, index, cdt), g != 0, index)
+            bias_c = _shifted(bias, shift, V, cdt)
+            h = _zero_dead_rows(_rows(hidden, index, cdt), needed, index)
             for v0 in range(0, V, ctx.vocab_block):
                 v1 = min(v0 + ctx.vocab_block, V)
                 w = weight[v0:v1]
                 w = w if w.is_cuda else w.to(cdt)
-                b = None if bias is None else bias[v0:v1]
+                b = None if bias_c is None else bias_c[v0:v1]
                 acc_w: Any = None
                 # Accumulate into grad_w itself when it has the compute dtype; torch.func's wrapped
                 # tensors have no data pointer to compare, hence the dtype test.
@@ -300,16 +374,19 @@ class LinearTokenLogprobs(torch.autograd.Function):
                     r1 = min(r0 + ctx.chunk_rows, n)
                     c_g = a_g[r0:r1]
                     x = _block_logits(h[r0:r1], w, b, temperature, cdt, ctx.softcap)  # [n, vb]
-                    # The cap's chain-rule factor, read before x becomes G in place.
+                    # The cap's chain-rule factor, read off the capped, scaled x (cap_derivative's
+                    # contract) before x is shifted by the offset and becomes G in place.
                     d_cap = None if ctx.softcap is None else cap_derivative(x, temperature, ctx.softcap)
+                    c_inv_s = a_inv_s[r0:r1]
+                    x.sub_(a_off[r0:r1].unsqueeze(-1))  # x - offset: small, -inf stays -inf
                     if a_gh is None:
                         # G = g (onehot - softmax), in place.
-                        x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(-c_g.unsqueeze(-1))
+                        x.exp_().mul_((-c_g * c_inv_s).unsqueeze(-1))
                     else:
                         # G = g onehot - p (g + g_H (x - E_p[x])); a -inf logit (p = 0) gives 0.
                         coef = x.sub(a_mu[r0:r1].unsqueeze(-1)).masked_fill_(x == float("-inf"), 0.0)
-                        coef.mul_(a_gh[r0:r1].unsqueeze(-1)).add_(c_g.unsqueeze(-1))
-                        x.sub_(a_lse[r0:r1].unsqueeze(-1)).exp_().mul_(coef).neg_()
+                        coef.mul_((a_gh[r0:r1] * c_inv_s).unsqueeze(-1)).add_((c_g * c_inv_s).unsqueeze(-1))
+                        x.exp_().mul_(coef).neg_()
                         del coef
                     local = a_ids[r0:r1] - v0
                     inside = (local >= 0) & (local < v1 - v0)
@@ -392,7 +469,7 @@ def linear_token_logprobs(
     """
     B, T, _ = hidden.shape
     d_rows, d_vb = default_blocks(B * T, weight.shape[0], hidden.device)
-    logp, _, entropy = LinearTokenLogprobs.apply(
+    logp, _, _, entropy, _ = LinearTokenLogprobs.apply(
         hidden,
         weight,
         bias,

@@ -4,7 +4,8 @@ What :func:`rspo_kernels.token_logprobs` and :func:`rspo_kernels.token_logprobs_
 asked for more than one log-prob per token:
 
 - ``sum_pi_squared``: ``sum_v softmax(x)_v^2`` per token (verl's optimal-token baseline), computed
-  relative to the running log-sum-exp, ``sum_v exp(2 (x_v - lse))``, so it never overflows;
+  relative to the running max, ``q / s^2`` with ``q = sum_v exp(2 (x_v - m))`` and
+  ``s = sum_v exp(x_v - m)``, so it never overflows;
 - ``topk_logprobs`` / ``topk_ids``: ``torch.topk`` of the token's log-softmax (sorted, descending);
 - multi-target log-probs: ``(N, K)`` ids give ``log_softmax(x)[ids]`` with their gradient
   ``dL/dx = sum_k g_k onehot(id_k) - p sum_k g_k`` (distillation on a teacher's top-k ids).
@@ -13,17 +14,21 @@ Here ``x = cap(z) / T``: the raw logits ``z`` soft-capped (:mod:`rspo_kernels.lo
 divided by the temperature. Two ``torch.autograd.Function`` classes share one per-block accumulator
 (:class:`_RowStats`): :class:`StatsTokenLogprobs` reads rows of logits in chunks (the whole
 vocabulary per chunk), :class:`StatsLinearLogprobs` forms blocks of ``hidden @ W^T + b`` (vocabulary
-outermost, as :mod:`rspo_kernels.loss.linear_chunked`). Each block updates a running log-sum-exp,
-``E_p[x]`` (for the entropy), ``sum exp(2 (x - lse))``, the target logits and a running top-k of
-``x``; nothing larger than one block and ``O(N K)`` results is ever held. The backward recomputes
-each block, as the single-target paths do.
+outermost, as :mod:`rspo_kernels.loss.linear_chunked`, with its bias shift). Each block updates the
+running statistics relative to the running max ``m`` of the single-target paths
+(:func:`~rspo_kernels.loss.vocab_parallel.block_stats_update`: ``s = sum exp(x - m)``,
+``u = sum exp(x - m) (x - m)``, entropy ``log s - u / s``), ``q`` (the same update on ``2 x``,
+whose running max is exactly ``2 m``), the target logits and a running top-k of ``x``; no absolute
+logit enters a sum, so a constant offset of the logits costs no precision, and a block of ``-inf``
+logits adds 0. Log-probs are ``(x - m) - log s``. Nothing larger than one block and ``O(N K)``
+results is ever held. The backward recomputes each block, as the single-target paths do.
 
 Vocabulary parallelism (:mod:`rspo_kernels.loss.vocab_parallel`, docs/tensor-parallel.md): each
-rank accumulates over its real columns, then an all-reduce MAX of the local log-sum-exp ``l_r``
-gives the stabiliser ``m`` and one all-reduce SUM merges ``s_r = exp(l_r - m)``,
-``s_r (mu_r - m)``, ``q_r s_r^2`` (``q_r = sum exp(2 (x - l_r))`` locally, so that
-``sum_pi_squared = Q / S^2``), the ``K`` target logits and their "found" counts; the top-k are
-all-gathered (``tp x K`` candidates per token, global ids) and reduced by one more ``topk``.
+rank accumulates over its real columns, then an all-reduce MAX of the local maxima gives the
+global ``m``, each rank rescales its ``(s, u, q)`` to it
+(:func:`~rspo_kernels.loss.vocab_parallel.rescale_stats`) and one all-reduce SUM merges them with
+the ``K`` target logits and their "found" counts; the top-k are all-gathered (``tp x K``
+candidates per token, global ids) and reduced by one more ``topk``.
 
 The statistics (``sum_pi_squared``, ``topk_logprobs``, ``topk_ids``) are returned detached: they
 feed baselines and logging. A differentiable top-k log-prob is the multi-target form called with
@@ -42,13 +47,22 @@ from rspo_kernels.loss.layout import compute_dtype
 from rspo_kernels.loss.linear_chunked import (
     _active,
     _addmm,
+    _bias_shift,
     _block_logits,
     _rows,
+    _shifted,
     _zero_dead_rows,
     default_blocks,
+    idle_row_offset,
 )
 from rspo_kernels.loss.softcap import cap_derivative, scaled_logits
-from rspo_kernels.loss.vocab_parallel import VocabShard, all_reduce_sum
+from rspo_kernels.loss.vocab_parallel import (
+    VocabShard,
+    all_reduce_sum,
+    block_stats_update,
+    finish_stats,
+    rescale_stats,
+)
 
 __all__ = [
     "StatsLinearLogprobs",
@@ -153,16 +167,18 @@ def shape_stats(stats: TokenStats, ids_shape: tuple[int, ...], token_shape: tupl
 class _RowStats:
     """Running per-row statistics over vocabulary blocks of ``x`` (one row per token).
 
-    ``lse`` the log-sum-exp so far; ``mean`` ``E_p[x]`` under the softmax so far (entropy);
-    ``q`` ``sum exp(2 (x - lse))``; ``target`` the logits at the ``K`` ids (with ``found``);
-    ``vals`` / ``idx`` a running top-k of ``x`` (local column indices).
+    ``m`` the running max, ``s = sum exp(x - m)``, ``u = sum exp(x - m) (x - m)`` (entropy) and
+    ``q = sum exp(2 (x - m))`` (``sum pi^2``), all relative to ``m``
+    (:func:`~rspo_kernels.loss.vocab_parallel.block_stats_update`); ``target`` the logits at the
+    ``K`` ids (with ``found``); ``vals`` / ``idx`` a running top-k of ``x`` (local column indices).
     """
 
     def __init__(
         self, n: int, K: int, cdt: torch.dtype, dev: torch.device, entropy: bool, sum_pi2: bool, topk: int | None
     ):
-        self.lse = torch.full((n,), _NEG_INF, dtype=cdt, device=dev)
-        self.mean = torch.zeros(n, dtype=cdt, device=dev) if entropy else None
+        self.m = torch.full((n,), _NEG_INF, dtype=cdt, device=dev)
+        self.s = torch.zeros(n, dtype=cdt, device=dev)
+        self.u = torch.zeros(n, dtype=cdt, device=dev) if entropy else None
         self.q = torch.zeros(n, dtype=cdt, device=dev) if sum_pi2 else None
         self.target = torch.zeros(n, K, dtype=cdt, device=dev)
         self.found = torch.zeros(n, K, dtype=torch.bool, device=dev)
@@ -173,10 +189,10 @@ class _RowStats:
     def update(self, r0: int, r1: int, x: torch.Tensor, col0: int, ids: torch.Tensor) -> None:
         """Fold the block ``x`` ``[n, vb]`` (columns ``[col0, col0 + vb)``) into rows ``[r0, r1)``.
 
-        ``ids`` ``[n, K]`` are local column indices (any value: those outside the block are skipped).
+        ``x`` is overwritten. ``ids`` ``[n, K]`` are local column indices (any value: those outside
+        the block are skipped).
         """
         vb = x.shape[1]
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
         local = ids - col0
         inside = (local >= 0) & (local < vb)
         hit = x.gather(1, local.clamp(0, vb - 1))
@@ -189,23 +205,14 @@ class _RowStats:
             top_v, pos = torch.topk(v_all, self.topk or 1, dim=-1)
             self.vals[r0:r1] = top_v
             self.idx[r0:r1] = i_all.gather(1, pos)
-        blk_lse = torch.logsumexp(x, dim=-1)  # [n]
-        old = self.lse[r0:r1]
-        new = torch.logaddexp(old, blk_lse)
-        finite = new > _NEG_INF
-        blk_ok = (blk_lse > _NEG_INF).unsqueeze(-1)
-        w_old = torch.where(finite, (old - new).exp(), zero)
-        w_blk = torch.where(finite, (blk_lse - new).exp(), zero)
-        if self.mean is not None or self.q is not None:
-            # The block's own softmax; an all -inf block (masked) has none: 0, never -inf - -inf.
-            p = torch.where(blk_ok, (x - blk_lse.unsqueeze(-1)).exp(), zero)
-            if self.mean is not None:
-                # p log p -> 0 at a -inf logit: x there becomes 0 before the product.
-                blk_mean = (p * torch.where(x > _NEG_INF, x, zero)).sum(dim=-1)
-                self.mean[r0:r1] = w_old * self.mean[r0:r1] + w_blk * blk_mean
-            if self.q is not None:
-                self.q[r0:r1] = w_old * w_old * self.q[r0:r1] + w_blk * w_blk * (p * p).sum(dim=-1)
-        self.lse[r0:r1] = new
+        m = self.m[r0:r1]
+        if self.q is not None:
+            # sum exp(2 (x - m)) is the running sum of exp(y - m_y) for y = 2 x, whose max is exactly 2 m.
+            _, self.q[r0:r1], _ = block_stats_update(2.0 * m, self.q[r0:r1], None, x * 2.0)
+        u = None if self.u is None else self.u[r0:r1]
+        self.m[r0:r1], self.s[r0:r1], u = block_stats_update(m, self.s[r0:r1], u, x)
+        if self.u is not None and u is not None:
+            self.u[r0:r1] = u
 
 
 def _finish(
@@ -214,20 +221,23 @@ def _finish(
     shard: VocabShard | None,
     with_entropy: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """``(logp [n, K], entropy, sum_pi2, topk_logp, topk_ids, lse, mean)`` from the local accumulators.
+    """``(logp [n, K], entropy, sum_pi2, topk_logp, topk_ids, offset, log_s)`` from the local accumulators.
 
     ``live`` ``[n]``: other rows get 0 everywhere (and take no part in the collectives with their
     values). Under a tensor-parallel group the ranks' statistics are merged (module docstring).
-    Entries that are not asked for are empty tensors.
+    ``lse = offset + log_s`` (:func:`~rspo_kernels.loss.vocab_parallel.finish_stats`). Entries that
+    are not asked for are empty tensors.
     """
-    lse_r, cdt, dev = acc.lse, acc.lse.dtype, acc.lse.device
+    cdt, dev = acc.m.dtype, acc.m.device
     zero = torch.zeros((), dtype=cdt, device=dev)
-    lse_r = torch.where(live, lse_r, zero)
+    ninf = torch.full((), _NEG_INF, dtype=cdt, device=dev)
+    # Dead rows may hold anything (NaN, inf): neutral values keep them out of the collectives.
+    m, s = torch.where(live, acc.m, ninf), torch.where(live, acc.s, zero)
+    u = None if acc.u is None else torch.where(live, acc.u, zero)
+    q = None if acc.q is None else torch.where(live, acc.q, zero)
     live2 = live.unsqueeze(-1)
     target = torch.where(acc.found & live2, acc.target, zero)
     found = (acc.found & live2).to(cdt)
-    mean = None if acc.mean is None else torch.where(live, acc.mean, zero)
-    q = None if acc.q is None else torch.where(live, acc.q, zero)
     vals, idx = acc.vals, acc.idx
     if idx is not None and shard is not None:
         idx = idx + shard.start
@@ -235,28 +245,28 @@ def _finish(
     if group is not None:
         import torch.distributed as dist
 
-        m = lse_r.clone()
+        m_r = m
+        m = m_r.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        finite = torch.isfinite(m)
-        m0 = torch.where(finite, m, zero)
-        s_r = torch.where(lse_r > _NEG_INF, torch.exp(lse_r - m0), zero)
-        K = target.shape[1]
-        cols = [s_r.unsqueeze(-1), target, found]
-        if mean is not None:
-            cols.append(torch.where(s_r > 0, s_r * (mean - m0), zero).unsqueeze(-1))
+        s, u = rescale_stats(m_r, s, u, m)
         if q is not None:
-            cols.append((q * s_r * s_r).unsqueeze(-1))
+            q, _ = rescale_stats(2.0 * m_r, q, None, 2.0 * m)  # relative to the doubled max
+        K = target.shape[1]
+        cols = [s.unsqueeze(-1), target, found]
+        if u is not None:
+            cols.append(u.unsqueeze(-1))
+        if q is not None:
+            cols.append(q.unsqueeze(-1))
         packed = torch.cat(cols, dim=1)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         s = packed[:, 0]
         target, found = packed[:, 1 : 1 + K], packed[:, 1 + K : 1 + 2 * K]
-        lse = torch.where(finite, m0 + torch.log(s), m)
         col = 1 + 2 * K
-        if mean is not None:
-            mean = torch.where(s > 0, m0 + packed[:, col] / s, zero)
+        if u is not None:
+            u = packed[:, col]
             col += 1
         if q is not None:
-            q = torch.where(s > 0, packed[:, col] / (s * s), zero)
+            q = packed[:, col]
         if vals is not None and idx is not None:
             world = dist.get_world_size(group)
             all_v = [torch.empty_like(vals) for _ in range(world)]
@@ -265,28 +275,31 @@ def _finish(
             dist.all_gather(all_i, idx.contiguous(), group=group)
             vals, pos = torch.topk(torch.cat(all_v, dim=1), vals.shape[1], dim=-1)
             idx = torch.cat(all_i, dim=1).gather(1, pos)
-    else:
-        lse = lse_r
+    off, ell, ent = finish_stats(m, s, u)
+    off, ell = torch.where(live, off, zero), torch.where(live, ell, zero)
     nan = torch.full((), float("nan"), dtype=cdt, device=dev)
-    logp = torch.where(live2, torch.where(found > 0, target - lse.unsqueeze(-1), nan), zero)
+    # (x - offset) - log s, never x - lse: lse would round at large logits.
+    logp = torch.where(live2, torch.where(found > 0, (target - off.unsqueeze(-1)) - ell.unsqueeze(-1), nan), zero)
 
     def empty() -> torch.Tensor:  # one per output: an autograd.Function must not return one tensor twice
         return logp.new_empty(0)
 
-    entropy = torch.where(live, lse - mean, zero) if (with_entropy and mean is not None) else empty()
-    sum_pi2 = empty() if q is None else torch.where(live, q, zero)
+    entropy = torch.where(live, ent, zero) if (with_entropy and ent is not None) else empty()
+    # sum pi^2 = sum exp(2 (x - lse)) = q / s^2 (0 for a row with no finite logit).
+    sum_pi2 = empty() if q is None else torch.where(live & (s > 0), q / (s * s), zero)
     if vals is not None and idx is not None:
-        topk_logp = torch.where(live2, vals - lse.unsqueeze(-1), zero)
+        topk_logp = torch.where(live2, (vals - off.unsqueeze(-1)) - ell.unsqueeze(-1), zero)
         topk_ids = torch.where(live2, idx, torch.zeros((), dtype=idx.dtype, device=dev))
     else:
         topk_logp, topk_ids = empty(), torch.empty(0, dtype=torch.long, device=dev)
-    return logp, entropy, sum_pi2, topk_logp, topk_ids, lse, (empty() if mean is None else mean)
+    return logp, entropy, sum_pi2, topk_logp, topk_ids, off, ell
 
 
 def _grad_block(
     x: torch.Tensor,
     d_cap: torch.Tensor | None,
-    lse: torch.Tensor,
+    off: torch.Tensor,
+    ell: torch.Tensor,
     g_sum: torch.Tensor,
     gh: torch.Tensor | None,
     mean: torch.Tensor | None,
@@ -295,16 +308,19 @@ def _grad_block(
 ) -> torch.Tensor:
     """``(sum_k hit_k onehot(id_k) - p (g_sum + gh (x - E_p[x]))) * cap'`` for a block ``x`` ``[n, vb]``, in place.
 
-    ``g_sum`` ``[n]`` already holds ``1/T``; ``hit`` ``[n, K]`` is ``g_k / T`` where the block holds
-    ``id_k`` (``local_ids``, clamped), else 0. A ``-inf`` logit (``p = 0``) gives 0, never ``0 * -inf``.
+    ``lse = off + ell`` (:func:`_finish`); ``mean`` is ``E_p[x - off] = ell - H``, so ``x - E_p[x]``
+    is formed as ``(x - off) - mean`` from relative values only. ``g_sum`` ``[n]`` already holds
+    ``1/T``; ``hit`` ``[n, K]`` is ``g_k / T`` where the block holds ``id_k`` (``local_ids``,
+    clamped), else 0. A ``-inf`` logit (``p = 0``) gives 0, never ``0 * -inf``.
     """
+    x.sub_(off.unsqueeze(-1))  # x - offset: small at any offset, -inf stays -inf
     if gh is None:
-        out = x.sub_(lse.unsqueeze(-1)).exp_().mul_(-g_sum.unsqueeze(-1))
+        out = x.sub_(ell.unsqueeze(-1)).exp_().mul_(-g_sum.unsqueeze(-1))
     else:
         assert mean is not None
         coef = x.sub(mean.unsqueeze(-1)).masked_fill_(x == _NEG_INF, 0.0)
         coef.mul_(gh.unsqueeze(-1)).add_(g_sum.unsqueeze(-1))
-        out = x.sub_(lse.unsqueeze(-1)).exp_().mul_(coef).neg_()
+        out = x.sub_(ell.unsqueeze(-1)).exp_().mul_(coef).neg_()
     out.scatter_add_(1, local_ids, hit)
     return out if d_cap is None else out.mul_(d_cap)
 
@@ -329,14 +345,14 @@ def _incoming(
 
 
 def _mark_outputs(ctx: Any, output: tuple, with_entropy: bool) -> None:
-    _, entropy, sum_pi2, topk_logp, topk_ids, lse, mean = output
-    frozen = (sum_pi2, topk_logp, topk_ids, lse, mean)
+    _, entropy, sum_pi2, topk_logp, topk_ids, off, ell = output
+    frozen = (sum_pi2, topk_logp, topk_ids, off, ell)
     ctx.mark_non_differentiable(*(frozen if with_entropy else (entropy, *frozen)))
     ctx.set_materialize_grads(False)
 
 
 class StatsTokenLogprobs(torch.autograd.Function):
-    """``(logits, ids [N, K], live) -> (logp [N, K], entropy, sum_pi2, topk_logp, topk_ids, lse, mean)``.
+    """``(logits, ids [N, K], live) -> (logp [N, K], entropy, sum_pi2, topk_logp, topk_ids, offset, log_s)``.
 
     ``logits`` ``(B, T, V_local)`` in any float dtype and strides; ``logp`` and ``entropy`` are
     differentiable, the rest detached (empty where not asked). Tokens that are not ``live`` get 0
@@ -364,6 +380,7 @@ class StatsTokenLogprobs(torch.autograd.Function):
         if n_real:
             for (rows,), r0, r1 in row_chunks((logits[..., :n_real],), chunk_rows):
                 x, _ = scaled_logits(rows, temperature, softcap, cdt)  # [n, V_real]
+                x = x.clone() if x is rows else x  # about to be overwritten in place
                 acc.update(r0, r1, x, 0, local[r0:r1])
         return _finish(acc, live, shard, with_entropy)
 
@@ -371,18 +388,17 @@ class StatsTokenLogprobs(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         logits, ids, live, temperature, softcap, with_entropy, _, _, chunk_rows, shard = inputs
         _mark_outputs(ctx, output, with_entropy)
-        lse, mean = output[5], output[6]
-        ctx.save_for_backward(logits, ids, live, lse, mean)
+        ctx.save_for_backward(logits, ids, live, output[5], output[6], output[1])
         ctx.temperature, ctx.softcap, ctx.chunk_rows, ctx.shard = temperature, softcap, chunk_rows, shard
 
     @staticmethod
     def backward(ctx: Any, g_logp: Any, g_entropy: Any, *_frozen: Any) -> tuple:
         check_backward_mode("token_logprobs")
-        logits, ids, live, lse, mean = ctx.saved_tensors
+        logits, ids, live, off, ell, entropy = ctx.saved_tensors
         shard: VocabShard | None = ctx.shard
         V = logits.shape[-1]
         n_real = V if shard is None else shard.n_real
-        cdt = lse.dtype
+        cdt = off.dtype
         g, g_sum, gh = _incoming(g_logp, entropy_grad(g_entropy), live, ids.shape[1], ctx.temperature, cdt)
         local = ids if shard is None else ids - shard.start
         inside = (local >= 0) & (local < n_real)
@@ -391,6 +407,8 @@ class StatsTokenLogprobs(torch.autograd.Function):
         nonzero = (g_sum != 0) | (hit != 0).any(dim=-1)
         if gh is not None:
             nonzero |= gh != 0
+        # E_p[x - offset] = log s - H: relative, so x - E_p[x] keeps its precision at any offset.
+        mean = None if gh is None else ell - entropy
         grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
         if n_real:
             for (rows, grad_rows), r0, r1 in row_chunks((logits[..., :n_real], grad[..., :n_real]), ctx.chunk_rows):
@@ -399,10 +417,11 @@ class StatsTokenLogprobs(torch.autograd.Function):
                 blk = _grad_block(
                     x,
                     d_cap,
-                    lse[r0:r1],
+                    off[r0:r1],
+                    ell[r0:r1],
                     g_sum[r0:r1],
                     None if gh is None else gh[r0:r1],
-                    None if gh is None else mean[r0:r1],
+                    None if mean is None else mean[r0:r1],
                     safe[r0:r1],
                     hit[r0:r1],
                 )
@@ -448,13 +467,17 @@ class StatsLinearLogprobs(torch.autograd.Function):
         local = act if shard is None else act - shard.start
         acc = _RowStats(n, ids.shape[1], cdt, dev, with_entropy, sum_pi2, topk)
         with torch.autocast(dev.type, enabled=False):
+            # The bias shifted by its largest finite entry, as on the single-target path (none under
+            # a soft-cap, with which the shift does not commute): linear_chunked._bias_shift.
+            shift = _bias_shift(bias, V, cdt, dev, shard, softcap)
+            bias_c = _shifted(bias, shift, V, cdt)
             h = _rows(hidden, index, cdt) if n else hidden.new_empty(0, hidden.shape[-1], dtype=cdt)
             h = _zero_dead_rows(h, live, index)
             for v0 in range(0, V, vocab_block):
                 v1 = min(v0 + vocab_block, V)
                 w = weight[v0:v1]
                 w = w if w.is_cuda else w.to(cdt)
-                b = None if bias is None else bias[v0:v1]
+                b = None if bias_c is None else bias_c[v0:v1]
                 for r0 in range(0, n, chunk_rows):
                     r1 = min(r0 + chunk_rows, n)
                     x = _block_logits(h[r0:r1], w, b, temperature, cdt, softcap)  # [n, vb]
@@ -462,33 +485,34 @@ class StatsLinearLogprobs(torch.autograd.Function):
                     del x
         act_live = live if index is None else torch.ones(n, dtype=torch.bool, device=dev)
         outs = _finish(acc, act_live, shard, with_entropy)
-        if index is None:
-            return outs
-        # Outputs asked for are per token: back to all N rows (0 at dead ones); the others stay empty.
-        asked = (True, with_entropy, sum_pi2, topk is not None, topk is not None, True, with_entropy)
-        return tuple(
-            torch.zeros((N, *v.shape[1:]), dtype=v.dtype, device=dev).index_copy_(0, index, v) if a else v
-            for v, a in zip(outs, asked, strict=True)
-        )
+        if index is not None:
+            # Outputs asked for are per token: back to all N rows (0 at dead ones); the others stay empty.
+            asked = (True, with_entropy, sum_pi2, topk is not None, topk is not None, True, True)
+            outs = tuple(
+                torch.zeros((N, *v.shape[1:]), dtype=v.dtype, device=dev).index_copy_(0, index, v) if a else v
+                for v, a in zip(outs, asked, strict=True)
+            )
+        return (*outs, shift)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         hidden, weight, bias, ids, live, temperature, softcap, with_entropy = inputs[:8]
         chunk_rows, vocab_block, shard = inputs[10:]
-        _mark_outputs(ctx, output, with_entropy)
-        ctx.save_for_backward(hidden, weight, bias, ids, live, output[5], output[6])
+        _mark_outputs(ctx, output[:7], with_entropy)
+        ctx.mark_non_differentiable(output[7])
+        ctx.save_for_backward(hidden, weight, bias, ids, live, output[5], output[6], output[1], output[7])
         ctx.temperature, ctx.softcap, ctx.shard = temperature, softcap, shard
         ctx.chunk_rows, ctx.vocab_block = chunk_rows, vocab_block
 
     @staticmethod
     def backward(ctx: Any, g_logp: Any, g_entropy: Any, *_frozen: Any) -> tuple:
         check_backward_mode("token_logprobs_linear")
-        hidden, weight, bias, ids, live, lse, mean = ctx.saved_tensors
+        hidden, weight, bias, ids, live, off, ell, entropy, shift = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         shard: VocabShard | None = ctx.shard
         B, T, H = hidden.shape
         N, V = B * T, (weight.shape[0] if shard is None else shard.n_real)
-        cdt = lse.dtype
+        cdt = off.dtype
         dev = hidden.device
         g, g_sum, gh = _incoming(g_logp, entropy_grad(g_entropy), live, ids.shape[1], ctx.temperature, cdt)
         nonzero = (g != 0).any(dim=-1) if gh is None else (g != 0).any(dim=-1) | (gh != 0)
@@ -501,19 +525,24 @@ class StatsLinearLogprobs(torch.autograd.Function):
         if n == 0:
             return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), *nones
         pick = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
-        a_ids = pick(ids if shard is None else ids - shard.start)
-        a_g, a_gs, a_lse = pick(g), pick(g_sum), pick(lse)
-        a_gh = None if gh is None else pick(gh)
-        a_mu = None if gh is None else pick(mean)
-        acc_h: Any = torch.zeros(n, H, dtype=cdt, device=dev) if need_h else None
         zero = torch.zeros((), dtype=cdt, device=dev)
+        # Rows computed without a gradient (compiled: no gather): an offset bounding their logits.
+        off = torch.where(nonzero, off, idle_row_offset(ctx.softcap, ctx.temperature, cdt, dev))
+        ell = torch.where(nonzero, ell, zero)
+        a_ids = pick(ids if shard is None else ids - shard.start)
+        a_g, a_gs, a_off, a_ell = pick(g), pick(g_sum), pick(off), pick(ell)
+        a_gh = None if gh is None else pick(gh)
+        # E_p[x - offset] = log s - H: relative, so x - E_p[x] keeps its precision at any offset.
+        a_mu = None if gh is None else pick(ell - entropy)
+        acc_h: Any = torch.zeros(n, H, dtype=cdt, device=dev) if need_h else None
         with torch.autocast(dev.type, enabled=False):
+            bias_c = _shifted(bias, shift, V, cdt)
             h = _zero_dead_rows(_rows(hidden, index, cdt), nonzero, index)
             for v0 in range(0, V, ctx.vocab_block):
                 v1 = min(v0 + ctx.vocab_block, V)
                 w = weight[v0:v1]
                 w = w if w.is_cuda else w.to(cdt)
-                b = None if bias is None else bias[v0:v1]
+                b = None if bias_c is None else bias_c[v0:v1]
                 acc_w: Any = torch.zeros(v1 - v0, H, dtype=cdt, device=dev) if need_w else None
                 for r0 in range(0, n, ctx.chunk_rows):
                     r1 = min(r0 + ctx.chunk_rows, n)
@@ -524,7 +553,8 @@ class StatsLinearLogprobs(torch.autograd.Function):
                     G = _grad_block(
                         x,
                         d_cap,
-                        a_lse[r0:r1],
+                        a_off[r0:r1],
+                        a_ell[r0:r1],
                         a_gs[r0:r1],
                         None if a_gh is None else a_gh[r0:r1],
                         None if a_mu is None else a_mu[r0:r1],

@@ -8,16 +8,18 @@ log-prob and entropy need the softmax over the whole vocabulary; the fused paths
 hidden states) compute per-rank statistics over their real columns and :func:`combine_shards`
 merges them with two collectives per call:
 
-- an all-reduce MAX of each token's local log-sum-exp ``l_r`` (an upper bound of the local row
-  max, so ``exp(l_r - m) <= 1``: the stabiliser);
-- one all-reduce SUM of the packed ``(N, 4)`` statistics ``s_r = exp(l_r - m)`` (local sum-exp),
-  ``s_r (mu_r - m)`` (local sum of ``x exp(x - m)``, for the entropy), the target logit and a
-  "found" count (the rank holding the target contributes 1).
+- an all-reduce MAX of each token's local max logit ``m_r`` (an exact logit value: the common
+  offset ``m``);
+- one all-reduce SUM of the packed ``(N, 4)`` statistics ``s_r = sum exp(x - m)`` and
+  ``u_r = sum exp(x - m) (x - m)`` (each rank's, rescaled from its own max to ``m``), the target
+  logit and a "found" count (the rank holding the target contributes 1).
 
-Then ``lse = m + log S``, ``E_p[x] = m + U / S``, ``logp = target - lse`` and
-``H = lse - E_p[x] = log S - U / S``. A live id that no rank holds gives a NaN log-prob, as an
+Then ``lse = m + log S`` (kept as the two parts), ``logp = (target - m) - log S`` and
+``H = log S - U / S``: only differences of logits enter a sum, so a constant offset of the logits
+(1e4, say) costs no precision, and a rank or block whose logits are all ``-inf`` adds exactly 0.
+A live id that no rank holds gives a NaN log-prob, as an
 out-of-range id does on one process. The backward needs no collective for the logits (each rank
-recomputes its own columns with the global ``lse`` and ``E_p[x]``, and every rank sees the same
+recomputes its own columns with the global ``lse`` and entropy, and every rank sees the same
 per-token gradients because the rest of the loss is replicated); the linear path all-reduces
 ``d hidden`` (partial sums over vocabulary slices) unless the caller's sequence-parallel
 reduce-scatter does it. These collectives run inside ``torch.autograd.Function`` bodies, not as
@@ -47,8 +49,11 @@ from rspo_kernels.loss.softcap import scaled_logits
 __all__ = [
     "ShardedTokenLogprobs",
     "VocabShard",
+    "all_reduce_max_",
     "all_reduce_sum",
+    "block_stats_update",
     "combine_shards",
+    "finish_stats",
     "id_bound",
     "logprob_op",
     "sharded_token_logprobs",
@@ -111,7 +116,14 @@ def vocab_shard(
             )
         if sequence_parallel:
             raise ValueError("sequence_parallel=True needs tp_group (the tensor-parallel process group)")
-        if size is None or size >= local_vocab:
+        if size is not None and size > local_vocab:
+            # Ids in [V, vocab_size) would pass the range check and name no row: a NaN loss.
+            raise ValueError(
+                f"vocab_size={size} is larger than the V={local_vocab} vocabulary rows given, with no tp_group: "
+                f"without tensor parallelism vocab_size is the real size of a padded vocabulary (<= V). Pass "
+                f"vocab_size <= {local_vocab} (or None), or tp_group= when the rows are one rank's slice"
+            )
+        if size is None or size == local_vocab:
             return None
     else:
         import torch.distributed as dist
@@ -140,51 +152,113 @@ def all_reduce_sum(x: torch.Tensor, shard: VocabShard | None) -> None:
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=shard.group)
 
 
+def _offset(m: torch.Tensor) -> torch.Tensor:
+    """The running max as an exp offset: ``-inf`` (nothing finite seen yet) becomes 0.
+
+    A block of ``-inf`` logits (a masked vocabulary block) would otherwise give
+    ``exp(-inf - -inf) = NaN``; with offset 0 its entries add ``exp(-inf) = 0``.
+    """
+    return torch.where(m == float("-inf"), torch.zeros((), dtype=m.dtype, device=m.device), m)
+
+
+def rescale_stats(
+    m: torch.Tensor, s: torch.Tensor, u: torch.Tensor | None, m_new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(s, u)`` relative to offset ``m`` re-expressed relative to ``m_new >= m``.
+
+    ``s = sum exp(x - m)`` and ``u = sum exp(x - m) (x - m)``: every ``x - m`` gains ``m - m'`` and
+    every weight is scaled by ``alpha = exp(m - m')``, so ``s' = alpha s`` and
+    ``u' = alpha (u + (m - m') s)``. Empty statistics (``s = 0``, ``m = -inf``) stay 0.
+    """
+    off = _offset(m_new)
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    some = s > 0
+    dm = torch.where(some, m - off, zero)
+    alpha = torch.where(some, torch.exp(dm), zero)
+    return alpha * s, (None if u is None else alpha * (u + dm * s))
+
+
+def block_stats_update(
+    m: torch.Tensor, s: torch.Tensor, u: torch.Tensor | None, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One ``[n, vb]`` block of logits folded into each row's running ``(m, s, u)``; ``x`` is overwritten.
+
+    ``m`` is the running max (``-inf`` before any finite logit), ``s = sum exp(x - m)`` and
+    ``u = sum exp(x - m) (x - m)`` (None: no entropy). Everything is relative to ``m``, never the
+    absolute logits: a constant offset of the logits costs no precision, and a block of ``-inf``
+    logits adds exactly nothing. Then ``lse = m + log s`` and ``H = log s - u / s``.
+    """
+    m_new = torch.maximum(m, x.amax(dim=-1))
+    s, u = rescale_stats(m, s, u, m_new)
+    x.sub_(_offset(m_new).unsqueeze(-1))  # x - m', -inf stays -inf
+    e = x.exp()
+    s = s + e.sum(dim=-1)
+    if u is not None:
+        # e (x - m') where e > 0 only: a -inf logit gives 0, never 0 * -inf.
+        u = u + torch.linalg.vecdot(e, x.masked_fill_(e == 0, 0.0))
+    return m_new, s, u
+
+
+def finish_stats(
+    m: torch.Tensor, s: torch.Tensor, u: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(offset, log s, entropy)`` per row from the running statistics: ``lse = offset + log s``.
+
+    The log-sum-exp is kept as two parts (the offset, an exact logit value, and ``log s``) so that
+    ``x - lse`` is formed as ``(x - offset) - log s`` without rounding ``lse`` at large logits.
+    """
+    ell = torch.log(s)
+    return _offset(m), ell, (None if u is None else ell - u / s)
+
+
 def combine_shards(
-    lse_r: torch.Tensor,
-    mean_r: torch.Tensor | None,
+    m_r: torch.Tensor,
+    s_r: torch.Tensor,
+    u_r: torch.Tensor | None,
     target_r: torch.Tensor,
     found_r: torch.Tensor,
     shard: VocabShard | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Global ``(lse, E_p[x], target logit, found)`` per token from each rank's ``(N,)`` statistics.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Global ``(m, s, u, target logit, found)`` per token from each rank's ``(N,)`` statistics.
 
-    ``lse_r`` is the log-sum-exp over the rank's real columns (``-inf`` when it has none),
-    ``mean_r`` their softmax-weighted mean logit (None when the entropy is not needed),
-    ``target_r`` the target's logit where the rank holds it (else 0) and ``found_r`` 1 there (else
-    0), all in the compute dtype. Without a group the local values are the global ones.
+    ``(m_r, s_r, u_r)`` are the rank's running statistics over its real columns
+    (:func:`block_stats_update`; ``m_r = -inf``, ``s_r = 0`` when it has none; ``u_r`` None when the
+    entropy is not needed), ``target_r`` the target's logit where the rank holds it (else 0) and
+    ``found_r`` 1 there (else 0), all in the compute dtype. The statistics are rescaled to the
+    global max before they are summed, so no rank's absolute logits enter a sum. Without a group
+    the local values are the global ones.
     """
     if shard is None or shard.group is None:
-        return lse_r, mean_r, target_r, found_r
+        return m_r, s_r, u_r, target_r, found_r
     import torch.distributed as dist
 
-    m = lse_r.clone()
+    m = m_r.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)
-    finite = torch.isfinite(m)
-    zero = torch.zeros((), dtype=lse_r.dtype, device=lse_r.device)
-    m0 = torch.where(finite, m, zero)
-    s_r = torch.where(lse_r > float("-inf"), torch.exp(lse_r - m0), zero)
-    cols = [s_r, target_r, found_r]
-    if mean_r is not None:
-        # s_r * (mu_r - m): relative to the common offset, so large logits lose no precision.
-        cols.append(torch.where(s_r > 0, s_r * (mean_r - m0), zero))
+    s_r, u_r = rescale_stats(m_r, s_r, u_r, m)
+    cols = [s_r, target_r, found_r] + ([] if u_r is None else [u_r])
     packed = torch.stack(cols, dim=1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=shard.group)
-    s, target, found = packed[:, 0], packed[:, 1], packed[:, 2]
-    lse = torch.where(finite, m0 + torch.log(s), m)
-    mean = None if mean_r is None else torch.where(s > 0, m0 + packed[:, 3] / s, zero)
-    return lse, mean, target, found
+    return m, packed[:, 0], (None if u_r is None else packed[:, 3]), packed[:, 1], packed[:, 2]
+
+
+def all_reduce_max_(x: torch.Tensor, shard: VocabShard | None) -> None:
+    """In-place MAX over the tensor-parallel group (nothing without one)."""
+    if shard is not None and shard.group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=shard.group)
 
 
 class ShardedTokenLogprobs(torch.autograd.Function):
-    """``(logits_local, ids, live) -> (logp, entropy, lse, mean_x)`` over a vocabulary split across ranks.
+    """``(logits_local, ids, live) -> (logp, entropy, offset, log_s)`` over a vocabulary split across ranks.
 
     The contract of :class:`rspo_kernels.loss.chunked.ChunkedTokenLogprobs` for the local slice
     ``(B, T, V_local)`` of the logits, with global ``ids``: the forward reads the real columns chunk
-    by chunk (local log-sum-exp, mean and target logit) and merges them with
-    :func:`combine_shards`; the backward recomputes the local softmax with the saved global
-    ``lse`` and ``E_p[x]`` (no collective) and writes zeros to the padded columns. ``logp`` and
-    ``entropy`` are differentiable, ``lse`` and ``mean_x`` (saved for backward) are not.
+    by chunk (running max, sum-exp and entropy statistics relative to it, and the target logit)
+    and merges them with :func:`combine_shards`; the backward recomputes the local softmax with the
+    saved global ``lse = offset + log_s`` and entropy (no collective) and writes zeros to the padded
+    columns. ``logp`` and ``entropy`` are differentiable, ``offset`` and ``log_s`` (saved for
+    backward) are not.
     """
 
     @staticmethod
@@ -207,36 +281,45 @@ class ShardedTokenLogprobs(torch.autograd.Function):
         local = ids - shard.start
         inside = live & (local >= 0) & (local < n_real)
         safe = torch.where(inside, local, torch.zeros_like(local))
-        lse_r = torch.full((N,), float("-inf"), dtype=cdt, device=dev)
+        m_r = torch.full((N,), float("-inf"), dtype=cdt, device=dev)
+        s_r = torch.zeros(N, dtype=cdt, device=dev)
+        u_r = torch.zeros(N, dtype=cdt, device=dev) if with_entropy else None
         target_r = torch.zeros(N, dtype=cdt, device=dev)
-        mean_r = torch.zeros(N, dtype=cdt, device=dev) if with_entropy else None
         if n_real:
             for (rows,), r0, r1 in row_chunks((logits[..., :n_real],), chunk_rows):
-                x, _ = scaled_logits(rows, temperature, softcap, cdt)  # [n, V_real]
-                lse_c = torch.logsumexp(x, dim=-1)
-                lse_r[r0:r1] = lse_c
+                # [n, V_real], a fresh buffer (capped, or copied): overwritten by the statistics.
+                if softcap is None:
+                    x = rows.to(cdt, copy=True)
+                else:
+                    x, _ = scaled_logits(rows, 1.0, softcap, cdt)
+                if temperature != 1.0:
+                    x.div_(temperature)
                 target_r[r0:r1] = x.gather(1, safe[r0:r1].unsqueeze(-1)).squeeze(-1)
-                if mean_r is not None:
-                    p = torch.exp(x - lse_c.unsqueeze(-1))
-                    mean_r[r0:r1] = torch.linalg.vecdot(p, torch.where(p > 0, x, zero))
+                m, s, u = block_stats_update(m_r[r0:r1], s_r[r0:r1], None if u_r is None else u_r[r0:r1], x)
+                m_r[r0:r1], s_r[r0:r1] = m, s
+                if u_r is not None and u is not None:
+                    u_r[r0:r1] = u
         # Dead rows may hold anything (NaN, inf): neutral values keep them out of the collectives.
-        lse_r = torch.where(live, lse_r, zero)
+        ninf = torch.full((), float("-inf"), dtype=cdt, device=dev)
+        m_r, s_r = torch.where(live, m_r, ninf), torch.where(live, s_r, zero)
+        u_r = None if u_r is None else torch.where(live, u_r, zero)
         target_r = torch.where(inside, target_r, zero)
-        mean_r = None if mean_r is None else torch.where(live, mean_r, zero)
-        lse, mean, target, found = combine_shards(lse_r, mean_r, target_r, inside.to(cdt), shard)
+        m, s, u, target, found = combine_shards(m_r, s_r, u_r, target_r, inside.to(cdt), shard)
+        off, ell, ent = finish_stats(m, s, u)
         nan = torch.full((), float("nan"), dtype=cdt, device=dev)
-        logp = torch.where(live, torch.where(found > 0, target - lse, nan), zero)
-        entropy = torch.where(live, lse - mean, zero) if mean is not None else logp.new_empty(0)
-        return logp, entropy, lse, (mean if mean is not None else logp.new_empty(0))
+        # (target - offset) - log s, not target - lse: lse would round at large logits.
+        logp = torch.where(live, torch.where(found > 0, (target - off) - ell, nan), zero)
+        entropy = torch.where(live, ent, zero) if ent is not None else logp.new_empty(0)
+        return logp, entropy, torch.where(live, off, zero), torch.where(live, ell, zero)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         logits, ids, live, temperature, with_entropy, inplace_backward, chunk_rows, shard = inputs[:8]
         softcap = inputs[8] if len(inputs) > 8 else None  # a caller that predates the cap passes 8
-        _, entropy, lse, mean = output
-        ctx.mark_non_differentiable(*((lse, mean) if with_entropy else (entropy, lse, mean)))
+        _, entropy, off, ell = output
+        ctx.mark_non_differentiable(*((off, ell) if with_entropy else (entropy, off, ell)))
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, ids, live, lse, mean)
+        ctx.save_for_backward(logits, ids, live, off, ell, entropy)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         ctx.chunk_rows = chunk_rows
@@ -245,14 +328,14 @@ class ShardedTokenLogprobs(torch.autograd.Function):
         ctx.consumed = False
 
     @staticmethod
-    def backward(ctx: Any, g_logp: Any, g_entropy: Any, _g_lse: Any, _g_mean: Any) -> tuple:
+    def backward(ctx: Any, g_logp: Any, g_entropy: Any, _g_off: Any, _g_ell: Any) -> tuple:
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
-        logits, ids, live, lse, mean = ctx.saved_tensors
+        logits, ids, live, off, ell, entropy = ctx.saved_tensors
         shard: VocabShard = ctx.shard
         g_entropy = entropy_grad(g_entropy)
         if g_logp is None:
-            g_logp = torch.zeros_like(lse)
+            g_logp = torch.zeros_like(off)
         n_real = shard.n_real
         if ctx.inplace_backward:
             grad = logits
@@ -264,13 +347,14 @@ class ShardedTokenLogprobs(torch.autograd.Function):
                 logits[..., :n_real],
                 ids - shard.start,
                 live,
-                lse,
+                (off, ell),
                 g_logp,
                 ctx.temperature,
                 ctx.chunk_rows,
                 False,
                 g_entropy=g_entropy,
-                mean_x=None if g_entropy is None else mean,
+                # E_p[x - offset] = log s - H: both relative, no absolute logit enters.
+                mean_x=None if g_entropy is None else ell - entropy,
                 out=grad[..., :n_real],
                 softcap=ctx.softcap,
             )

@@ -5,7 +5,9 @@ pick block sizes and the grid, then the ``torch.autograd.Function``. One program
 1-D grid, rows on x (:func:`rspo_kernels.ops._grid.row_grid`: no y or z limit of 65,535 applies).
 
 - Forward: each live token streams its row of logits once through an online log-sum-exp (and
-  entropy) in float32 and stores ``lse`` and ``logp``: O(tokens) outputs, nothing of size vocab.
+  entropy) in float32 and stores ``logp`` and ``lse`` as two parts, the row max and the log of
+  the sum relative to it: O(tokens) outputs, nothing of size vocab. Everything is relative to the
+  row max, so a constant offset of the logits costs no precision in either pass.
 - Backward: each token with a nonzero incoming gradient ``g = dL/dlogp`` streams its row again and
   writes ``g * (onehot(target) - exp(x / T - lse)) / T`` in the logits' dtype (minus
   ``g_H * p * (x - E_p[x]) / T`` when the entropy has a gradient ``g_H``); the target's entry,
@@ -42,6 +44,7 @@ from rspo_kernels.loss.chunked import (
 from rspo_kernels.ops._grid import row_grid
 from rspo_kernels.ops._softmax_helpers import (
     entropy_grad_block,
+    finite_or_zero,
     load_scaled_block,
     lse_block_update,
     softcap_block,
@@ -59,6 +62,7 @@ def _token_logprobs_fwd_kernel(
     p_live,
     p_logp,
     p_lse,
+    p_lse_lo,
     p_entropy,
     T,
     stride_lb,
@@ -80,7 +84,6 @@ def _token_logprobs_fwd_kernel(
         for v0 in range(0, V, BLOCK_V):
             b_x, _ = load_scaled_block(p_row, v0 + o_v, V, inv_temperature, softcap, SOFTCAP)  # [BV]
             b_m, b_s, b_t = lse_block_update(b_m, b_s, b_t, b_x, WITH_ENTROPY)
-        b_lse = b_m + tl.log(b_s)
         i_target = tl.load(p_ids + i_n)
         m_valid = (i_target >= 0) & (i_target < V)
         b_zt = tl.load(p_row + tl.where(m_valid, i_target, 0)).to(tl.float32)
@@ -90,12 +93,16 @@ def _token_logprobs_fwd_kernel(
         # (x_t - m) - log(s), not x_t - lse: for a confident target the rounding of lse = m + log(s)
         # would swamp the small log-prob. An out-of-range id is a NaN log-prob on every backend.
         tl.store(p_logp + i_n, tl.where(m_valid, (b_xt - b_m) - tl.log(b_s), float("nan")))
-        tl.store(p_lse + i_n, b_lse)
+        # lse = m + log(s) kept as its two parts: the backward forms x - lse as (x - m) - log(s),
+        # so a large constant offset of the logits does not round it.
+        tl.store(p_lse + i_n, finite_or_zero(b_m))
+        tl.store(p_lse_lo + i_n, tl.log(b_s))
         if WITH_ENTROPY:
             tl.store(p_entropy + i_n, tl.log(b_s) - b_t / b_s)
     else:
         tl.store(p_logp + i_n, 0.0)
         tl.store(p_lse + i_n, 0.0)
+        tl.store(p_lse_lo + i_n, 0.0)
         if WITH_ENTROPY:
             tl.store(p_entropy + i_n, 0.0)
 
@@ -105,6 +112,7 @@ def _token_logprobs_bwd_kernel(
     p_logits,
     p_ids,
     p_lse,
+    p_lse_lo,
     p_glogp,
     p_gentropy,
     p_mean_x,
@@ -137,23 +145,26 @@ def _token_logprobs_bwd_kernel(
             tl.store(p_grow + v0 + o_v, tl.zeros([BLOCK_V], dtype=p_dlogits.dtype.element_ty), mask=v0 + o_v < V)
     else:
         p_row = p_logits + i_b * stride_lb + i_t * stride_lt
-        b_lse = tl.load(p_lse + i_n)
+        b_off = tl.load(p_lse + i_n)
+        b_lo = tl.load(p_lse_lo + i_n)  # lse = b_off + b_lo; b_mu is E_p[x - b_off]
         i_target = tl.load(p_ids + i_n)
         b_rest = 0.0  # 1 - p_target, summed off the target so that it keeps full relative precision
         b_ent_t = 0.0  # the entropy term at the target entry, kept when that entry is overwritten
         b_cap_t = 0.0  # the cap's derivative at the target, read before the row is overwritten (inplace)
         for v0 in range(0, V, BLOCK_V):
             b_x, m_v = load_scaled_block(p_row, v0 + o_v, V, inv_temperature, softcap, SOFTCAP)  # [BV]
+            b_y = b_x - b_off  # [BV], relative to the row max: small at any offset, -inf stays -inf
             m_t = v0 + o_v == i_target  # [BV]
-            b_dx, b_off = softmax_grad_block(b_x, b_lse, m_t, b_g)  # [BV], scalar
-            b_rest += b_off
+            b_dx, b_rest_blk = softmax_grad_block(b_y, b_lo, m_t, b_g)  # [BV], scalar
+            b_rest += b_rest_blk
             if WITH_ENTROPY_GRAD:
-                b_de = entropy_grad_block(b_x, b_lse, b_mu, b_gh)  # [BV]
+                b_de = entropy_grad_block(b_y, b_lo, b_mu, b_gh)  # [BV]
                 b_dx -= b_de
                 b_ent_t += tl.sum(tl.where(m_t, b_de, 0.0), axis=0)
             if SOFTCAP:
                 # Chain rule through the cap: dx/dz = 1 - tanh(z / c)^2. The target's factor is kept
                 # for its entry, rewritten below (with inplace_backward the logits are gone by then).
+                # From the capped, scaled b_x, not b_y = b_x - b_off (softcap_grad_block's contract).
                 b_dcap = softcap_grad_block(b_x, 1.0 / (inv_temperature * softcap))  # [BV]
                 b_dx = b_dx * b_dcap
                 b_cap_t += tl.sum(tl.where(m_t, b_dcap, 0.0), axis=0)
@@ -196,12 +207,14 @@ def _launch_fwd(
     temperature: float,
     with_entropy: bool,
     softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp, offset, log_s, entropy)``: ``lse = offset + log_s``, ``offset`` the row max."""
     B, T, V = logits.shape
     N = B * T
     dev = logits.device
     logp = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty_like(logp)
+    lse_lo = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
     if N:
         block_v, num_warps = launch_config(V, dev)
@@ -211,6 +224,7 @@ def _launch_fwd(
             live.view(torch.uint8),
             logp,
             lse,
+            lse_lo,
             entropy if with_entropy else logp,
             T,
             logits.stride(0),
@@ -223,13 +237,14 @@ def _launch_fwd(
             BLOCK_V=block_v,
             num_warps=num_warps,
         )
-    return logp, lse, entropy
+    return logp, lse, lse_lo, entropy
 
 
 def _launch_bwd(
     logits: torch.Tensor,
     ids: torch.Tensor,
     lse: torch.Tensor,
+    lse_lo: torch.Tensor,
     g_logp: torch.Tensor,
     dlogits: torch.Tensor,
     temperature: float,
@@ -246,6 +261,7 @@ def _launch_bwd(
         logits,
         ids,
         lse,
+        lse_lo,
         g_logp,
         g_entropy if with_gh else g_logp,
         mean_x if with_gh else lse,
@@ -266,11 +282,12 @@ def _launch_bwd(
 
 
 class TritonTokenLogprobs(torch.autograd.Function):
-    """``(logits, ids, live) -> (logp, lse, entropy)``; ``logp`` and ``entropy`` are differentiable.
+    """``(logits, ids, live) -> (logp, offset, log_s, entropy)``; ``logp`` and ``entropy`` differentiable.
 
     The contract of :class:`rspo_kernels.loss.chunked.ChunkedTokenLogprobs` (plus the saved
-    log-sum-exp, which the backward kernel reads instead of recomputing it, and ``E_p[x]`` as
-    ``lse - entropy``), for float16, bfloat16 and float32 logits whose last dimension is contiguous.
+    log-sum-exp ``lse = offset + log_s`` in two parts, which the backward kernel reads instead of
+    recomputing it, and ``E_p[x - offset]`` as ``log_s - entropy``), for float16, bfloat16 and
+    float32 logits whose last dimension is contiguous.
     """
 
     @staticmethod
@@ -282,32 +299,35 @@ class TritonTokenLogprobs(torch.autograd.Function):
         with_entropy: bool,
         inplace_backward: bool,
         softcap: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return _launch_fwd(logits, ids, live, temperature, with_entropy, softcap)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         logits, ids, live, temperature, with_entropy, inplace_backward = inputs[:6]
         softcap = inputs[6] if len(inputs) > 6 else None  # a caller that predates the cap passes 6
-        _, lse, entropy = output
-        ctx.mark_non_differentiable(*((lse,) if with_entropy else (lse, entropy)))
+        _, lse, lse_lo, entropy = output
+        ctx.mark_non_differentiable(*((lse, lse_lo) if with_entropy else (lse, lse_lo, entropy)))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
-        ctx.save_for_backward(logits, ids, live, lse, entropy)
+        ctx.save_for_backward(logits, ids, live, lse, lse_lo, entropy)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         ctx.softcap = softcap
         ctx.consumed = False
 
     @staticmethod
-    def backward(ctx: Any, g_logp: torch.Tensor | None, _g_lse: Any, g_entropy: torch.Tensor | None) -> tuple:
+    def backward(
+        ctx: Any, g_logp: torch.Tensor | None, _g_lse: Any, _g_lse_lo: Any, g_entropy: torch.Tensor | None
+    ) -> tuple:
         check_backward_mode("rspo_loss")
         check_inplace_backward_once(ctx)
-        logits, ids, live, lse, entropy = ctx.saved_tensors
+        logits, ids, live, lse, lse_lo, entropy = ctx.saved_tensors
         g_entropy = entropy_grad(g_entropy)
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
-        # H = lse - E_p[x]: the entropy's gradient needs E_p[x], recovered without another pass.
-        mean_x = None if g_entropy is None else lse - entropy
+        # H = lse - E_p[x]: the entropy's gradient needs E_p[x - offset] = log(s) - H, recovered without
+        # another pass and without forming an absolute logit.
+        mean_x = None if g_entropy is None else lse_lo - entropy
         if torch._C._functorch.maybe_current_level() is not None:
             # torch.func wraps tensors that have no storage a kernel could read: same math in torch,
             # with the softmax recomputed (lse=None): exp(x - lse) would cancel at confident targets.
@@ -321,7 +341,6 @@ class TritonTokenLogprobs(torch.autograd.Function):
                 default_chunk_rows(logits.shape[-1]),
                 ctx.inplace_backward,
                 g_entropy=g_entropy,
-                mean_x=mean_x,
                 softcap=ctx.softcap,
             )
             return dlogits, None, None, None, None, None, None
@@ -332,7 +351,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
         zero = torch.zeros((), device=g_logp.device)
         g = torch.where(live, g_logp.to(torch.float32), zero).contiguous()
         gh = None if g_entropy is None else torch.where(live, g_entropy.to(torch.float32), zero).contiguous()
-        _launch_bwd(logits, ids, lse, g, dlogits, ctx.temperature, gh, mean_x, ctx.softcap)
+        _launch_bwd(logits, ids, lse, lse_lo, g, dlogits, ctx.temperature, gh, mean_x, ctx.softcap)
         if ctx.inplace_backward:
             torch.autograd.graph.increment_version(logits)
         return dlogits, None, None, None, None, None, None
@@ -356,7 +375,7 @@ def fused_token_logprobs(
     """
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    logp, _, entropy = TritonTokenLogprobs.apply(
+    logp, _, _, entropy = TritonTokenLogprobs.apply(
         logits,
         ids.contiguous(),
         live.contiguous(),
