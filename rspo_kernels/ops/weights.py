@@ -256,24 +256,28 @@ def _ordergrad_weights(groups: Groups, k: int, objective: str) -> torch.Tensor:
     v = values.contiguous()
     if objective == "pass@k":
         counts = torch.empty(n_chunks, dtype=torch.float64, device=device)
-        _rspo_chunk_sums_kernel[(n_chunks,)](
+        _rspo_chunk_sums_kernel[row_grid(n_chunks, "chunks")](
             v, groups.offsets, chunks, counts, log_factorial, k, IS_PASS=True, BLOCK=block
         )
         total = torch.zeros(groups.num_groups, dtype=torch.float64, device=device).index_add_(0, chunk_group, counts)
-        _ordergrad_pass_kernel[(n_chunks,)](v, out, groups.offsets, chunks, total, log_factorial, k, BLOCK=block)
+        _ordergrad_pass_kernel[row_grid(n_chunks, "chunks")](
+            v, out, groups.offsets, chunks, total, log_factorial, k, BLOCK=block
+        )
         return out
     v, order = sort_within_groups(groups)
     v = v.contiguous()
     up = torch.empty(n_chunks, dtype=torch.float64, device=device)
     down = torch.empty_like(up)
-    _ordergrad_chunk_sums_kernel[(n_chunks,)](v, groups.offsets, chunks, up, down, log_factorial, k, BLOCK=block)
+    _ordergrad_chunk_sums_kernel[row_grid(n_chunks, "chunks")](
+        v, groups.offsets, chunks, up, down, log_factorial, k, BLOCK=block
+    )
     per_group = -(-sizes // block)
     uniform = int(per_group[0]) if groups.group_size is not None else None
     chunk_groups = Groups(up, chunk_offsets(sizes, block, device, groups.group_size), uniform, per_group)
     carry_up = estimators.segment_cumsum(up, chunk_groups, exclusive=True)
     carry_down = estimators.segment_cumsum(down, chunk_groups, exclusive=True)
     total_down = torch.zeros(groups.num_groups, dtype=torch.float64, device=device).index_add_(0, chunk_group, down)
-    _ordergrad_weights_kernel[(n_chunks,)](
+    _ordergrad_weights_kernel[row_grid(n_chunks, "chunks")](
         v, order, out, groups.offsets, chunks, carry_up, carry_down, total_down, log_factorial, k, BLOCK=block
     )
     return out
