@@ -51,8 +51,8 @@ __all__ = ["LinearFusedLoss", "fused_linear_loss", "fused_rows", "use_one_pass"]
 # Bytes of one row block's float32 logits over the whole vocabulary: with the softmax and the
 # gradient formed in place, that block is the working set (besides vocab-sliced temporaries).
 # On a CPU, 32 MiB (256 rows at V = 32000): thinner blocks make the three matmuls memory-bound (each
-# block streams the whole head), 64-row blocks were measured 1.4x slower than the two-pass route
-# (2 cores, V = 32000), 256-row ones 0.77x; the price is 24 MiB more than 64-row blocks.
+# block streams the whole head), and 8 MiB blocks ran slower than the two-pass route on 2 cores; the
+# price is about 24 MiB more than 8 MiB blocks (benchmarks/linear_memory.py --chunk-rows measures it).
 _ROW_BLOCK_BYTES = {"cpu": 32 << 20}
 _ROW_BLOCK_BYTES_DEFAULT = 256 << 20
 # Vocabulary columns per elementwise temporary (exp, the entropy's product).
