@@ -4,6 +4,7 @@ finds out quickly that PyTorch's wheel index is unreachable, and a README that s
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import os
 import re
@@ -39,6 +40,9 @@ _FRAMEWORK_FREE = "verl,trl,transformers,deepspeed,openrlhf,accelerate"
 
 @pytest.mark.parametrize("hidden", [_FRAMEWORK_FREE, "verl,trl"], ids=["framework-free venv", "only the frameworks"])
 def test_a_missing_framework_names_the_extra_to_install(hidden):
+    if hidden == "verl,trl" and importlib.util.find_spec("transformers") is None:
+        # The case needs transformers present while trl is not; CI reruns it once the frameworks are in.
+        pytest.skip("transformers is not installed: the framework-free case covers this venv")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"PYTHONPATH": os.pathsep.join([str(_HIDE), str(_ROOT)]), "RSPO_TEST_HIDE_MODULES": hidden}
     proc = subprocess.run(
