@@ -86,7 +86,7 @@ lint: $(VENV)/.dev
 # the sources, it does not import the package), and CI deletes it first to build from a fresh one.
 DOCS_VENV ?= .venv-docs
 $(DOCS_VENV)/.installed: $(VENV)/.installed pyproject.toml
-	$(call STEP,docs: a fresh $(DOCS_VENV) with the `docs` extra (about 30 s))
+	$(call STEP,docs: a fresh $(DOCS_VENV) with the docs extra (about 30 s))
 	@rm -rf $(DOCS_VENV)
 	@$(PYTHON) -m venv $(DOCS_VENV)
 	@$(call EXTRA_REQS,docs) > $(DOCS_VENV)/docs.txt
