@@ -43,6 +43,7 @@ real grad_output (loss scaling exact, ``retain_graph`` repeats, ``no_grad`` does
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -210,6 +211,40 @@ def _zero_dead_rows(h: torch.Tensor, keep: torch.Tensor, index: torch.Tensor | N
     return h
 
 
+def forward_logit_blocks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias_c: torch.Tensor | None,
+    live: torch.Tensor,
+    index: torch.Tensor | None,
+    n_real: int,
+    temperature: float,
+    chunk_rows: int,
+    vocab_block: int,
+    softcap: float | None,
+) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+    """The forward passes' blocks of logits: ``(v0, v1, r0, r1, x)``, vocabulary outermost.
+
+    ``x`` is ``cap(h W^T + bias_c) / T`` at rows ``r0:r1`` of the active rows (``index``; all when
+    None) and columns ``v0:v1``, in the compute dtype. ``bias_c`` is the bias already shifted by
+    :func:`_bias_shift` (:func:`_shifted`). Each weight block is read (and, on a CPU, up-cast) once;
+    dead rows under ``torch.compile`` are zeros (:func:`_zero_dead_rows`). Run it inside
+    ``autocast(enabled=False)``; the caller frees ``x`` before the next block.
+    """
+    cdt = compute_dtype(hidden.dtype)
+    n = hidden.shape[0] * hidden.shape[1] if index is None else index.numel()
+    h = _rows(hidden, index, cdt) if n else hidden.new_empty(0, hidden.shape[-1], dtype=cdt)
+    h = _zero_dead_rows(h, live, index)
+    for v0 in range(0, n_real, vocab_block):
+        v1 = min(v0 + vocab_block, n_real)
+        w = weight[v0:v1]
+        w = w if w.is_cuda else w.to(cdt)
+        b = None if bias_c is None else bias_c[v0:v1]
+        for r0 in range(0, n, chunk_rows):
+            r1 = min(r0 + chunk_rows, n)
+            yield v0, v1, r0, r1, _block_logits(h[r0:r1], w, b, temperature, cdt, softcap)
+
+
 class LinearTokenLogprobs(torch.autograd.Function):
     """``(hidden, weight, bias, ids, live) -> (logp, offset, log_s, entropy, c)``; ``logp``, ``entropy`` differentiable.
 
@@ -255,25 +290,19 @@ class LinearTokenLogprobs(torch.autograd.Function):
         with torch.autocast(dev.type, enabled=False):
             shift = _bias_shift(bias, V, cdt, dev, shard, softcap)
             bias_c = _shifted(bias, shift, V, cdt)
-            h = _rows(hidden, index, cdt) if n else hidden.new_empty(0, hidden.shape[-1], dtype=cdt)
-            h = _zero_dead_rows(h, live, index)
-            for v0 in range(0, V, vocab_block):
-                v1 = min(v0 + vocab_block, V)
-                w = weight[v0:v1]
-                w = w if w.is_cuda else w.to(cdt)
-                b = None if bias_c is None else bias_c[v0:v1]
-                for r0 in range(0, n, chunk_rows):
-                    r1 = min(r0 + chunk_rows, n)
-                    x = _block_logits(h[r0:r1], w, b, temperature, cdt, softcap)  # [n, vb]
-                    local = act_ids[r0:r1] - v0
-                    inside = (local >= 0) & (local < v1 - v0)
-                    hit = x.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(-1)).squeeze(-1)
-                    target[r0:r1] = torch.where(inside, hit, target[r0:r1])
-                    c_m, c_s, c_u = block_stats_update(m[r0:r1], s[r0:r1], None if u is None else u[r0:r1], x)
-                    m[r0:r1], s[r0:r1] = c_m, c_s
-                    if u is not None and c_u is not None:
-                        u[r0:r1] = c_u
-                    del x
+            blocks = forward_logit_blocks(
+                hidden, weight, bias_c, live, index, V, temperature, chunk_rows, vocab_block, softcap
+            )
+            for v0, v1, r0, r1, x in blocks:  # x: [rows, vb]
+                local = act_ids[r0:r1] - v0
+                inside = (local >= 0) & (local < v1 - v0)
+                hit = x.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(-1)).squeeze(-1)
+                target[r0:r1] = torch.where(inside, hit, target[r0:r1])
+                c_m, c_s, c_u = block_stats_update(m[r0:r1], s[r0:r1], None if u is None else u[r0:r1], x)
+                m[r0:r1], s[r0:r1] = c_m, c_s
+                if u is not None and c_u is not None:
+                    u[r0:r1] = c_u
+                del x
         zero = torch.zeros((), dtype=cdt, device=dev)
         if shard is not None:
             m, s, u, target, found = combine_shards(m, s, u, torch.where(valid, target, zero), valid.to(cdt), shard)

@@ -53,6 +53,7 @@ from rspo_kernels.loss.linear_chunked import (
     _shifted,
     _zero_dead_rows,
     default_blocks,
+    forward_logit_blocks,
     idle_row_offset,
 )
 from rspo_kernels.loss.softcap import cap_derivative, scaled_logits
@@ -467,22 +468,24 @@ class StatsLinearLogprobs(torch.autograd.Function):
         local = act if shard is None else act - shard.start
         acc = _RowStats(n, ids.shape[1], cdt, dev, with_entropy, sum_pi2, topk)
         with torch.autocast(dev.type, enabled=False):
-            # The bias shifted by its largest finite entry, as on the single-target path (none under
-            # a soft-cap, with which the shift does not commute): linear_chunked._bias_shift.
+            # The same blocks as the single-target path (bias shifted by its largest finite entry,
+            # none under a soft-cap): linear_chunked.forward_logit_blocks.
             shift = _bias_shift(bias, V, cdt, dev, shard, softcap)
-            bias_c = _shifted(bias, shift, V, cdt)
-            h = _rows(hidden, index, cdt) if n else hidden.new_empty(0, hidden.shape[-1], dtype=cdt)
-            h = _zero_dead_rows(h, live, index)
-            for v0 in range(0, V, vocab_block):
-                v1 = min(v0 + vocab_block, V)
-                w = weight[v0:v1]
-                w = w if w.is_cuda else w.to(cdt)
-                b = None if bias_c is None else bias_c[v0:v1]
-                for r0 in range(0, n, chunk_rows):
-                    r1 = min(r0 + chunk_rows, n)
-                    x = _block_logits(h[r0:r1], w, b, temperature, cdt, softcap)  # [n, vb]
-                    acc.update(r0, r1, x, v0, local[r0:r1])
-                    del x
+            blocks = forward_logit_blocks(
+                hidden,
+                weight,
+                _shifted(bias, shift, V, cdt),
+                live,
+                index,
+                V,
+                temperature,
+                chunk_rows,
+                vocab_block,
+                softcap,
+            )
+            for v0, _v1, r0, r1, x in blocks:  # x: [rows, vb]
+                acc.update(r0, r1, x, v0, local[r0:r1])
+                del x
         act_live = live if index is None else torch.ones(n, dtype=torch.bool, device=dev)
         outs = _finish(acc, act_live, shard, with_entropy)
         if index is not None:
