@@ -157,6 +157,8 @@ def _make_step(variant: str, smoke: bool, beta: float, entropy_coeff: float = 0.
     """``step(inputs)``: one forward + backward of ``variant``; returns the loss value."""
     import torch
 
+    if variant.startswith("rspo_linear@"):  # a --frontier point: rspo_linear at a given chunk_rows
+        variant, chunk_rows = "rspo_linear", int(variant.split("@", 1)[1])
     if variant in ("rspo_linear", "rspo_two_pass"):
         import rspo_kernels as rk
         import rspo_kernels.loss.linear as rk_linear
@@ -409,7 +411,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; not a measurement")
     p.add_argument("--out", default=None, help="JSON path (the markdown table goes next to it)")
-    p.add_argument("--child", default=None, choices=VARIANTS + ("timing",), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--frontier",
+        default=None,
+        help="comma-separated chunk_rows values: rspo_linear at each, against unfused and Liger (the "
+        "memory/time trade-off of the block size; writes a .png next to the JSON when matplotlib is there)",
+    )
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -499,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted({v.strip() for v in args.variants.split(",") if v.strip()} - set(VARIANTS))
         if unknown:
             p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    if args.frontier:
+        return _frontier_main(args)
     configs = []
     if args.suite:
         for preset, dtype in (("issue", "float32"), ("issue", "bfloat16"), ("long", "float32")):
@@ -533,6 +543,112 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}")
     failed = [r["variant"] for rep in reports for r in rep["results"] if "error" in r and r["variant"] != "liger"]
     return 1 if failed else 0
+
+
+def frontier_points(report: dict) -> list[dict]:
+    """One row per ``rspo_linear@rows`` result: its memory and time, and their ratios to unfused and Liger."""
+    by = {r["variant"]: r for r in report["results"] if "error" not in r}
+    points = []
+    for name, r in by.items():
+        if not name.startswith("rspo_linear@"):
+            continue
+        row = {"chunk_rows": int(name.split("@")[1]), "extra_mib": r["extra_mib"], "median_s": r["median_s"]}
+        for key, other in (("memory_vs_unfused", "unfused"), ("memory_vs_liger", "liger")):
+            o = by.get(other)
+            row[key] = r["extra_mib"] / o["extra_mib"] if o and o.get("extra_mib") else None
+        for key, other in (("time_vs_unfused", "unfused"), ("time_vs_liger", "liger")):
+            o = by.get(other)
+            ok = o and o.get("median_s") and r.get("median_s")
+            row[key] = r["median_s"] / o["median_s"] if ok else None
+        row["met"] = {
+            k: (None if row[k] is None else row[k] <= TARGETS[k])
+            for k in ("memory_vs_unfused", "memory_vs_liger", "time_vs_unfused", "time_vs_liger")
+        }
+        row["all_met"] = all(v is True for v in row["met"].values())
+        points.append(row)
+    return sorted(points, key=lambda p: p["chunk_rows"])
+
+
+def frontier_markdown(report: dict) -> str:
+    head = markdown(report).split("\n\n")[0]
+    lines = [
+        head.replace("Fused-linear RSPO loss", "Block-size frontier of the fused-linear RSPO loss", 1),
+        "",
+        "| chunk_rows | extra MiB | time (s) | memory vs unfused | memory vs Liger | time vs unfused | time vs Liger"
+        " | all four targets |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for pt in report["frontier"]:
+        lines.append(
+            f"| {pt['chunk_rows']} | {pt['extra_mib']:.1f} | {f(pt['median_s'])} | {f(pt['memory_vs_unfused'])} | "
+            f"{f(pt['memory_vs_liger'])} | {f(pt['time_vs_unfused'])} | {f(pt['time_vs_liger'])} | {pt['all_met']} |"
+        )
+    targets = ", ".join(f"{k.replace('_vs_', ' vs ')} <= {TARGETS[k]:g}" for k in TARGETS)
+    lines += ["", f"Targets: {targets}."]
+    return "\n".join(lines) + "\n"
+
+
+def frontier_plot(report: dict, path: str) -> bool:
+    """Time vs unfused against memory vs Liger, one point per block size, the targets as lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    pts = [p for p in report["frontier"] if p["memory_vs_liger"] is not None and p["time_vs_unfused"] is not None]
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xs, ys = [p["memory_vs_liger"] for p in pts], [p["time_vs_unfused"] for p in pts]
+    ax.plot(xs, ys, "o-", color="tab:blue", label="rspo_linear_loss, one point per chunk_rows")
+    for p, x, y in zip(pts, xs, ys, strict=True):
+        ax.annotate(str(p["chunk_rows"]), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.axvline(TARGETS["memory_vs_liger"], color="tab:red", ls="--", lw=1, label="targets (issue 28)")
+    ax.axhline(TARGETS["time_vs_unfused"], color="tab:red", ls="--", lw=1)
+    ax.fill_between(
+        [0, TARGETS["memory_vs_liger"]], 0, TARGETS["time_vs_unfused"], color="tab:green", alpha=0.12, label="both met"
+    )
+    ax.set_xlim(0, max(max(xs) * 1.1, 0.6))
+    ax.set_ylim(0, max(max(ys) * 1.1, 1.0))
+    ax.set_xlabel("extra memory / Liger's (lower is better)")
+    ax.set_ylabel("time / unfused eager's (lower is better)")
+    s = report["shape"]
+    ax.set_title(f"Block size trade-off, CPU {s['dtype']}, N={s['tokens']}, H={s['hidden']}, V={s['vocab']}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _frontier_main(args: argparse.Namespace) -> int:
+    rows_list = [int(r) for r in args.frontier.split(",") if r.strip()]
+    if not rows_list or min(rows_list) < 1:
+        raise SystemExit("--frontier: give positive chunk_rows values, e.g. --frontier 64,128,256")
+    _resolve(args)
+    args.variants = ",".join([f"rspo_linear@{r}" for r in rows_list] + ["unfused", "liger"])
+    report = _run_config(args)
+    report["frontier"] = frontier_points(report)
+    table = frontier_markdown(report)
+    print(table, end="")
+    now = _dt.datetime.now(_dt.timezone.utc)
+    folder = tempfile.mkdtemp() if args.smoke else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out = args.out or os.path.join(folder, f"cpu-linear-frontier-{now:%Y-%m-%d}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(table)
+    if frontier_plot(report, os.path.splitext(out)[0] + ".png"):
+        print(f"wrote {os.path.splitext(out)[0]}.png")
+    print(f"wrote {out}")
+    return 1 if any("error" in r and r["variant"] != "liger" for r in report["results"]) else 0
 
 
 def _version(module: str) -> str | None:

@@ -357,3 +357,47 @@ def test_the_triton_launchers_use_row_grid():
         src = inspect.getsource(mod)
         launches = [line for line in src.splitlines() if "_kernel[" in line]
         assert launches and all("row_grid(" in line for line in launches), mod.__name__
+
+
+# ------------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("schedule", ["cpu_pipeline", "one_block_at_a_time"])
+@pytest.mark.parametrize("tile", [16, 37])
+@pytest.mark.parametrize("chunk_rows", [3, 4, 16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_both_schedules_over_head_tiles_and_ragged_blocks(routes, monkeypatch, schedule, tile, chunk_rows, layout):
+    """The CPU schedule (a tile of the head serves block i's gradients and block i+1's logits) and the
+    GPU one (a block at a time), on CPU, against float64: tiles of 16 over V = 37 (16, 16, 5) or one
+    tile; blocks of 3 or 4 live tokens with a ragged last one, or a single block; padding; entropy."""
+    H = 8
+    monkeypatch.setattr(linear_fused, "_TILE_BYTES", tile * 4 * H)
+    if schedule == "one_block_at_a_time":
+        monkeypatch.setitem(linear_fused._SCHEDULES, "cpu", linear_fused._one_block_at_a_time)
+    assert linear_fused.vocab_tile(H, True) == tile
+    case = make_case(B=3, T=6 if layout == "strided" else 5, H=H, dtype=F64)
+    if layout == "strided":  # hidden[:, :-1]: rows gathered, not viewed
+        for k in ("ids", "mask", "old", "ref"):
+            case[k] = case[k][:, :-1]
+        full = case["hidden"]
+        case["hidden"] = full[:, :-1]
+    kw = _kw("token-mean", False, return_stats=False)
+    loss, grads = run_linear(case, chunk_rows=chunk_rows, **kw)
+    loss_r, grads_r = run_reference(case, **kw)
+    assert routes["one_pass"] == 1
+    torch.testing.assert_close(loss, loss_r, rtol=1e-12, atol=1e-12)
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, grads_r, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-13, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_schedule_up_casts_a_half_head_tile_by_tile(routes, monkeypatch, dtype):
+    monkeypatch.setattr(linear_fused, "_TILE_BYTES", 4 * 16 * 4 * 8)  # a half head: a quarter, 16 rows
+    assert linear_fused.vocab_tile(8, False) == 16
+    case = make_case(dtype=dtype)
+    kw = _kw("token-mean", False, return_stats=False)
+    loss, grads = run_linear(case, chunk_rows=4, **kw)
+    loss_r, grads_r = run_reference(case, **kw)
+    assert routes["one_pass"] == 1
+    torch.testing.assert_close(loss.double(), loss_r, rtol=2e-5, atol=2e-5)
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, grads_r, strict=True):
+        assert g.dtype == dtype
+        assert_grad_close(g, r, dtype, name)

@@ -43,3 +43,28 @@ def test_padding_masks_and_the_long_preset():
     assert bool(linear_memory.padding_mask(2, 3, "none").all())
     args = linear_memory._resolve(linear_memory._parser().parse_args(["--preset", "long"]))
     assert (args.n, args.h, args.v, args.pad, args.entropy_coeff) == (65536, 256, 8192, "fifth", 0.01)
+
+
+def test_frontier_smoke_measures_each_block_size_against_the_same_peers(tmp_path, capsys):
+    out = tmp_path / "frontier.json"
+    assert linear_memory.main(["--smoke", "--frontier", "8,32", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in report["results"]}
+    assert {"rspo_linear@8", "rspo_linear@32", "unfused"} <= set(rows)
+    points = {p["chunk_rows"]: p for p in report["frontier"]}
+    assert sorted(points) == [8, 32]
+    for k, p in points.items():
+        mine = rows[f"rspo_linear@{k}"]
+        # The same loss at every block size, and each ratio is this row over the peer's row.
+        assert mine["loss"] == pytest.approx(rows["unfused"]["loss"], rel=1e-5, abs=1e-6)
+        assert p["memory_vs_unfused"] == pytest.approx(mine["extra_mib"] / rows["unfused"]["extra_mib"])
+        assert p["time_vs_unfused"] == pytest.approx(mine["median_s"] / rows["unfused"]["median_s"])
+        assert p["all_met"] == all(p["met"].values())
+    table = (tmp_path / "frontier.md").read_text()
+    assert table.startswith("Block-size frontier") and "| 8 |" in table and "| 32 |" in table
+    assert "chunk_rows" in capsys.readouterr().out
+
+
+def test_frontier_refuses_a_non_positive_block():
+    with pytest.raises(SystemExit, match="positive chunk_rows"):
+        linear_memory.main(["--smoke", "--frontier", "0"])
