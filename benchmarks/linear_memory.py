@@ -417,6 +417,13 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated chunk_rows values: rspo_linear at each, against unfused and Liger (the "
         "memory/time trade-off of the block size; writes a .png next to the JSON when matplotlib is there)",
     )
+    p.add_argument(
+        "--replot",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="redraw the frontier figure from --frontier results files (one line per file) into --out (a .png)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -507,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted({v.strip() for v in args.variants.split(",") if v.strip()} - set(VARIANTS))
         if unknown:
             p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    if args.replot:
+        if not args.out or not args.out.endswith(".png"):
+            p.error("--replot needs --out FIGURE.png")
+        return _replot(args.replot, args.out)
     if args.frontier:
         return _frontier_main(args)
     configs = []
@@ -592,8 +603,9 @@ def frontier_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def frontier_plot(report: dict, path: str) -> bool:
-    """Time vs unfused against memory vs Liger, one point per block size, the targets as lines."""
+def frontier_plot(reports: list[dict], path: str) -> bool:
+    """Time vs unfused against memory vs Liger, one point per block size and one line per run, the
+    targets as dashed lines and the region where both are met shaded. False without matplotlib."""
     try:
         import matplotlib
 
@@ -601,30 +613,53 @@ def frontier_plot(report: dict, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    pts = [p for p in report["frontier"] if p["memory_vs_liger"] is not None and p["time_vs_unfused"] is not None]
-    if not pts:
-        return False
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    xs, ys = [p["memory_vs_liger"] for p in pts], [p["time_vs_unfused"] for p in pts]
-    ax.plot(xs, ys, "o-", color="tab:blue", label="rspo_linear_loss, one point per chunk_rows")
-    for p, x, y in zip(pts, xs, ys, strict=True):
-        ax.annotate(str(p["chunk_rows"]), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    xmax, ymax, drawn = 0.6, 1.0, False
+    for n, report in enumerate(reports):
+        pts = [p for p in report["frontier"] if p["memory_vs_liger"] is not None and p["time_vs_unfused"] is not None]
+        if not pts:
+            continue
+        xs, ys = [p["memory_vs_liger"] for p in pts], [p["time_vs_unfused"] for p in pts]
+        when = report["date_utc"][:16].replace("T", " ")
+        ax.plot(xs, ys, "o-", label=f"rspo_linear_loss, run of {when} UTC")
+        if n == 0:
+            for p, x, y in zip(pts, xs, ys, strict=True):
+                ax.annotate(f"{p['chunk_rows']} rows", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        xmax, ymax, drawn = max(xmax, max(xs) * 1.1), max(ymax, max(ys) * 1.1), True
+    if not drawn:
+        plt.close(fig)
+        return False
     ax.axvline(TARGETS["memory_vs_liger"], color="tab:red", ls="--", lw=1, label="targets (issue 28)")
     ax.axhline(TARGETS["time_vs_unfused"], color="tab:red", ls="--", lw=1)
     ax.fill_between(
         [0, TARGETS["memory_vs_liger"]], 0, TARGETS["time_vs_unfused"], color="tab:green", alpha=0.12, label="both met"
     )
-    ax.set_xlim(0, max(max(xs) * 1.1, 0.6))
-    ax.set_ylim(0, max(max(ys) * 1.1, 1.0))
+    ax.set_xlim(0, xmax)
+    ax.set_ylim(0, ymax)
     ax.set_xlabel("extra memory / Liger's (lower is better)")
     ax.set_ylabel("time / unfused eager's (lower is better)")
-    s = report["shape"]
+    s = reports[0]["shape"]
     ax.set_title(f"Block size trade-off, CPU {s['dtype']}, N={s['tokens']}, H={s['hidden']}, V={s['vocab']}")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _replot(paths: list[str], out: str) -> int:
+    """Redraw the frontier figure from results files (one line per file)."""
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            report = json.load(f)
+        if "frontier" not in report:
+            raise SystemExit(f"--replot: {path} has no 'frontier' (write one with --frontier)")
+        reports.append(report)
+    if not frontier_plot(reports, out):
+        raise SystemExit("--replot: matplotlib is not installed (pip install 'rspo-kernels[plot]')")
+    print(f"wrote {out}")
+    return 0
 
 
 def _frontier_main(args: argparse.Namespace) -> int:
@@ -645,7 +680,7 @@ def _frontier_main(args: argparse.Namespace) -> int:
         json.dump(report, f, indent=2)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write(table)
-    if frontier_plot(report, os.path.splitext(out)[0] + ".png"):
+    if frontier_plot([report], os.path.splitext(out)[0] + ".png"):
         print(f"wrote {os.path.splitext(out)[0]}.png")
     print(f"wrote {out}")
     return 1 if any("error" in r and r["variant"] != "liger" for r in report["results"]) else 0

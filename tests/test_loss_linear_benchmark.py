@@ -63,6 +63,17 @@ def test_frontier_smoke_measures_each_block_size_against_the_same_peers(tmp_path
     table = (tmp_path / "frontier.md").read_text()
     assert table.startswith("Block-size frontier") and "| 8 |" in table and "| 32 |" in table
     assert "chunk_rows" in capsys.readouterr().out
+    # The figure is redrawn from results files, one line per run.
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "again.png"
+    assert linear_memory.main(["--replot", str(out), str(out), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):  # argparse: --replot needs an --out figure
+        linear_memory.main(["--replot", str(out)])
+    with pytest.raises(SystemExit, match="no 'frontier'"):
+        plain = tmp_path / "plain.json"
+        plain.write_text(json.dumps({"results": []}))
+        linear_memory.main(["--replot", str(plain), "--out", str(png)])
 
 
 def test_frontier_refuses_a_non_positive_block():

@@ -20,6 +20,12 @@ formed while that block's logits are still alive:
   straight into the full-size gradient of ``h``: no compact copy of the live rows),
   ``dW += G^T h`` (third matmul, in place), ``db += sum G``.
 
+The order of the matmuls depends on the device (``_SCHEDULES``). On a GPU, one block at a time
+(:func:`_one_block_at_a_time`). On a CPU, where each matmul over a thin block re-reads the whole
+head, one tile of ``W`` at a time serves two blocks (:func:`_cpu_pipeline`): block ``i``'s
+``dh`` and ``dW`` products and block ``i + 1``'s logits, which overwrite block ``i``'s ``G`` tile
+by tile in a single transposed ``(V, rows)`` buffer. Both orders give the same result to rounding.
+
 The forward saves the three gradients; backward only multiplies them by ``grad_output`` (in place
 unless the graph is retained), so loss scaling is exact, ``retain_graph`` reuses them, and nothing
 is recomputed. Half inputs keep ``dh``, ``dW``, ``db`` in float32 until backward, which rounds each
@@ -51,9 +57,10 @@ __all__ = ["LinearFusedLoss", "fused_linear_loss", "fused_rows", "use_one_pass"]
 
 # Bytes of one row block's float32 logits over the whole vocabulary: with the softmax and the
 # gradient formed in place, that block is the working set (besides vocab-sliced temporaries).
-# On a CPU, 32 MiB (256 rows at V = 32000): thinner blocks make the three matmuls memory-bound (each
-# block streams the whole head), and 8 MiB blocks ran slower than the two-pass route on 2 cores; the
-# price is about 24 MiB more than 8 MiB blocks (benchmarks/linear_memory.py --chunk-rows measures it).
+# On a CPU, 32 MiB (256 rows at V = 32000): each matmul over a block streams the whole head, so
+# thinner blocks cost time (2026-12-07, 2 cores: 64-row blocks 7.8 MiB, 1.18-1.29x unfused eager's
+# time; 256 rows 0.94-1.05x; 512 rows 0.92-1.01x for 34 MiB more; `benchmarks/linear_memory.py
+# --frontier` measures it, docs/performance.md has the figure).
 _ROW_BLOCK_BYTES = {"cpu": 32 << 20}
 _ROW_BLOCK_BYTES_DEFAULT = 256 << 20
 # Vocabulary columns per elementwise temporary (exp, the entropy's product).
