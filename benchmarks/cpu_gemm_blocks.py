@@ -36,7 +36,11 @@ import time
 from collections.abc import Callable
 
 
-def _schedules(n: int, h: int, v: int, rows: int, tile: int) -> dict[str, Callable[[], None]]:
+def schedules(n: int, h: int, v: int, rows: int, tile: int) -> dict[str, Callable[[], tuple]]:
+    """``{name: step}``; each step does the three matmuls and returns its ``(dh, dW)`` buffers.
+
+    ``rows = 0``: the whole batch at once. The inputs are random and the same for every ``rows``.
+    """
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -50,12 +54,13 @@ def _schedules(n: int, h: int, v: int, rows: int, tile: int) -> dict[str, Callab
     # each block's G, transposed as the CPU schedule keeps it
     gT = [grad[r0:r1].t().contiguous() for r0, r1 in spans] if rows else []
 
-    def whole() -> None:
+    def whole() -> tuple:
         torch.mm(hid, w.t())
         torch.mm(grad, w, out=dh)
         torch.mm(grad.t(), hid, out=dw)
+        return dh, dw
 
-    def blocks() -> None:
+    def blocks() -> tuple:
         for i, (r0, r1) in enumerate(spans):
             torch.mm(hid[r0:r1], w.t())
             torch.mm(grad[r0:r1], w, out=dh[r0:r1])
@@ -63,8 +68,9 @@ def _schedules(n: int, h: int, v: int, rows: int, tile: int) -> dict[str, Callab
                 torch.mm(grad[r0:r1].t(), hid[r0:r1], out=dw)
             else:
                 dw.addmm_(grad[r0:r1].t(), hid[r0:r1])
+        return dh, dw
 
-    def tiled() -> None:
+    def tiled() -> tuple:
         for i, (r0, r1) in enumerate(spans):
             k = r1 - r0
             assert block is not None
@@ -84,17 +90,18 @@ def _schedules(n: int, h: int, v: int, rows: int, tile: int) -> dict[str, Callab
                 if nxt.shape[0] == k:
                     torch.mm(w_t, nxt.t(), out=x[v0:v1])
             dh[r0:r1] = dhT.t()
+        return dh, dw
 
     return {"blocks": blocks, "tiles": tiled} if rows else {"whole": whole}
 
 
 def measure(n: int, h: int, v: int, rows_list: list[int], tile: int, repeats: int) -> list[dict]:
     flops = 3 * 2 * n * h * v
-    steps: dict[tuple[str, int], Callable[[], None]] = {}
-    for name, f in _schedules(n, h, v, 0, tile).items():
+    steps: dict[tuple[str, int], Callable[[], tuple]] = {}
+    for name, f in schedules(n, h, v, 0, tile).items():
         steps[(name, n)] = f
     for rows in rows_list:
-        for name, f in _schedules(n, h, v, rows, tile).items():
+        for name, f in schedules(n, h, v, rows, tile).items():
             steps[(name, rows)] = f
     times: dict[tuple[str, int], list[float]] = {key: [] for key in steps}
     for f in steps.values():

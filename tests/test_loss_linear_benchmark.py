@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
@@ -79,3 +80,24 @@ def test_frontier_smoke_measures_each_block_size_against_the_same_peers(tmp_path
 def test_frontier_refuses_a_non_positive_block():
     with pytest.raises(SystemExit, match="positive chunk_rows"):
         linear_memory.main(["--smoke", "--frontier", "0"])
+
+
+def test_cpu_gemm_blocks_times_the_same_products_in_every_schedule(tmp_path):
+    from benchmarks import cpu_gemm_blocks
+
+    whole = cpu_gemm_blocks.schedules(40, 8, 50, 0, 16)["whole"]
+    dh, dw = (t.clone() for t in whole())
+    for rows in (7, 16, 40):  # a ragged last block, several head tiles (16 of 50 rows)
+        for name, step in cpu_gemm_blocks.schedules(40, 8, 50, rows, 16).items():
+            got_h, got_w = step()
+            torch.testing.assert_close(got_h, dh, rtol=1e-5, atol=1e-6, msg=f"{name} {rows}")
+            torch.testing.assert_close(got_w, dw, rtol=1e-5, atol=1e-6, msg=f"{name} {rows}")
+    out = tmp_path / "gemm.json"
+    assert cpu_gemm_blocks.main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    got = {(r["schedule"], r["rows"]) for r in report["results"]}
+    assert got == {("whole", 96), ("blocks", 16), ("tiles", 16), ("blocks", 32), ("tiles", 32)}
+    s = report["shape"]
+    for r in report["results"]:
+        assert r["gflops"] == pytest.approx(6 * s["tokens"] * s["hidden"] * s["vocab"] / r["median_s"] / 1e9)
+    assert (tmp_path / "gemm.md").read_text().startswith("The fused-linear loss's three matmuls")
