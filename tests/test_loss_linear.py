@@ -381,8 +381,10 @@ def test_no_grad_does_no_gradient_work(monkeypatch):
     assert calls == {"logits": 2 * 2, "grad": 0}  # 2 token chunks x 2 vocabulary blocks, forward only
     # With gradients wanted the token-local loss takes the one-pass route (issue 28): each row block's
     # logits are computed once, in forward, with the gradients; backward computes no logits at all.
+    # Counted where every schedule turns a block's logits into its gradient (the CPU schedule forms
+    # the logits tile by tile, the GPU one in one matmul).
     calls.update(logits=0)
-    monkeypatch.setattr(linear_fused, "_logits", count("fused", linear_fused._logits))
+    monkeypatch.setattr(linear_fused._Block, "logits_to_grad_", count("fused", linear_fused._Block.logits_to_grad_))
     calls["fused"] = 0
     loss = run()
     assert calls == {"logits": 0, "grad": 0, "fused": 2}  # 2 row blocks of 4 tokens, whole vocabulary each
