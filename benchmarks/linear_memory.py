@@ -605,7 +605,8 @@ def frontier_markdown(report: dict) -> str:
 
 def frontier_plot(reports: list[dict], path: str) -> bool:
     """Time vs unfused against memory vs Liger, one point per block size and one line per run, the
-    targets as dashed lines and the region where both are met shaded. False without matplotlib."""
+    targets as dashed lines and the region where both are met shaded. False without matplotlib;
+    ValueError when no point has both ratios (Liger not installed)."""
     try:
         import matplotlib
 
@@ -628,7 +629,7 @@ def frontier_plot(reports: list[dict], path: str) -> bool:
         xmax, ymax, drawn = max(xmax, max(xs) * 1.1), max(ymax, max(ys) * 1.1), True
     if not drawn:
         plt.close(fig)
-        return False
+        raise ValueError("no frontier point has both a Liger and an unfused ratio (is liger-kernel installed?)")
     ax.axvline(TARGETS["memory_vs_liger"], color="tab:red", ls="--", lw=1, label="targets (issue 28)")
     ax.axhline(TARGETS["time_vs_unfused"], color="tab:red", ls="--", lw=1)
     ax.fill_between(
@@ -656,7 +657,11 @@ def _replot(paths: list[str], out: str) -> int:
         if "frontier" not in report:
             raise SystemExit(f"--replot: {path} has no 'frontier' (write one with --frontier)")
         reports.append(report)
-    if not frontier_plot(reports, out):
+    try:
+        drawn = frontier_plot(reports, out)
+    except ValueError as exc:
+        raise SystemExit(f"--replot: {exc}") from None
+    if not drawn:
         raise SystemExit("--replot: matplotlib is not installed (pip install 'rspo-kernels[plot]')")
     print(f"wrote {out}")
     return 0
@@ -680,8 +685,11 @@ def _frontier_main(args: argparse.Namespace) -> int:
         json.dump(report, f, indent=2)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write(table)
-    if frontier_plot([report], os.path.splitext(out)[0] + ".png"):
-        print(f"wrote {os.path.splitext(out)[0]}.png")
+    try:
+        if frontier_plot([report], os.path.splitext(out)[0] + ".png"):
+            print(f"wrote {os.path.splitext(out)[0]}.png")
+    except ValueError as exc:
+        print(f"no figure: {exc}")
     print(f"wrote {out}")
     return 1 if any("error" in r and r["variant"] != "liger" for r in report["results"]) else 0
 
