@@ -320,12 +320,13 @@ def _run_child(variant: str, args: argparse.Namespace) -> dict:
     return run_child(__file__, variant, argv + (["--smoke"] if args.smoke else []))
 
 
-def _ratios(rows: dict) -> dict:
-    ours = rows.get("rspo_linear", {})
+def _ratios(rows: dict, ours_name: str = "rspo_linear") -> dict:
+    """Each ratio of ``ours_name``'s row to another variant's, with its target (issue 28) and whether it is met."""
+    ours = rows.get(ours_name, {})
 
     def ratio(key: str, other: str):
         o = rows.get(other, {})
-        if key not in ours or key not in o or not o[key]:
+        if ours.get(key) is None or not o.get(key):
             return None
         return ours[key] / o[key]
 
@@ -564,17 +565,9 @@ def frontier_points(report: dict) -> list[dict]:
         if not name.startswith("rspo_linear@"):
             continue
         row = {"chunk_rows": int(name.split("@")[1]), "extra_mib": r["extra_mib"], "median_s": r["median_s"]}
-        for key, other in (("memory_vs_unfused", "unfused"), ("memory_vs_liger", "liger")):
-            o = by.get(other)
-            row[key] = r["extra_mib"] / o["extra_mib"] if o and o.get("extra_mib") else None
-        for key, other in (("time_vs_unfused", "unfused"), ("time_vs_liger", "liger")):
-            o = by.get(other)
-            ok = o and o.get("median_s") and r.get("median_s")
-            row[key] = r["median_s"] / o["median_s"] if ok else None
-        row["met"] = {
-            k: (None if row[k] is None else row[k] <= TARGETS[k])
-            for k in ("memory_vs_unfused", "memory_vs_liger", "time_vs_unfused", "time_vs_liger")
-        }
+        ratios = {k: v for k, v in _ratios(by, name).items() if k in TARGETS}
+        row.update({k: v["ratio"] for k, v in ratios.items()})
+        row["met"] = {k: v["met"] for k, v in ratios.items()}
         row["all_met"] = all(v is True for v in row["met"].values())
         points.append(row)
     return sorted(points, key=lambda p: p["chunk_rows"])

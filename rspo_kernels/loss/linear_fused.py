@@ -339,14 +339,14 @@ def _cpu_pipeline(block: _Block, spans: list[tuple[int, int]], grads: _Grads) ->
     working set: small blocks then run almost as fast as large ones (one matmul's worth of
     re-reading ``W`` per block is what makes small blocks slow on a CPU).
     """
+    if not spans:
+        return
     weight, bias, cdt = block.weight, block.bias, block.cdt
     V, H = weight.shape
     N = block.batch.ids.numel()
     temperature = block.options.temperature
     tile = vocab_tile(H, weight.dtype == cdt)
     tiles = [(v0, min(v0 + tile, V)) for v0 in range(0, V, tile)]
-    if not spans:
-        return
     width = spans[0][1] - spans[0][0]
     buf = torch.empty(V * width, dtype=cdt, device=weight.device)
 
@@ -369,7 +369,7 @@ def _cpu_pipeline(block: _Block, spans: list[tuple[int, int]], grads: _Grads) ->
     rows = block.rows(*spans[0])
     h = block.hidden_rows(rows)
     xT = logits(h)
-    for i, (r0, r1) in enumerate(spans):
+    for i in range(len(spans)):
         block.logits_to_grad_(xT.t(), rows, grads.wanted)
         nxt = spans[i + 1] if i + 1 < len(spans) else None
         rows_n = block.rows(*nxt) if nxt is not None else None
@@ -377,8 +377,7 @@ def _cpu_pipeline(block: _Block, spans: list[tuple[int, int]], grads: _Grads) ->
         # The next block's logits can take each tile's place only when its view has the same shape.
         fused_next = h_n is not None and h_n.shape[0] == h.shape[0] and grads.wanted
         if grads.wanted:
-            k = r1 - r0
-            dhT = torch.empty(H, k, dtype=cdt, device=weight.device) if grads.h is not None else None
+            dhT = torch.empty(H, h.shape[0], dtype=cdt, device=weight.device) if grads.h is not None else None
             for j, (v0, v1) in enumerate(tiles):
                 w_t, g_t = head_tile(v0, v1), xT[v0:v1]  # (tile, H), (tile, k)
                 if dhT is not None:
